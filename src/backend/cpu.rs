@@ -1,0 +1,570 @@
+//! The CPU backend: the reference every other backend is checked against, and what GPU-less
+//! users run. Work is split into fixed chunks spread over rayon's pool; results do not depend
+//! on the split because every element is computed on its own (docs/SEMANTICS.md) and reductions
+//! are exact counts or the fixed-order deterministic sum.
+
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use super::{
+    BResult, Backend, BackendError, Fault, FuseSpec, Group, GroupStats, KeySpec, MaskJob, Raw,
+    Source, TaskStats,
+};
+use crate::dtype::{narrow, widen};
+use crate::method::{FuseRule, ScoreKind};
+use crate::select::{self, dare, dsum, radix, Threshold};
+
+/// Elements per work item: a multiple of 64 (mask words) that divides the deterministic-sum chunk.
+const CH: usize = 1 << 14;
+const _: () = assert!(CH % 64 == 0 && dsum::CHUNK % CH == 0);
+
+/// The most tasks whose mask combinations are counted for the overlap report.
+pub const MAX_COMBO_TASKS: usize = 8;
+
+#[derive(Default)]
+pub struct CpuBackend {
+    /// Key buffer reused across tasks and tensors, so a run allocates it once per size class.
+    keys: Mutex<Vec<u32>>,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    b: Vec<f32>,
+    th: Vec<f32>,
+    g: Vec<f32>,
+    s: Vec<f32>,
+}
+
+fn load(raw: Raw, off: usize, len: usize, dst: &mut Vec<f32>) {
+    dst.resize(len, 0.0);
+    let sz = raw.ty.size();
+    widen(raw.ty, &raw.data[off * sz..(off + len) * sz], dst);
+}
+
+fn first_fault(a: Option<Fault>, b: Option<Fault>) -> Option<Fault> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if x.index <= y.index { x } else { y }),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// Scores of task `t` for elements `off..off+len` into `sc.s`; the first bad index as a fault.
+fn scores(
+    g: &Group,
+    t: usize,
+    spec: &KeySpec,
+    off: usize,
+    len: usize,
+    sc: &mut Scratch,
+) -> Option<Fault> {
+    let task = &g.tasks[t];
+    load(task.theta, off, len, &mut sc.th);
+    let uses_base = matches!(
+        spec.score,
+        ScoreKind::AbsTaskVector | ScoreKind::AbsTaskVectorGrad
+    );
+    if uses_base {
+        load(g.base, off, len, &mut sc.b);
+    }
+    if spec.score.needs_grad() {
+        load(
+            task.grad.expect("the plan gives gradients to sta tensors"),
+            off,
+            len,
+            &mut sc.g,
+        );
+    }
+    sc.s.resize(len, 0.0);
+    let (th, b, gr, s) = (&sc.th, &sc.b, &sc.g, &mut sc.s);
+    match spec.score {
+        ScoreKind::AbsTaskVector => s
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = (th[i] - b[i]).abs()),
+        ScoreKind::AbsWeightGrad => s
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = (th[i] * gr[i]).abs()),
+        ScoreKind::AbsTaskVectorGrad => s
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = ((th[i] - b[i]) * gr[i]).abs()),
+    }
+    let mut fault = None;
+    if s.iter().any(|v| !v.is_finite()) {
+        for i in 0..len {
+            if s[i].is_finite() {
+                continue;
+            }
+            if spec.nonfinite_zero {
+                s[i] = 0.0;
+                continue;
+            }
+            let source = if uses_base && !b[i].is_finite() {
+                Source::Base
+            } else if !th[i].is_finite() {
+                Source::Theta(t)
+            } else if spec.score.needs_grad() && !gr[i].is_finite() {
+                Source::Grad(t)
+            } else {
+                Source::Score(t)
+            };
+            fault = Some(Fault {
+                source,
+                index: (off + i) as u64,
+                value_is_nan: s[i].is_nan(),
+            });
+            break;
+        }
+    }
+    if let Some(mean) = spec.mean {
+        if mean > 0.0 {
+            s.iter_mut().for_each(|v| *v /= mean);
+        } else {
+            s.iter_mut().for_each(|v| *v = 0.0);
+        }
+    }
+    fault
+}
+
+fn fault_result(f: Option<Fault>) -> BResult<()> {
+    match f {
+        Some(f) => Err(BackendError::Fault(f)),
+        None => Ok(()),
+    }
+}
+
+/// Fills `keys[..n]` with task t's sortable keys.
+fn compute_keys(g: &Group, t: usize, spec: &KeySpec, keys: &mut [u32]) -> BResult<()> {
+    let f = keys
+        .par_chunks_mut(CH)
+        .enumerate()
+        .map_init(Scratch::default, |sc, (ci, kc)| {
+            let f = scores(g, t, spec, ci * CH, kc.len(), sc);
+            for (k, &s) in kc.iter_mut().zip(&sc.s) {
+                *k = select::key(s);
+            }
+            f
+        })
+        .reduce(|| None, first_fault);
+    fault_result(f)
+}
+
+/// Bit-packed mask (bit i % 64 of word i / 64) from a rule on (key, index).
+fn mask_from_keys(keys: &[u32], keep: impl Fn(u32, u64) -> bool + Sync) -> Vec<u64> {
+    let mut words = vec![0u64; keys.len().div_ceil(64)];
+    words
+        .par_chunks_mut(CH / 64)
+        .enumerate()
+        .for_each(|(ci, wc)| {
+            let base = ci * CH;
+            for (wi, w) in wc.iter_mut().enumerate() {
+                let start = base + wi * 64;
+                let end = (start + 64).min(keys.len());
+                let mut bits = 0u64;
+                for i in start..end {
+                    bits |= (keep(keys[i], i as u64) as u64) << (i - start);
+                }
+                *w = bits;
+            }
+        });
+    words
+}
+
+fn dare_mask(n: usize, stream: u64, threshold: u64) -> Vec<u64> {
+    let mut words = vec![0u64; n.div_ceil(64)];
+    words
+        .par_chunks_mut(CH / 64)
+        .enumerate()
+        .for_each(|(ci, wc)| {
+            for (wi, w) in wc.iter_mut().enumerate() {
+                let start = ci * CH + wi * 64;
+                let end = (start + 64).min(n);
+                let mut bits = 0u64;
+                for i in start..end {
+                    bits |= (dare::keep(stream, i as u64, threshold) as u64) << (i - start);
+                }
+                *w = bits;
+            }
+        });
+    words
+}
+
+fn popcount(words: &[u64]) -> u64 {
+    words.par_iter().map(|w| w.count_ones() as u64).sum()
+}
+
+#[inline(always)]
+fn bit(mask: &Option<Vec<u64>>, i: usize) -> bool {
+    match mask {
+        None => true,
+        Some(w) => (w[i >> 6] >> (i & 63)) & 1 == 1,
+    }
+}
+
+#[derive(Default)]
+struct FuseScratch {
+    b: Vec<f32>,
+    st: Vec<f32>,
+    th: Vec<f32>,
+    u: Vec<Vec<f32>>,
+    acc: Vec<f32>,
+}
+
+/// The fuse of docs/SEMANTICS.md over elements `off..off+len`, into `out`.
+fn fuse_chunk(
+    g: &Group,
+    masks: &[Option<Vec<u64>>],
+    f: &FuseSpec,
+    off: usize,
+    out: &mut [u8],
+    sc: &mut FuseScratch,
+    combos: &mut [u64],
+) -> Option<Fault> {
+    let len = out.len() / f.out.size();
+    let nt = g.tasks.len();
+    let mut fault = None;
+    load(g.base, off, len, &mut sc.b);
+    if let Some(s) = g.start {
+        load(s, off, len, &mut sc.st);
+        if let Some(i) = sc.st.iter().position(|v| !v.is_finite()) {
+            fault = Some(Fault {
+                source: Source::Start,
+                index: (off + i) as u64,
+                value_is_nan: sc.st[i].is_nan(),
+            });
+        }
+    }
+    sc.u.resize_with(nt, Vec::new);
+    // u_t = w_t * tau_t' where kept (NaN-free), 0 elsewhere; the masks decide what is added.
+    for t in 0..nt {
+        load(g.tasks[t].theta, off, len, &mut sc.th);
+        let (b, th) = (&sc.b, &sc.th);
+        let u = &mut sc.u[t];
+        u.resize(len, 0.0);
+        let w = f.weights[t];
+        for i in 0..len {
+            let tau = th[i] - b[i];
+            if !tau.is_finite() {
+                let source = if !b[i].is_finite() {
+                    Source::Base
+                } else {
+                    Source::Theta(t)
+                };
+                let fl = Fault {
+                    source,
+                    index: (off + i) as u64,
+                    value_is_nan: tau.is_nan(),
+                };
+                fault = first_fault(fault, Some(fl));
+                u[i] = 0.0;
+                continue;
+            }
+            let q = match f.rescale[t] {
+                Some(d) => tau / d,
+                None => tau,
+            };
+            u[i] = w * q;
+        }
+    }
+    if fault.is_some() {
+        return fault;
+    }
+    sc.acc.resize(len, 0.0);
+    let acc = &mut sc.acc;
+    match f.rule {
+        FuseRule::Linear => {
+            let div = if f.normalize {
+                let mut d = 0f32;
+                for (t, w) in f.weights.iter().enumerate() {
+                    if !f.forget[t] {
+                        d += *w;
+                    }
+                }
+                if d.abs() < 1e-8 {
+                    1.0
+                } else {
+                    d
+                }
+            } else {
+                1.0
+            };
+            for (i, a) in acc.iter_mut().enumerate() {
+                let mut s = 0f32;
+                for t in 0..nt {
+                    if bit(&masks[t], off + i) {
+                        s = if f.forget[t] {
+                            s - sc.u[t][i]
+                        } else {
+                            s + sc.u[t][i]
+                        };
+                    }
+                }
+                if f.normalize {
+                    s /= div;
+                }
+                *a = s;
+            }
+        }
+        FuseRule::Ties => {
+            for (i, a) in acc.iter_mut().enumerate() {
+                let mut sum = 0f32;
+                for t in 0..nt {
+                    if bit(&masks[t], off + i) {
+                        sum += sc.u[t][i];
+                    }
+                }
+                let positive = sum >= 0.0;
+                let mut mixed = 0f32;
+                let mut div = 0f32;
+                for t in 0..nt {
+                    let u = sc.u[t][i];
+                    if bit(&masks[t], off + i) && ((u > 0.0 && positive) || (u < 0.0 && !positive))
+                    {
+                        mixed += u;
+                        div += f.weights[t];
+                    }
+                }
+                if f.normalize {
+                    if div == 0.0 {
+                        div = 1.0;
+                    }
+                    mixed /= div;
+                }
+                *a = mixed;
+            }
+        }
+    }
+    let start = if g.start.is_some() { &sc.st } else { &sc.b };
+    for (i, a) in acc.iter_mut().enumerate() {
+        *a = start[i] + f.lambda * *a;
+    }
+    narrow(f.out, acc, out);
+    if !combos.is_empty() {
+        for i in 0..len {
+            let mut c = 0usize;
+            for (t, m) in masks.iter().enumerate() {
+                c |= (bit(m, off + i) as usize) << t;
+            }
+            combos[c] += 1;
+        }
+    }
+    None
+}
+
+fn fuse(g: &Group, masks: &[Option<Vec<u64>>], f: &FuseSpec, out: &mut [u8]) -> BResult<Vec<u64>> {
+    let nt = g.tasks.len();
+    let track = nt <= MAX_COMBO_TASKS && masks.iter().any(Option::is_some);
+    let ncombo = if track { 1usize << nt } else { 0 };
+    let (fault, combos) = out
+        .par_chunks_mut(CH * f.out.size())
+        .enumerate()
+        .map_init(FuseScratch::default, |sc, (ci, oc)| {
+            let mut combos = vec![0u64; ncombo];
+            let fl = fuse_chunk(g, masks, f, ci * CH, oc, sc, &mut combos);
+            (fl, combos)
+        })
+        .reduce(
+            || (None, vec![0u64; ncombo]),
+            |(fa, mut ca), (fb, cb)| {
+                for (x, y) in ca.iter_mut().zip(cb) {
+                    *x += y;
+                }
+                (first_fault(fa, fb), ca)
+            },
+        );
+    fault_result(fault)?;
+    Ok(combos)
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn merge_group(
+        &self,
+        g: &Group,
+        jobs: &[MaskJob],
+        f: &FuseSpec,
+        out: &mut [u8],
+    ) -> BResult<GroupStats> {
+        let n = g.n;
+        let mut masks: Vec<Option<Vec<u64>>> = Vec::with_capacity(jobs.len());
+        let mut stats = Vec::with_capacity(jobs.len());
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        for (t, job) in jobs.iter().enumerate() {
+            let (mask, st) = match *job {
+                MaskJob::All => (
+                    None,
+                    TaskStats {
+                        kept: n as u64,
+                        ..Default::default()
+                    },
+                ),
+                MaskJob::TopK { k, .. } if k >= n as u64 => (
+                    None,
+                    TaskStats {
+                        kept: n as u64,
+                        ..Default::default()
+                    },
+                ),
+                MaskJob::TopK { spec, k } => {
+                    keys.resize(n, 0);
+                    compute_keys(g, t, &spec, &mut keys[..n])?;
+                    let th = radix::radix_select(&keys[..n], k);
+                    let m = mask_from_keys(&keys[..n], |x, i| th.keeps(x, i));
+                    (
+                        Some(m),
+                        TaskStats {
+                            kept: k,
+                            threshold: Some(th),
+                            ties_kept: th.count_eq.min(k - th.count_gt),
+                        },
+                    )
+                }
+                MaskJob::Fixed {
+                    spec,
+                    key,
+                    tie_quota,
+                } => {
+                    keys.resize(n, 0);
+                    compute_keys(g, t, &spec, &mut keys[..n])?;
+                    let (gt, eq) = keys[..n]
+                        .par_chunks(CH)
+                        .map(|c| {
+                            c.iter().fold((0u64, 0u64), |(g2, e), &x| {
+                                (g2 + (x > key) as u64, e + (x == key) as u64)
+                            })
+                        })
+                        .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+                    let ties = eq.min(tie_quota);
+                    let cutoff = if ties == eq {
+                        n as u64
+                    } else if ties == 0 {
+                        0
+                    } else {
+                        radix::nth_equal(&keys[..n], key, ties) + 1
+                    };
+                    let th = Threshold {
+                        key,
+                        cutoff,
+                        count_gt: gt,
+                        count_eq: eq,
+                    };
+                    let m = mask_from_keys(&keys[..n], |x, i| th.keeps(x, i));
+                    (
+                        Some(m),
+                        TaskStats {
+                            kept: gt + ties,
+                            threshold: Some(th),
+                            ties_kept: ties,
+                        },
+                    )
+                }
+                MaskJob::Random { stream, threshold } => {
+                    let m = dare_mask(n, stream, threshold);
+                    let kept = popcount(&m);
+                    (
+                        Some(m),
+                        TaskStats {
+                            kept,
+                            ..Default::default()
+                        },
+                    )
+                }
+            };
+            masks.push(mask);
+            stats.push(st);
+        }
+        drop(keys);
+        let combos = fuse(g, &masks, f, out)?;
+        Ok(GroupStats {
+            tasks: stats,
+            combos,
+        })
+    }
+
+    fn score_sum(&self, g: &Group, t: usize, spec: &KeySpec) -> BResult<f64> {
+        let spec = KeySpec {
+            mean: None,
+            ..*spec
+        };
+        let n = g.n;
+        let chunks = n.div_ceil(dsum::CHUNK);
+        let parts: Vec<(f64, Option<Fault>)> = (0..chunks)
+            .into_par_iter()
+            .map_init(Scratch::default, |sc, c| {
+                let off = c * dsum::CHUNK;
+                let len = dsum::CHUNK.min(n - off);
+                let f = scores(g, t, &spec, off, len, sc);
+                (dsum::chunk_sum(&sc.s), f)
+            })
+            .collect();
+        let fault = parts.iter().fold(None, |a, p| first_fault(a, p.1));
+        fault_result(fault)?;
+        Ok(dsum::combine(
+            &parts.iter().map(|p| p.0).collect::<Vec<_>>(),
+        ))
+    }
+
+    fn histogram(
+        &self,
+        g: &Group,
+        t: usize,
+        spec: &KeySpec,
+        shift: u32,
+        bits: u32,
+        prefix: u32,
+        hist: &mut [u64],
+    ) -> BResult<()> {
+        let top = shift + bits;
+        let mask = (1u32 << bits) - 1;
+        let chunks = g.n.div_ceil(CH);
+        // One histogram per rayon job (not per chunk): 2^16 buckets are too many to allocate often.
+        let (h, fault) = (0..chunks)
+            .into_par_iter()
+            .fold(
+                || (Scratch::default(), vec![0u64; 1 << bits], None),
+                |(mut sc, mut h, fa), c| {
+                    let off = c * CH;
+                    let len = CH.min(g.n - off);
+                    let f = scores(g, t, spec, off, len, &mut sc);
+                    for &s in &sc.s {
+                        let k = select::key(s);
+                        if top >= 32 || k >> top == prefix {
+                            h[((k >> shift) & mask) as usize] += 1;
+                        }
+                    }
+                    (sc, h, first_fault(fa, f))
+                },
+            )
+            .map(|(_, h, f)| (h, f))
+            .reduce(
+                || (vec![0u64; 1 << bits], None),
+                |(mut a, fa), (b, fb)| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                    (a, first_fault(fa, fb))
+                },
+            );
+        fault_result(fault)?;
+        for (x, y) in hist.iter_mut().zip(h) {
+            *x += y;
+        }
+        Ok(())
+    }
+
+    fn model_digits(&self) -> &'static [(u32, u32)] {
+        &[(16, 16), (0, 16)]
+    }
+}

@@ -1,0 +1,9 @@
+//! Reading and writing checkpoints: safetensors files, sharded folders, the atomic output folder.
+
+pub mod file;
+pub mod model;
+pub mod outdir;
+pub mod writer;
+
+pub use file::{SafetensorsFile, TensorEntry};
+pub use model::{Checkpoint, Loc};

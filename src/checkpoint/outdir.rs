@@ -1,0 +1,193 @@
+//! The output folder is built beside its target under a temporary name and renamed into place
+//! only when everything is written: an interrupted or failed run leaves the target as it was.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Problem, Result};
+
+const TMP_TAG: &str = ".stamerge-tmp-";
+const OLD_TAG: &str = ".stamerge-old-";
+
+/// Absolute, symlink-resolved form of a path that may not exist yet (its parent must resolve).
+pub fn resolve(path: &Path) -> Option<PathBuf> {
+    if let Ok(c) = path.canonicalize() {
+        return Some(c);
+    }
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().ok()?.join(path)
+    };
+    let parent = abs.parent()?;
+    let name = abs.file_name()?;
+    Some(resolve(parent)?.join(name))
+}
+
+/// Problems with the target folder, found at plan time: not empty without `--overwrite`,
+/// equal to, inside, or holding one of the inputs.
+pub fn check_target(target: &Path, overwrite: bool, inputs: &[PathBuf]) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let Some(t) = resolve(target) else {
+        return vec![Problem::in_file(
+            target,
+            "the output folder's parent does not exist",
+        )];
+    };
+    for input in inputs {
+        let Some(i) = resolve(input) else { continue };
+        let i_dir = if i.is_file() {
+            i.parent().map(Path::to_path_buf).unwrap_or(i.clone())
+        } else {
+            i.clone()
+        };
+        if t == i_dir || t.starts_with(&i_dir) {
+            problems.push(Problem::in_file(
+                target,
+                format!(
+                    "the output folder is inside the input {}: choose another folder",
+                    input.display()
+                ),
+            ));
+        } else if i.starts_with(&t) {
+            problems.push(Problem::in_file(
+                target,
+                format!(
+                    "the output folder holds the input {}: writing there would destroy it",
+                    input.display()
+                ),
+            ));
+        }
+    }
+    if t.is_file() {
+        problems.push(Problem::in_file(
+            target,
+            "exists and is a file, not a folder",
+        ));
+    } else if t.is_dir() && !overwrite {
+        let non_empty = std::fs::read_dir(&t)
+            .map(|mut r| r.next().is_some())
+            .unwrap_or(true);
+        if non_empty {
+            problems.push(Problem::in_file(
+                target,
+                "exists and is not empty: pass --overwrite to replace it (it is replaced only \
+                 after the new merge is complete)",
+            ));
+        }
+    }
+    problems
+}
+
+/// A temporary folder that becomes the target on `commit`, and is removed if dropped before.
+pub struct OutputDir {
+    target: PathBuf,
+    tmp: PathBuf,
+    committed: bool,
+}
+
+fn tagged(target: &Path, tag: &str, pid: u32) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    target.with_file_name(format!(".{name}{tag}{pid}"))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes temporary folders left by runs that were killed (their process no longer exists).
+fn remove_stale(target: &Path) {
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}", name.to_string_lossy());
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = n.strip_prefix(&prefix) else {
+            continue;
+        };
+        let pid = rest
+            .strip_prefix(TMP_TAG)
+            .or_else(|| rest.strip_prefix(OLD_TAG));
+        if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
+            if pid != std::process::id() && !pid_alive(pid) {
+                tracing::warn!("removing {} left by an interrupted run", e.path().display());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+impl OutputDir {
+    pub fn create(target: &Path) -> Result<Self> {
+        let target = resolve(target).ok_or_else(|| {
+            Error::Input(Problem::in_file(
+                target,
+                "the output folder's parent does not exist",
+            ))
+        })?;
+        remove_stale(&target);
+        let tmp = tagged(&target, TMP_TAG, std::process::id());
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).ctx(|| format!("removing {}", tmp.display()))?;
+        }
+        std::fs::create_dir(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        Ok(Self {
+            target,
+            tmp,
+            committed: false,
+        })
+    }
+
+    /// Where files are written until `commit`.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Moves the finished folder into place, replacing the target (if any) only now.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        let old = tagged(&self.target, OLD_TAG, std::process::id());
+        let had_old = self.target.exists();
+        if had_old {
+            std::fs::rename(&self.target, &old)
+                .ctx(|| format!("moving aside {}", self.target.display()))?;
+        }
+        if let Err(e) = std::fs::rename(&self.tmp, &self.target) {
+            if had_old {
+                let _ = std::fs::rename(&old, &self.target);
+            }
+            return Err(Error::Io {
+                context: format!("moving the result to {}", self.target.display()),
+                source: e,
+            });
+        }
+        self.committed = true;
+        if had_old {
+            std::fs::remove_dir_all(&old)
+                .ctx(|| format!("removing the replaced {}", old.display()))?;
+        }
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for OutputDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// The temporary folder a run with this pid uses (for the interrupt handler and tests).
+pub fn tmp_path_for(target: &Path, pid: u32) -> Option<PathBuf> {
+    resolve(target).map(|t| tagged(&t, TMP_TAG, pid))
+}

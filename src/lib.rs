@@ -1,0 +1,247 @@
+//! stamerge: merge fine-tuned checkpoints of one model into one multi-task model.
+//!
+//! Data flows one way: [`recipe`] (YAML → typed recipe) → [`plan`] (header-only checks, work list)
+//! → [`pipeline`] (streaming executor) → [`backend`] (score → select → fuse) → [`checkpoint`]
+//! (shard writer, atomic output folder). The CLI in `main.rs` is a thin layer over [`merge`].
+
+pub mod backend;
+pub mod checkpoint;
+pub mod dtype;
+pub mod error;
+pub mod inspect;
+pub mod memory;
+pub mod method;
+pub mod pipeline;
+pub mod plan;
+pub mod recipe;
+pub mod report;
+pub mod select;
+pub mod synth;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+pub use error::{Error, Problem, Result};
+pub use plan::Plan;
+pub use recipe::Recipe;
+pub use report::Report;
+
+use backend::Backend;
+use checkpoint::outdir::{check_target, OutputDir};
+
+/// Set by the interrupt handler; the pipeline stops at the next tensor and removes its output.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Device {
+    /// CUDA when a usable GPU and kernels are present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub device: Device,
+    /// Worker threads for the CPU backend (default: all cores).
+    pub threads: Option<usize>,
+    pub out_shard_size: u64,
+    pub overwrite: bool,
+    /// Also write the report here (it is always written into the output folder).
+    pub report: Option<PathBuf>,
+    /// Show a progress bar (terminal) or periodic log lines.
+    pub progress: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            device: Device::Auto,
+            threads: None,
+            out_shard_size: 5_000_000_000,
+            overwrite: false,
+            report: None,
+            progress: false,
+        }
+    }
+}
+
+/// Picks the backend; `auto` falls back to the CPU and says why.
+pub fn select_backend(device: Device) -> Result<Box<dyn Backend>> {
+    match device {
+        Device::Cpu => Ok(Box::new(backend::cpu::CpuBackend::new())),
+        Device::Cuda => Err(Error::Other(format!(
+            "--device cuda: {}",
+            backend::cuda::unavailable_reason()
+        ))),
+        Device::Auto => {
+            tracing::info!(
+                "using the cpu backend ({})",
+                backend::cuda::unavailable_reason()
+            );
+            Ok(Box::new(backend::cpu::CpuBackend::new()))
+        }
+    }
+}
+
+/// Every input path of a recipe (for the output-folder checks).
+fn input_paths(recipe: &Recipe) -> Vec<PathBuf> {
+    let mut v = vec![recipe.base.clone()];
+    v.extend(recipe.start.iter().cloned());
+    for t in &recipe.tasks {
+        v.push(t.model.clone());
+        v.extend(t.gradients.iter().cloned());
+    }
+    v
+}
+
+/// Header-only plan: every problem of the inputs and of the output folder, at once.
+pub fn plan(recipe: &Recipe, out_dir: Option<&Path>, opts: &Options) -> Result<Plan> {
+    let mut problems = Vec::new();
+    if let Some(out) = out_dir {
+        problems.extend(check_target(out, opts.overwrite, &input_paths(recipe)));
+    }
+    match Plan::build(recipe, opts.out_shard_size) {
+        Ok(p) if problems.is_empty() => Ok(p),
+        Ok(_) => Err(Error::Plan(problems)),
+        Err(ps) => {
+            problems.extend(ps);
+            Err(Error::Plan(problems))
+        }
+    }
+}
+
+/// Files copied from the base folder beside the merged weights.
+const COPIED_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+];
+
+pub const RECIPE_NAME: &str = "stamerge_recipe.yml";
+pub const REPORT_NAME: &str = "stamerge_report.json";
+
+fn write_side_files(plan: &Plan, dir: &Path) -> Result<()> {
+    use error::IoContext;
+    let Some(base_dir) = plan.inputs.base.folder.as_ref() else {
+        return Ok(());
+    };
+    if let Some(cfg) = &plan.inputs.base.config {
+        let mut cfg = cfg.clone();
+        if let (Some(d), Some(obj)) = (
+            plan.recipe.out_dtype.or(plan.recipe.dtype),
+            cfg.as_object_mut(),
+        ) {
+            obj.insert(
+                "torch_dtype".into(),
+                serde_json::Value::String(d.torch_name().into()),
+            );
+        }
+        let text = serde_json::to_vec_pretty(&cfg).expect("json value");
+        std::fs::write(dir.join("config.json"), text).ctx(|| "writing config.json".into())?;
+    } else if base_dir.join("config.json").is_file() {
+        tracing::warn!(
+            "{}: not valid JSON, not copied",
+            base_dir.join("config.json").display()
+        );
+    }
+    for name in COPIED_FILES {
+        let src = base_dir.join(name);
+        if src.is_file() {
+            std::fs::copy(&src, dir.join(name)).ctx(|| format!("copying {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs a whole merge: plan, compute, write into a temporary folder, rename into `out_dir`.
+pub fn merge(recipe: &Recipe, out_dir: &Path, opts: &Options) -> Result<Report> {
+    let plan = plan(recipe, Some(out_dir), opts)?;
+    for n in &plan.notes {
+        tracing::info!("note: {n}");
+    }
+    let backend = select_backend(opts.device)?;
+    let pool = {
+        let mut b = rayon::ThreadPoolBuilder::new();
+        if let Some(t) = opts.threads {
+            b = b.num_threads(t);
+        }
+        b.build()
+            .map_err(|e| Error::Other(format!("cannot start worker threads: {e}")))?
+    };
+    let threads = pool.current_num_threads();
+    let out = OutputDir::create(out_dir)?;
+    let sampler = memory::PeakSampler::start();
+    let t0 = Instant::now();
+    let outcome = pool.install(|| {
+        pipeline::execute(
+            &plan,
+            backend.as_ref(),
+            out.path(),
+            opts.out_shard_size,
+            opts.progress,
+        )
+    })?;
+    write_side_files(&plan, out.path())?;
+    {
+        use error::IoContext;
+        std::fs::write(out.path().join(RECIPE_NAME), &plan.recipe.text)
+            .ctx(|| format!("writing {RECIPE_NAME}"))?;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut inputs = vec![report::InputRecord::of("base", &plan.inputs.base)];
+    if let Some(s) = &plan.inputs.start {
+        inputs.push(report::InputRecord::of("start", s));
+    }
+    for (i, t) in plan.inputs.tasks.iter().enumerate() {
+        let role = if plan.recipe.tasks[i].forget {
+            "forget"
+        } else {
+            "model"
+        };
+        inputs.push(report::InputRecord::of(&format!("{role}[{i}]"), &t.model));
+        if let Some(g) = &t.grads {
+            inputs.push(report::InputRecord::of(&format!("gradients[{i}]"), g));
+        }
+    }
+    let rep = Report {
+        stamerge_version: env!("CARGO_PKG_VERSION"),
+        method: plan.recipe.method.name().into(),
+        backend: backend.name().into(),
+        threads,
+        inputs,
+        output: out.target().display().to_string(),
+        shards: outcome.shards.files.clone(),
+        seconds,
+        bytes_read: outcome.bytes_read,
+        bytes_written: plan.estimate.write_bytes,
+        gb_per_s: outcome.bytes_read as f64 / seconds.max(1e-9) / 1e9,
+        peak_rss_anon_bytes: sampler.peak(),
+        notes: plan.notes.clone(),
+        model_selection: outcome.model_selection,
+        tensors: outcome.tensors,
+    };
+    {
+        use error::IoContext;
+        report::write(&rep, &out.path().join(REPORT_NAME))
+            .ctx(|| format!("writing {REPORT_NAME}"))?;
+    }
+    out.commit()?;
+    if let Some(p) = &opts.report {
+        use error::IoContext;
+        report::write(&rep, p).ctx(|| format!("writing the report to {}", p.display()))?;
+    }
+    Ok(rep)
+}

@@ -1,0 +1,311 @@
+//! The `stamerge` command line: parses flags, calls the library, prints errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stamerge::{dtype::FloatType, synth::SynthSpec, Device, Error, Options, Recipe};
+
+#[derive(Parser)]
+#[command(
+    name = "stamerge",
+    version,
+    about = "Merge fine-tuned checkpoints (STA, TIES, DARE, task arithmetic) on CUDA or the CPU"
+)]
+struct Cli {
+    /// More log lines (debug level).
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Merge the checkpoints a recipe names into OUT_DIR.
+    Merge {
+        recipe: PathBuf,
+        out_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// CPU worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Largest output shard, e.g. 5GB, 500MB, 2GiB.
+        #[arg(long, default_value = "5GB", value_parser = parse_size)]
+        out_shard_size: u64,
+        /// Replace a non-empty OUT_DIR (only once the new merge is complete).
+        #[arg(long)]
+        overwrite: bool,
+        /// Also write the JSON report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Check a recipe and its inputs from headers only and print the plan; exit 0 only when the
+    /// merge would run.
+    Plan {
+        recipe: PathBuf,
+        /// Also check this output folder.
+        out_dir: Option<PathBuf>,
+        #[arg(long, default_value = "5GB", value_parser = parse_size)]
+        out_shard_size: u64,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// List the tensors of a checkpoint folder or safetensors file.
+    Inspect { path: PathBuf },
+    /// Write a synthetic Llama-style checkpoint set (base, tasks, gradients, recipes).
+    Synth {
+        out_dir: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        #[arg(long, default_value_t = 32)]
+        hidden: usize,
+        #[arg(long, default_value_t = 64)]
+        intermediate: usize,
+        #[arg(long, default_value_t = 96)]
+        vocab: usize,
+        #[arg(long, default_value_t = 3)]
+        tasks: usize,
+        #[arg(long, default_value = "bfloat16", value_parser = parse_dtype)]
+        dtype: FloatType,
+        #[arg(long, default_value = "float32", value_parser = parse_dtype)]
+        grad_dtype: FloatType,
+        #[arg(long, default_value = "40KB", value_parser = parse_size)]
+        shard_size: u64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn parse_dtype(s: &str) -> Result<FloatType, String> {
+    FloatType::parse(s).ok_or_else(|| format!("unknown dtype `{s}` (float32, float16, bfloat16)"))
+}
+
+/// "5GB" → 5e9, "2GiB" → 2·2^30, "123" → 123 bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 5GB or 500MB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1048576.0,
+        "gib" => 1073741824.0,
+        u => return Err(format!("unknown size unit `{u}` in `{s}`")),
+    };
+    if v <= 0.0 {
+        return Err(format!("size must be positive: `{s}`"));
+    }
+    Ok((v * mult) as u64)
+}
+
+fn load_recipe(path: &PathBuf) -> Result<Recipe, Error> {
+    Recipe::from_file(path).map_err(Error::Plan)
+}
+
+fn print_plan(plan: &stamerge::Plan) {
+    use stamerge::inspect::human_bytes;
+    use stamerge::plan::ItemKind;
+    let r = &plan.recipe;
+    println!(
+        "method: {}   tasks: {}   base: {}",
+        r.method.name(),
+        r.tasks.len(),
+        r.base.display()
+    );
+    for (i, t) in r.tasks.iter().enumerate() {
+        println!(
+            "  {}[{i}] {}  weight {}  density {}  selection {:?}  importance {:?}{}",
+            if t.forget { "forget" } else { "model" },
+            t.model.display(),
+            t.weight,
+            t.density,
+            t.selection,
+            t.importance,
+            t.gradients
+                .as_ref()
+                .map(|g| format!("  gradients {}", g.display()))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "{:60} {:>8} {:>16} {:>12}",
+        "tensor", "action", "shape", "k per task"
+    );
+    for it in &plan.items {
+        let (action, ks) = match &it.kind {
+            ItemKind::Copy { .. } => ("copy", String::new()),
+            ItemKind::Merge { k, .. } => (
+                "merge",
+                k.iter()
+                    .map(|k| k.map(|k| k.to_string()).unwrap_or_else(|| "-".into()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        };
+        println!(
+            "{:60} {:>8} {:>16} {:>12}",
+            it.name,
+            action,
+            format!("{:?}", it.shape),
+            ks
+        );
+    }
+    let e = &plan.estimate;
+    println!(
+        "{} tensors merged ({} parameters), {} copied; {} pass(es)",
+        e.tensors_merged, e.params_merged, e.tensors_copied, e.passes
+    );
+    println!(
+        "read {}, write {} in {} shard(s); estimated peak memory {} (largest tensor group)",
+        human_bytes(e.read_bytes),
+        human_bytes(e.write_bytes),
+        plan.shards.len(),
+        human_bytes(e.peak_bytes)
+    );
+    for n in &plan.notes {
+        println!("note: {n}");
+    }
+    println!("ok: the merge would run");
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.cmd {
+        Cmd::Merge {
+            recipe,
+            out_dir,
+            device,
+            threads,
+            out_shard_size,
+            overwrite,
+            report,
+        } => {
+            let r = load_recipe(&recipe)?;
+            let opts = Options {
+                device,
+                threads,
+                out_shard_size,
+                overwrite,
+                report,
+                progress: !cli.quiet,
+            };
+            let rep = stamerge::merge(&r, &out_dir, &opts)?;
+            if !cli.quiet {
+                eprintln!(
+                    "merged {} tensors with {} on {} in {:.2} s ({:.2} GB/s of input, peak anonymous memory {}) → {}",
+                    rep.tensors.len(),
+                    rep.method,
+                    rep.backend,
+                    rep.seconds,
+                    rep.gb_per_s,
+                    stamerge::inspect::human_bytes(rep.peak_rss_anon_bytes),
+                    rep.output
+                );
+            }
+            Ok(())
+        }
+        Cmd::Plan {
+            recipe,
+            out_dir,
+            out_shard_size,
+            overwrite,
+        } => {
+            let r = load_recipe(&recipe)?;
+            let opts = Options {
+                out_shard_size,
+                overwrite,
+                ..Options::default()
+            };
+            let plan = stamerge::plan(&r, out_dir.as_deref(), &opts)?;
+            print_plan(&plan);
+            Ok(())
+        }
+        Cmd::Inspect { path } => {
+            print!("{}", stamerge::inspect::inspect(&path)?);
+            Ok(())
+        }
+        Cmd::Synth {
+            out_dir,
+            layers,
+            hidden,
+            intermediate,
+            vocab,
+            tasks,
+            dtype,
+            grad_dtype,
+            shard_size,
+            seed,
+        } => {
+            let spec = SynthSpec {
+                layers,
+                hidden,
+                intermediate,
+                vocab,
+                tasks,
+                dtype,
+                grad_dtype,
+                shard_bytes: shard_size,
+                seed,
+            };
+            stamerge::synth::generate(&spec, &out_dir)?;
+            if !cli.quiet {
+                eprintln!(
+                    "wrote a synthetic set of {} parameters per checkpoint ({} tasks) to {}",
+                    spec.params(),
+                    tasks,
+                    out_dir.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = if cli.verbose {
+        "debug"
+    } else if cli.quiet {
+        "warn"
+    } else {
+        "info"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STAMERGE_LOG")
+                .unwrap_or_else(|_| level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let _ = ctrlc::set_handler(|| {
+        if stamerge::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // A second Ctrl-C: stop now; the temporary folder is removed by the next run.
+            std::process::exit(130);
+        }
+        eprintln!("interrupted: stopping after the current tensor and removing the partial output");
+    });
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Interrupted) => {
+            eprintln!("error: {}", Error::Interrupted);
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
