@@ -206,14 +206,6 @@ impl Plan {
             let present: Vec<Option<(&SafetensorsFile, &TensorEntry)>> =
                 inputs.tasks.iter().map(|t| t.model.get(&bt.name)).collect();
             let start_t = inputs.start.as_ref().map(|s| (s, s.get(&bt.name)));
-            if let Some((s, None)) = start_t {
-                problems.push(Problem::in_tensor(
-                    &s.root,
-                    &bt.name,
-                    "missing tensor: the base has it, start_model does not",
-                ));
-                continue;
-            }
             let in_any = present.iter().any(Option::is_some);
             let base_float = FloatType::from_safetensors(bt.dtype);
             let copy = !in_any || (base_float.is_none() && !is_unsupported_float(bt.dtype));
@@ -228,7 +220,7 @@ impl Plan {
                     name: bt.name.clone(),
                     shape: bt.shape.clone(),
                     kind: ItemKind::Copy {
-                        from_start: start_t.is_some(),
+                        from_start: matches!(start_t, Some((_, Some(_)))),
                     },
                     out: OutTensor {
                         name: bt.name.clone(),
@@ -238,6 +230,14 @@ impl Plan {
                     },
                     read_bytes: entry.nbytes() as u64,
                 });
+                continue;
+            }
+            if let Some((s, None)) = start_t {
+                problems.push(Problem::in_tensor(
+                    &s.root,
+                    &bt.name,
+                    "missing tensor: the models have it, start_model does not",
+                ));
                 continue;
             }
             let mut ok = check_float(bf, bt, &mut problems).is_some();

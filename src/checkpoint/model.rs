@@ -69,57 +69,58 @@ impl Checkpoint {
         let folder = path;
         let index = folder.join(INDEX_NAME);
         let single = folder.join(SINGLE_NAME);
-        let shard_names: Vec<String> =
-            if index.is_file() {
-                read_index(folder, &index).map_err(|p| vec![p])?
-            } else if single.is_file() {
-                vec![SINGLE_NAME.to_string()]
-            } else {
-                let mut st = Vec::new();
-                let mut pickled = None;
-                if let Ok(rd) = std::fs::read_dir(folder) {
-                    for e in rd.flatten() {
-                        let name = e.file_name().to_string_lossy().to_string();
-                        let ext = Path::new(&name)
-                            .extension()
-                            .and_then(|e| e.to_str())
-                            .unwrap_or("");
-                        if ext == "safetensors" {
-                            st.push(name);
-                        } else if PICKLE_EXT.contains(&ext) && pickled.is_none() {
-                            pickled = Some(folder.join(&name));
-                        }
+        let shard_names: Vec<String> = if index.is_file() {
+            read_index(folder, &index).map_err(|p| vec![p])?
+        } else if single.is_file() {
+            vec![SINGLE_NAME.to_string()]
+        } else {
+            let mut st = Vec::new();
+            let mut pickled = None;
+            if let Ok(rd) = std::fs::read_dir(folder) {
+                for e in rd.flatten() {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let ext = Path::new(&name)
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .unwrap_or("");
+                    if ext == "safetensors" {
+                        st.push(name);
+                    } else if PICKLE_EXT.contains(&ext) && pickled.is_none() {
+                        pickled = Some(folder.join(&name));
                     }
                 }
-                st.sort();
-                match (st.len(), pickled) {
-                    (1, _) if st[0].starts_with("adapter_") => {
-                        return Err(vec![Problem::in_file(
+            }
+            st.sort();
+            match (st.len(), pickled) {
+                (1, _) if st[0].starts_with("adapter_") => {
+                    return Err(vec![Problem::in_file(
                         &folder.join(&st[0]),
                         "this is a LoRA adapter, not a full checkpoint: merge the adapter into \
                          its base first (peft's `merge_and_unload()`), then save the full model",
                     )])
-                    }
-                    (1, _) => st,
-                    (0, Some(p)) => return Err(vec![pickle_hint(&p)]),
-                    (0, None) => return Err(vec![Problem::in_file(
+                }
+                (1, _) => st,
+                (0, Some(p)) => return Err(vec![pickle_hint(&p)]),
+                (0, None) => {
+                    return Err(vec![Problem::in_file(
                         folder,
                         format!(
                             "no `{SINGLE_NAME}`, `{INDEX_NAME}` or other `.safetensors` file here"
                         ),
-                    )]),
-                    _ => {
-                        return Err(vec![Problem::in_file(
-                            folder,
-                            format!(
+                    )])
+                }
+                _ => {
+                    return Err(vec![Problem::in_file(
+                        folder,
+                        format!(
                             "several `.safetensors` files ({}) but no `{INDEX_NAME}`: name the \
                              file to use, or add the index",
                             st.join(", ")
                         ),
-                        )])
-                    }
+                    )])
                 }
-            };
+            }
+        };
         let mut files = Vec::new();
         let mut problems = Vec::new();
         for name in &shard_names {
