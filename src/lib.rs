@@ -4,6 +4,9 @@
 //! → [`pipeline`] (streaming executor) → [`backend`] (score → select → fuse) → [`checkpoint`]
 //! (shard writer, atomic output folder). The CLI in `main.rs` is a thin layer over [`merge`].
 
+// Numeric loops index several parallel arrays at once, as the CUDA kernels do.
+#![allow(clippy::needless_range_loop)]
+
 pub mod backend;
 pub mod checkpoint;
 pub mod dtype;

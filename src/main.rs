@@ -66,13 +66,13 @@ enum Cmd {
         hidden: usize,
         #[arg(long, default_value_t = 64)]
         intermediate: usize,
-        #[arg(long, default_value_t = 96)]
+        #[arg(long, default_value_t = 64)]
         vocab: usize,
         #[arg(long, default_value_t = 3)]
         tasks: usize,
         #[arg(long, default_value = "bfloat16", value_parser = parse_dtype)]
         dtype: FloatType,
-        #[arg(long, default_value = "float32", value_parser = parse_dtype)]
+        #[arg(long, default_value = "bfloat16", value_parser = parse_dtype)]
         grad_dtype: FloatType,
         #[arg(long, default_value = "40KB", value_parser = parse_size)]
         shard_size: u64,
@@ -111,7 +111,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok((v * mult) as u64)
 }
 
-fn load_recipe(path: &PathBuf) -> Result<Recipe, Error> {
+fn load_recipe(path: &std::path::Path) -> Result<Recipe, Error> {
     Recipe::from_file(path).map_err(Error::Plan)
 }
 

@@ -136,7 +136,7 @@ fn check_same_shape(
         return true;
     }
     let vocab =
-        is_embedding_like(&t.name) && t.shape.len() == base.shape.len() && t.shape.len() >= 1;
+        is_embedding_like(&t.name) && t.shape.len() == base.shape.len() && !t.shape.is_empty();
     let msg = if vocab && t.shape[1..] == base.shape[1..] {
         format!(
             "vocab-size mismatch: {what} has {} rows, the base has {} (tokens were added or removed; \

@@ -31,10 +31,10 @@ impl Default for SynthSpec {
             layers: 2,
             hidden: 32,
             intermediate: 64,
-            vocab: 96,
+            vocab: 64,
             tasks: 3,
             dtype: FloatType::BF16,
-            grad_dtype: FloatType::F32,
+            grad_dtype: FloatType::BF16,
             shard_bytes: 40_000,
             seed: 0,
         }

@@ -137,6 +137,7 @@ pub trait Backend: Send + Sync {
 
     /// `selection: model`, digit passes: add to `hist` (2^bits buckets) the digit at `shift` of
     /// the keys whose bits above `shift + bits` equal `prefix`.
+    #[allow(clippy::too_many_arguments)]
     fn histogram(
         &self,
         g: &Group,

@@ -171,7 +171,7 @@ mod tests {
             (70_000, 2),
         ] {
             let keys: Vec<u32> = (0..n)
-                .map(|_| 0x8000_0000 | (lcg(&mut s) % distinct) as u32 * 977)
+                .map(|_| 0x8000_0000 | ((lcg(&mut s) % distinct) as u32 * 977))
                 .collect();
             for k in [1, n / 3 + 1, n / 2, n] {
                 let k = k.max(1);

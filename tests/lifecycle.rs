@@ -1,0 +1,289 @@
+//! The CLI end to end: interrupted and killed runs leave no output, outputs are sharded and
+//! indexed as transformers expects, results do not depend on the thread count, mergekit recipes
+//! run unchanged, and the bundled example merges.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn synth(dir: &Path, args: &[&str]) {
+    let o = Command::new(stamerge_bin())
+        .arg("-q")
+        .arg("synth")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn tmp_dirs(parent: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(parent)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".stamerge-tmp-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Starts a merge and returns once it has begun writing into its temporary folder.
+fn start_merge(dir: &Path, recipe: &str, out: &str) -> Child {
+    let child = Command::new(stamerge_bin())
+        .args(["-q", "merge", recipe, out, "--threads", "1"])
+        .current_dir(dir)
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while tmp_dirs(dir).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "merge never started writing"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child
+}
+
+fn big_set() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    synth(
+        d.path(),
+        &[
+            "--layers",
+            "4",
+            "--hidden",
+            "512",
+            "--intermediate",
+            "1024",
+            "--vocab",
+            "4000",
+            "--tasks",
+            "2",
+            "--shard-size",
+            "10MB",
+        ],
+    );
+    d
+}
+
+#[test]
+fn killed_and_interrupted_runs_leave_no_output() {
+    let d = big_set();
+    // SIGKILL: no chance to clean up, yet the target does not exist...
+    let mut c = start_merge(d.path(), "sta_model.yml", "out");
+    c.kill().unwrap();
+    c.wait().unwrap();
+    assert!(!d.path().join("out").exists());
+    assert_eq!(
+        tmp_dirs(d.path()).len(),
+        1,
+        "the killed run's temporary folder is still there"
+    );
+    // ...and the next run removes the stale temporary folder and completes.
+    let o = Command::new(stamerge_bin())
+        .args(["-q", "merge", "ties.yml", "out"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        d.path().join("out/model.safetensors.index.json").is_file()
+            || d.path().join("out/model.safetensors").is_file()
+    );
+    assert!(tmp_dirs(d.path()).is_empty());
+
+    // SIGINT: a clean stop, exit 130, nothing left, the existing output untouched.
+    let before = std::fs::read(d.path().join("out/stamerge_report.json")).unwrap();
+    let c = start_merge(d.path(), "sta_model.yml", "out2");
+    let st = Command::new("kill")
+        .args(["-INT", &c.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = c.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130));
+    assert!(!d.path().join("out2").exists());
+    assert!(tmp_dirs(d.path()).is_empty());
+    assert_eq!(
+        std::fs::read(d.path().join("out/stamerge_report.json")).unwrap(),
+        before
+    );
+}
+
+fn shard_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn same_bytes_on_any_thread_count_and_sharded_output_reloads() {
+    let d = tempfile::tempdir().unwrap();
+    synth(
+        d.path(),
+        &[
+            "--layers",
+            "2",
+            "--hidden",
+            "96",
+            "--intermediate",
+            "200",
+            "--vocab",
+            "300",
+            "--tasks",
+            "3",
+        ],
+    );
+    for recipe in ["dare_ties.yml", "sta_model.yml", "ties.yml"] {
+        let mut outs = Vec::new();
+        for threads in ["1", "2"] {
+            let out = d.path().join(format!("{recipe}-{threads}"));
+            let o = Command::new(stamerge_bin())
+                .args(["-q", "merge", recipe])
+                .arg(&out)
+                .args(["--threads", threads, "--out-shard-size", "100KB"])
+                .current_dir(d.path())
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            outs.push(shard_bytes(&out));
+        }
+        assert!(outs[0].len() > 1, "expected several shards");
+        assert_eq!(outs[0], outs[1], "{recipe}: thread count changed the bytes");
+    }
+    // Another seed draws another DARE mask.
+    let text = std::fs::read_to_string(d.path().join("dare_ties.yml"))
+        .unwrap()
+        .replace("seed: 7", "seed: 8");
+    std::fs::write(d.path().join("dare8.yml"), text).unwrap();
+    let o = Command::new(stamerge_bin())
+        .args([
+            "-q",
+            "merge",
+            "dare8.yml",
+            "d8",
+            "--out-shard-size",
+            "100KB",
+        ])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_ne!(
+        shard_bytes(&d.path().join("d8")),
+        shard_bytes(&d.path().join("dare_ties.yml-1"))
+    );
+
+    // The sharded output is what transformers loads: index with total_size and weight_map,
+    // every shard with format pt, every mapped tensor in its shard.
+    let out = d.path().join("ties.yml-1");
+    let idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let map = idx["weight_map"].as_object().unwrap();
+    let mut total = 0u64;
+    for (name, file) in map {
+        let buf = std::fs::read(out.join(file.as_str().unwrap())).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&buf).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+        let info = meta
+            .info(name)
+            .unwrap_or_else(|| panic!("{name} not in {file}"));
+        total += (info.data_offsets.1 - info.data_offsets.0) as u64;
+    }
+    assert_eq!(idx["metadata"]["total_size"].as_u64().unwrap(), total);
+    let (base, _) = read_model(&d.path().join("base"));
+    assert_eq!(map.len(), base.len());
+    assert!(out.join("config.json").is_file() && out.join("tokenizer_config.json").is_file());
+    assert!(
+        out.join("generation_config.json").is_file() && out.join("stamerge_recipe.yml").is_file()
+    );
+}
+
+#[test]
+fn a_mergekit_recipe_runs_unchanged() {
+    let d = tempfile::tempdir().unwrap();
+    synth(d.path(), &["--tasks", "2"]);
+    // As mergekit users write them: the base listed among the models, int8_mask, dtype, etc.
+    let recipe = "models:\n  - model: base\n  - model: task_0\n    parameters:\n      density: 0.5\n      weight: 0.5\n  - model: task_1\n    parameters:\n      density: 0.5\n      weight: 0.5\nmerge_method: ties\nbase_model: base\nparameters:\n  normalize: true\n  int8_mask: true\ndtype: bfloat16\ntokenizer_source: base\n";
+    std::fs::write(d.path().join("mk.yml"), recipe).unwrap();
+    let o = Command::new(stamerge_bin())
+        .args(["merge", "mk.yml", "out"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rep: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("out/stamerge_report.json")).unwrap())
+            .unwrap();
+    assert!(rep["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n.as_str().unwrap().contains("is the base model")));
+    let t = rep["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "lm_head.weight")
+        .unwrap();
+    assert_eq!(
+        t["tasks"].as_array().unwrap().len(),
+        2,
+        "the base is not a task"
+    );
+}
+
+#[test]
+fn bundled_example_merges_with_every_recipe() {
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&ex).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().map(|x| x == "yml").unwrap_or(false) {
+            let out = tempfile::tempdir().unwrap();
+            let o = Command::new(stamerge_bin())
+                .arg("-q")
+                .arg("merge")
+                .arg(&p)
+                .arg(out.path().join("m"))
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{}: {}",
+                p.display(),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(
+        n >= 7,
+        "expected a recipe per method in examples/, found {n}"
+    );
+    let o = Command::new(stamerge_bin())
+        .arg("inspect")
+        .arg(ex.join("base"))
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && s.contains("model.embed_tokens.weight") && s.contains("I64"),
+        "{s}"
+    );
+}
