@@ -202,14 +202,6 @@ fn popcount(words: &[u64]) -> u64 {
     words.par_iter().map(|w| w.count_ones() as u64).sum()
 }
 
-#[inline(always)]
-fn bit(mask: &Option<Vec<u64>>, i: usize) -> bool {
-    match mask {
-        None => true,
-        Some(w) => (w[i >> 6] >> (i & 63)) & 1 == 1,
-    }
-}
-
 #[derive(Default)]
 struct FuseScratch {
     b: Vec<f32>,
@@ -217,9 +209,40 @@ struct FuseScratch {
     th: Vec<f32>,
     u: Vec<Vec<f32>>,
     acc: Vec<f32>,
+    sum: Vec<f32>,
+    div: Vec<f32>,
+}
+
+/// For each byte of a mask word, the eight lanes as all-ones (keep) or zero (drop) bit masks:
+/// `f32::from_bits(v.to_bits() & lane)` keeps v or makes it +0.0 without a branch.
+const BYTE_LANES: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut i = 0;
+        while i < 8 {
+            t[b][i] = if (b >> i) & 1 == 1 { u32::MAX } else { 0 };
+            i += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// Mask bit `i` of a chunk starting at element `off` (a multiple of 64).
+#[inline(always)]
+fn word(mask: &Option<Vec<u64>>, off: usize, j: usize) -> u64 {
+    match mask {
+        None => u64::MAX,
+        Some(w) => w[(off >> 6) + j],
+    }
 }
 
 /// The fuse of docs/SEMANTICS.md over elements `off..off+len`, into `out`.
+///
+/// Masked-out terms are stored as +0.0 and added: the sums start at +0.0 and, in round-to-nearest,
+/// a sum of floats is -0.0 only when both operands are, so adding +0.0 gives the same bits as
+/// skipping the term. That turns every loop below into a straight, vectorisable pass over a task.
 fn fuse_chunk(
     g: &Group,
     masks: &[Option<Vec<u64>>],
@@ -244,117 +267,132 @@ fn fuse_chunk(
         }
     }
     sc.u.resize_with(nt, Vec::new);
-    // u_t = w_t * tau_t' where kept (NaN-free), 0 elsewhere; the masks decide what is added.
+    // u_t = w_t * tau_t' where kept, +0.0 elsewhere.
     for t in 0..nt {
         load(g.tasks[t].theta, off, len, &mut sc.th);
         let (b, th) = (&sc.b, &sc.th);
         let u = &mut sc.u[t];
         u.resize(len, 0.0);
         let w = f.weights[t];
-        for i in 0..len {
+        let mut bad = false;
+        match f.rescale[t] {
+            Some(d) => u.iter_mut().enumerate().for_each(|(i, o)| {
+                let tau = th[i] - b[i];
+                bad |= !tau.is_finite();
+                *o = w * (tau / d);
+            }),
+            None => u.iter_mut().enumerate().for_each(|(i, o)| {
+                let tau = th[i] - b[i];
+                bad |= !tau.is_finite();
+                *o = w * tau;
+            }),
+        }
+        if bad {
+            let i = (0..len)
+                .find(|&i| !(th[i] - b[i]).is_finite())
+                .expect("a bad element exists");
+            let source = if !b[i].is_finite() {
+                Source::Base
+            } else {
+                Source::Theta(t)
+            };
             let tau = th[i] - b[i];
-            if !tau.is_finite() {
-                let source = if !b[i].is_finite() {
-                    Source::Base
-                } else {
-                    Source::Theta(t)
-                };
-                let fl = Fault {
+            fault = first_fault(
+                fault,
+                Some(Fault {
                     source,
                     index: (off + i) as u64,
                     value_is_nan: tau.is_nan(),
-                };
-                fault = first_fault(fault, Some(fl));
-                u[i] = 0.0;
-                continue;
+                }),
+            );
+        }
+        if masks[t].is_some() {
+            for (j, c) in u.chunks_mut(64).enumerate() {
+                let m = word(&masks[t], off, j);
+                for (byte, c8) in c.chunks_mut(8).enumerate() {
+                    let lanes = &BYTE_LANES[((m >> (8 * byte)) & 0xff) as usize];
+                    for (v, keep) in c8.iter_mut().zip(lanes) {
+                        *v = f32::from_bits(v.to_bits() & keep);
+                    }
+                }
             }
-            let q = match f.rescale[t] {
-                Some(d) => tau / d,
-                None => tau,
-            };
-            u[i] = w * q;
         }
     }
     if fault.is_some() {
         return fault;
     }
+    sc.acc.clear();
     sc.acc.resize(len, 0.0);
     let acc = &mut sc.acc;
     match f.rule {
         FuseRule::Linear => {
-            let div = if f.normalize {
+            for t in 0..nt {
+                let u = &sc.u[t];
+                if f.forget[t] {
+                    acc.iter_mut().zip(u).for_each(|(a, x)| *a -= *x);
+                } else {
+                    acc.iter_mut().zip(u).for_each(|(a, x)| *a += *x);
+                }
+            }
+            if f.normalize {
                 let mut d = 0f32;
                 for (t, w) in f.weights.iter().enumerate() {
                     if !f.forget[t] {
                         d += *w;
                     }
                 }
-                if d.abs() < 1e-8 {
-                    1.0
-                } else {
-                    d
-                }
-            } else {
-                1.0
-            };
-            for (i, a) in acc.iter_mut().enumerate() {
-                let mut s = 0f32;
-                for t in 0..nt {
-                    if bit(&masks[t], off + i) {
-                        s = if f.forget[t] {
-                            s - sc.u[t][i]
-                        } else {
-                            s + sc.u[t][i]
-                        };
-                    }
-                }
-                if f.normalize {
-                    s /= div;
-                }
-                *a = s;
+                let d = if d.abs() < 1e-8 { 1.0 } else { d };
+                acc.iter_mut().for_each(|a| *a /= d);
             }
         }
         FuseRule::Ties => {
-            for (i, a) in acc.iter_mut().enumerate() {
-                let mut sum = 0f32;
-                for t in 0..nt {
-                    if bit(&masks[t], off + i) {
-                        sum += sc.u[t][i];
-                    }
+            // The elected sign is the sign of the sum of every kept term.
+            let sum = &mut sc.sum;
+            sum.clear();
+            sum.resize(len, 0.0);
+            for t in 0..nt {
+                sum.iter_mut().zip(&sc.u[t]).for_each(|(a, x)| *a += *x);
+            }
+            sc.div.clear();
+            sc.div.resize(len, 0.0);
+            let div = &mut sc.div;
+            for t in 0..nt {
+                let w = f.weights[t];
+                for ((a, d), (&u, &s)) in acc
+                    .iter_mut()
+                    .zip(div.iter_mut())
+                    .zip(sc.u[t].iter().zip(sum.iter()))
+                {
+                    let agree = ((u > 0.0) & (s >= 0.0)) | ((u < 0.0) & (s < 0.0));
+                    *a += if agree { u } else { 0.0 };
+                    *d += if agree { w } else { 0.0 };
                 }
-                let positive = sum >= 0.0;
-                let mut mixed = 0f32;
-                let mut div = 0f32;
-                for t in 0..nt {
-                    let u = sc.u[t][i];
-                    if bit(&masks[t], off + i) && ((u > 0.0 && positive) || (u < 0.0 && !positive))
-                    {
-                        mixed += u;
-                        div += f.weights[t];
-                    }
-                }
-                if f.normalize {
-                    if div == 0.0 {
-                        div = 1.0;
-                    }
-                    mixed /= div;
-                }
-                *a = mixed;
+            }
+            if f.normalize {
+                acc.iter_mut()
+                    .zip(div.iter())
+                    .for_each(|(a, d)| *a /= if *d == 0.0 { 1.0 } else { *d });
             }
         }
     }
     let start = if g.start.is_some() { &sc.st } else { &sc.b };
-    for (i, a) in acc.iter_mut().enumerate() {
-        *a = start[i] + f.lambda * *a;
-    }
+    acc.iter_mut()
+        .zip(start)
+        .for_each(|(a, s)| *a = *s + f.lambda * *a);
     narrow(f.out, acc, out);
     if !combos.is_empty() {
-        for i in 0..len {
-            let mut c = 0usize;
-            for (t, m) in masks.iter().enumerate() {
-                c |= (bit(m, off + i) as usize) << t;
+        for j in 0..len.div_ceil(64) {
+            let mut words = [0u64; MAX_COMBO_TASKS];
+            for (w, m) in words.iter_mut().zip(masks) {
+                *w = word(m, off, j);
             }
-            combos[c] += 1;
+            for bit in 0..64.min(len - j * 64) {
+                let mut c = 0usize;
+                for (t, w) in words[..nt].iter().enumerate() {
+                    c |= (((w >> bit) & 1) as usize) << t;
+                }
+                combos[c] += 1;
+            }
         }
     }
     None
