@@ -142,20 +142,34 @@ fn fault_result(f: Option<Fault>) -> BResult<()> {
     }
 }
 
-/// Fills `keys[..n]` with task t's sortable keys.
-fn compute_keys(g: &Group, t: usize, spec: &KeySpec, keys: &mut [u32]) -> BResult<()> {
-    let f = keys
+/// Fills `keys[..n]` with task t's sortable keys and returns the histogram of their first
+/// radix digit, built in the same pass.
+fn compute_keys(g: &Group, t: usize, spec: &KeySpec, keys: &mut [u32]) -> BResult<Vec<u64>> {
+    let (shift, bits) = select::DIGITS_11[0];
+    let (hist, f) = keys
         .par_chunks_mut(CH)
         .enumerate()
-        .map_init(Scratch::default, |sc, (ci, kc)| {
-            let f = scores(g, t, spec, ci * CH, kc.len(), sc);
-            for (k, &s) in kc.iter_mut().zip(&sc.s) {
-                *k = select::key(s);
-            }
-            f
-        })
-        .reduce(|| None, first_fault);
-    fault_result(f)
+        .fold(
+            || (Scratch::default(), vec![0u64; 1 << bits], None),
+            |(mut sc, mut h, fa), (ci, kc)| {
+                let f = scores(g, t, spec, ci * CH, kc.len(), &mut sc);
+                for (k, &s) in kc.iter_mut().zip(&sc.s) {
+                    *k = select::key(s);
+                    h[(*k >> shift) as usize] += 1;
+                }
+                (sc, h, first_fault(fa, f))
+            },
+        )
+        .map(|(_, h, f)| (h, f))
+        .reduce(
+            || (vec![0u64; 1 << bits], None),
+            |(mut a, fa), (b, fb)| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                (a, first_fault(fa, fb))
+            },
+        );
+    fault_result(f)?;
+    Ok(hist)
 }
 
 /// Bit-packed mask (bit i % 64 of word i / 64) from a rule on (key, index).
@@ -457,8 +471,8 @@ impl Backend for CpuBackend {
                 ),
                 MaskJob::TopK { spec, k } => {
                     keys.resize(n, 0);
-                    compute_keys(g, t, &spec, &mut keys[..n])?;
-                    let th = radix::radix_select(&keys[..n], k);
+                    let hist1 = compute_keys(g, t, &spec, &mut keys[..n])?;
+                    let th = radix::radix_select_from(&keys[..n], k, &hist1);
                     let m = mask_from_keys(&keys[..n], |x, i| th.keeps(x, i));
                     (
                         Some(m),

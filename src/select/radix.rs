@@ -83,13 +83,80 @@ pub fn pick_bucket(hist: &[u64], remaining: u64) -> (u32, u64) {
 
 /// The k-th largest key and the tie cutoff, for 1 <= k <= keys.len().
 pub fn radix_select(keys: &[u32], k: u64) -> Threshold {
+    let (shift, bits) = super::DIGITS_11[0];
+    radix_select_from(keys, k, &histogram(keys, shift, bits, 0))
+}
+
+/// The select, given the first digit's histogram (the CPU backend builds it while computing the
+/// keys). When the bucket holding the threshold is small, its keys are gathered once with their
+/// indices (AIR top-k's candidate filtering) and the remaining digits and the tie rank run on
+/// that short list; otherwise every digit rescans all keys.
+pub fn radix_select_from(keys: &[u32], k: u64, hist1: &[u64]) -> Threshold {
     let n = keys.len() as u64;
     assert!(k >= 1 && k <= n, "k = {k} out of 1..={n}");
-    let mut prefix = 0u32;
-    let mut remaining = k;
-    let mut count_gt = 0u64;
-    let mut count_eq = 0u64;
-    for (shift, bits) in super::DIGITS_11 {
+    let digits = super::DIGITS_11;
+    let (b1, above) = pick_bucket(hist1, k);
+    let in_bucket = hist1[b1 as usize];
+    let top = digits[0].0;
+    if in_bucket > n / 4 || n > u32::MAX as u64 {
+        return select_full(keys, k, b1, above, in_bucket);
+    }
+    // (index, key) of every key in the threshold's bucket, in index order.
+    let cand: Vec<(u32, u32)> = keys
+        .par_chunks(CHUNK)
+        .enumerate()
+        .flat_map_iter(|(ci, c)| {
+            c.iter()
+                .enumerate()
+                .filter(move |(_, &x)| x >> top == b1)
+                .map(move |(j, &x)| ((ci * CHUNK + j) as u32, x))
+        })
+        .collect();
+    let mut prefix = b1;
+    let mut remaining = k - above;
+    let mut count_gt = above;
+    let mut count_eq = in_bucket;
+    for &(shift, bits) in &digits[1..] {
+        let mask = (1u32 << bits) - 1;
+        let mut hist = vec![0u64; 1 << bits];
+        for &(_, x) in &cand {
+            if x >> (shift + bits) == prefix {
+                hist[((x >> shift) & mask) as usize] += 1;
+            }
+        }
+        let (b, above) = pick_bucket(&hist, remaining);
+        count_gt += above;
+        remaining -= above;
+        count_eq = hist[b as usize];
+        prefix = (prefix << bits) | b;
+    }
+    let key = prefix;
+    let cutoff = if remaining == count_eq {
+        n
+    } else {
+        cand.iter()
+            .filter(|c| c.1 == key)
+            .nth(remaining as usize - 1)
+            .expect("enough ties")
+            .0 as u64
+            + 1
+    };
+    Threshold {
+        key,
+        cutoff,
+        count_gt,
+        count_eq,
+    }
+}
+
+/// The select when the first bucket is large: every later digit rescans all keys.
+fn select_full(keys: &[u32], k: u64, b1: u32, above: u64, in_bucket: u64) -> Threshold {
+    let n = keys.len() as u64;
+    let mut prefix = b1;
+    let mut remaining = k - above;
+    let mut count_gt = above;
+    let mut count_eq = in_bucket;
+    for &(shift, bits) in &super::DIGITS_11[1..] {
         let hist = histogram(keys, shift, bits, prefix);
         let (b, above) = pick_bucket(&hist, remaining);
         count_gt += above;
