@@ -362,6 +362,7 @@ pub fn execute(
             }
             w.finish()
         });
+        let mut made = 0u64;
         let compute = (|| -> Result<()> {
             for (ii, item) in plan.items.iter().enumerate() {
                 check_interrupt()?;
@@ -421,7 +422,18 @@ pub fn execute(
                             out: *out,
                             ..fuse_base.clone()
                         };
-                        let mut buf = ret_rx.try_recv().unwrap_or_default();
+                        // A fixed set of output buffers circulates between here and the writer.
+                        let mut buf = match ret_rx.try_recv() {
+                            Ok(b) => b,
+                            Err(_) if made < crate::plan::OUT_BUFFERS_IN_FLIGHT => {
+                                made += 1;
+                                Vec::new()
+                            }
+                            Err(_) => match ret_rx.recv() {
+                                Ok(b) => b,
+                                Err(_) => return Ok(()), // the writer stopped; its error is reported
+                            },
+                        };
                         buf.clear();
                         buf.resize(item.out.nbytes as usize, 0);
                         let stats = backend

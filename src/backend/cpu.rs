@@ -26,11 +26,22 @@ pub const MAX_COMBO_TASKS: usize = 8;
 pub struct CpuBackend {
     /// Key buffer reused across tasks and tensors, so a run allocates it once per size class.
     keys: Mutex<Vec<u32>>,
+    /// Mask buffers returned after each group: fresh large allocations cost a page fault and a
+    /// page clear per 4 KiB, which showed up as 12 % of a merge's time.
+    masks: Mutex<Vec<Vec<u64>>>,
 }
 
 impl CpuBackend {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn spare_mask(&self) -> Vec<u64> {
+        self.masks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
     }
 }
 
@@ -173,8 +184,12 @@ fn compute_keys(g: &Group, t: usize, spec: &KeySpec, keys: &mut [u32]) -> BResul
 }
 
 /// Bit-packed mask (bit i % 64 of word i / 64) from a rule on (key, index).
-fn mask_from_keys(keys: &[u32], keep: impl Fn(u32, u64) -> bool + Sync) -> Vec<u64> {
-    let mut words = vec![0u64; keys.len().div_ceil(64)];
+fn mask_from_keys(
+    keys: &[u32],
+    keep: impl Fn(u32, u64) -> bool + Sync,
+    mut words: Vec<u64>,
+) -> Vec<u64> {
+    words.resize(keys.len().div_ceil(64), 0);
     words
         .par_chunks_mut(CH / 64)
         .enumerate()
@@ -193,8 +208,8 @@ fn mask_from_keys(keys: &[u32], keep: impl Fn(u32, u64) -> bool + Sync) -> Vec<u
     words
 }
 
-fn dare_mask(n: usize, stream: u64, threshold: u64) -> Vec<u64> {
-    let mut words = vec![0u64; n.div_ceil(64)];
+fn dare_mask(n: usize, stream: u64, threshold: u64, mut words: Vec<u64>) -> Vec<u64> {
+    words.resize(n.div_ceil(64), 0);
     words
         .par_chunks_mut(CH / 64)
         .enumerate()
@@ -473,7 +488,7 @@ impl Backend for CpuBackend {
                     keys.resize(n, 0);
                     let hist1 = compute_keys(g, t, &spec, &mut keys[..n])?;
                     let th = radix::radix_select_from(&keys[..n], k, &hist1);
-                    let m = mask_from_keys(&keys[..n], |x, i| th.keeps(x, i));
+                    let m = mask_from_keys(&keys[..n], |x, i| th.keeps(x, i), self.spare_mask());
                     (
                         Some(m),
                         TaskStats {
@@ -512,7 +527,7 @@ impl Backend for CpuBackend {
                         count_gt: gt,
                         count_eq: eq,
                     };
-                    let m = mask_from_keys(&keys[..n], |x, i| th.keeps(x, i));
+                    let m = mask_from_keys(&keys[..n], |x, i| th.keeps(x, i), self.spare_mask());
                     (
                         Some(m),
                         TaskStats {
@@ -523,7 +538,7 @@ impl Backend for CpuBackend {
                     )
                 }
                 MaskJob::Random { stream, threshold } => {
-                    let m = dare_mask(n, stream, threshold);
+                    let m = dare_mask(n, stream, threshold, self.spare_mask());
                     let kept = popcount(&m);
                     (
                         Some(m),
@@ -538,7 +553,12 @@ impl Backend for CpuBackend {
             stats.push(st);
         }
         drop(keys);
-        let combos = fuse(g, &masks, f, out)?;
+        let combos = fuse(g, &masks, f, out);
+        self.masks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(masks.into_iter().flatten());
+        let combos = combos?;
         Ok(GroupStats {
             tasks: stats,
             combos,

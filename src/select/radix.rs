@@ -19,7 +19,8 @@ pub struct Threshold {
 impl Threshold {
     #[inline(always)]
     pub fn keeps(&self, key: u32, index: u64) -> bool {
-        key > self.key || (key == self.key && index < self.cutoff)
+        // Non-short-circuit operators: no branch per element in the mask loops.
+        (key > self.key) | ((key == self.key) & (index < self.cutoff))
     }
 }
 
