@@ -8,6 +8,7 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;

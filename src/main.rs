@@ -57,6 +57,9 @@ enum Cmd {
     },
     /// List the tensors of a checkpoint folder or safetensors file.
     Inspect { path: PathBuf },
+    /// Benchmarks: `merge` (synthetic end to end vs. reading the inputs).
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Write a synthetic Llama-style checkpoint set (base, tasks, gradients, recipes).
     Synth {
         out_dir: PathBuf,
@@ -78,6 +81,35 @@ enum Cmd {
         shard_size: u64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Time a synthetic merge beside the time to read its inputs once from a warm page cache.
+    Merge {
+        /// Where the synthetic set is generated (reused when present).
+        #[arg(long, default_value = "bench-data/bench-merge")]
+        dir: PathBuf,
+        /// Recipe of the set: ties, sta, sta_model, magnitude, task_arithmetic, dare_ties, ...
+        #[arg(long, default_value = "ties")]
+        recipe: String,
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        #[arg(long, default_value_t = 8)]
+        layers: usize,
+        #[arg(long, default_value_t = 1024)]
+        hidden: usize,
+        #[arg(long, default_value_t = 2816)]
+        intermediate: usize,
+        #[arg(long, default_value_t = 32000)]
+        vocab: usize,
+        #[arg(long, default_value_t = 3)]
+        tasks: usize,
+        #[arg(long, default_value = "bfloat16", value_parser = parse_dtype)]
+        dtype: FloatType,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
 }
 
@@ -234,6 +266,59 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Cmd::Inspect { path } => {
             print!("{}", stamerge::inspect::inspect(&path)?);
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::Merge {
+            dir,
+            recipe,
+            device,
+            layers,
+            hidden,
+            intermediate,
+            vocab,
+            tasks,
+            dtype,
+            runs,
+        }) => {
+            let spec = SynthSpec {
+                layers,
+                hidden,
+                intermediate,
+                vocab,
+                tasks,
+                dtype,
+                grad_dtype: dtype,
+                shard_bytes: 1_000_000_000,
+                seed: 0,
+            };
+            let name = if recipe.ends_with(".yml") {
+                recipe
+            } else {
+                format!("{recipe}.yml")
+            };
+            let b = stamerge::bench::bench_merge(&spec, &dir, &name, device, runs)?;
+            let mut s = b.merge_seconds.clone();
+            s.sort_by(|a, b| a.total_cmp(b));
+            let med = s[s.len() / 2];
+            let gb = b.input_bytes as f64 / 1e9;
+            println!(
+                "inputs: {gb:.2} GB in {} ({} parameters per checkpoint)",
+                dir.display(),
+                spec.params()
+            );
+            println!(
+                "read once (warm page cache): {:.3} s  {:.2} GB/s",
+                b.read_seconds,
+                gb / b.read_seconds
+            );
+            println!(
+                "merge {name} on {} (median of {}): {med:.3} s  {:.2} GB/s  = {:.1}x the read time; peak anonymous memory {}",
+                b.backend,
+                s.len(),
+                gb / med,
+                med / b.read_seconds,
+                stamerge::inspect::human_bytes(b.peak_rss_anon_bytes)
+            );
             Ok(())
         }
         Cmd::Synth {
