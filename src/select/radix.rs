@@ -113,63 +113,67 @@ pub fn radix_select_from(keys: &[u32], k: u64, hist1: &[u64]) -> Threshold {
                 .map(move |(j, &x)| ((ci * CHUNK + j) as u32, x))
         })
         .collect();
-    let mut prefix = b1;
-    let mut remaining = k - above;
-    let mut count_gt = above;
-    let mut count_eq = in_bucket;
-    for &(shift, bits) in &digits[1..] {
+    let hist = |shift: u32, bits: u32, prefix: u32| {
         let mask = (1u32 << bits) - 1;
-        let mut hist = vec![0u64; 1 << bits];
+        let mut h = vec![0u64; 1 << bits];
         for &(_, x) in &cand {
             if x >> (shift + bits) == prefix {
-                hist[((x >> shift) & mask) as usize] += 1;
+                h[((x >> shift) & mask) as usize] += 1;
             }
         }
-        let (b, above) = pick_bucket(&hist, remaining);
-        count_gt += above;
-        remaining -= above;
-        count_eq = hist[b as usize];
-        prefix = (prefix << bits) | b;
-    }
-    let key = prefix;
-    let cutoff = if remaining == count_eq {
-        n
-    } else {
+        h
+    };
+    let nth = |key: u32, r: u64| {
         cand.iter()
             .filter(|c| c.1 == key)
-            .nth(remaining as usize - 1)
+            .nth(r as usize - 1)
             .expect("enough ties")
             .0 as u64
-            + 1
     };
-    Threshold {
-        key,
-        cutoff,
-        count_gt,
-        count_eq,
-    }
+    finish_select(n, k, b1, above, in_bucket, hist, nth)
 }
 
 /// The select when the first bucket is large: every later digit rescans all keys.
 fn select_full(keys: &[u32], k: u64, b1: u32, above: u64, in_bucket: u64) -> Threshold {
-    let n = keys.len() as u64;
+    let hist = |shift, bits, prefix| histogram(keys, shift, bits, prefix);
+    finish_select(
+        keys.len() as u64,
+        k,
+        b1,
+        above,
+        in_bucket,
+        hist,
+        |key, r| nth_equal(keys, key, r),
+    )
+}
+
+/// The digits after the first and the tie rank, over whichever key set `hist` and `nth` read.
+fn finish_select(
+    n: u64,
+    k: u64,
+    b1: u32,
+    above: u64,
+    in_bucket: u64,
+    hist: impl Fn(u32, u32, u32) -> Vec<u64>,
+    nth: impl Fn(u32, u64) -> u64,
+) -> Threshold {
     let mut prefix = b1;
     let mut remaining = k - above;
     let mut count_gt = above;
     let mut count_eq = in_bucket;
     for &(shift, bits) in &super::DIGITS_11[1..] {
-        let hist = histogram(keys, shift, bits, prefix);
-        let (b, above) = pick_bucket(&hist, remaining);
+        let h = hist(shift, bits, prefix);
+        let (b, above) = pick_bucket(&h, remaining);
         count_gt += above;
         remaining -= above;
-        count_eq = hist[b as usize];
+        count_eq = h[b as usize];
         prefix = (prefix << bits) | b;
     }
     let key = prefix;
     let cutoff = if remaining == count_eq {
         n
     } else {
-        nth_equal(keys, key, remaining) + 1
+        nth(key, remaining) + 1
     };
     Threshold {
         key,
