@@ -19,8 +19,10 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#ifdef __CUDACC__  // (kernels/emu/cuda_emu.h, the CPU emulation, defines these types itself)
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 
 typedef unsigned long long u64;
 typedef unsigned int u32;
@@ -40,6 +42,9 @@ __device__ __forceinline__ bool is_aligned16(const void* p) {
 
 __device__ __forceinline__ bool is_finite_f32(float x) {
     return (__float_as_uint(x) & 0x7F800000u) != 0x7F800000u;
+}
+__device__ __forceinline__ bool is_nan_f32(float x) {
+    return (__float_as_uint(x) & 0x7FFFFFFFu) > 0x7F800000u;
 }
 
 // fp16 / bf16 bit patterns (low 16 bits of h) to f32; both are exact.
@@ -121,9 +126,9 @@ __device__ __forceinline__ void store8(void* p, int dt, size_t g, size_t n, cons
             u32 w[4];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                const u32 lo = (dt == DT_F16) ? f32_to_f16_bits(v[2 * q]) : f32_to_bf16_bits(v[2 * q]);
-                const u32 hi = (dt == DT_F16) ? f32_to_f16_bits(v[2 * q + 1])
-                                              : f32_to_bf16_bits(v[2 * q + 1]);
+                const float a = v[2 * q], b = v[2 * q + 1];
+                const u32 lo = (dt == DT_F16) ? f32_to_f16_bits(a) : f32_to_bf16_bits(a);
+                const u32 hi = (dt == DT_F16) ? f32_to_f16_bits(b) : f32_to_bf16_bits(b);
                 w[q] = lo | (hi << 16);
             }
             static_cast<uint4*>(p)[g] = make_uint4(w[0], w[1], w[2], w[3]);
@@ -151,16 +156,16 @@ __device__ __forceinline__ void store8_u32(u32* p, size_t g, size_t n, const u32
 }
 
 // Quad q of u32 keys (elements 4q .. 4q+3); returns how many of them are < n (0..4).
-// Entries past n are set to 0.
+// Entries past n are set to 0. Plain loads, not __ldg: keys_normalize rewrites its keys in place.
 __device__ __forceinline__ int load4_u32(const u32* p, size_t q, size_t n, u32 k[4]) {
     const size_t i0 = q * 4;
     if (i0 + 4 <= n && is_aligned16(p)) {
-        const uint4 r = __ldg(reinterpret_cast<const uint4*>(p) + q);
+        const uint4 r = reinterpret_cast<const uint4*>(p)[q];
         k[0] = r.x; k[1] = r.y; k[2] = r.z; k[3] = r.w;
         return 4;
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) k[j] = (i0 + j < n) ? __ldg(p + i0 + j) : 0u;
+    for (int j = 0; j < 4; ++j) k[j] = (i0 + j < n) ? p[i0 + j] : 0u;
     return (i0 >= n) ? 0 : static_cast<int>((n - i0) < 4 ? (n - i0) : 4);
 }
 
@@ -225,17 +230,20 @@ __device__ __forceinline__ u32 radix_digit(u32 key, int pass) {
 }
 
 #define NO_CANDIDATES 0xFFFFFFFFFFFFFFFFULL
-#define SELECT_FLAG_PICK_FAILED 1u   // a pick found fewer than k_rem keys in range (bad k or n)
-#define SELECT_FLAG_TIE_FAILED 2u    // tile counts did not reach k_rem (tile_counts / state mismatch)
+// SelectState.flags: host bugs the kernels notice
+#define SELECT_FLAG_PICK_FAILED 1u  // a pick found fewer than k_rem keys in range (bad k or n)
+#define SELECT_FLAG_TIE_FAILED 2u   // a tensor held more keys == T than count_eq (wrong state)
 
 // The device-side state of one selection (one tensor for `selection: tensor`, one task for
 // `selection: model`). #[repr(C)] on the Rust side, 49 248 bytes; see docs/KERNELS.md.
 struct SelectState {
     u64 n;          //  0  number of keys competing (model: over all tensors of the task)
     u64 k;          //  8  how many to keep, 1 <= k <= n
-    u64 k_rem;      // 16  k minus the keys above the current prefix range; after pass 2: r
+    u64 k_rem;      // 16  k minus the keys above the current prefix range; after pass 2: r,
+                    //     the ties still to keep (select_tie_cutoff takes from it)
     u64 count_gt;   // 24  keys above the current prefix range; after pass 2: c_gt
-    u64 count_eq;   // 32  keys inside the current prefix range; after pass 2: keys == T
+    u64 count_eq;   // 32  keys inside the current prefix range; after pass 2: keys == T, then
+                    //     the ties not yet visited (select_tie_cutoff takes from it)
     u64 cutoff;     // 40  tie rank result: keys == T with index < cutoff are kept
     u64 cand_len;   // 48  candidates written by pass 1, or NO_CANDIDATES
     u64 cand_fill;  // 56  slot counter while pass 1 writes candidates

@@ -5,18 +5,18 @@
 // order: tau = theta_t - base, kept entries (mask bit set) contribute u = w_t * tau' in fp32, with
 // tau' = tau / rescale_t for DARE. Every operation is a single IEEE rounding (__fadd_rn, __fsub_rn,
 // __fmul_rn, __fdiv_rn), never a fused multiply-add, so the bits equal the CPU backend's.
-//   linear (method 0): acc = 0; acc = sign_t > 0 ? acc + u : acc - u;
-//                      [normalize: acc = acc / div]; out = start + lambda * acc
-//   ties   (method 1): S = sum u (skipped terms skipped); gamma = S >= 0 ? + : -;
-//                      mixed = sum of the u that agree with gamma (zeros never agree),
-//                      div = sum of their weights; [normalize: mixed /= (div == 0 ? 1 : div)];
-//                      out = base + lambda * mixed
-//                      The second sum re-reads theta (an L1/L2 hit) instead of keeping T x 8 u's
-//                      in registers.
+//   fuse_linear: acc = 0; acc = sign_t > 0 ? acc + u : acc - u (skipped terms skipped);
+//                [normalize: acc = acc / div]; out = start + lambda * acc
+//   fuse_ties:   S = sum u (skipped terms skipped); u agrees when (u > 0 && S >= 0) or
+//                (u < 0 && S < 0) (zeros never agree; a NaN S agrees with nothing);
+//                mixed = sum of the agreeing u, div = sum of their weights;
+//                [normalize: mixed /= (div == 0 ? 1 : div)]; out = start + lambda * mixed
+//                (start = base unless given). The second sum re-reads theta (an L1/L2 hit)
+//                instead of keeping T x 8 contributions in registers.
 // Optional statistics, all per block in shared memory first: kept entries per task (warp sums,
 // then one global atomic per task per block), the histogram of mask combinations
 // (bit t of the bucket = task t kept the entry, T <= 8; warp-aggregated with __match_any_sync),
-// and the lowest (index << 8 | task) whose tau is NaN or Inf.
+// and the first NaN/Inf among start values and every task's tau (FUSE_BAD_WORD below).
 //
 // Bytes per element: reads base + start (when given) + T thetas in their dtypes + T/8 of masks,
 // writes the output dtype. fp16, T = 4, masks, no start: 2 + 8 + 0.5 in, 2 out = 12.5 bytes.
@@ -27,7 +27,7 @@
 #define FUSE_MAX_TASKS 64
 #define FUSE_MAX_HIST_TASKS 8
 
-#define FUSE_LINEAR 0
+#define FUSE_LINEAR 0  // template tags of fuse_body
 #define FUSE_TIES 1
 
 // One task of the fuse, #[repr(C)] on the Rust side (32 bytes); see docs/KERNELS.md.
@@ -41,6 +41,15 @@ struct FuseTask {
 };
 static_assert(sizeof(FuseTask) == 32, "FuseTask layout");
 
+// The bad word, lowest wins: (index << 9) | (slot << 2) | (base_is_bad << 1) | is_nan, with
+// slot 0 = the start value, slot 1 + t = task t's tau (then base_is_bad: base[i] is NaN/Inf, so
+// the base model is to blame, else theta_t). At one index the start comes first, then the tasks
+// in order: the CPU backend's order.
+__device__ __forceinline__ u64 fuse_bad_word(size_t i, u32 slot, bool base_bad, bool nan) {
+    return (static_cast<u64>(i) << 9) | (static_cast<u64>(slot) << 2) | (base_bad ? 2u : 0u) |
+           (nan ? 1u : 0u);
+}
+
 // The 8 mask bits of group g of task t (bit j: element 8g + j kept).
 __device__ __forceinline__ u32 mask_byte(const FuseTask& task, size_t g) {
     if (task.mask == nullptr) return 0xFFu;
@@ -53,12 +62,33 @@ __device__ __forceinline__ float contribution(const FuseTask& task, float tau) {
     return __fmul_rn(task.weight, tau);
 }
 
-// Lowers *bad to (i << 8 | t) for every element of group g whose tau is NaN or Inf.
-__device__ __forceinline__ void check_tau(const float tau[8], size_t g, int t, u64* bad) {
+// Lowers *bad for every element of group g whose tau (task t) is NaN or Inf.
+__device__ __forceinline__ void check_tau(const float tau[8], const float b[8], size_t g, int t,
+                                          u64* bad) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
         if (!is_finite_f32(tau[j])) {  // past n every input reads 0, so tau is 0 there
-            const u64 word = ((static_cast<u64>(g) * 8 + j) << 8) | static_cast<u64>(t);
+            const u64 word =
+                fuse_bad_word(g * 8 + j, 1 + t, !is_finite_f32(b[j]), is_nan_f32(tau[j]));
+            if (word < *bad) *bad = word;
+        }
+    }
+}
+
+// Loads group g of start (or copies base when start is NULL), checking start values.
+__device__ __forceinline__ void load_start(const void* start, int start_dtype, const float b[8],
+                                           size_t g, size_t n, bool check, u64* bad, float s[8]) {
+    if (start == nullptr) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s[j] = b[j];
+        return;
+    }
+    load8(start, start_dtype, g, n, s);
+    if (!check) return;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        if (!is_finite_f32(s[j])) {
+            const u64 word = fuse_bad_word(g * 8 + j, 0, false, is_nan_f32(s[j]));
             if (word < *bad) *bad = word;
         }
     }
@@ -81,7 +111,7 @@ __device__ __forceinline__ void fuse_linear_group(const FuseTask* tasks, int num
         load8(task.theta, task.dtype, g, n, tau);
 #pragma unroll
         for (int j = 0; j < 8; ++j) tau[j] = __fsub_rn(tau[j], b[j]);
-        if (check) check_tau(tau, g, t, bad);
+        if (check) check_tau(tau, b, g, t, bad);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             if ((mb >> j) & 1u) {  // skipped terms are skipped, not added as +0.0
@@ -91,12 +121,7 @@ __device__ __forceinline__ void fuse_linear_group(const FuseTask* tasks, int num
         }
     }
     float s[8];
-    if (start != nullptr) {
-        load8(start, start_dtype, g, n, s);
-    } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) s[j] = b[j];
-    }
+    load_start(start, start_dtype, b, g, n, check, bad, s);
     float o[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -107,7 +132,8 @@ __device__ __forceinline__ void fuse_linear_group(const FuseTask* tasks, int num
 }
 
 __device__ __forceinline__ void fuse_ties_group(const FuseTask* tasks, int num_tasks,
-                                                const void* base, int base_dtype, size_t g,
+                                                const void* base, int base_dtype,
+                                                const void* start, int start_dtype, size_t g,
                                                 size_t n, int normalize, float lambda, void* out,
                                                 int out_dtype, bool check, u64* bad) {
     float b[8], sum[8];
@@ -123,13 +149,20 @@ __device__ __forceinline__ void fuse_ties_group(const FuseTask* tasks, int num_t
         load8(task.theta, task.dtype, g, n, tau);
 #pragma unroll
         for (int j = 0; j < 8; ++j) tau[j] = __fsub_rn(tau[j], b[j]);
-        if (check) check_tau(tau, g, t, bad);
+        if (check) check_tau(tau, b, g, t, bad);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             if ((mb >> j) & 1u) sum[j] = __fadd_rn(sum[j], contribution(task, tau[j]));
         }
     }
-    // 2. the disjoint sum of the u_t that agree with gamma = sign(S) (0 counts as +)
+    // the elected sign, as two bit sets (bit j: element j), so a NaN S is in neither
+    u32 positive = 0, negative = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        positive |= (sum[j] >= 0.0f) ? (1u << j) : 0u;
+        negative |= (sum[j] < 0.0f) ? (1u << j) : 0u;
+    }
+    // 2. the disjoint sum of the u_t that agree with it
     float mixed[8], div[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -146,21 +179,23 @@ __device__ __forceinline__ void fuse_ties_group(const FuseTask* tasks, int num_t
         for (int j = 0; j < 8; ++j) {
             if ((mb >> j) & 1u) {
                 const float u = contribution(task, __fsub_rn(th[j], b[j]));
-                const bool positive = sum[j] >= 0.0f;  // NaN S counts as negative
-                if ((u > 0.0f && positive) || (u < 0.0f && !positive)) {
+                const bool pos = (positive >> j) & 1u, neg = (negative >> j) & 1u;
+                if ((u > 0.0f && pos) || (u < 0.0f && neg)) {  // zeros never agree
                     mixed[j] = __fadd_rn(mixed[j], u);
                     div[j] = __fadd_rn(div[j], task.weight);
                 }
             }
         }
     }
-    float o[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-        float m = mixed[j];
-        if (normalize) m = __fdiv_rn(m, div[j] == 0.0f ? 1.0f : div[j]);
-        o[j] = __fadd_rn(b[j], __fmul_rn(lambda, m));
+        if (normalize) mixed[j] = __fdiv_rn(mixed[j], div[j] == 0.0f ? 1.0f : div[j]);
     }
+    float s[8];
+    load_start(start, start_dtype, b, g, n, check, bad, s);
+    float o[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = __fadd_rn(s[j], __fmul_rn(lambda, mixed[j]));
     store8(out, out_dtype, g, n, o);
 }
 
@@ -197,21 +232,13 @@ __device__ __forceinline__ void group_stats(const FuseTask* tasks, int num_tasks
     }
 }
 
-// Grid: any (grid-stride over groups of 8), block: exactly FUSE_THREADS (256).
-// tasks: device array of num_tasks FuseTask (1 <= num_tasks <= 64).
-// kept: NULL or u64[num_tasks], added to; combo_hist: NULL or u64[1 << num_tasks] (used only when
-// num_tasks <= 8), added to; bad_tau: NULL (no check) or one u64, lowered to (i << 8 | t).
-extern "C" __global__ void __launch_bounds__(FUSE_THREADS)
-fuse(const void* base, int base_dtype,
-     const void* start, int start_dtype,  // NULL: start = base (linear only)
-     const FuseTask* tasks, int num_tasks,
-     size_t n,
-     int method,        // FUSE_LINEAR or FUSE_TIES
-     int normalize,     // nonzero: divide (linear: by linear_div; ties: by the agreeing weights)
-     float linear_div,  // linear normalize divisor, already summed and clamped by the host
-     float lambda,
-     void* out, int out_dtype,
-     u64* kept, u64* combo_hist, u64* bad_tau) {
+// The body of both fuse kernels (METHOD = FUSE_LINEAR or FUSE_TIES); see fuse_linear below.
+template <int METHOD>
+__device__ __forceinline__ void fuse_body(const void* base, int base_dtype, const void* start,
+                                          int start_dtype, const FuseTask* tasks, int num_tasks,
+                                          size_t n, int normalize, float linear_div, float lambda,
+                                          void* out, int out_dtype, u64* kept, u64* combo_hist,
+                                          u64* bad) {
     __shared__ FuseTask s_tasks[FUSE_MAX_TASKS];
     __shared__ u32 s_kept[FUSE_MAX_TASKS];
     __shared__ u32 s_hist[1 << FUSE_MAX_HIST_TASKS];
@@ -226,7 +253,7 @@ fuse(const void* base, int base_dtype,
 
     const bool want_kept = kept != nullptr;
     const bool want_hist = combo_hist != nullptr && num_tasks <= FUSE_MAX_HIST_TASKS;
-    const bool check = bad_tau != nullptr;
+    const bool check = bad != nullptr;
     u64 my_bad = ~0ULL;
 
     const size_t ngroups = (n + 7) / 8;
@@ -237,9 +264,9 @@ fuse(const void* base, int base_dtype,
         const size_t g = g0 + threadIdx.x;
         const bool valid = g < ngroups;
         if (valid) {
-            if (method == FUSE_TIES) {
-                fuse_ties_group(s_tasks, num_tasks, base, base_dtype, g, n, normalize, lambda, out,
-                                out_dtype, check, &my_bad);
+            if (METHOD == FUSE_TIES) {
+                fuse_ties_group(s_tasks, num_tasks, base, base_dtype, start, start_dtype, g, n,
+                                normalize, lambda, out, out_dtype, check, &my_bad);
             } else {
                 fuse_linear_group(s_tasks, num_tasks, base, base_dtype, start, start_dtype, g, n,
                                   normalize, linear_div, lambda, out, out_dtype, check, &my_bad);
@@ -249,7 +276,7 @@ fuse(const void* base, int base_dtype,
             group_stats(s_tasks, num_tasks, g, valid, n, want_kept, want_hist, s_kept, s_hist);
         }
     }
-    if (my_bad != ~0ULL) atomicMin(bad_tau, my_bad);
+    if (my_bad != ~0ULL) atomicMin(bad, my_bad);
 
     if (!want_kept && !want_hist) return;
     __syncthreads();
@@ -259,4 +286,41 @@ fuse(const void* base, int base_dtype,
         }
     }
     if (want_hist) flush_hist(s_hist, combo_hist, 1 << num_tasks);
+}
+
+// Linear fuse (task_arithmetic, magnitude, sta, dare_linear, forgetting).
+// Grid: any (grid-stride over groups of 8), block: exactly FUSE_THREADS (256).
+// tasks: device array of num_tasks FuseTask (1 <= num_tasks <= 64).
+// kept: NULL or u64[num_tasks], added to; combo_hist: NULL or u64[1 << num_tasks] (used only when
+// num_tasks <= 8), added to; bad: NULL (no check) or one u64, lowered to fuse_bad_word's.
+extern "C" __global__ void __launch_bounds__(FUSE_THREADS)
+fuse_linear(const void* base, int base_dtype,
+            const void* start, int start_dtype,  // NULL: start = base
+            const FuseTask* tasks, int num_tasks,
+            size_t n,
+            int normalize,     // nonzero: acc = acc / linear_div
+            float linear_div,  // sum of the models' weights, |div| < 1e-8 -> 1, by the host
+            float lambda,
+            void* out, int out_dtype,
+            u64* kept, u64* combo_hist, u64* bad) {
+    fuse_body<FUSE_LINEAR>(base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
+                           linear_div, lambda, out, out_dtype, kept, combo_hist, bad);
+}
+
+// TIES fuse (ties, dare_ties). The same arguments as fuse_linear; linear_div and each task's
+// sign are ignored.
+// normalize nonzero: mixed /= (sum of the agreeing weights, 0 -> 1).
+// Register use: at least 3 blocks of 256 per SM (<= 80 registers; ptxas needs about 72).
+extern "C" __global__ void __launch_bounds__(FUSE_THREADS, 3)
+fuse_ties(const void* base, int base_dtype,
+          const void* start, int start_dtype,
+          const FuseTask* tasks, int num_tasks,
+          size_t n,
+          int normalize,
+          float linear_div,
+          float lambda,
+          void* out, int out_dtype,
+          u64* kept, u64* combo_hist, u64* bad) {
+    fuse_body<FUSE_TIES>(base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
+                         linear_div, lambda, out, out_dtype, kept, combo_hist, bad);
 }

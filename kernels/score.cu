@@ -4,17 +4,22 @@
 //     mode 0: abs(tau)              magnitude, ties, sta with missing gradients
 //     mode 1: abs(theta * G)        sta, importance finetuned
 //     mode 2: abs(tau * G)          sta, importance task_vector
-//   optionally divided by the tensor's mean score (selection: model), turned into a sortable u32
-//   key and (optionally) stored; non-finite values are reported (lowest index wins) or zeroed.
-//   Fused in: the shared-memory histogram of one radix digit of the keys (the top 11 bits for
+//   turned into a sortable u32 key and (optionally) stored; a NaN/Inf score is reported (lowest
+//   index wins, with the input to blame, as the CPU backend does) or, with nonfinite_zero, scored
+//   0. Fused in: the shared-memory histogram of one radix digit of the keys (the top 11 bits for
 //   pass 0), added into a SelectState, and optionally the last block's pick of that digit.
-//   Bytes per element: reads theta + base (+ G in modes 1, 2) in their dtypes, writes 4 (the key)
-//   when keys != NULL. fp16 mode 1: 2 + 2 + 2 in, 4 out.
+//   Bytes per element: reads theta (+ base in modes 0, 2) (+ G in modes 1, 2) in their dtypes,
+//   writes 4 (the key) when keys != NULL. fp16 mode 2: 2 + 2 + 2 in, 4 out.
+// keys_normalize: selection: model divides each tensor's scores by the tensor's mean score:
+//   rewrites raw keys in place as key(mean > 0 ? s / mean : 0), with the same fused histogram and
+//   pick. (A kernel of its own: __fdiv_rn's rare slow path is a call, and inside score_keys the
+//   registers live across it made ptxas spill.) Reads and writes 4 bytes per element.
 // score_sum: the deterministic f64 sum of the scores held in a key buffer: one block of 256
 //   threads per 65 536-element chunk, each lane sums its strided elements in order, then a halving
 //   tree; one f64 per chunk. Reads 4 bytes per element.
 // score_mean: one thread adds the chunk sums in chunk order and writes sum and f32(sum / n), so
 //   the mean never has to visit the host.
+
 
 #include "common.cuh"
 
@@ -22,32 +27,43 @@
 #define SCORE_ABS_THETA_G 1
 #define SCORE_ABS_TAU_G 2
 
-// error codes in the low 2 bits of the `bad` word: (index << 2) | code. At one index the lowest
-// code wins, so a bad input value is named before a score that merely overflowed.
-#define BAD_BASE 0u   // base[i] is NaN or Inf (base model file)
-#define BAD_MODEL 1u  // theta[i] is NaN or Inf, or theta - base overflowed (task model file)
-#define BAD_GRAD 2u   // G[i] is NaN or Inf, so the score is (gradient file)
-#define BAD_SCORE 3u  // the score overflowed with finite inputs (task model file)
+// The `bad` word: (index << 3) | (source << 1) | is_nan, lowest index wins. Only the score is
+// checked (a NaN/Inf tau in mode 1, where the score does not use base, is found by the fuse's
+// check). The input blamed for a bad score, in this order (the CPU backend's):
+#define BAD_BASE 0u   // base[i] is NaN/Inf (modes 0, 2)                      -> the base model
+#define BAD_THETA 1u  // theta[i] is NaN/Inf                                  -> the task model
+#define BAD_GRAD 2u   // G[i] is NaN/Inf (modes 1, 2)                          -> the gradient file
+#define BAD_SCORE 3u  // finite inputs, the score overflowed (theta - base, or the product)
+// is_nan: the score is NaN (else it is +Inf).
 
 #define SUM_CHUNK 65536
 #define SUM_LANES 256
 
-// The score of one element; a problem lowers *bad to (i << 2 | code) and scores 0.
-__device__ __forceinline__ float score_one(float th, float b, float g, int mode, bool nonfinite_zero,
-                                           size_t i, u64* bad) {
-    const float tau = __fsub_rn(th, b);
-    if (!is_finite_f32(tau)) {  // an error in every method, even with nonfinite_zero
-        const u64 code = is_finite_f32(b) ? BAD_MODEL : BAD_BASE;
-        const u64 word = (static_cast<u64>(i) << 2) | code;
-        if (word < *bad) *bad = word;
-        return 0.0f;
+// The score of one element. A NaN/Inf score is 0 with nonfinite_zero; otherwise it lowers *bad
+// to this element's word and scores 0.
+__device__ __forceinline__ float score_one(float th, float b, float g, int mode,
+                                           bool nonfinite_zero, size_t i, u64* bad) {
+    float s;
+    if (mode == SCORE_ABS_TAU) {
+        s = fabsf(__fsub_rn(th, b));
+    } else if (mode == SCORE_ABS_THETA_G) {
+        s = fabsf(__fmul_rn(th, g));
+    } else {
+        s = fabsf(__fmul_rn(__fsub_rn(th, b), g));
     }
-    if (mode == SCORE_ABS_TAU) return fabsf(tau);
-    const float s = fabsf(__fmul_rn(mode == SCORE_ABS_THETA_G ? th : tau, g));
     if (is_finite_f32(s)) return s;
     if (!nonfinite_zero) {
-        const u64 code = is_finite_f32(g) ? BAD_SCORE : BAD_GRAD;
-        const u64 word = (static_cast<u64>(i) << 2) | code;
+        u32 source;
+        if (mode != SCORE_ABS_THETA_G && !is_finite_f32(b)) {
+            source = BAD_BASE;
+        } else if (!is_finite_f32(th)) {
+            source = BAD_THETA;
+        } else if (mode != SCORE_ABS_TAU && !is_finite_f32(g)) {
+            source = BAD_GRAD;
+        } else {
+            source = BAD_SCORE;
+        }
+        const u64 word = (static_cast<u64>(i) << 3) | (source << 1) | (is_nan_f32(s) ? 1u : 0u);
         if (word < *bad) *bad = word;
     }
     return 0.0f;
@@ -56,13 +72,12 @@ __device__ __forceinline__ float score_one(float th, float b, float g, int mode,
 // Grid: any (grid-stride over groups of 8), block: exactly SELECT_THREADS (256).
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
 score_keys(const void* theta, int theta_dtype,
-           const void* base, int base_dtype,
+           const void* base, int base_dtype,   // NULL in mode 1
            const void* grad, int grad_dtype,   // NULL in mode 0
            int mode, int nonfinite_zero,
-           const float* mean,                  // NULL: no normalisation
            size_t n,
            u32* keys,                          // NULL: keys are not stored
-           u64* bad,                           // lowest (index << 2 | code); host sets ~0 first
+           u64* bad,                           // NULL, or lowered to a bad word; host sets ~0
            SelectState* st,                    // NULL: no histogram
            int pass,                           // which digit to histogram (0, 1, 2)
            int pick) {                         // nonzero: the last block picks the digit
@@ -75,8 +90,6 @@ score_keys(const void* theta, int theta_dtype,
         prefix = st->prefix & pmask;
         __syncthreads();
     }
-    const bool normalise = mean != nullptr;
-    const float m = normalise ? *mean : 0.0f;
     const bool zero_bad = nonfinite_zero != 0;
 
     u64 my_bad = ~0ULL;
@@ -86,35 +99,80 @@ score_keys(const void* theta, int theta_dtype,
          g += stride) {
         float th[8], b[8], gr[8];
         load8(theta, theta_dtype, g, n, th);
-        load8(base, base_dtype, g, n, b);
+        if (mode != SCORE_ABS_THETA_G) {
+            load8(base, base_dtype, g, n, b);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) b[j] = 0.0f;
+        }
         if (mode != SCORE_ABS_TAU) {
             load8(grad, grad_dtype, g, n, gr);
         } else {
 #pragma unroll
             for (int j = 0; j < 8; ++j) gr[j] = 0.0f;
         }
-        float s[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {  // past n all inputs read 0: score 0, no error
-            s[j] = score_one(th[j], b[j], gr[j], mode, zero_bad, g * 8 + j, &my_bad);
-        }
-        // In its own loop: __fdiv_rn's rare slow path is a call, and little is live here.
-        if (normalise) {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) s[j] = (m > 0.0f) ? __fdiv_rn(s[j], m) : 0.0f;
-        }
         u32 k[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            k[j] = float_to_key(s[j]);
+        for (int j = 0; j < 8; ++j) {  // past n all inputs read 0: score 0, no error
+            k[j] = float_to_key(score_one(th[j], b[j], gr[j], mode, zero_bad, g * 8 + j, &my_bad));
             if (do_hist && g * 8 + j < n && (k[j] & pmask) == prefix) {
                 atomicAdd(&s_hist[radix_digit(k[j], pass)], 1u);
             }
         }
         if (keys != nullptr) store8_u32(keys, g, n, k);
     }
-    if (my_bad != ~0ULL) atomicMin(bad, my_bad);
+    if (my_bad != ~0ULL && bad != nullptr) atomicMin(bad, my_bad);
 
+    if (!do_hist) return;
+    __syncthreads();
+    flush_hist(s_hist, st->hist[pass], RADIX_BINS);
+    if (!pick) return;
+    if (!last_block_ticket(&st->ticket)) return;
+    if (threadIdx.x == 0) st->ticket = 0;
+    radix_pick(st, pass);
+}
+
+// keys[i] = key(mean > 0 ? s / mean : 0) for the score s of raw key keys[i], in place (mean: a
+// device f32, e.g. written by score_mean). Histogram and pick as in score_keys.
+// Grid: any (grid-stride over quads of 4 keys), block: exactly SELECT_THREADS (256).
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
+keys_normalize(u32* keys, size_t n, const float* mean,
+               SelectState* st,  // NULL: no histogram
+               int pass, int pick) {
+    __shared__ u32 s_hist[RADIX_BINS];
+    const bool do_hist = st != nullptr;
+    u32 prefix = 0, pmask = 0;
+    if (do_hist) {
+        for (int b = threadIdx.x; b < RADIX_BINS; b += blockDim.x) s_hist[b] = 0;
+        pmask = radix_prefix_mask(pass);
+        prefix = st->prefix & pmask;
+        __syncthreads();
+    }
+    const float m = *mean;
+    const size_t nquads = (n + 3) / 4;
+    const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+    for (size_t q = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < nquads;
+         q += stride) {
+        u32 k[4];
+        const int valid = load4_u32(keys, q, n, k);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float s = key_to_float(k[j]);
+            k[j] = float_to_key(m > 0.0f ? __fdiv_rn(s, m) : 0.0f);
+        }
+        if (valid == 4 && is_aligned16(keys)) {
+            reinterpret_cast<uint4*>(keys)[q] = make_uint4(k[0], k[1], k[2], k[3]);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (j < valid) {
+                if (valid < 4 || !is_aligned16(keys)) keys[q * 4 + j] = k[j];
+                if (do_hist && (k[j] & pmask) == prefix) {
+                    atomicAdd(&s_hist[radix_digit(k[j], pass)], 1u);
+                }
+            }
+        }
+    }
     if (!do_hist) return;
     __syncthreads();
     flush_hist(s_hist, st->hist[pass], RADIX_BINS);
@@ -147,7 +205,8 @@ score_sum(const u32* keys, size_t n, double* chunk_sums) {
 
 // Grid: 1 block of 1 thread (more threads return at once).
 // sum = chunk_sums[0] + chunk_sums[1] + ... in order (from 0.0), mean = sum / n in f64,
-// mean_out = f32(mean) rounded to nearest. Either output may be NULL.
+// mean_out = f32(mean) rounded to nearest (what keys_normalize divides by). Either output may be
+// NULL.
 extern "C" __global__ void score_mean(const double* chunk_sums, size_t nchunks, size_t n,
                                       double* sum_out, float* mean_out) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;

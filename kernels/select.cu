@@ -5,12 +5,15 @@
 // histogram of the current digit over the keys that match the bits decided so far (shared-memory
 // histograms per block, added into the SelectState), and the LAST block of the pass (atomic
 // ticket) scans the histogram from the top and picks the bucket that holds the k-th largest key,
-// updating the prefix, k_rem and count_gt on the device: no host round trip between passes.
+// updating the prefix, k_rem and count_gt on the device: no host round trip between passes
+// (select_pick does the same pick as a kernel of its own, for histograms built across tensors).
 // Pass 1 also copies the keys that match the pass-0 prefix into a candidate buffer, so pass 2
 // reads only those. Keys equal to T are kept in increasing index order: select_tie_count counts
 // keys == T per 8192-key tile, select_tie_cutoff finds the tile and then the index of the r-th
 // one (cutoff = that index + 1), and select_mask writes the bit mask
 //   m[i] = key[i] > T || (key[i] == T && i < cutoff).
+// The tie kernels consume the state's tie quota (k_rem) and tie count (count_eq), so that with
+// selection: model the tensors of a task, visited in plan order, share the ties at T.
 //
 // Bytes per key: select_filter pass 0 or 1 reads 4 (+ 4 written per candidate in pass 1), pass 2
 // reads 4 per candidate (or per key when pass 1 wrote none); select_tie_count reads 4 (only when
@@ -135,8 +138,9 @@ select_pick(SelectState* st, int pass) {
 
 // Counts keys == st->threshold in each TIE_TILE-key tile: tile_counts[b] for block b, and adds
 // the tensor's total into *total (may be NULL). Grid: exactly ceil(n / 8192) blocks, block:
-// exactly SELECT_THREADS (256). With skip_trivial != 0 the whole grid returns at once when no
-// tie rank is needed (st->k_rem == 0 or st->k_rem >= st->count_eq); tile_counts is then unused.
+// exactly SELECT_THREADS (256). With skip_trivial != 0 the whole grid returns at once when
+// select_tie_cutoff will not need the counts (st->k_rem == 0: no tie is kept any more, or
+// st->k_rem >= st->count_eq: every remaining tie is kept).
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
 select_tie_count(const u32* keys, size_t n, const SelectState* st, u32* tile_counts, u64* total,
                  int skip_trivial) {
@@ -167,14 +171,22 @@ select_tie_count(const u32* keys, size_t n, const SelectState* st, u32* tile_cou
     }
 }
 
-// Sets st->cutoff: 0 when st->k_rem == 0; n when st->k_rem >= st->count_eq (every key == T is
-// kept); else one past the index of the k_rem-th key == T in increasing index order, using the
-// tile counts of select_tie_count. Grid: 1 block, block: exactly CUTOFF_THREADS (1024).
+// Sets st->cutoff for this tensor's keys and charges the kept ties to the quota. With
+// r = st->k_rem (ties still to keep) and eq = st->count_eq (ties not yet visited, >= r):
+//   r == 0:      cutoff = 0 (no key == T kept);
+//   r >= eq:     cutoff = n (every key == T kept; the state is left as it is);
+//   otherwise, with e = this tensor's keys == T (from the tile counts of select_tie_count):
+//     r >= e:    cutoff = n, k_rem = r - e, count_eq = eq - e;
+//     r < e:     cutoff = one past the index of the r-th key == T in increasing index order,
+//                k_rem = 0, count_eq = eq - e.
+// With selection: tensor, after the radix passes r and eq are the tensor's own, so this is the
+// tie rule of docs/SEMANTICS.md; with selection: model, calling it for the task's tensors in plan
+// order hands the r ties out in plan order. Grid: 1 block, block: exactly CUTOFF_THREADS (1024).
 extern "C" __global__ void __launch_bounds__(CUTOFF_THREADS)
 select_tie_cutoff(const u32* keys, size_t n, SelectState* st, const u32* tile_counts) {
     __shared__ u64 s_tmp[32];
     __shared__ u64 s_tile, s_rank;
-    const u64 r = st->k_rem;
+    const u64 r = st->k_rem;  // every thread reads the state before any thread writes it
     const u64 eq = st->count_eq;
     const u32 T = st->threshold;
     const int tid = threadIdx.x;
@@ -191,8 +203,23 @@ select_tie_cutoff(const u32* keys, size_t n, SelectState* st, const u32* tile_co
     u64 mine = 0;
     for (size_t t = t0; t < t1; ++t) mine += tile_counts[t];
     if (tid == 0) s_tile = ~0ULL;
-    u64 total;
+    u64 total;  // e: this tensor's keys == T
     u64 before = block_exclusive_scan<CUTOFF_THREADS>(mine, s_tmp, &total);
+    if (total > eq) {  // the state does not belong to these keys: a host bug
+        if (tid == 0) {
+            st->flags |= SELECT_FLAG_TIE_FAILED;
+            st->cutoff = n;
+        }
+        return;
+    }
+    if (r >= total) {  // every key == T of this tensor is kept
+        if (tid == 0) {
+            st->cutoff = n;
+            st->k_rem = r - total;
+            st->count_eq = eq - total;
+        }
+        return;
+    }
     if (before < r && r <= before + mine) {  // exactly one thread
         u64 a = before;
         for (size_t t = t0; t < t1; ++t) {
@@ -205,13 +232,10 @@ select_tie_cutoff(const u32* keys, size_t n, SelectState* st, const u32* tile_co
             a += c;
         }
     }
-    __syncthreads();
-    if (s_tile == ~0ULL) {  // the tile counts hold fewer than r keys == T: a host bug
-        if (tid == 0) {
-            st->flags |= SELECT_FLAG_TIE_FAILED;
-            st->cutoff = n;
-        }
-        return;
+    __syncthreads();  // s_tile is always set here: r < total
+    if (tid == 0) {
+        st->k_rem = 0;
+        st->count_eq = eq - total;
     }
 
     // 2. inside the tile: thread t holds the 8 consecutive keys begin + 8t .. begin + 8t + 7

@@ -1,0 +1,484 @@
+// Runs kernels/*.cu under cuda_emu.h (the CPU emulation) and compares every kernel with an
+// independent reference of docs/SEMANTICS.md. Build and run with kernels/emu/run.sh.
+#include "cuda_emu.h"
+#include "score.cu"
+#include "select.cu"
+#include "fuse.cu"
+#include <algorithm>
+#include <map>
+#include <random>
+#include <string>
+
+static int failures = 0;
+#define CHECK(c, ...) do { if (!(c)) { ++failures; std::printf("FAIL %s:%d: ", __FILE__, __LINE__); std::printf(__VA_ARGS__); std::printf("\n"); if (failures > 20) std::exit(1);} } while (0)
+
+// ---------------------------------------------------------------- reference conversions
+static float bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static uint32_t f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static float ref_f16_to_f32(uint16_t h) {
+    uint32_t s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;
+    float v;
+    if (e == 0) v = std::ldexp((float)m, -24);
+    else if (e == 31) v = m ? NAN : INFINITY;
+    else v = std::ldexp((float)(m | 1024), (int)e - 25);
+    return s ? -v : v;
+}
+static uint16_t ref_f32_to_f16(float f) {
+    uint32_t x = f_bits(f), sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000) return sign | (ax > 0x7f800000 ? 0x7e00 : 0x7c00);
+    if (ax >= 0x477ff000) return sign | 0x7c00;
+    if (ax <= 0x33000000) return sign;
+    int e = ax >> 23;
+    if (ax < 0x38800000) {
+        uint32_t m = (ax & 0x7fffff) | 0x800000; int shift = 126 - e;
+        uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1))) q++;
+        return sign | q;
+    }
+    uint32_t q = ((uint32_t)(e - 112) << 10) | ((ax >> 13) & 0x3ff), rem = ax & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (q & 1))) q++;
+    return sign | q;
+}
+static float ref_bf16_to_f32(uint16_t h) { return bits_f((uint32_t)h << 16); }
+static uint16_t ref_f32_to_bf16(float f) {
+    uint32_t u = f_bits(f);
+    uint32_t lo = u & 0xffff, q = u >> 16;
+    if (lo > 0x8000 || (lo == 0x8000 && (q & 1))) q++;
+    return (uint16_t)q;
+}
+
+// ---------------------------------------------------------------- buffers
+struct Buf {  // "device" memory: 64-byte aligned, plus an optional byte offset to misalign
+    std::vector<uint64_t> store; size_t off = 0;
+    void* ptr() { return (uint8_t*)store.data() + off; }
+    Buf(size_t bytes = 0, size_t offset = 0) : store((bytes + offset + 7) / 8 + 8, 0), off(offset) {}
+};
+static size_t dsize(int dt) { return dt == DT_F32 ? 4 : 2; }
+struct Tensor {
+    int dt; size_t n; Buf buf; std::vector<float> v;  // v: the exact f32 value of each stored element
+    Tensor(int dt_, size_t n_, size_t off = 0) : dt(dt_), n(n_), buf(n_ * dsize(dt_), off), v(n_) {}
+    void set(size_t i, float x) {
+        if (dt == DT_F32) { ((float*)buf.ptr())[i] = x; v[i] = x; }
+        else if (dt == DT_F16) { uint16_t h = ref_f32_to_f16(x); ((uint16_t*)buf.ptr())[i] = h; v[i] = ref_f16_to_f32(h); }
+        else { uint16_t h = ref_f32_to_bf16(x); ((uint16_t*)buf.ptr())[i] = h; v[i] = ref_bf16_to_f32(h); }
+    }
+    float get_out(size_t i) {
+        if (dt == DT_F32) return ((float*)buf.ptr())[i];
+        uint16_t h = ((uint16_t*)buf.ptr())[i];
+        return dt == DT_F16 ? ref_f16_to_f32(h) : ref_bf16_to_f32(h);
+    }
+    uint16_t raw16(size_t i) { return ((uint16_t*)buf.ptr())[i]; }
+};
+static std::mt19937_64 rng(12345);
+static float unif(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
+static float normal(float s) { return std::normal_distribution<float>(0, s)(rng); }
+static size_t urand(size_t n) { return std::uniform_int_distribution<size_t>(0, n - 1)(rng); }
+
+// ---------------------------------------------------------------- reference semantics
+static uint32_t ref_key(float s) { uint32_t b = f_bits(s); return b ^ ((b >> 31) ? 0xFFFFFFFFu : 0x80000000u); }
+static bool fin(float x) { return std::isfinite(x); }
+// score and error word (UINT64_MAX: none), as the CPU backend: only the score is checked
+static float ref_score(float th, float b, float g, int mode, bool zero, size_t i, u64& bad) {
+    float s = mode == 0 ? std::fabs(th - b) : mode == 1 ? std::fabs(th * g) : std::fabs((th - b) * g);
+    if (fin(s)) return s;
+    if (!zero) {
+        u64 src = (mode != 1 && !fin(b)) ? 0 : !fin(th) ? 1 : (mode != 0 && !fin(g)) ? 2 : 3;
+        bad = std::min<u64>(bad, (i << 3) | (src << 1) | (std::isnan(s) ? 1 : 0));
+    }
+    return 0;
+}
+static double ref_det_sum(const std::vector<float>& s) {
+    size_t n = s.size(); double total = 0;
+    for (size_t c = 0; c * 65536 < n; ++c) {
+        double lane[256];
+        for (int l = 0; l < 256; ++l) {
+            double a = 0;
+            for (size_t j = 0;; ++j) { size_t i = c * 65536 + l + 256 * j; if (i >= (c + 1) * 65536 || i >= n) break; a += (double)s[i]; }
+            lane[l] = a;
+        }
+        for (int st = 128; st >= 1; st >>= 1) for (int l = 0; l < st; ++l) lane[l] += lane[l + st];
+        total += lane[0];
+    }
+    return total;
+}
+// top-k by (key desc, position asc) over a list of keys; returns kept flags
+static std::vector<char> ref_topk(const std::vector<uint32_t>& keys, size_t k) {
+    std::vector<size_t> idx(keys.size()); std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](size_t a, size_t b) { return keys[a] > keys[b]; });
+    std::vector<char> keep(keys.size(), 0);
+    for (size_t i = 0; i < k; ++i) keep[idx[i]] = 1;
+    return keep;
+}
+static std::vector<uint32_t> mask_words_of(const std::vector<char>& keep) {
+    size_t n = keep.size(); std::vector<uint32_t> w(2 * ((n + 63) / 64), 0);
+    for (size_t i = 0; i < n; ++i) if (keep[i]) w[i / 32] |= 1u << (i % 32);
+    return w;
+}
+static uint64_t fmix(uint64_t z) { z ^= z >> 30; z *= 0xbf58476d1ce4e5b9ULL; z ^= z >> 27; z *= 0x94d049bb133111ebULL; z ^= z >> 31; return z; }
+static uint64_t fnv1a(const std::string& s) { uint64_t h = 0xcbf29ce484222325ULL; for (unsigned char c : s) { h ^= c; h *= 0x100000001b3ULL; } return h; }
+
+static unsigned grid_for(size_t items, unsigned block, unsigned cap) {
+    size_t g = (items + block - 1) / block; if (g < 1) g = 1; if (g > cap) g = cap; return (unsigned)g;
+}
+
+// ---------------------------------------------------------------- tests
+static void fill_scores_inputs(Tensor& th, Tensor& b, Tensor& g, int dist) {
+    for (size_t i = 0; i < th.n; ++i) {
+        float base = normal(0.05f);
+        float d;
+        if (dist == 0) d = normal(0.01f);                      // continuous
+        else if (dist == 1) d = (float)((int)urand(7) - 3) * 0.125f;  // heavy ties
+        else d = 0.25f;                                          // all equal
+        b.set(i, base); th.set(i, base + d); g.set(i, dist == 2 ? 1.0f : normal(1.0f));
+    }
+}
+
+static void test_score_keys() {
+    int cases = 0;
+    for (int tdt = 0; tdt < 3; ++tdt) for (int gdt = 0; gdt < 3; gdt += (tdt == 0 ? 1 : 2))
+    for (int mode = 0; mode < 3; ++mode) for (size_t n : {1ul, 7ul, 8ul, 9ul, 1000ul, 20001ul})
+    for (int mis = 0; mis < 2; ++mis) for (int norm = 0; norm < 2; ++norm) for (int bad_case = 0; bad_case < 3; ++bad_case) {
+        if (n < 1000 && (norm || bad_case)) continue;
+        size_t off = mis ? 2 : 0;
+        Tensor th(tdt, n, off), b(tdt, n), g(gdt, n, off);
+        fill_scores_inputs(th, b, g, 0);
+        if (bad_case) {
+            th.set(n / 2, NAN); b.set(n / 3 + 1, INFINITY); g.set(n / 5, INFINITY); g.set(n / 7, NAN);
+            if (tdt == 0 && gdt == 0) { th.set(n / 9, 3e38f); b.set(n / 9, 0); g.set(n / 9, 10.f); }
+        }
+        bool zero = bad_case == 2;
+        float mean = 0.0173f;
+        std::vector<uint32_t> keys(n + 8, 0xdeadbeef);
+        u64 bad = ~0ull;
+        unsigned grid = grid_for((n + 7) / 8, 256, 3);
+        launch(grid, 256, score_keys, th.buf.ptr(), tdt, mode == 1 ? nullptr : b.buf.ptr(), b.dt, mode ? g.buf.ptr() : nullptr, gdt,
+               mode, (int)zero, n, keys.data(), &bad, (SelectState*)nullptr, 0, 0);
+        if (norm) launch(grid_for((n + 3) / 4, 256, 3), 256, keys_normalize, keys.data(), n, (const float*)&mean, (SelectState*)nullptr, 0, 0);
+        u64 rbad = ~0ull;
+        bool ok = true;
+        for (size_t i = 0; i < n; ++i) {
+            float s = ref_score(th.v[i], b.v[i], g.v[i], mode, zero, i, rbad);
+            if (norm) s = mean > 0 ? s / mean : 0;
+            if (keys[i] != ref_key(s)) { if (ok) CHECK(false, "score key mode %d n %zu i %zu: %08x vs %08x", mode, n, i, keys[i], ref_key(s)); ok = false; }
+        }
+        CHECK(keys[n] == 0xdeadbeef, "score_keys wrote past n");
+        CHECK(bad == rbad, "bad word %llx vs %llx (mode %d tdt %d gdt %d zero %d)", (unsigned long long)bad, (unsigned long long)rbad, mode, tdt, gdt, zero);
+        ++cases;
+    }
+    std::printf("score_keys: %d cases\n", cases);
+}
+
+struct SelectResult { std::vector<uint32_t> mask; SelectState st; };
+// the per-tensor pipeline of docs/KERNELS.md
+static SelectResult run_tensor_select(const std::vector<uint32_t>* keys_in, Tensor* th, Tensor* b, size_t n, size_t k,
+                                      bool fused_pass0, size_t cap, unsigned grid_cap) {
+    auto st = std::make_unique<SelectState>();
+    std::vector<uint32_t> keys(n), cand(std::max<size_t>(cap, 1)), tiles((n + TIE_TILE - 1) / TIE_TILE);
+    std::vector<uint32_t> mask(2 * ((n + 63) / 64) + 2, 0xabababab);
+    launch(1, 256, select_init, st.get(), (u64)n, (u64)k);
+    if (keys_in) {
+        keys = *keys_in;
+        launch(grid_for((n + 3) / 4, 256, grid_cap), 256, select_filter, (const u32*)keys.data(), n, st.get(), 0, (u32*)nullptr, (size_t)0);
+    } else if (fused_pass0) {
+        launch(grid_for((n + 7) / 8, 256, grid_cap), 256, score_keys, th->buf.ptr(), th->dt, b->buf.ptr(), b->dt, (const void*)nullptr, 0,
+               0, 0, n, keys.data(), &st->bad, st.get(), 0, 1);
+    } else {
+        launch(grid_for((n + 7) / 8, 256, grid_cap), 256, score_keys, th->buf.ptr(), th->dt, b->buf.ptr(), b->dt, (const void*)nullptr, 0,
+               0, 0, n, keys.data(), &st->bad, (SelectState*)nullptr, 0, 0);
+        launch(grid_for((n + 3) / 4, 256, grid_cap), 256, select_filter, (const u32*)keys.data(), n, st.get(), 0, (u32*)nullptr, (size_t)0);
+    }
+    for (size_t i = 0; i < cand.size(); ++i) cand[i] = keys[(i * 7) % n];  // stale data that would match
+    launch(grid_for((n + 3) / 4, 256, grid_cap), 256, select_filter, (const u32*)keys.data(), n, st.get(), 1, cap ? cand.data() : (u32*)nullptr, cap);
+    launch(grid_for((n + 3) / 4, 256, grid_cap), 256, select_filter, (const u32*)keys.data(), n, st.get(), 2, cap ? cand.data() : (u32*)nullptr, cap);
+    launch((unsigned)tiles.size(), 256, select_tie_count, (const u32*)keys.data(), n, (const SelectState*)st.get(), tiles.data(), (u64*)nullptr, 1);
+    launch(1, 1024, select_tie_cutoff, (const u32*)keys.data(), n, st.get(), (const u32*)tiles.data());
+    launch(grid_for((n + 127) / 128 * 32, 256, grid_cap), 256, select_mask, (const u32*)keys.data(), n, (const SelectState*)st.get(), mask.data());
+    return {mask, *st};
+}
+
+static void check_select(const std::vector<uint32_t>& keys, size_t k, const SelectResult& r, const char* what) {
+    size_t n = keys.size();
+    auto ref = mask_words_of(ref_topk(keys, k));
+    std::vector<uint32_t> sorted = keys; std::sort(sorted.begin(), sorted.end(), std::greater<>());
+    uint32_t T = sorted[k - 1];
+    size_t cgt = std::count_if(keys.begin(), keys.end(), [&](uint32_t x) { return x > T; });
+    CHECK(r.st.flags == 0, "%s: flags %u", what, r.st.flags);
+    CHECK(r.st.threshold == T, "%s: T %08x vs %08x (n %zu k %zu)", what, r.st.threshold, T, n, k);
+    CHECK(r.st.count_gt == cgt, "%s: c_gt %llu vs %zu", what, r.st.count_gt, cgt);
+    CHECK(r.st.k_rem == k - cgt || r.st.k_rem == 0, "%s: r %llu vs %zu", what, r.st.k_rem, k - cgt);
+    CHECK(r.st.passes_done == 3, "%s: passes %u", what, r.st.passes_done);
+    bool same = std::equal(ref.begin(), ref.end(), r.mask.begin());
+    CHECK(same, "%s: mask differs (n %zu k %zu cutoff %llu)", what, n, k, r.st.cutoff);
+    CHECK(r.mask[ref.size()] == 0xabababab, "%s: mask written past its words", what);
+}
+
+static void test_tensor_select() {
+    int cases = 0;
+    for (int dist = 0; dist < 3; ++dist) for (int dt = 0; dt < 3; ++dt) for (size_t n : {1ul, 5ul, 64ul, 1000ul, 30001ul, 70000ul})
+    for (int variant = 0; variant < 4; ++variant) {
+        if (n > 30001 && (dt != 1 || variant > 1)) continue;
+        Tensor th(dt, n), b(dt, n), g(dt, n);
+        fill_scores_inputs(th, b, g, dist);
+        std::vector<uint32_t> keys(n);
+        for (size_t i = 0; i < n; ++i) keys[i] = ref_key(std::fabs(th.v[i] - b.v[i]));
+        std::vector<size_t> ks = {1, n, std::max<size_t>(1, n / 10), std::max<size_t>(1, n / 2 + 1), std::max<size_t>(1, (size_t)(0.37 * n))};
+        for (size_t k : ks) {
+            size_t cap = variant == 2 ? 0 : (variant == 3 ? n / 50 : n);
+            auto r = run_tensor_select(nullptr, &th, &b, n, k, variant != 1, cap, variant == 0 ? 3 : 2);
+            char what[128]; snprintf(what, sizeof what, "tensor select dist %d dt %d n %zu k %zu variant %d", dist, dt, n, k, variant);
+            check_select(keys, k, r, what);
+            ++cases;
+        }
+    }
+    // keys given directly: ties spread over many tiles so the crossing is deep inside
+    for (int rep = 0; rep < 6; ++rep) {
+        size_t n = 100000 + urand(40000);
+        std::vector<uint32_t> keys(n);
+        for (auto& x : keys) x = 0x80000000u + (uint32_t)urand(rep < 3 ? 3 : 1u << 30);
+        for (size_t k : {urand(n) + 1, n / 3, n - 1}) {
+            auto r = run_tensor_select(&keys, nullptr, nullptr, n, k, false, rep % 2 ? n : 0, 4);
+            check_select(keys, k, r, "tensor select raw keys");
+            ++cases;
+        }
+    }
+    std::printf("tensor select: %d cases\n", cases);
+}
+
+static void test_model_select() {
+    int cases = 0;
+    for (int rep = 0; rep < 10; ++rep) {
+        int J = 2 + (int)urand(4);
+        int dist = rep % 3;
+        std::vector<std::unique_ptr<Tensor>> ths, bs, gs;
+        std::vector<size_t> ns;
+        std::vector<uint32_t> all_keys;  // normalized keys in plan order
+        std::vector<float> means(J);
+        size_t total = 0;
+        int mode = rep % 3;
+        for (int j = 0; j < J; ++j) {
+            size_t n = (j == 1 && rep == 5) ? 70000 + urand(1000) : 1 + urand(20000);
+            ns.push_back(n); total += n;
+            ths.push_back(std::make_unique<Tensor>(1, n)); bs.push_back(std::make_unique<Tensor>(1, n)); gs.push_back(std::make_unique<Tensor>(2, n));
+            fill_scores_inputs(*ths[j], *bs[j], *gs[j], dist);
+            if (rep >= 6 && j % 2 == 0)  // constant scores: every normalised score is exactly 1,
+                for (size_t i = 0; i < n; ++i) {  // so the ties at T = key(1) span tensors
+                    bs[j]->set(i, 0.0f); ths[j]->set(i, 0.5f); gs[j]->set(i, 1.0f);
+                }
+            if (j == 0 && rep == 4) for (size_t i = 0; i < n; ++i) bs[j]->set(i, ths[j]->v[i]);  // an all-zero score tensor: mean 0
+            // reference: raw scores, deterministic mean, normalised keys
+            std::vector<float> s(n); u64 bad = ~0ull;
+            for (size_t i = 0; i < n; ++i) s[i] = ref_score(ths[j]->v[i], bs[j]->v[i], gs[j]->v[i], mode, false, i, bad);
+            double sum = ref_det_sum(s);
+            float m = (float)(sum / (double)n);
+            means[j] = m;
+            for (size_t i = 0; i < n; ++i) all_keys.push_back(ref_key(m > 0 ? s[i] / m : 0.0f));
+        }
+        double d = 0.05 + 0.3 * rep / 6;
+        size_t k = std::max<size_t>(1, (size_t)std::floor(d * (double)total));
+        if (rep == 2) k = total;
+        if (rep >= 6) {  // T = key(1.0), with part of its ties kept
+            uint32_t one = ref_key(1.0f);
+            size_t gt = std::count_if(all_keys.begin(), all_keys.end(), [&](uint32_t x) { return x > one; });
+            size_t eq = std::count(all_keys.begin(), all_keys.end(), one);
+            k = gt + std::max<size_t>(1, eq * (rep - 5) / 5);
+        }
+        // device flow
+        auto st = std::make_unique<SelectState>();
+        launch(1, 256, select_init, st.get(), (u64)total, (u64)k);
+        std::vector<float> dmean(J);
+        std::vector<double> dsum(J);
+        std::vector<std::vector<uint32_t>> keys(J);
+        for (int j = 0; j < J; ++j) {
+            size_t n = ns[j]; keys[j].assign(n, 0);
+            size_t nchunks = (n + 65535) / 65536;
+            std::vector<double> chunks(nchunks);
+            u64 bad = ~0ull;
+            launch(grid_for((n + 7) / 8, 256, 3), 256, score_keys, ths[j]->buf.ptr(), 1, bs[j]->buf.ptr(), 1, mode ? gs[j]->buf.ptr() : nullptr, 2,
+                   mode, 0, n, keys[j].data(), &bad, (SelectState*)nullptr, 0, 0);
+            launch((unsigned)nchunks, 256, score_sum, (const u32*)keys[j].data(), n, chunks.data());
+            launch(1, 1, score_mean, (const double*)chunks.data(), nchunks, n, &dsum[j], &dmean[j]);
+            CHECK(f_bits(dmean[j]) == f_bits(means[j]), "model mean %d: %g vs %g", j, dmean[j], means[j]);
+            launch(grid_for((n + 3) / 4, 256, 3), 256, keys_normalize, keys[j].data(), n, (const float*)&dmean[j], st.get(), 0, 0);
+        }
+        launch(1, 256, select_pick, st.get(), 0);
+        for (int pass = 1; pass < 3; ++pass) {
+            for (int j = 0; j < J; ++j) {
+                u64 bad = ~0ull;
+                launch(grid_for((ns[j] + 7) / 8, 256, 2), 256, score_keys, ths[j]->buf.ptr(), 1, mode == 1 ? nullptr : bs[j]->buf.ptr(), 1, mode ? gs[j]->buf.ptr() : nullptr, 2,
+                       mode, 0, ns[j], keys[j].data(), &bad, (SelectState*)nullptr, 0, 0);
+                launch(grid_for((ns[j] + 3) / 4, 256, 2), 256, keys_normalize, keys[j].data(), ns[j], (const float*)&dmean[j], st.get(), pass, 0);
+            }
+            launch(1, 256, select_pick, st.get(), pass);
+        }
+        CHECK(st->flags == 0, "model flags %u", st->flags);
+        // fuse pass: per tensor in plan order, the tie kernels take from the task's tie quota
+        std::vector<char> got_keep;
+        for (int j = 0; j < J; ++j) {
+            u64 bad = ~0ull;
+            launch(grid_for((ns[j] + 7) / 8, 256, 3), 256, score_keys, ths[j]->buf.ptr(), 1, bs[j]->buf.ptr(), 1, mode ? gs[j]->buf.ptr() : nullptr, 2,
+                   mode, 0, ns[j], keys[j].data(), &bad, (SelectState*)nullptr, 0, 0);
+            launch(grid_for((ns[j] + 3) / 4, 256, 3), 256, keys_normalize, keys[j].data(), ns[j], (const float*)&dmean[j], (SelectState*)nullptr, 0, 0);
+            std::vector<uint32_t> tiles((ns[j] + TIE_TILE - 1) / TIE_TILE), mask(2 * ((ns[j] + 63) / 64));
+            launch((unsigned)tiles.size(), 256, select_tie_count, (const u32*)keys[j].data(), ns[j], (const SelectState*)st.get(), tiles.data(), (u64*)nullptr, 1);
+            launch(1, 1024, select_tie_cutoff, (const u32*)keys[j].data(), ns[j], st.get(), (const u32*)tiles.data());
+            launch(3, 256, select_mask, (const u32*)keys[j].data(), ns[j], (const SelectState*)st.get(), mask.data());
+            for (size_t i = 0; i < ns[j]; ++i) got_keep.push_back((mask[i / 32] >> (i % 32)) & 1);
+        }
+        CHECK(st->flags == 0, "model flags after ties %u", st->flags);
+        auto ref = ref_topk(all_keys, k);
+        CHECK(ref == got_keep, "model select rep %d: masks differ (J %d total %zu k %zu)", rep, J, total, k);
+        ++cases;
+    }
+    std::printf("model select: %d cases\n", cases);
+}
+
+static void test_score_sum() {
+    for (size_t n : {1ul, 255ul, 65536ul, 65537ul, 200000ul}) {
+        std::vector<uint32_t> keys(n); std::vector<float> s(n);
+        for (size_t i = 0; i < n; ++i) { s[i] = std::fabs(normal(1.0f)) * (i % 17 == 0 ? 1e6f : 1.0f); keys[i] = ref_key(s[i]); }
+        size_t nchunks = (n + 65535) / 65536;
+        std::vector<double> chunks(nchunks + 1, -1.0);
+        launch((unsigned)nchunks, 256, score_sum, (const u32*)keys.data(), n, chunks.data());
+        double sum; float mean;
+        launch(1, 1, score_mean, (const double*)chunks.data(), nchunks, n, &sum, &mean);
+        double ref = ref_det_sum(s);
+        CHECK(sum == ref, "score_sum n %zu: %.17g vs %.17g", n, sum, ref);
+        CHECK(mean == (float)(ref / (double)n), "score_mean n %zu", n);
+        CHECK(chunks[nchunks] == -1.0, "score_sum wrote past its chunks");
+    }
+    std::printf("score_sum: ok\n");
+}
+
+static void test_dare() {
+    for (size_t n : {1ul, 31ul, 64ul, 1000ul, 100003ul}) for (double d : {0.1, 0.5, 0.9, 1.0}) {
+        uint64_t seed = 7, task = 1; std::string name = "model.layers.0.mlp.up_proj.weight";
+        uint64_t stream = fmix(fmix(seed ^ fmix(task + 1)) ^ fnv1a(name));
+        uint64_t thr = d == 1.0 ? (1ull << 32) : (uint64_t)std::floor(d * 4294967296.0);
+        std::vector<uint32_t> mask(2 * ((n + 63) / 64) + 1, 0xcdcdcdcd);
+        u64 kept = 0;
+        launch(grid_for((n + 31) / 32 * 32, 256, 3), 256, dare_mask, n, (u64)stream, (u64)thr, mask.data(), &kept);
+        std::vector<char> keep(n);
+        size_t cnt = 0;
+        for (size_t i = 0; i < n; ++i) { keep[i] = (fmix(stream + (i + 1) * 0x9E3779B97F4A7C15ULL) >> 32) < thr; cnt += keep[i]; }
+        auto ref = mask_words_of(keep);
+        CHECK(std::equal(ref.begin(), ref.end(), mask.begin()), "dare mask n %zu d %g", n, d);
+        CHECK(mask[ref.size()] == 0xcdcdcdcd, "dare mask overrun");
+        CHECK(kept == cnt, "dare kept %llu vs %zu", kept, cnt);
+    }
+    std::printf("dare_mask: ok\n");
+}
+
+static void test_fuse() {
+    int cases = 0;
+    for (int rep = 0; rep < 120; ++rep) {
+        int T = rep < 110 ? 1 + (int)urand(5) : 9;
+        int method = rep % 2;
+        int in_dt = (int)urand(3), out_dt = (int)urand(3), start_dt = (int)urand(3);
+        size_t n = rep % 7 == 0 ? 1 + urand(20) : 1 + urand(30000);
+        bool mis = rep % 5 == 3;
+        bool use_start = rep % 3 == 0;
+        int normalize = (int)urand(2);
+        float lambda = rep % 4 == 0 ? 1.0f : unif(0.3f, 1.5f);
+        bool inject_bad = rep % 11 == 5;
+        Tensor base(in_dt, n, mis ? (in_dt == 0 ? 4 : 2) : 0), start(start_dt, n), out(out_dt, n, mis ? 2 * (out_dt != 0) : 0);
+        std::vector<std::unique_ptr<Tensor>> th;
+        std::vector<std::vector<uint32_t>> masks(T);
+        std::vector<FuseTask> tasks(T);
+        for (size_t i = 0; i < n; ++i) { base.set(i, normal(0.05f)); start.set(i, normal(0.05f)); }
+        for (int t = 0; t < T; ++t) {
+            int tdt = urand(4) == 0 ? (int)urand(3) : in_dt;
+            th.push_back(std::make_unique<Tensor>(tdt, n));
+            for (size_t i = 0; i < n; ++i) th[t]->set(i, base.v[i] + (urand(10) == 0 ? 0.0f : normal(0.01f)));
+            if (rep % 6 == 1)  // exact cancellations: S == 0 with nonzero terms, gamma must be +
+                for (size_t i = 0; i < n; ++i) { if (t == 0) base.set(i, 0.0f); th[t]->set(i, (float)((int)urand(5) - 2) * 0.5f); }
+            bool has_mask = urand(4) != 0;
+            masks[t].assign(2 * ((n + 63) / 64), 0);
+            if (has_mask) for (size_t i = 0; i < n; ++i) if (urand(3) != 0) masks[t][i / 32] |= 1u << (i % 32);
+            tasks[t].theta = th[t]->buf.ptr(); tasks[t].mask = has_mask ? masks[t].data() : nullptr;
+            tasks[t].weight = urand(5) == 0 ? -unif(0.1f, 1.0f) : unif(0.1f, 1.5f);
+            tasks[t].rescale = urand(3) == 0 ? unif(0.2f, 0.9f) : 1.0f;
+            if (rep % 6 == 1) { tasks[t].weight = urand(2) ? 1.0f : -1.0f; tasks[t].rescale = 1.0f; }
+            tasks[t].sign = (method == 0 && urand(3) == 0) ? -1 : 1;
+            tasks[t].dtype = tdt;
+            if (!has_mask) masks[t].assign(masks[t].size(), 0), [&] { for (size_t i = 0; i < n; ++i) masks[t][i / 32] |= 1u << (i % 32); }();
+        }
+        if (inject_bad) {
+            th[T - 1]->set(n / 2, INFINITY); th[0]->set(n / 3, NAN);
+            if (rep % 2) { base.set(n / 4, -INFINITY); start.set(n / 4, NAN); start.set(n / 5, INFINITY); }
+        }
+        float lin_div = 0; for (int t = 0; t < T; ++t) if (tasks[t].sign > 0) lin_div += tasks[t].weight;
+        if (std::fabs(lin_div) < 1e-8f) lin_div = 1;
+        std::vector<u64> kept(T, 0), hist((size_t)1 << std::min(T, 8), 0);
+        u64 bad = ~0ull;
+        auto kernel = method ? fuse_ties : fuse_linear;
+        launch(grid_for((n + 7) / 8, 256, 3), 256, kernel, base.buf.ptr(), in_dt, use_start ? start.buf.ptr() : nullptr, start_dt,
+               (const FuseTask*)tasks.data(), T, n, normalize, lin_div, lambda, out.buf.ptr(), out_dt, kept.data(), hist.data(), &bad);
+        // reference
+        std::vector<u64> rkept(T, 0), rhist(hist.size(), 0);
+        u64 rbad = ~0ull;
+        bool ok = true;
+        for (size_t i = 0; i < n; ++i) {
+            float b = base.v[i];
+            std::vector<float> u(T); std::vector<char> m(T);
+            unsigned combo = 0;
+            if (use_start && !fin(start.v[i])) rbad = std::min<u64>(rbad, ((u64)i << 9) | (std::isnan(start.v[i]) ? 1 : 0));
+            for (int t = 0; t < T; ++t) {
+                float tau = th[t]->v[i] - b;
+                if (!fin(tau)) rbad = std::min<u64>(rbad, ((u64)i << 9) | ((u64)(t + 1) << 2) | (fin(b) ? 0 : 2) | (std::isnan(tau) ? 1 : 0));
+                m[t] = (masks[t][i / 32] >> (i % 32)) & 1;
+                if (m[t]) { rkept[t]++; combo |= 1u << t; }
+                float tp = tasks[t].rescale != 1.0f ? tau / tasks[t].rescale : tau;
+                u[t] = tasks[t].weight * tp;
+            }
+            if (T <= 8) rhist[combo]++;
+            float o;
+            if (method == 0) {
+                float acc = 0;
+                for (int t = 0; t < T; ++t) if (m[t]) acc = tasks[t].sign > 0 ? acc + u[t] : acc - u[t];
+                if (normalize) acc = acc / lin_div;
+                float s = use_start ? start.v[i] : b;
+                o = s + lambda * acc;
+            } else {
+                float S = 0; for (int t = 0; t < T; ++t) if (m[t]) S = S + u[t];
+                float mixed = 0, dv = 0;
+                for (int t = 0; t < T; ++t) if (m[t] && ((u[t] > 0 && S >= 0) || (u[t] < 0 && S < 0))) { mixed = mixed + u[t]; dv = dv + tasks[t].weight; }
+                if (normalize) { if (dv == 0) dv = 1; mixed = mixed / dv; }
+                float s = use_start ? start.v[i] : b;
+                o = s + lambda * mixed;
+            }
+            uint32_t want, got;
+            if (out_dt == 0) { want = f_bits(o); got = f_bits(((float*)out.buf.ptr())[i]); }
+            else { want = out_dt == 1 ? ref_f32_to_f16(o) : ref_f32_to_bf16(o); got = out.raw16(i); }
+            if (want != got && !(inject_bad && std::isnan(o))) {
+                if (ok) CHECK(false, "fuse rep %d method %d T %d i %zu: %08x vs %08x (o %g)", rep, method, T, i, got, want, o);
+                ok = false;
+            }
+        }
+        CHECK(kept == rkept, "fuse rep %d kept counts differ", rep);
+        if (T <= 8) CHECK(hist == rhist, "fuse rep %d combo hist differs", rep);
+        else CHECK(std::all_of(hist.begin(), hist.end(), [](u64 x) { return x == 0; }), "hist touched for T > 8");
+        CHECK(bad == rbad, "fuse rep %d bad %llx vs %llx", rep, bad, rbad);
+        ++cases;
+    }
+    std::printf("fuse: %d cases\n", cases);
+}
+
+int main(int argc, char** argv) {
+    // a spot check of the emulator's _Float16 rounding against the reference rounding
+    for (int i = 0; i < 200000; ++i) {
+        float x = bits_f((uint32_t)rng());
+        if (std::isnan(x)) continue;
+        CHECK(__half_as_ushort(__float2half_rn(x)) == ref_f32_to_f16(x), "f16 rounding %a", x);
+        CHECK(__bfloat16_as_ushort(__float2bfloat16_rn(x)) == ref_f32_to_bf16(x), "bf16 rounding %a", x);
+    }
+    std::string only = argc > 1 ? argv[1] : "";
+    auto want = [&](const char* n) { return only.empty() || only.find(n) != std::string::npos; };
+    if (want("sum")) test_score_sum();
+    if (want("dare")) test_dare();
+    if (want("keys")) test_score_keys();
+    if (want("fuse")) test_fuse();
+    if (want("tensor")) test_tensor_select();
+    if (want("model")) test_model_select();
+    std::printf(failures ? "FAILED: %d\n" : "all passed\n", failures);
+    return failures != 0;
+}
