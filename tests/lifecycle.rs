@@ -287,3 +287,33 @@ fn bundled_example_merges_with_every_recipe() {
         "{s}"
     );
 }
+
+#[test]
+fn a_second_run_into_the_same_folder_is_refused_while_the_first_runs() {
+    let d = big_set();
+    let first = start_merge(d.path(), "sta_model.yml", "out");
+    let o = Command::new(stamerge_bin())
+        .args(["-q", "merge", "ties.yml", "out"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("another stamerge run") && err.contains(&first.id().to_string()),
+        "{err}"
+    );
+    let o = first.wait_with_output().unwrap();
+    assert!(o.status.success(), "the first run must be unaffected");
+    let recipe = std::fs::read_to_string(d.path().join("out/stamerge_recipe.yml")).unwrap();
+    assert!(
+        recipe.contains("selection: model"),
+        "the output is the first run's"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".stamerge-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

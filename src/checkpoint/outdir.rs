@@ -7,6 +7,7 @@ use crate::error::{Error, IoContext, Problem, Result};
 
 const TMP_TAG: &str = ".stamerge-tmp-";
 const OLD_TAG: &str = ".stamerge-old-";
+const LOCK_TAG: &str = ".stamerge-lock";
 
 /// Absolute, symlink-resolved form of a path that may not exist yet (its parent must resolve).
 pub fn resolve(path: &Path) -> Option<PathBuf> {
@@ -79,10 +80,67 @@ pub fn check_target(target: &Path, overwrite: bool, inputs: &[PathBuf]) -> Vec<P
 }
 
 /// A temporary folder that becomes the target on `commit`, and is removed if dropped before.
+/// While it exists, a lock file beside the target keeps a second run from writing there too.
 pub struct OutputDir {
     target: PathBuf,
     tmp: PathBuf,
+    lock: PathBuf,
     committed: bool,
+}
+
+/// Takes `.NAME.stamerge-lock` beside the target (created exclusively, holding our pid). A lock
+/// whose process is gone is stale and taken over; a live one is a clear error.
+fn take_lock(target: &Path) -> Result<PathBuf> {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let lock = target.with_file_name(format!(".{name}{LOCK_TAG}"));
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(mut f) => {
+                use std::io::Write;
+                f.write_all(std::process::id().to_string().as_bytes())
+                    .ctx(|| format!("writing {}", lock.display()))?;
+                return Ok(lock);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let holder = std::fs::read_to_string(&lock)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok());
+                match holder {
+                    Some(pid) if pid_alive(pid) => {
+                        return Err(Error::Input(Problem::in_file(
+                            target,
+                            format!(
+                                "another stamerge run (pid {pid}) is writing this output folder: wait for \
+                                 it or choose another folder (lock file {})",
+                                lock.display()
+                            ),
+                        )))
+                    }
+                    _ => {
+                        tracing::warn!("removing the stale lock {}", lock.display());
+                        let _ = std::fs::remove_file(&lock);
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(Error::Io {
+                    context: format!("creating {}", lock.display()),
+                    source: e,
+                })
+            }
+        }
+    }
+    Err(Error::Other(format!(
+        "cannot take the lock {}",
+        lock.display()
+    )))
 }
 
 fn tagged(target: &Path, tag: &str, pid: u32) -> PathBuf {
@@ -131,17 +189,21 @@ impl OutputDir {
                 "the output folder's parent does not exist",
             ))
         })?;
+        let lock = take_lock(&target)?;
         remove_stale(&target);
         let tmp = tagged(&target, TMP_TAG, std::process::id());
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).ctx(|| format!("removing {}", tmp.display()))?;
-        }
-        std::fs::create_dir(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-        Ok(Self {
+        // From here on, Drop removes the lock (and the temporary folder) on every error path.
+        let dir = Self {
             target,
             tmp,
+            lock,
             committed: false,
-        })
+        };
+        if dir.tmp.exists() {
+            std::fs::remove_dir_all(&dir.tmp).ctx(|| format!("removing {}", dir.tmp.display()))?;
+        }
+        std::fs::create_dir(&dir.tmp).ctx(|| format!("creating {}", dir.tmp.display()))?;
+        Ok(dir)
     }
 
     /// Where files are written until `commit`.
@@ -184,6 +246,7 @@ impl Drop for OutputDir {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
+        let _ = std::fs::remove_file(&self.lock);
     }
 }
 

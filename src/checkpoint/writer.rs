@@ -180,7 +180,33 @@ impl ShardWriter {
             let text = serde_json::to_vec_pretty(&index).expect("json of plain values");
             std::fs::write(&path, text).ctx(|| format!("writing {}", path.display()))?;
         }
+        self.verify()?;
         Ok(self.plan)
+    }
+
+    /// Reopens every shard written and checks its header and byte ranges against the plan, so a
+    /// short write or a damaged file is caught before the folder is presented as a result.
+    fn verify(&self) -> Result<()> {
+        for (s, r) in self.plan.ranges.iter().enumerate() {
+            let path = self.dir.join(&self.plan.files[s]);
+            let f = super::file::SafetensorsFile::open(&path)
+                .map_err(|p| crate::error::Error::Other(format!("verifying the output: {p}")))?;
+            let want = &self.tensors[r.clone()];
+            let same = f.tensors.len() == want.len()
+                && f.tensors.iter().zip(want).all(|(got, w)| {
+                    got.name == w.name
+                        && got.dtype == w.dtype
+                        && got.shape == w.shape
+                        && got.nbytes() as u64 == w.nbytes
+                });
+            if !same {
+                return Err(crate::error::Error::Other(format!(
+                    "verifying the output: {} does not hold the tensors planned for it",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
