@@ -1,5 +1,7 @@
 //! `stamerge bench merge`: a synthetic end-to-end merge timed beside the time it takes just to
 //! read the same inputs, so the figure says how far the merge is from being bound by its reads.
+//! `stamerge bench kernels`: the CUDA kernels alone, beside a device copy (in the cuda backend,
+//! which owns the device; re-exported here).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -8,6 +10,8 @@ use std::time::Instant;
 use crate::error::{Error, IoContext, Result};
 use crate::synth::{generate, SynthSpec};
 use crate::{Device, Options, Recipe};
+
+pub use crate::backend::cuda::bench::{bench_kernels, KernelBench, KernelBenchSpec, KernelTiming};
 
 pub struct MergeBench {
     pub input_bytes: u64,

@@ -72,21 +72,29 @@ impl Default for Options {
     }
 }
 
-/// Picks the backend; `auto` falls back to the CPU and says why.
+/// Picks the backend; `auto` uses CUDA when device 0 opens and runs the kernels, else the CPU,
+/// and says why in an info line.
 pub fn select_backend(device: Device) -> Result<Box<dyn Backend>> {
+    use backend::cuda::CudaBackend;
     match device {
         Device::Cpu => Ok(Box::new(backend::cpu::CpuBackend::new())),
-        Device::Cuda => Err(Error::Other(format!(
-            "--device cuda: {}",
-            backend::cuda::unavailable_reason()
-        ))),
-        Device::Auto => {
-            tracing::info!(
-                "using the cpu backend ({})",
-                backend::cuda::unavailable_reason()
-            );
-            Ok(Box::new(backend::cpu::CpuBackend::new()))
-        }
+        Device::Cuda => match CudaBackend::new(0) {
+            Ok(b) => {
+                tracing::info!("using the cuda backend on {}", b.description());
+                Ok(Box::new(b))
+            }
+            Err(reason) => Err(Error::Other(format!("--device cuda: {reason}"))),
+        },
+        Device::Auto => match CudaBackend::new(0) {
+            Ok(b) => {
+                tracing::info!("using the cuda backend on {}", b.description());
+                Ok(Box::new(b))
+            }
+            Err(reason) => {
+                tracing::info!("using the cpu backend (cuda is not available: {reason})");
+                Ok(Box::new(backend::cpu::CpuBackend::new()))
+            }
+        },
     }
 }
 

@@ -57,7 +57,8 @@ enum Cmd {
     },
     /// List the tensors of a checkpoint folder or safetensors file.
     Inspect { path: PathBuf },
-    /// Benchmarks: `merge` (synthetic end to end vs. reading the inputs).
+    /// Benchmarks: `merge` (synthetic end to end vs. reading the inputs), `kernels` (the CUDA
+    /// kernels vs. a device copy).
     #[command(subcommand)]
     Bench(BenchCmd),
     /// Write a synthetic Llama-style checkpoint set (base, tasks, gradients, recipes).
@@ -110,6 +111,27 @@ enum BenchCmd {
         dtype: FloatType,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+    },
+    /// Time the CUDA kernels (scores, radix select, fuse) on random data with CUDA events, each
+    /// beside a device-to-device copy measured in the same run. Needs a GPU.
+    Kernels {
+        /// Elements per tensor.
+        #[arg(long, default_value_t = 1 << 27)]
+        size: usize,
+        /// Task models fused (1 to 64; the combination histogram is built up to 8).
+        #[arg(long, default_value_t = 4)]
+        tasks: usize,
+        #[arg(long, default_value = "bfloat16", value_parser = parse_dtype)]
+        dtype: FloatType,
+        /// Timed runs per kernel (the median is reported; 3 warm-up runs come first).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Fraction of entries kept (k of the select, DARE's density).
+        #[arg(long, default_value_t = 0.1)]
+        density: f64,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        gpu: usize,
     },
 }
 
@@ -211,6 +233,40 @@ fn print_plan(plan: &stamerge::Plan) {
         println!("note: {n}");
     }
     println!("ok: the merge would run");
+}
+
+fn print_kernel_bench(b: &stamerge::bench::KernelBench) {
+    let s = &b.spec;
+    println!("device: {}", b.device);
+    println!(
+        "n = {} elements per tensor, T = {} tasks, {:?}, density {}, median of {} runs (after 3 \
+         warm-up runs), data seed {:#x}",
+        s.size, s.tasks, s.dtype, s.density, s.iters, b.seed
+    );
+    let copy = b.copy.gb_per_s();
+    println!(
+        "{:<32} {:>10} {:>10} {:>12}",
+        "kernel", "ms", "GB/s", "% of copy"
+    );
+    for k in std::iter::once(&b.copy).chain(&b.kernels) {
+        println!(
+            "{:<32} {:>10.4} {:>10.1} {:>11.1}%",
+            k.name,
+            k.ms,
+            k.gb_per_s(),
+            100.0 * k.gb_per_s() / copy
+        );
+    }
+    let cand = if b.candidates == u64::MAX {
+        "none (the top bucket was larger than the candidate buffer)".to_string()
+    } else {
+        b.candidates.to_string()
+    };
+    println!(
+        "select from keys: {:.2} ms per 1e9 keys; score_keys + select: {:.2} ms per 1e9 keys \
+         (candidates after pass 1: {cand})",
+        b.select_ms_per_1e9, b.score_select_ms_per_1e9
+    );
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
@@ -319,6 +375,27 @@ fn run(cli: Cli) -> Result<(), Error> {
                 med / b.read_seconds,
                 stamerge::inspect::human_bytes(b.peak_rss_anon_bytes)
             );
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::Kernels {
+            size,
+            tasks,
+            dtype,
+            iters,
+            density,
+            gpu,
+        }) => {
+            let spec = stamerge::bench::KernelBenchSpec {
+                size,
+                tasks,
+                dtype,
+                iters,
+                density,
+                ordinal: gpu,
+            };
+            let b = stamerge::bench::bench_kernels(&spec)
+                .map_err(|e| Error::Other(format!("bench kernels cannot run: {e}")))?;
+            print_kernel_bench(&b);
             Ok(())
         }
         Cmd::Synth {

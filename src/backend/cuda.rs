@@ -1,6 +1,1059 @@
-//! The CUDA backend. Kernels live in `kernels/`; this build does not wire them yet.
+//! The CUDA backend: the score → select → fuse of `cpu.rs`, bit for bit, with the kernels of
+//! `kernels/*.cu` (their launch contract is docs/KERNELS.md).
+//!
+//! Per tensor group, [`CudaBackend::merge_group`] uploads the inputs into one grow-only device
+//! arena, launches every kernel on one stream (no host round trip between the selection passes:
+//! the radix picks happen on the device), then copies the output and the statistics back and
+//! turns the kernels' error words into the same [`Fault`] the CPU backend reports.
+//!
+//! This version is synchronous: the upload, the kernels and the download of one group run one
+//! after the other, and the call returns when all are done. The overlapped version (DESIGN.md §4)
+//! will change only how the bytes move: pinned host staging buffers in a ring and a second
+//! stream, so that the upload of group i+1 and the download of group i−1 overlap the kernels of
+//! group i (the pipeline would then hand the backend the next group before the current one
+//! returns). The launch sequence of a group, the arena and the statistics stay as they are here.
+//!
+//! Groups the kernels do not take (no elements, no task, more than 64 tasks) go to the CPU
+//! backend, which gives the same bytes.
 
-pub fn unavailable_reason() -> String {
-    "the cuda backend is not part of this build yet (see the CUDA backend issue); use --device cpu"
-        .to_string()
+mod device;
+
+pub mod bench;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Mutex, MutexGuard};
+
+pub use device::HAVE_KERNELS;
+use device::{
+    dtype_code, state_hist, Arena, DResult, FuseArgs, FuseTask, Gpu, Layout, Ptr, ScoreInputs,
+    SelectHeader, STATE_BAD, STATE_BYTES, STATE_PREFIX, SUM_CHUNK, TIE_TILE,
+};
+
+use super::cpu::{CpuBackend, MAX_COMBO_TASKS};
+use super::{
+    BResult, Backend, BackendError, Fault, FuseSpec, Group, GroupStats, KeySpec, MaskJob, Raw,
+    Source, TaskStats,
+};
+use crate::method::ScoreKind;
+use crate::select::{Threshold, DIGITS_11};
+
+/// The message of a build without kernels.
+pub const NO_KERNELS: &str = "this build has no CUDA kernels (nvcc was not found at build time: \
+                              run scripts/install-nvcc.sh and rebuild)";
+
+/// The most tasks the fuse kernels take in one launch.
+const MAX_FUSE_TASKS: usize = 64;
+
+/// `SelectState.flags` bits (kernels/common.cuh).
+const FLAG_PICK_FAILED: u32 = 1;
+const FLAG_TIE_FAILED: u32 = 2;
+
+pub struct CudaBackend {
+    gpu: Gpu,
+    /// The device arena; the lock also makes one group's launches exclusive on the stream.
+    work: Mutex<Arena>,
+    /// For the groups the kernels do not take (see the module comment).
+    cpu: CpuBackend,
+}
+
+impl CudaBackend {
+    /// Opens CUDA device `ordinal` and loads the kernels; a clear message when this build has
+    /// no kernels, the machine has no driver or GPU, or the kernels do not run on this GPU.
+    /// Never panics.
+    pub fn new(ordinal: usize) -> Result<Self, String> {
+        if !HAVE_KERNELS {
+            return Err(NO_KERNELS.into());
+        }
+        // SAFETY: only tries to load libcuda (dlopen) and releases it again.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err("no CUDA driver (libcuda) on this machine".into());
+        }
+        // The driver bindings panic on a missing symbol (a driver older than the bindings):
+        // the last guard against a crash while probing.
+        match catch_unwind(|| Self::open(ordinal)) {
+            Ok(r) => r,
+            Err(p) => Err(format!(
+                "the CUDA driver failed while starting: {}",
+                panic_message(p.as_ref())
+            )),
+        }
+    }
+
+    fn open(ordinal: usize) -> Result<Self, String> {
+        let gpu = Gpu::open(ordinal)?;
+        let backend = Self {
+            gpu,
+            work: Mutex::new(Arena::default()),
+            cpu: CpuBackend::new(),
+        };
+        backend.self_test()?;
+        Ok(backend)
+    }
+
+    /// One tiny launch and read-back at start-up, so that a GPU the kernels cannot run on (or a
+    /// broken driver) is found here, where `--device auto` can still fall back to the CPU.
+    fn self_test(&self) -> DResult<()> {
+        let mut arena = self.lock();
+        arena.reserve(&self.gpu, STATE_BYTES)?;
+        let st = arena.at(0);
+        // SAFETY: `st` is a SelectState-sized buffer of the arena.
+        unsafe { self.gpu.select_init(st, 5, 3) }?;
+        let h = read_header(&self.gpu, &arena, 0)?;
+        if (h.n, h.k, h.k_rem, h.count_eq, h.cand_len, h.bad) != (5, 3, 3, 5, u64::MAX, u64::MAX) {
+            return Err(format!(
+                "the GPU self-test failed: select_init wrote {h:?} (the kernels do not run \
+                 correctly on {})",
+                self.gpu.description
+            ));
+        }
+        Ok(())
+    }
+
+    /// "NVIDIA H200 (sm_90, 132 SMs, 139.8 GiB, driver 13.0)".
+    pub fn description(&self) -> &str {
+        &self.gpu.description
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Arena> {
+        self.work.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Why `--device cuda` cannot run here, or None when it can (opens device 0 to find out).
+pub fn unavailable_reason() -> Option<String> {
+    CudaBackend::new(0).err()
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs device work, turning a panic (a bug, or a driver binding that panics) into an error
+/// instead of unwinding through the pipeline.
+fn guarded<T>(f: impl FnOnce() -> BResult<T>) -> BResult<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(BackendError::Device(format!(
+            "internal error in the cuda backend: {}",
+            panic_message(p.as_ref())
+        )))
+    })
+}
+
+fn dev<T>(r: DResult<T>) -> BResult<T> {
+    r.map_err(BackendError::Device)
+}
+
+/// Runs a sequence of launches, stopping at the first driver error.
+fn launches(f: impl FnOnce() -> DResult<()>) -> BResult<()> {
+    dev(f())
+}
+
+fn read_header(gpu: &Gpu, arena: &Arena, off: usize) -> DResult<SelectHeader> {
+    let mut h = SelectHeader::default();
+    arena.download(gpu, off, bytemuck::bytes_of_mut(&mut h))?;
+    Ok(h)
+}
+
+fn score_mode(s: ScoreKind) -> i32 {
+    match s {
+        ScoreKind::AbsTaskVector => 0,
+        ScoreKind::AbsWeightGrad => 1,
+        ScoreKind::AbsTaskVectorGrad => 2,
+    }
+}
+
+/// The bytes of `n` elements of a tensor, or an error if the tensor is shorter.
+fn elems<'a>(r: &Raw<'a>, n: usize, what: &str) -> BResult<&'a [u8]> {
+    let len = n * r.ty.size();
+    r.data.get(..len).ok_or_else(|| {
+        BackendError::Device(format!(
+            "internal error: {what} has {} bytes, {n} elements of {:?} need {len}",
+            r.data.len(),
+            r.ty
+        ))
+    })
+}
+
+// ------------------------------------------------------------------------------------------------
+// error words → faults (the bit layouts are in docs/KERNELS.md, "Error words")
+
+/// `score_keys`' word: `(i << 3) | (source << 1) | is_nan`; source 0 base, 1 theta, 2 grad,
+/// 3 the score itself overflowed.
+fn score_fault(word: u64, task: usize) -> Option<Fault> {
+    if word == u64::MAX {
+        return None;
+    }
+    let source = match (word >> 1) & 3 {
+        0 => Source::Base,
+        1 => Source::Theta(task),
+        2 => Source::Grad(task),
+        _ => Source::Score(task),
+    };
+    Some(Fault {
+        source,
+        index: word >> 3,
+        value_is_nan: word & 1 == 1,
+    })
+}
+
+/// The fuse kernels' word: `(i << 9) | (slot << 2) | (base_bad << 1) | is_nan`; slot 0 the
+/// start value, slot 1 + t task t's τ (blamed on the base when the base value is bad).
+fn fuse_fault(word: u64) -> Option<Fault> {
+    if word == u64::MAX {
+        return None;
+    }
+    let slot = ((word >> 2) & 0x7f) as usize;
+    let source = match slot {
+        0 => Source::Start,
+        _ if (word >> 1) & 1 == 1 => Source::Base,
+        t => Source::Theta(t - 1),
+    };
+    Some(Fault {
+        source,
+        index: word >> 9,
+        value_is_nan: word & 1 == 1,
+    })
+}
+
+fn fault_result(f: Option<Fault>) -> BResult<()> {
+    match f {
+        Some(f) => Err(BackendError::Fault(f)),
+        None => Ok(()),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// merge_group
+
+/// What one task's mask needs on the device.
+#[derive(Clone, Copy, Debug)]
+enum Sel {
+    /// No mask: every entry kept (`All`, or top-k with k >= n, as the CPU).
+    Keep,
+    TopK {
+        spec: KeySpec,
+        k: u64,
+    },
+    Fixed {
+        spec: KeySpec,
+        key: u32,
+        quota: u64,
+    },
+    Random {
+        stream: u64,
+        threshold: u64,
+    },
+}
+
+impl Sel {
+    fn of(job: &MaskJob, n: usize) -> BResult<Self> {
+        Ok(match *job {
+            MaskJob::All => Sel::Keep,
+            MaskJob::TopK { k, .. } if k >= n as u64 => Sel::Keep,
+            MaskJob::TopK { k: 0, .. } => {
+                return Err(BackendError::Device(
+                    "internal error: top-k with k = 0".into(),
+                ))
+            }
+            MaskJob::TopK { spec, k } => Sel::TopK { spec, k },
+            MaskJob::Fixed {
+                spec,
+                key,
+                tie_quota,
+            } => Sel::Fixed {
+                spec,
+                key,
+                quota: tie_quota,
+            },
+            MaskJob::Random { stream, threshold } => Sel::Random { stream, threshold },
+        })
+    }
+
+    fn spec(&self) -> Option<&KeySpec> {
+        match self {
+            Sel::TopK { spec, .. } | Sel::Fixed { spec, .. } => Some(spec),
+            _ => None,
+        }
+    }
+
+    fn has_mask(&self) -> bool {
+        !matches!(self, Sel::Keep)
+    }
+}
+
+/// Where one group's buffers live in the arena.
+struct GroupLayout {
+    base: usize,
+    start: Option<usize>,
+    theta: Vec<usize>,
+    grad: Vec<Option<usize>>,
+    keys: usize,
+    cand: usize,
+    cand_cap: usize,
+    tiles: usize,
+    mask: Vec<Option<usize>>,
+    state: Vec<Option<usize>>,
+    /// FuseTask × T, then the f32 mean of each task (for `keys_normalize`).
+    params: usize,
+    /// u64 words: [fuse bad, tie total × T, kept × T, combos × 2^T].
+    stats: usize,
+    stats_words: usize,
+    out: usize,
+    bytes: usize,
+}
+
+/// Offsets of the words in the stats block.
+struct StatsWords {
+    nt: usize,
+}
+
+impl StatsWords {
+    const FUSE_BAD: usize = 0;
+    fn tie_total(&self, t: usize) -> usize {
+        1 + t
+    }
+    fn kept(&self, t: usize) -> usize {
+        1 + self.nt + t
+    }
+    fn combos(&self) -> usize {
+        1 + 2 * self.nt
+    }
+}
+
+fn group_layout(g: &Group, sels: &[Sel], fuse: &FuseSpec, ncombo: usize) -> GroupLayout {
+    let n = g.n;
+    let nt = g.tasks.len();
+    let mut l = Layout::default();
+    let base = l.take(n * g.base.ty.size());
+    let start = g.start.map(|s| l.take(n * s.ty.size()));
+    let theta = g
+        .tasks
+        .iter()
+        .map(|t| l.take(n * t.theta.ty.size()))
+        .collect();
+    let grad = g
+        .tasks
+        .iter()
+        .zip(sels)
+        .map(|(t, s)| match (s.spec(), t.grad) {
+            (Some(spec), Some(gr)) if spec.score.needs_grad() => Some(l.take(n * gr.ty.size())),
+            _ => None,
+        })
+        .collect();
+    let any_keys = sels.iter().any(|s| s.spec().is_some());
+    let any_topk = sels.iter().any(|s| matches!(s, Sel::TopK { .. }));
+    // Keys, candidates and tile counts are shared by the tasks: their launches run in order on
+    // one stream, so each task's selection is done with them before the next one starts.
+    let keys = if any_keys { l.take(4 * n) } else { 0 };
+    // A quarter of the keys: pass 2 reads the candidates when the threshold's top-digit bucket
+    // fits, the keys again otherwise (the CPU switches at the same size).
+    let cand_cap = n.div_ceil(4);
+    let cand = if any_topk { l.take(4 * cand_cap) } else { 0 };
+    let tiles = if any_keys {
+        l.take(4 * n.div_ceil(TIE_TILE))
+    } else {
+        0
+    };
+    let mask = sels
+        .iter()
+        .map(|s| s.has_mask().then(|| l.take(8 * n.div_ceil(64))))
+        .collect();
+    let state = sels
+        .iter()
+        .map(|s| s.spec().is_some().then(|| l.take(STATE_BYTES)))
+        .collect();
+    let params = l.take(nt * std::mem::size_of::<FuseTask>() + nt * 4);
+    let stats_words = 1 + 2 * nt + ncombo;
+    let stats = l.take(8 * stats_words);
+    let out = l.take(n * fuse.out.size());
+    GroupLayout {
+        base,
+        start,
+        theta,
+        grad,
+        keys,
+        cand,
+        cand_cap,
+        tiles,
+        mask,
+        state,
+        params,
+        stats,
+        stats_words,
+        out,
+        bytes: l.bytes(),
+    }
+}
+
+/// The score kernel's inputs for task `t` under `spec`.
+fn score_inputs(
+    g: &Group,
+    t: usize,
+    spec: &KeySpec,
+    arena: &Arena,
+    base: usize,
+    theta: usize,
+    grad: Option<usize>,
+) -> BResult<ScoreInputs> {
+    let mode = score_mode(spec.score);
+    let task = &g.tasks[t];
+    let grad_ptr: Ptr = match (spec.score.needs_grad(), grad) {
+        (false, _) => 0,
+        (true, Some(off)) => arena.at(off),
+        (true, None) => {
+            return Err(BackendError::Device(format!(
+                "internal error: task {t} has no gradient for tensor `{}`",
+                g.name
+            )))
+        }
+    };
+    Ok(ScoreInputs {
+        theta: arena.at(theta),
+        theta_dtype: dtype_code(task.theta.ty),
+        base: if mode == 1 { 0 } else { arena.at(base) },
+        base_dtype: dtype_code(g.base.ty),
+        grad: grad_ptr,
+        grad_dtype: task.grad.map_or(0, |gr| dtype_code(gr.ty)),
+        mode,
+        nonfinite_zero: spec.nonfinite_zero,
+    })
+}
+
+impl CudaBackend {
+    fn merge_on_device(
+        &self,
+        arena: &mut Arena,
+        g: &Group,
+        jobs: &[MaskJob],
+        f: &FuseSpec,
+        out: &mut [u8],
+    ) -> BResult<GroupStats> {
+        let gpu = &self.gpu;
+        let n = g.n;
+        let nt = g.tasks.len();
+        if jobs.len() != nt
+            || f.weights.len() != nt
+            || f.forget.len() != nt
+            || f.rescale.len() != nt
+        {
+            return Err(BackendError::Device(format!(
+                "internal error: {nt} tasks but {} jobs, {} weights",
+                jobs.len(),
+                f.weights.len()
+            )));
+        }
+        if out.len() != n * f.out.size() {
+            return Err(BackendError::Device(format!(
+                "internal error: output buffer of {} bytes for {n} elements of {:?}",
+                out.len(),
+                f.out
+            )));
+        }
+        let sels = jobs
+            .iter()
+            .map(|j| Sel::of(j, n))
+            .collect::<BResult<Vec<_>>>()?;
+        // As the CPU: the combinations are counted when some task has a mask and T <= 8.
+        let track = nt <= MAX_COMBO_TASKS && sels.iter().any(Sel::has_mask);
+        let ncombo = if track { 1usize << nt } else { 0 };
+        let lay = group_layout(g, &sels, f, ncombo);
+        let w = StatsWords { nt };
+        dev(arena.reserve(gpu, lay.bytes))?;
+
+        // 1. inputs
+        dev(arena.upload(gpu, lay.base, elems(&g.base, n, "the base tensor")?))?;
+        if let (Some(s), Some(off)) = (g.start, lay.start) {
+            dev(arena.upload(gpu, off, elems(&s, n, "the start tensor")?))?;
+        }
+        for (t, task) in g.tasks.iter().enumerate() {
+            dev(arena.upload(gpu, lay.theta[t], elems(&task.theta, n, "a task tensor")?))?;
+            if let (Some(gr), Some(off)) = (task.grad, lay.grad[t]) {
+                dev(arena.upload(gpu, off, elems(&gr, n, "a gradient tensor")?))?;
+            }
+        }
+        // The fuse's task table and the means that normalise model-wide keys.
+        let table: Vec<FuseTask> = (0..nt)
+            .map(|t| FuseTask {
+                theta: arena.at(lay.theta[t]),
+                mask: lay.mask[t].map_or(0, |off| arena.at(off)),
+                weight: f.weights[t],
+                rescale: f.rescale[t].unwrap_or(1.0),
+                sign: if f.forget[t] { -1 } else { 1 },
+                dtype: dtype_code(g.tasks[t].theta.ty),
+            })
+            .collect();
+        let means: Vec<f32> = sels
+            .iter()
+            .map(|s| s.spec().and_then(|sp| sp.mean).unwrap_or(0.0))
+            .collect();
+        let mut params = bytemuck::cast_slice::<FuseTask, u8>(&table).to_vec();
+        params.extend_from_slice(bytemuck::cast_slice(&means));
+        dev(arena.upload(gpu, lay.params, &params))?;
+        let means_addr = arena.at(lay.params + nt * std::mem::size_of::<FuseTask>());
+        let mean_ptr = |t: usize| means_addr + 4 * t as u64;
+        // Error word at u64::MAX, counters at zero.
+        let mut stats = vec![0u64; lay.stats_words];
+        stats[StatsWords::FUSE_BAD] = u64::MAX;
+        dev(arena.upload(gpu, lay.stats, bytemuck::cast_slice(&stats)))?;
+        let stats_addr = arena.at(lay.stats);
+        let stat_ptr = |word: usize| stats_addr + 8 * word as u64;
+
+        // 2. one mask per task
+        for (t, sel) in sels.iter().enumerate() {
+            let n64 = n as u64;
+            match *sel {
+                Sel::Keep => {}
+                Sel::Random { stream, threshold } => {
+                    let mask = arena.at(lay.mask[t].expect("a mask"));
+                    // SAFETY: `mask` holds ceil(n / 64) words.
+                    dev(unsafe { gpu.dare_mask(n64, stream, threshold, mask, 0) })?;
+                }
+                Sel::TopK { spec, k } => {
+                    let st = arena.at(lay.state[t].expect("a state"));
+                    let keys = arena.at(lay.keys);
+                    let cand = arena.at(lay.cand);
+                    let tiles = arena.at(lay.tiles);
+                    let mask = arena.at(lay.mask[t].expect("a mask"));
+                    let s = score_inputs(g, t, &spec, arena, lay.base, lay.theta[t], lay.grad[t])?;
+                    let cap = lay.cand_cap as u64;
+                    // SAFETY: every pointer is a buffer of the layout, sized for n elements
+                    // (docs/KERNELS.md, host sequencing (a)); score errors go to `st.bad`.
+                    launches(|| unsafe {
+                        gpu.select_init(st, n64, k)?;
+                        match spec.mean {
+                            // pass 0's histogram and pick fused into the scores
+                            None => gpu.score_keys(&s, n64, keys, st + STATE_BAD, st, 0, true)?,
+                            Some(_) => {
+                                gpu.score_keys(&s, n64, keys, st + STATE_BAD, 0, 0, false)?;
+                                gpu.keys_normalize(keys, n64, mean_ptr(t), st, 0, true)?;
+                            }
+                        }
+                        gpu.select_filter(keys, n64, st, 1, cand, cap)?;
+                        gpu.select_filter(keys, n64, st, 2, cand, cap)?;
+                        // The total (keys == T) is only counted when some but not all ties are
+                        // kept; `task_stats` accounts for that.
+                        gpu.select_tie_count(keys, n64, st, tiles, stat_ptr(w.tie_total(t)), true)?;
+                        gpu.select_tie_cutoff(keys, n64, st, tiles)?;
+                        gpu.select_mask(keys, n64, st, mask)
+                    })?;
+                }
+                Sel::Fixed { spec, key, quota } => {
+                    let st_off = lay.state[t].expect("a state");
+                    let st = arena.at(st_off);
+                    let keys = arena.at(lay.keys);
+                    let tiles = arena.at(lay.tiles);
+                    let mask = arena.at(lay.mask[t].expect("a mask"));
+                    // The model-wide threshold is known: a state that has done its three radix
+                    // passes, with the task's remaining tie quota. count_eq ("ties not yet
+                    // visited") is unknown here, so it is set to u64::MAX: select_tie_cutoff
+                    // then keeps min(e, quota) of this tensor's e ties, lowest index first,
+                    // which is the CPU's rule for `MaskJob::Fixed`.
+                    let h = SelectHeader {
+                        n: n64,
+                        k: quota,
+                        k_rem: quota,
+                        count_eq: u64::MAX,
+                        cand_len: u64::MAX,
+                        bad: u64::MAX,
+                        prefix: key,
+                        threshold: key,
+                        passes_done: 3,
+                        ..Default::default()
+                    };
+                    dev(arena.upload(gpu, st_off, bytemuck::bytes_of(&h)))?;
+                    let s = score_inputs(g, t, &spec, arena, lay.base, lay.theta[t], lay.grad[t])?;
+                    // SAFETY: as for TopK; the tie count always runs (skip_trivial = false), so
+                    // its total is this tensor's number of keys equal to the threshold.
+                    launches(|| unsafe {
+                        gpu.score_keys(&s, n64, keys, st + STATE_BAD, 0, 0, false)?;
+                        if spec.mean.is_some() {
+                            gpu.keys_normalize(keys, n64, mean_ptr(t), 0, 0, false)?;
+                        }
+                        gpu.select_tie_count(
+                            keys,
+                            n64,
+                            st,
+                            tiles,
+                            stat_ptr(w.tie_total(t)),
+                            false,
+                        )?;
+                        gpu.select_tie_cutoff(keys, n64, st, tiles)?;
+                        gpu.select_mask(keys, n64, st, mask)
+                    })?;
+                }
+            }
+        }
+
+        // 3. the fuse
+        let linear_div = {
+            let mut d = 0f32;
+            for (t, wt) in f.weights.iter().enumerate() {
+                if !f.forget[t] {
+                    d += *wt;
+                }
+            }
+            if d.abs() < 1e-8 {
+                1.0
+            } else {
+                d
+            }
+        };
+        let args = FuseArgs {
+            rule: f.rule,
+            base: arena.at(lay.base),
+            base_dtype: dtype_code(g.base.ty),
+            start: lay.start.map_or(0, |off| arena.at(off)),
+            start_dtype: g.start.map_or(0, |s| dtype_code(s.ty)),
+            tasks: arena.at(lay.params),
+            num_tasks: nt as i32,
+            n: n as u64,
+            normalize: f.normalize,
+            linear_div,
+            lambda: f.lambda,
+            out: arena.at(lay.out),
+            out_dtype: dtype_code(f.out),
+            kept: stat_ptr(w.kept(0)),
+            combo_hist: if track { stat_ptr(w.combos()) } else { 0 },
+            bad: stat_ptr(StatsWords::FUSE_BAD),
+        };
+        // SAFETY: the task table holds nt entries whose theta/mask addresses are buffers of the
+        // layout; kept, combos and bad are words of the stats block.
+        dev(unsafe { gpu.fuse(&args) })?;
+
+        // 4. results
+        dev(arena.download(gpu, lay.out, out))?;
+        dev(arena.download(gpu, lay.stats, bytemuck::cast_slice_mut(&mut stats)))?;
+        let mut headers = vec![None; nt];
+        for (t, off) in lay.state.iter().enumerate() {
+            if let Some(off) = off {
+                headers[t] = Some(dev(read_header(gpu, arena, *off))?);
+            }
+        }
+        dev(gpu.sync())?;
+
+        // Score errors first, task by task (the CPU fails while computing the keys of the
+        // first bad task, before it fuses), then the fuse's check of start values and τ.
+        for (t, h) in headers.iter().enumerate() {
+            if let Some(h) = h {
+                fault_result(score_fault(h.bad, t))?;
+            }
+        }
+        fault_result(fuse_fault(stats[StatsWords::FUSE_BAD]))?;
+
+        let tasks = sels
+            .iter()
+            .enumerate()
+            .map(|(t, sel)| {
+                task_stats(
+                    sel,
+                    n as u64,
+                    headers[t].as_ref(),
+                    stats[w.tie_total(t)],
+                    stats[w.kept(t)],
+                )
+                .map_err(|e| {
+                    BackendError::Device(format!(
+                        "internal error in the selection of task {t} for `{}` ({n} elements): {e}",
+                        g.name
+                    ))
+                })
+            })
+            .collect::<BResult<Vec<_>>>()?;
+        let combos = stats[w.combos()..w.combos() + ncombo].to_vec();
+        Ok(GroupStats { tasks, combos })
+    }
+
+    /// `score_sum` on the device: raw keys, the per-chunk deterministic sums, their ordered sum.
+    fn score_sum_on_device(
+        &self,
+        arena: &mut Arena,
+        g: &Group,
+        t: usize,
+        spec: &KeySpec,
+    ) -> BResult<f64> {
+        let gpu = &self.gpu;
+        let n = g.n;
+        let spec = KeySpec {
+            mean: None,
+            ..*spec
+        };
+        let nchunks = n.div_ceil(SUM_CHUNK);
+        let mut l = Layout::default();
+        let (base, theta, grad) = input_layout(&mut l, g, t, &spec);
+        let keys = l.take(4 * n);
+        let chunks = l.take(8 * nchunks);
+        let small = l.take(16); // [bad word, sum as f64 bits]
+        dev(arena.reserve(gpu, l.bytes()))?;
+        upload_inputs(gpu, arena, g, t, base, theta, grad)?;
+        let mut words = [u64::MAX, 0];
+        dev(arena.upload(gpu, small, bytemuck::cast_slice(&words)))?;
+        let s = score_inputs(g, t, &spec, arena, base, theta, grad)?;
+        let (n64, keys, chunks, small_p) =
+            (n as u64, arena.at(keys), arena.at(chunks), arena.at(small));
+        // SAFETY: keys (n u32), chunks (nchunks f64) and the two words are arena buffers.
+        launches(|| unsafe {
+            gpu.score_keys(&s, n64, keys, small_p, 0, 0, false)?;
+            gpu.score_sum(keys, n64, chunks)?;
+            gpu.score_mean(chunks, nchunks as u64, n64, small_p + 8, 0)
+        })?;
+        dev(arena.download(gpu, small, bytemuck::cast_slice_mut(&mut words)))?;
+        dev(gpu.sync())?;
+        fault_result(score_fault(words[0], t))?;
+        Ok(f64::from_bits(words[1]))
+    }
+
+    /// `histogram` on the device, for one of the digits of [`DIGITS_11`].
+    #[allow(clippy::too_many_arguments)]
+    fn histogram_on_device(
+        &self,
+        arena: &mut Arena,
+        g: &Group,
+        t: usize,
+        spec: &KeySpec,
+        pass: usize,
+        prefix: u32,
+        hist: &mut [u64],
+    ) -> BResult<()> {
+        let gpu = &self.gpu;
+        let n = g.n;
+        let (shift, bits) = DIGITS_11[pass];
+        let mut l = Layout::default();
+        let (base, theta, grad) = input_layout(&mut l, g, t, spec);
+        let keys = spec.mean.map(|_| l.take(4 * n));
+        let state = l.take(STATE_BYTES);
+        let small = l.take(8); // [bad word, mean as f32]
+        dev(arena.reserve(gpu, l.bytes()))?;
+        upload_inputs(gpu, arena, g, t, base, theta, grad)?;
+        let mut words = [u64::MAX, u64::from(spec.mean.unwrap_or(0.0).to_bits())];
+        dev(arena.upload(gpu, small, bytemuck::cast_slice(&words)))?;
+        let s = score_inputs(g, t, spec, arena, base, theta, grad)?;
+        let (n64, st, bad) = (n as u64, arena.at(state), arena.at(small));
+        // The state's prefix holds the decided bits in place (the kernel compares the key bits
+        // above the digit with it); the pipeline's prefix is those bits shifted down.
+        let top = shift + bits;
+        let placed: u32 = if top >= 32 { 0 } else { prefix << top };
+        // SAFETY: `st` is a SelectState; keys (n u32) when normalising; `bad` and the mean are
+        // the two words of `small` (the mean is the low half of the second, little endian).
+        dev(unsafe { gpu.select_init(st, n64, n64) })?;
+        dev(arena.upload(gpu, state + STATE_PREFIX, &placed.to_le_bytes()))?;
+        launches(|| unsafe {
+            match keys {
+                None => gpu.score_keys(&s, n64, 0, bad, st, pass as i32, false),
+                Some(keys) => {
+                    let keys = arena.at(keys);
+                    gpu.score_keys(&s, n64, keys, bad, 0, 0, false)?;
+                    gpu.keys_normalize(keys, n64, bad + 8, st, pass as i32, false)
+                }
+            }
+        })?;
+        let mut h = vec![0u64; 2048];
+        dev(arena.download(
+            gpu,
+            state + state_hist(pass),
+            bytemuck::cast_slice_mut(&mut h),
+        ))?;
+        dev(arena.download(gpu, small, bytemuck::cast_slice_mut(&mut words[..1])))?;
+        dev(gpu.sync())?;
+        fault_result(score_fault(words[0], t))?;
+        for (x, y) in hist.iter_mut().zip(&h[..1 << bits]) {
+            *x += y;
+        }
+        Ok(())
+    }
+}
+
+/// Offsets of the inputs that task `t`'s scores read: (base, theta, grad).
+fn input_layout(
+    l: &mut Layout,
+    g: &Group,
+    t: usize,
+    spec: &KeySpec,
+) -> (usize, usize, Option<usize>) {
+    let n = g.n;
+    let base = l.take(n * g.base.ty.size());
+    let theta = l.take(n * g.tasks[t].theta.ty.size());
+    let grad = match (spec.score.needs_grad(), g.tasks[t].grad) {
+        (true, Some(gr)) => Some(l.take(n * gr.ty.size())),
+        _ => None,
+    };
+    (base, theta, grad)
+}
+
+fn upload_inputs(
+    gpu: &Gpu,
+    arena: &mut Arena,
+    g: &Group,
+    t: usize,
+    base: usize,
+    theta: usize,
+    grad: Option<usize>,
+) -> BResult<()> {
+    let n = g.n;
+    dev(arena.upload(gpu, base, elems(&g.base, n, "the base tensor")?))?;
+    dev(arena.upload(gpu, theta, elems(&g.tasks[t].theta, n, "a task tensor")?))?;
+    if let (Some(off), Some(gr)) = (grad, g.tasks[t].grad) {
+        dev(arena.upload(gpu, off, elems(&gr, n, "a gradient tensor")?))?;
+    }
+    Ok(())
+}
+
+/// One task's statistics, as the CPU backend reports them, from what the device left behind:
+/// the select state's header, the tie total of `select_tie_count` and the fuse's count of mask
+/// bits. Checks the counts against each other (an Err is a kernel or host bug).
+fn task_stats(
+    sel: &Sel,
+    n: u64,
+    h: Option<&SelectHeader>,
+    tie_total: u64,
+    kept: u64,
+) -> DResult<TaskStats> {
+    let flags = |h: &SelectHeader| -> DResult<()> {
+        if h.flags & FLAG_PICK_FAILED != 0 {
+            return Err(format!(
+                "a radix pick found fewer keys than it needed ({h:?})"
+            ));
+        }
+        if h.flags & FLAG_TIE_FAILED != 0 {
+            return Err(format!("the tie count exceeded the state's ties ({h:?})"));
+        }
+        Ok(())
+    };
+    match *sel {
+        Sel::Keep => {
+            if kept != n {
+                return Err(format!("{kept} entries kept without a mask, expected {n}"));
+            }
+            Ok(TaskStats {
+                kept: n,
+                ..Default::default()
+            })
+        }
+        Sel::Random { .. } => Ok(TaskStats {
+            kept,
+            ..Default::default()
+        }),
+        Sel::TopK { k, .. } => {
+            let h = h.ok_or("no select state")?;
+            flags(h)?;
+            if h.passes_done != 3 {
+                return Err(format!(
+                    "{} radix passes done, not 3 ({h:?})",
+                    h.passes_done
+                ));
+            }
+            // The tie count ran (and select_tie_cutoff took its total e off count_eq) only when
+            // some but not all keys equal to T are kept; otherwise count_eq is untouched and the
+            // total was never added to. Either way their sum is the number of keys == T.
+            let count_eq = h.count_eq + tie_total;
+            let th = Threshold {
+                key: h.threshold,
+                cutoff: h.cutoff,
+                count_gt: h.count_gt,
+                count_eq,
+            };
+            if kept != k {
+                return Err(format!(
+                    "the mask keeps {kept} entries, not k = {k} ({h:?})"
+                ));
+            }
+            Ok(TaskStats {
+                kept: k,
+                threshold: Some(th),
+                ties_kept: count_eq.min(k - h.count_gt),
+            })
+        }
+        Sel::Fixed { key, quota, .. } => {
+            let h = h.ok_or("no select state")?;
+            flags(h)?;
+            let eq = tie_total;
+            let ties = eq.min(quota);
+            if kept < ties {
+                return Err(format!(
+                    "the mask keeps {kept} entries, fewer than the {ties} ties it must keep"
+                ));
+            }
+            // The CPU reports cutoff = n when every tie is kept (also when there is none), 0
+            // when none is; the device's cutoff is 0 whenever the quota is spent.
+            let cutoff = if ties == eq { n } else { h.cutoff };
+            Ok(TaskStats {
+                kept,
+                threshold: Some(Threshold {
+                    key,
+                    cutoff,
+                    count_gt: kept - ties,
+                    count_eq: eq,
+                }),
+                ties_kept: ties,
+            })
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn merge_group(
+        &self,
+        g: &Group,
+        jobs: &[MaskJob],
+        f: &FuseSpec,
+        out: &mut [u8],
+    ) -> BResult<GroupStats> {
+        if g.n == 0 || g.tasks.is_empty() || g.tasks.len() > MAX_FUSE_TASKS {
+            return self.cpu.merge_group(g, jobs, f, out);
+        }
+        let mut arena = self.lock();
+        guarded(|| self.merge_on_device(&mut arena, g, jobs, f, out))
+    }
+
+    fn score_sum(&self, g: &Group, task: usize, spec: &KeySpec) -> BResult<f64> {
+        if g.n == 0 {
+            return self.cpu.score_sum(g, task, spec);
+        }
+        let mut arena = self.lock();
+        guarded(|| self.score_sum_on_device(&mut arena, g, task, spec))
+    }
+
+    fn histogram(
+        &self,
+        g: &Group,
+        task: usize,
+        spec: &KeySpec,
+        shift: u32,
+        bits: u32,
+        prefix: u32,
+        hist: &mut [u64],
+    ) -> BResult<()> {
+        let Some(pass) = DIGITS_11.iter().position(|&d| d == (shift, bits)) else {
+            return Err(BackendError::Device(format!(
+                "the cuda backend builds histograms of the digits {DIGITS_11:?} only, not \
+                 (shift {shift}, bits {bits})"
+            )));
+        };
+        if g.n == 0 {
+            return Ok(());
+        }
+        let mut arena = self.lock();
+        guarded(|| self.histogram_on_device(&mut arena, g, task, spec, pass, prefix, hist))
+    }
+
+    /// The kernels' radix digits: 11, 11 and 10 bits from the top.
+    fn model_digits(&self) -> &'static [(u32, u32)] {
+        &DIGITS_11
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_words_decode_like_the_kernels_write_them() {
+        // score_keys: (i << 3) | (source << 1) | is_nan
+        let w = (12345u64 << 3) | (2 << 1) | 1;
+        assert_eq!(
+            score_fault(w, 4),
+            Some(Fault {
+                source: Source::Grad(4),
+                index: 12345,
+                value_is_nan: true
+            })
+        );
+        assert_eq!(score_fault(3 << 1, 0).unwrap().source, Source::Score(0));
+        assert_eq!(score_fault(u64::MAX, 0), None);
+        // fuse: (i << 9) | (slot << 2) | (base_bad << 1) | is_nan
+        let f = fuse_fault(7 << 9).unwrap();
+        assert_eq!(
+            (f.source, f.index, f.value_is_nan),
+            (Source::Start, 7, false)
+        );
+        let f = fuse_fault((9 << 9) | (3 << 2) | 1).unwrap();
+        assert_eq!(
+            (f.source, f.index, f.value_is_nan),
+            (Source::Theta(2), 9, true)
+        );
+        let f = fuse_fault((9 << 9) | (3 << 2) | 2).unwrap();
+        assert_eq!(f.source, Source::Base);
+        assert_eq!(fuse_fault(u64::MAX), None);
+    }
+
+    #[test]
+    fn statistics_follow_the_cpu_rules() {
+        let spec = KeySpec {
+            score: ScoreKind::AbsTaskVector,
+            mean: None,
+            nonfinite_zero: false,
+        };
+        // top-k, partial ties: the tie kernels took e = 5 off count_eq.
+        let h = SelectHeader {
+            threshold: 0x8000_1234,
+            count_gt: 7,
+            count_eq: 0,
+            k_rem: 0,
+            cutoff: 40,
+            passes_done: 3,
+            ..Default::default()
+        };
+        let s = task_stats(&Sel::TopK { spec, k: 10 }, 100, Some(&h), 5, 10).unwrap();
+        let th = s.threshold.unwrap();
+        assert_eq!(
+            (th.count_eq, th.count_gt, th.cutoff, s.ties_kept),
+            (5, 7, 40, 3)
+        );
+        // top-k, every tie kept: the tie count was skipped, count_eq untouched.
+        let h = SelectHeader {
+            count_eq: 3,
+            count_gt: 7,
+            k_rem: 3,
+            cutoff: 100,
+            passes_done: 3,
+            ..h
+        };
+        let s = task_stats(&Sel::TopK { spec, k: 10 }, 100, Some(&h), 0, 10).unwrap();
+        assert_eq!((s.threshold.unwrap().count_eq, s.ties_kept), (3, 3));
+        assert!(task_stats(&Sel::TopK { spec, k: 10 }, 100, Some(&h), 0, 9).is_err());
+        // fixed threshold, no tie at all and no quota: the CPU's cutoff is n.
+        let fixed = Sel::Fixed {
+            spec,
+            key: 5,
+            quota: 0,
+        };
+        let h = SelectHeader::default();
+        let s = task_stats(&fixed, 100, Some(&h), 0, 12).unwrap();
+        let th = s.threshold.unwrap();
+        assert_eq!(
+            (s.kept, th.count_gt, th.cutoff, s.ties_kept),
+            (12, 12, 100, 0)
+        );
+        // fixed threshold, 4 ties and a quota of 2: cutoff from the device.
+        let fixed = Sel::Fixed {
+            spec,
+            key: 5,
+            quota: 2,
+        };
+        let h = SelectHeader {
+            cutoff: 17,
+            ..Default::default()
+        };
+        let s = task_stats(&fixed, 100, Some(&h), 4, 12).unwrap();
+        let th = s.threshold.unwrap();
+        assert_eq!(
+            (th.count_gt, th.count_eq, th.cutoff, s.ties_kept),
+            (10, 4, 17, 2)
+        );
+    }
+
+    #[test]
+    fn new_fails_cleanly_without_a_gpu() {
+        // Where there is a GPU this opens it; elsewhere it must be an Err, never a panic.
+        match CudaBackend::new(0) {
+            Ok(b) => assert!(!b.description().is_empty()),
+            Err(e) => assert!(!e.is_empty()),
+        }
+    }
 }

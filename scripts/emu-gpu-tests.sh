@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs tests/gpu.rs (the CUDA backend against the CPU backend, bit for bit) without a GPU: builds
+# a fake libcuda.so (scripts/emu/fake_libcuda.cpp) whose cuLaunchKernel runs the real
+# kernels/*.cu under kernels/emu/cuda_emu.h, and puts it first on LD_LIBRARY_PATH. This checks
+# the host side (src/backend/cuda*: launch arguments, buffer layout, sequencing, statistics and
+# fault decoding) together with the kernels' algorithms; it cannot see GPU memory-ordering races
+# or speed, so the real check remains scripts/gpu-check.sh on a GPU machine.
+#
+# The emulation runs one OS thread per CUDA thread: tensors are capped at
+# STAMERGE_TEST_MAX_ELEMS elements (default 70000) and the fake GPU has FAKE_CUDA_SMS (2) SMs.
+#   scripts/emu-gpu-tests.sh                  # all of tests/gpu.rs
+#   scripts/emu-gpu-tests.sh ties_matches     # a filter, as for cargo test
+# Needs g++ >= 11 and a build with kernels (nvcc at build time: HAVE_KERNELS).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+out="${TMPDIR:-/tmp}/stamerge-fake-cuda"
+mkdir -p "$out"
+g++ -std=c++20 -O1 -ffp-contract=off -fno-fast-math -pthread -shared -fPIC \
+    -I"$root/kernels" -include "$root/kernels/emu/cuda_emu.h" \
+    "$here/emu/fake_libcuda.cpp" -o "$out/libcuda.so"
+export LD_LIBRARY_PATH="$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export STAMERGE_TEST_MAX_ELEMS="${STAMERGE_TEST_MAX_ELEMS:-70000}"
+cd "$root"
+exec cargo test --test gpu -- --nocapture --test-threads 1 "$@"

@@ -1,0 +1,628 @@
+//! The device side of the CUDA backend: the context, the stream, the kernels loaded from the
+//! fatbins that build.rs embeds, one typed wrapper per kernel launch (argument order and grids as
+//! in docs/KERNELS.md), and the grow-only device arena that holds one tensor group at a time.
+//!
+//! Every driver error becomes a `String` naming the call; nothing here unwraps a driver result.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::dtype::FloatType;
+use crate::method::FuseRule;
+
+mod generated {
+    // `HAVE_KERNELS` and `KERNELS` (module name → fatbin bytes), written by build.rs.
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+pub use generated::{HAVE_KERNELS, KERNELS};
+
+pub type DResult<T> = Result<T, String>;
+
+/// A device address as the kernels take it (`const void*`, `u64*`, …); 0 is NULL.
+pub type Ptr = u64;
+
+/// Threads per block of every kernel except `select_tie_cutoff` and `score_mean`.
+const BLOCK: u32 = 256;
+/// `select_tie_cutoff` runs as one block of exactly this many threads.
+const CUTOFF_BLOCK: u32 = 1024;
+/// Keys per `select_tie_count` block (its grid is exactly ceil(n / TIE_TILE)).
+pub const TIE_TILE: usize = 8192;
+/// Elements per `score_sum` block (its grid is exactly ceil(n / SUM_CHUNK)).
+pub const SUM_CHUNK: usize = 65_536;
+/// Arena offsets are multiples of this (the kernels take 16-byte vector loads on aligned data).
+const ALIGN: usize = 256;
+/// The arena grows in steps of this much, so that slightly larger groups do not reallocate.
+const GROW_STEP: usize = 64 << 20;
+
+/// Blocks of 256 threads per SM for the grid-stride kernels (docs/KERNELS.md, "Occupancy"): the
+/// histogram-building launches use fewer blocks (fewer global atomics), the others fill the SMs.
+mod per_sm {
+    pub const HISTOGRAM: u32 = 4;
+    pub const SCORE: u32 = 5;
+    pub const NORMALIZE: u32 = 6;
+    pub const MASK: u32 = 8;
+    pub const FUSE_LINEAR: u32 = 5;
+    pub const FUSE_TIES: u32 = 3;
+}
+
+/// "CUDA_ERROR_NO_DEVICE (no CUDA-capable device is detected)".
+pub fn describe(e: &DriverError) -> String {
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("{:?}", e.0));
+    match e.error_string() {
+        Ok(s) => format!("{name} ({})", s.to_string_lossy()),
+        Err(_) => name,
+    }
+}
+
+/// Maps a driver error to "`what`: CUDA_ERROR_… (…)".
+pub fn drv(what: &str) -> impl Fn(DriverError) -> String + '_ {
+    move |e| format!("{what}: {}", describe(&e))
+}
+
+pub fn dtype_code(t: FloatType) -> i32 {
+    match t {
+        FloatType::F32 => 0,
+        FloatType::F16 => 1,
+        FloatType::BF16 => 2,
+    }
+}
+
+/// The kernels the backend launches, by name (module → kernel in docs/KERNELS.md).
+pub struct Kernels {
+    score_keys: CudaFunction,
+    keys_normalize: CudaFunction,
+    score_sum: CudaFunction,
+    score_mean: CudaFunction,
+    select_init: CudaFunction,
+    select_filter: CudaFunction,
+    select_tie_count: CudaFunction,
+    select_tie_cutoff: CudaFunction,
+    select_mask: CudaFunction,
+    dare_mask: CudaFunction,
+    fuse_linear: CudaFunction,
+    fuse_ties: CudaFunction,
+}
+
+/// An opened GPU: context, the one stream every launch of this backend goes to, the kernels.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    k: Kernels,
+    /// Streaming multiprocessors, for the grid sizes.
+    pub sms: u32,
+    /// "NVIDIA H200 (sm_90, 132 SMs, 139.8 GiB, driver 13.0)".
+    pub description: String,
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and loads the kernels. The caller has checked that libcuda loads
+    /// (the first driver call panics otherwise).
+    pub fn open(ordinal: usize) -> DResult<Self> {
+        let ctx = CudaContext::new(ordinal).map_err(|e| match e.0 {
+            sys::CUresult::CUDA_ERROR_NO_DEVICE => format!("no CUDA GPU: {}", describe(&e)),
+            _ => format!("cannot open CUDA device {ordinal}: {}", describe(&e)),
+        })?;
+        // One stream, and slices that never outlive the work that uses them (the backend
+        // synchronises before it returns), so cudarc's per-slice events are not needed.
+        // SAFETY: no slice of this context exists yet, and all work goes to one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(drv("creating a CUDA stream"))?;
+        let name = ctx
+            .name()
+            .unwrap_or_else(|_| "an unnamed CUDA device".into());
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(drv("reading the compute capability"))?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(drv("reading the SM count"))?
+            .max(1) as u32;
+        let total = ctx.total_mem().unwrap_or(0);
+        let driver = driver_version()
+            .map(|v| format!(", driver {}.{}", v / 1000, (v % 1000) / 10))
+            .unwrap_or_default();
+        let description = format!(
+            "{name} (sm_{major}{minor}, {sms} SMs, {:.1} GiB{driver})",
+            total as f64 / (1u64 << 30) as f64
+        );
+        let k = load_kernels(&ctx, (major, minor))?;
+        Ok(Self {
+            ctx,
+            stream,
+            k,
+            sms,
+            description,
+        })
+    }
+
+    /// Waits for every launch and copy of this backend; reports a failure of any of them.
+    pub fn sync(&self) -> DResult<()> {
+        self.stream
+            .synchronize()
+            .map_err(drv("waiting for the GPU (a kernel or copy failed)"))
+    }
+
+    /// Grid for a grid-stride kernel that would need `threads` threads to cover its work in one
+    /// step: `max(1, min(ceil(threads / 256), blocks_per_sm × SMs))` (KERNELS.md's G(x)).
+    fn grid(&self, threads: u64, blocks_per_sm: u32) -> u32 {
+        let cap = u64::from(blocks_per_sm.saturating_mul(self.sms).max(1));
+        threads.div_ceil(u64::from(BLOCK)).clamp(1, cap) as u32
+    }
+
+    /// An exact grid of `blocks` blocks (kernels whose grid is fixed by the data size).
+    fn exact(blocks: usize, what: &str) -> DResult<u32> {
+        u32::try_from(blocks.max(1))
+            .map_err(|_| format!("{what}: {blocks} blocks exceed the CUDA grid limit"))
+    }
+}
+
+/// The installed driver's CUDA version (e.g. 13000 for 13.0).
+pub fn driver_version() -> Option<i32> {
+    let mut v = 0i32;
+    // SAFETY: cuDriverGetVersion only writes the int it is given; libcuda is loaded.
+    let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+}
+
+fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> DResult<Kernels> {
+    let mut modules = Vec::new();
+    for (name, fatbin) in KERNELS {
+        let m = ctx
+            .load_module(Ptx::from_binary(fatbin.to_vec()))
+            .map_err(|e| {
+                format!(
+                    "loading the `{name}` kernels: {} (this GPU is sm_{}{}; the build has sm_80 \
+                     and sm_90 machine code and compute_90 PTX, which needs a driver at least as \
+                     new as the nvcc that built it: {})",
+                    describe(&e),
+                    cc.0,
+                    cc.1,
+                    option_env!("STAMERGE_NVCC_VERSION").unwrap_or("unknown"),
+                )
+            })?;
+        modules.push((*name, m));
+    }
+    let get = |module: &str, f: &str| -> DResult<CudaFunction> {
+        let m = modules
+            .iter()
+            .find(|(n, _)| *n == module)
+            .map(|(_, m)| m)
+            .ok_or_else(|| format!("this build's kernels have no `{module}` module"))?;
+        m.load_function(f)
+            .map_err(|e| format!("kernel `{f}` in `{module}`: {}", describe(&e)))
+    };
+    Ok(Kernels {
+        score_keys: get("score", "score_keys")?,
+        keys_normalize: get("score", "keys_normalize")?,
+        score_sum: get("score", "score_sum")?,
+        score_mean: get("score", "score_mean")?,
+        select_init: get("select", "select_init")?,
+        select_filter: get("select", "select_filter")?,
+        select_tie_count: get("select", "select_tie_count")?,
+        select_tie_cutoff: get("select", "select_tie_cutoff")?,
+        select_mask: get("select", "select_mask")?,
+        dare_mask: get("select", "dare_mask")?,
+        fuse_linear: get("fuse", "fuse_linear")?,
+        fuse_ties: get("fuse", "fuse_ties")?,
+    })
+}
+
+// ------------------------------------------------------------------------------------------------
+// launches
+
+/// Launches `$f` on the backend's stream with `$grid` × `$block` threads. The arguments must be
+/// plain local variables (u64, i32, f32): cudarc keeps their addresses until the launch.
+macro_rules! launch {
+    ($gpu:expr, $f:ident, $grid:expr, $block:expr; $($arg:ident),* $(,)?) => {{
+        let cfg = LaunchConfig {
+            grid_dim: ($grid, 1, 1),
+            block_dim: ($block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = $gpu.stream.launch_builder(&$gpu.k.$f);
+        $( b.arg(&$arg); )*
+        // SAFETY: the argument list matches the kernel's C signature (docs/KERNELS.md); the
+        // caller guarantees that every pointer addresses device memory of the size the kernel
+        // reads or writes (see the `# Safety` sections below).
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| format!("launching `{}`: {}", stringify!($f), describe(&e)))
+    }};
+}
+
+/// The inputs of `score_keys` for one task.
+#[derive(Clone, Copy, Debug)]
+pub struct ScoreInputs {
+    pub theta: Ptr,
+    pub theta_dtype: i32,
+    /// NULL in mode 1.
+    pub base: Ptr,
+    pub base_dtype: i32,
+    /// NULL in mode 0.
+    pub grad: Ptr,
+    pub grad_dtype: i32,
+    /// 0: |θ − b|, 1: |θ·G|, 2: |(θ − b)·G|.
+    pub mode: i32,
+    pub nonfinite_zero: bool,
+}
+
+/// The arguments of `fuse_linear` / `fuse_ties`.
+#[derive(Clone, Copy, Debug)]
+pub struct FuseArgs {
+    pub rule: FuseRule,
+    pub base: Ptr,
+    pub base_dtype: i32,
+    /// NULL: start = base.
+    pub start: Ptr,
+    pub start_dtype: i32,
+    /// Device array of `num_tasks` [`FuseTask`].
+    pub tasks: Ptr,
+    pub num_tasks: i32,
+    pub n: u64,
+    pub normalize: bool,
+    pub linear_div: f32,
+    pub lambda: f32,
+    pub out: Ptr,
+    pub out_dtype: i32,
+    /// u64 × num_tasks, zeroed; or NULL.
+    pub kept: Ptr,
+    /// u64 × 2^num_tasks, zeroed; or NULL.
+    pub combo_hist: Ptr,
+    /// One u64 set to u64::MAX; or NULL.
+    pub bad: Ptr,
+}
+
+/// Per-task entry of the fuse kernels' task table (docs/KERNELS.md; 32 bytes, `#[repr(C)]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FuseTask {
+    pub theta: u64,
+    /// 0: every entry kept.
+    pub mask: u64,
+    pub weight: f32,
+    /// Kept τ is divided by this (DARE's rescale); 1.0: no division.
+    pub rescale: f32,
+    /// +1 models, −1 forget.
+    pub sign: i32,
+    pub dtype: i32,
+}
+
+/// The first 96 bytes of the device `SelectState` (kernels/common.cuh; docs/KERNELS.md).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SelectHeader {
+    pub n: u64,
+    pub k: u64,
+    pub k_rem: u64,
+    pub count_gt: u64,
+    pub count_eq: u64,
+    pub cutoff: u64,
+    pub cand_len: u64,
+    pub cand_fill: u64,
+    pub bad: u64,
+    pub prefix: u32,
+    pub threshold: u32,
+    pub passes_done: u32,
+    pub ticket: u32,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// Size of the device `SelectState`: the header and three 2048-bucket u64 histograms.
+pub const STATE_BYTES: usize = 96 + 3 * 2048 * 8;
+/// Byte offset of `SelectState.bad`, the spare score-error word.
+pub const STATE_BAD: u64 = 64;
+/// Byte offset of `SelectState.prefix`.
+pub const STATE_PREFIX: usize = 72;
+/// Byte offset of `SelectState.hist[pass]`.
+pub fn state_hist(pass: usize) -> usize {
+    96 + pass * 2048 * 8
+}
+
+const _: () = assert!(std::mem::size_of::<SelectHeader>() == 96);
+const _: () = assert!(std::mem::size_of::<FuseTask>() == 32);
+
+// Each wrapper below launches one kernel.
+//
+// # Safety (all of them)
+//
+// Every `Ptr` must be 0 where the kernel allows NULL, or the address of live device memory of
+// this context holding what docs/KERNELS.md says the kernel reads and writes (n elements of the
+// given dtype, a 49 248-byte SelectState, ceil(n / 64) mask words, …), not freed before the
+// stream has run the launch.
+impl Gpu {
+    /// `select_init(st, n, k)`: zeroes the histograms and sets the header.
+    pub unsafe fn select_init(&self, st: Ptr, n: u64, k: u64) -> DResult<()> {
+        launch!(self, select_init, 1, BLOCK; st, n, k)
+    }
+
+    /// `score_keys`: scores → keys (stored when `keys` != 0), errors into `bad`, and with `st` the
+    /// histogram of digit `pass` (the last block picks the digit when `pick`).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn score_keys(
+        &self,
+        s: &ScoreInputs,
+        n: u64,
+        keys: Ptr,
+        bad: Ptr,
+        st: Ptr,
+        pass: i32,
+        pick: bool,
+    ) -> DResult<()> {
+        let per_sm = if st != 0 {
+            per_sm::HISTOGRAM
+        } else {
+            per_sm::SCORE
+        };
+        let grid = self.grid(n.div_ceil(8), per_sm);
+        let (theta, theta_dtype, base, base_dtype) = (s.theta, s.theta_dtype, s.base, s.base_dtype);
+        let (grad, grad_dtype, mode) = (s.grad, s.grad_dtype, s.mode);
+        let nonfinite_zero = s.nonfinite_zero as i32;
+        let pick = pick as i32;
+        launch!(self, score_keys, grid, BLOCK;
+            theta, theta_dtype, base, base_dtype, grad, grad_dtype, mode, nonfinite_zero,
+            n, keys, bad, st, pass, pick)
+    }
+
+    /// `keys_normalize`: keys ← key(s / *mean) in place (`mean`: a device f32), optional histogram.
+    pub unsafe fn keys_normalize(
+        &self,
+        keys: Ptr,
+        n: u64,
+        mean: Ptr,
+        st: Ptr,
+        pass: i32,
+        pick: bool,
+    ) -> DResult<()> {
+        let per_sm = if st != 0 {
+            per_sm::HISTOGRAM
+        } else {
+            per_sm::NORMALIZE
+        };
+        let grid = self.grid(n.div_ceil(4), per_sm);
+        let pick = pick as i32;
+        launch!(self, keys_normalize, grid, BLOCK; keys, n, mean, st, pass, pick)
+    }
+
+    /// `score_sum`: the deterministic sum of each 65 536-key chunk into `chunk_sums` (f64).
+    pub unsafe fn score_sum(&self, keys: Ptr, n: u64, chunk_sums: Ptr) -> DResult<()> {
+        let grid = Self::exact((n as usize).div_ceil(SUM_CHUNK), "score_sum")?;
+        launch!(self, score_sum, grid, BLOCK; keys, n, chunk_sums)
+    }
+
+    /// `score_mean`: the chunk sums added in order into `*sum_out` (f64), f32(sum / n) into
+    /// `*mean_out` (either may be 0).
+    pub unsafe fn score_mean(
+        &self,
+        chunk_sums: Ptr,
+        nchunks: u64,
+        n: u64,
+        sum_out: Ptr,
+        mean_out: Ptr,
+    ) -> DResult<()> {
+        launch!(self, score_mean, 1, 1; chunk_sums, nchunks, n, sum_out, mean_out)
+    }
+
+    /// `select_filter`: radix pass `pass` (1 or 2, or 0 over stored keys) and the last block's pick.
+    pub unsafe fn select_filter(
+        &self,
+        keys: Ptr,
+        n: u64,
+        st: Ptr,
+        pass: i32,
+        cand: Ptr,
+        cand_cap: u64,
+    ) -> DResult<()> {
+        let grid = self.grid(n.div_ceil(4), per_sm::HISTOGRAM);
+        launch!(self, select_filter, grid, BLOCK; keys, n, st, pass, cand, cand_cap)
+    }
+
+    /// `select_tie_count`: keys == T per 8192-key tile into `tiles`, the total added to `*total`.
+    pub unsafe fn select_tie_count(
+        &self,
+        keys: Ptr,
+        n: u64,
+        st: Ptr,
+        tiles: Ptr,
+        total: Ptr,
+        skip_trivial: bool,
+    ) -> DResult<()> {
+        let grid = Self::exact((n as usize).div_ceil(TIE_TILE), "select_tie_count")?;
+        let skip_trivial = skip_trivial as i32;
+        launch!(self, select_tie_count, grid, BLOCK; keys, n, st, tiles, total, skip_trivial)
+    }
+
+    /// `select_tie_cutoff`: the tie cutoff of these keys, charged against the state's quota.
+    pub unsafe fn select_tie_cutoff(&self, keys: Ptr, n: u64, st: Ptr, tiles: Ptr) -> DResult<()> {
+        launch!(self, select_tie_cutoff, 1, CUTOFF_BLOCK; keys, n, st, tiles)
+    }
+
+    /// `select_mask`: the bit mask `key > T || (key == T && i < cutoff)`.
+    pub unsafe fn select_mask(&self, keys: Ptr, n: u64, st: Ptr, mask: Ptr) -> DResult<()> {
+        let grid = self.grid(32 * n.div_ceil(128), per_sm::MASK);
+        launch!(self, select_mask, grid, BLOCK; keys, n, st, mask)
+    }
+
+    /// `dare_mask`: DARE's keep decisions as a bit mask, the count added to `*kept` (0: none).
+    pub unsafe fn dare_mask(
+        &self,
+        n: u64,
+        stream: u64,
+        threshold: u64,
+        mask: Ptr,
+        kept: Ptr,
+    ) -> DResult<()> {
+        let grid = self.grid(n, per_sm::MASK);
+        launch!(self, dare_mask, grid, BLOCK; n, stream, threshold, mask, kept)
+    }
+
+    /// `fuse_linear` or `fuse_ties`. `num_tasks` must be in 1..=64 (the kernel traps otherwise,
+    /// which poisons the context).
+    pub unsafe fn fuse(&self, a: &FuseArgs) -> DResult<()> {
+        if !(1..=64).contains(&a.num_tasks) {
+            return Err(format!(
+                "the fuse kernels take 1 to 64 tasks, not {}",
+                a.num_tasks
+            ));
+        }
+        let FuseArgs {
+            base,
+            base_dtype,
+            start,
+            start_dtype,
+            tasks,
+            num_tasks,
+            n,
+            linear_div,
+            lambda,
+            out,
+            out_dtype,
+            kept,
+            combo_hist,
+            bad,
+            ..
+        } = *a;
+        let normalize = a.normalize as i32;
+        match a.rule {
+            FuseRule::Linear => {
+                let grid = self.grid(n.div_ceil(8), per_sm::FUSE_LINEAR);
+                launch!(self, fuse_linear, grid, BLOCK;
+                    base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
+                    linear_div, lambda, out, out_dtype, kept, combo_hist, bad)
+            }
+            FuseRule::Ties => {
+                let grid = self.grid(n.div_ceil(8), per_sm::FUSE_TIES);
+                launch!(self, fuse_ties, grid, BLOCK;
+                    base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
+                    linear_div, lambda, out, out_dtype, kept, combo_hist, bad)
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// the arena
+
+/// Byte offsets of the buffers of one piece of work inside the arena, each aligned to 256 bytes.
+#[derive(Default)]
+pub struct Layout {
+    end: usize,
+}
+
+impl Layout {
+    /// Reserves `bytes` (at least one alignment unit, so that every buffer has its own address).
+    pub fn take(&mut self, bytes: usize) -> usize {
+        let off = self.end;
+        self.end += bytes.max(1).next_multiple_of(ALIGN);
+        off
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.end
+    }
+}
+
+/// One device allocation that only grows: sized by the largest tensor group seen so far, reused
+/// by every later group, so a merge makes a handful of allocations in all.
+#[derive(Default)]
+pub struct Arena {
+    buf: Option<CudaSlice<u8>>,
+    base: Ptr,
+}
+
+impl Arena {
+    /// Makes the arena at least `bytes` long. Nothing may be in flight on the stream that uses
+    /// the old allocation (the backend synchronises at the end of every call).
+    pub fn reserve(&mut self, gpu: &Gpu, bytes: usize) -> DResult<()> {
+        if self.capacity() >= bytes {
+            return Ok(());
+        }
+        // Free the old allocation first: the peak is the new size, not old + new.
+        self.buf = None;
+        self.base = 0;
+        let size = bytes.next_multiple_of(GROW_STEP);
+        // SAFETY: the bytes are uninitialised; every buffer carved out of the arena is written
+        // (uploaded, initialised by a kernel, or fully written by a kernel) before it is read.
+        let buf = unsafe { gpu.stream.alloc::<u8>(size) }.map_err(|e| {
+            let (free, total) = gpu.ctx.mem_get_info().unwrap_or((0, 0));
+            format!(
+                "allocating {:.2} GB of GPU memory for this tensor group: {} ({:.2} GB free of \
+                 {:.2} GB; tensors too large for the GPU are not split into chunks yet: use \
+                 --device cpu)",
+                size as f64 / 1e9,
+                describe(&e),
+                free as f64 / 1e9,
+                total as f64 / 1e9
+            )
+        })?;
+        let (ptr, _) = buf.device_ptr(&gpu.stream);
+        self.base = ptr;
+        self.buf = Some(buf);
+        Ok(())
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// The device address of byte `off`.
+    pub fn at(&self, off: usize) -> Ptr {
+        debug_assert!(off < self.capacity());
+        self.base + off as u64
+    }
+
+    fn slice_bounds(&self, off: usize, len: usize) -> DResult<()> {
+        if off + len > self.capacity() {
+            return Err(format!(
+                "internal error: arena access {off}..{} past its {} bytes",
+                off + len,
+                self.capacity()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Copies `data` to byte `off` (stream-ordered after earlier launches).
+    pub fn upload(&mut self, gpu: &Gpu, off: usize, data: &[u8]) -> DResult<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.slice_bounds(off, data.len())?;
+        let buf = self.buf.as_mut().expect("checked by slice_bounds");
+        let mut dst = buf.slice_mut(off..off + data.len());
+        gpu.stream
+            .memcpy_htod(data, &mut dst)
+            .map_err(drv("copying inputs to the GPU"))
+    }
+
+    /// Copies `dst.len()` bytes from byte `off` into `dst` (waits for the stream up to this copy).
+    pub fn download(&self, gpu: &Gpu, off: usize, dst: &mut [u8]) -> DResult<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.slice_bounds(off, dst.len())?;
+        let buf = self.buf.as_ref().expect("checked by slice_bounds");
+        let src = buf.slice(off..off + dst.len());
+        gpu.stream
+            .memcpy_dtoh(&src, dst)
+            .map_err(drv("copying results from the GPU"))
+    }
+
+    /// The arena's bytes `off..off + len` as a view (for device-to-device copies).
+    pub fn view(&self, off: usize, len: usize) -> DResult<cudarc::driver::CudaView<'_, u8>> {
+        self.slice_bounds(off, len)?;
+        Ok(self
+            .buf
+            .as_ref()
+            .expect("checked by slice_bounds")
+            .slice(off..off + len))
+    }
+}
