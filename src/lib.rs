@@ -57,6 +57,9 @@ pub struct Options {
     pub report: Option<PathBuf>,
     /// Show a progress bar (terminal) or periodic log lines.
     pub progress: bool,
+    /// Re-read every output tensor before the folder is renamed into place and compare its
+    /// checksum with the one computed while writing.
+    pub verify: bool,
 }
 
 impl Default for Options {
@@ -68,6 +71,7 @@ impl Default for Options {
             overwrite: false,
             report: None,
             progress: false,
+            verify: false,
         }
     }
 }
@@ -178,6 +182,38 @@ fn write_side_files(plan: &Plan, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Re-reads every tensor of the output shards and compares it with the checksum taken while it
+/// was written: a disk or filesystem that corrupts data is caught before the rename.
+fn verify_output(plan: &Plan, outcome: &pipeline::Outcome, dir: &Path) -> Result<()> {
+    let mut want = std::collections::HashMap::new();
+    for (item, c) in plan.items.iter().zip(&outcome.checksums) {
+        want.insert(item.name.as_str(), *c);
+    }
+    let mut seen = 0;
+    for file in &outcome.shards.files {
+        let f = checkpoint::SafetensorsFile::open(&dir.join(file))
+            .map_err(|p| Error::Other(format!("--verify: {p}")))?;
+        for t in &f.tensors {
+            let got = checkpoint::writer::checksum(f.bytes(t));
+            if want.get(t.name.as_str()) != Some(&got) {
+                return Err(Error::Other(format!(
+                    "--verify: tensor `{}` in {} does not read back as written; the output was not kept",
+                    t.name, file
+                )));
+            }
+            seen += 1;
+        }
+    }
+    if seen != want.len() {
+        return Err(Error::Other(format!(
+            "--verify: {seen} tensors read back, {} written",
+            want.len()
+        )));
+    }
+    tracing::info!("verified {seen} tensors against their checksums");
+    Ok(())
+}
+
 /// Runs a whole merge: plan, compute, write into a temporary folder, rename into `out_dir`.
 pub fn merge(recipe: &Recipe, out_dir: &Path, opts: &Options) -> Result<Report> {
     let plan = plan(recipe, Some(out_dir), opts)?;
@@ -207,6 +243,9 @@ pub fn merge(recipe: &Recipe, out_dir: &Path, opts: &Options) -> Result<Report> 
         )
     })?;
     write_side_files(&plan, out.path())?;
+    if opts.verify {
+        verify_output(&plan, &outcome, out.path())?;
+    }
     {
         use error::IoContext;
         std::fs::write(out.path().join(RECIPE_NAME), &plan.recipe.text)

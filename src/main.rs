@@ -43,6 +43,9 @@ enum Cmd {
         /// Also write the JSON report here.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Re-read the output and compare each tensor's checksum before keeping it.
+        #[arg(long)]
+        verify: bool,
     },
     /// Check a recipe and its inputs from headers only and print the plan; exit 0 only when the
     /// merge would run.
@@ -279,6 +282,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             out_shard_size,
             overwrite,
             report,
+            verify,
         } => {
             let r = load_recipe(&recipe)?;
             let opts = Options {
@@ -288,6 +292,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 overwrite,
                 report,
                 progress: !cli.quiet,
+                verify,
             };
             let rep = stamerge::merge(&r, &out_dir, &opts)?;
             if !cli.quiet {

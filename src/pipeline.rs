@@ -311,6 +311,8 @@ enum Payload<'a> {
 pub struct Outcome {
     pub tensors: Vec<TensorRecord>,
     pub shards: ShardPlan,
+    /// Checksum of each output tensor, in plan order.
+    pub checksums: Vec<u64>,
     pub model_selection: Vec<ModelSelectionRecord>,
     pub bytes_read: u64,
 }
@@ -346,10 +348,10 @@ pub fn execute(
     progress.message("merging");
     let outs = plan.items.iter().map(|i| i.out.clone()).collect();
     let mut records = Vec::with_capacity(plan.items.len());
-    let result: Result<ShardPlan> = std::thread::scope(|s| {
+    let result: Result<(ShardPlan, Vec<u64>)> = std::thread::scope(|s| {
         let (tx, rx) = sync_channel::<Payload>(crate::plan::OUT_BUFFERS_IN_FLIGHT as usize - 1);
         let (ret_tx, ret_rx) = channel::<Vec<u8>>();
-        let writer = s.spawn(move || -> Result<ShardPlan> {
+        let writer = s.spawn(move || -> Result<(ShardPlan, Vec<u64>)> {
             let mut w = ShardWriter::new(dir, outs, out_shard_bytes);
             for p in rx {
                 match p {
@@ -384,6 +386,7 @@ pub fn execute(
                             action: "copy",
                             tasks: vec![],
                             overlap: vec![],
+                            checksum: String::new(),
                         });
                         Payload::Borrowed(f.bytes(t))
                     }
@@ -458,6 +461,7 @@ pub fn execute(
                             action: "merge",
                             tasks,
                             overlap: overlaps(&stats.combos, nt),
+                            checksum: String::new(),
                         });
                         Payload::Owned(buf)
                     }
@@ -478,7 +482,10 @@ pub fn execute(
         written
     });
     progress.finish();
-    let shards = result?;
+    let (shards, checksums) = result?;
+    for (r, c) in records.iter_mut().zip(&checksums) {
+        r.checksum = format!("{c:016x}");
+    }
     let model_selection = ms
         .map(|m| {
             m.thresholds
@@ -498,6 +505,7 @@ pub fn execute(
     Ok(Outcome {
         tensors: records,
         shards,
+        checksums,
         model_selection,
         bytes_read: progress.done,
     })

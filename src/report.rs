@@ -70,6 +70,8 @@ pub struct TensorRecord {
     /// Entries kept by both tasks i and j: [i, j, count], for every pair i < j.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub overlap: Vec<[u64; 3]>,
+    /// Checksum of the tensor's bytes as written (checkpoint::writer::checksum), hex.
+    pub checksum: String,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -317,3 +317,36 @@ fn a_second_run_into_the_same_folder_is_refused_while_the_first_runs() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn verify_rereads_the_output_and_the_report_checksums_match_the_files() {
+    let d = tempfile::tempdir().unwrap();
+    synth(d.path(), &["--tasks", "2"]);
+    let o = Command::new(stamerge_bin())
+        .args([
+            "merge",
+            "ties.yml",
+            "out",
+            "--verify",
+            "--out-shard-size",
+            "20KB",
+        ])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("verified 22 tensors"), "{err}");
+    let rep: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("out/stamerge_report.json")).unwrap())
+            .unwrap();
+    let (got, _) = read_model(&d.path().join("out"));
+    for t in rep["tensors"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        let want = format!(
+            "{:016x}",
+            stamerge::checkpoint::writer::checksum(&got[name].bytes)
+        );
+        assert_eq!(t["checksum"].as_str().unwrap(), want, "{name}");
+    }
+}

@@ -87,6 +87,8 @@ pub struct ShardWriter {
     tensors: Vec<OutTensor>,
     plan: ShardPlan,
     next: usize,
+    /// Checksum of every tensor written, in plan order (for the report and `--verify`).
+    checksums: Vec<u64>,
     shard: usize,
     current: Option<(BufWriter<File>, PathBuf)>,
 }
@@ -99,6 +101,7 @@ impl ShardWriter {
             tensors,
             plan,
             next: 0,
+            checksums: Vec::new(),
             shard: 0,
             current: None,
         }
@@ -136,6 +139,7 @@ impl ShardWriter {
         let (w, path) = self.current.as_mut().expect("opened above");
         w.write_all(data)
             .ctx(|| format!("writing {}", path.display()))?;
+        self.checksums.push(checksum(data));
         self.next += 1;
         Ok(())
     }
@@ -152,7 +156,7 @@ impl ShardWriter {
     }
 
     /// Closes the last shard and writes the index (when there is more than one shard).
-    pub fn finish(mut self) -> Result<ShardPlan> {
+    pub fn finish(mut self) -> Result<(ShardPlan, Vec<u64>)> {
         if self.next != self.tensors.len() {
             return Err(crate::error::Error::Other(format!(
                 "internal error: {} of {} tensors written",
@@ -181,7 +185,7 @@ impl ShardWriter {
             std::fs::write(&path, text).ctx(|| format!("writing {}", path.display()))?;
         }
         self.verify()?;
-        Ok(self.plan)
+        Ok((self.plan, self.checksums))
     }
 
     /// Reopens every shard written and checks its header and byte ranges against the plan, so a
@@ -208,6 +212,23 @@ impl ShardWriter {
         }
         Ok(())
     }
+}
+
+/// A fast 64-bit checksum of a tensor's bytes (integrity, not security): 8-byte words folded
+/// with a multiply-rotate, then the tail and the length.
+pub fn checksum(data: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = 0x243F_6A88_85A3_08D3u64 ^ data.len() as u64;
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes")))
+            .wrapping_mul(K)
+            .rotate_left(29);
+    }
+    for &b in words.remainder() {
+        h = (h ^ b as u64).wrapping_mul(K).rotate_left(29);
+    }
+    crate::select::dare::fmix(h)
 }
 
 #[cfg(test)]
