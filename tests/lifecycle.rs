@@ -350,3 +350,81 @@ fn verify_rereads_the_output_and_the_report_checksums_match_the_files() {
         assert_eq!(t["checksum"].as_str().unwrap(), want, "{name}");
     }
 }
+
+/// Unmounts the test's tmpfs when the test ends, however it ends.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn tree_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            v.extend(tree_bytes(&p));
+        } else {
+            v.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn disk_full_fails_cleanly_and_keeps_the_previous_output() {
+    let d = tempfile::tempdir().unwrap();
+    synth(d.path(), &["--tasks", "2"]);
+    let small = tempfile::tempdir().unwrap();
+    // A 32 KiB filesystem: the merged model (~50 KB) cannot fit. Needs root (CI runs as root).
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32k", "tmpfs"])
+        .arg(small.path())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (cannot mount a tmpfs here): disk-full test"
+        );
+        return;
+    }
+    let _mount = Mount(small.path().to_path_buf());
+    let out = small.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("previous.txt"), b"an earlier merge").unwrap();
+    let inputs_before = tree_bytes(d.path());
+    let o = Command::new(stamerge_bin())
+        .args(["-q", "merge", "ties.yml"])
+        .arg(&out)
+        .arg("--overwrite")
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("No space left on device") && err.contains("model.safetensors"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("previous.txt")).unwrap(),
+        b"an earlier merge"
+    );
+    let names: Vec<String> = std::fs::read_dir(small.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["out".to_string()],
+        "temporary folder or lock left behind"
+    );
+    assert!(tree_bytes(d.path()) == inputs_before, "inputs changed");
+}
