@@ -58,6 +58,16 @@ fn rewrite(dir: &Path, f: impl Fn(&mut Vec<T>)) {
     write_model(dir, &ts, 1, cfg);
 }
 
+/// Rewrites one tensor of a checkpoint after `f` changes its values.
+fn set_values(dir: &Path, name: &str, f: impl Fn(&mut Vec<f32>)) {
+    rewrite(dir, |ts| {
+        let t = ts.iter_mut().find(|t| t.name == name).unwrap();
+        let mut v = t.values();
+        f(&mut v);
+        t.bytes = encode(t.dtype, &v);
+    });
+}
+
 fn scenario() -> Scenario {
     Scenario::new(Dtype::BF16, 2, 1, false, 3)
 }
@@ -244,16 +254,14 @@ fn index_pointing_outside_the_model_folder() {
 #[test]
 fn nan_in_gradients_and_inf_in_weights_name_the_index() {
     let s = scenario();
-    rewrite(&s.path("grads_1"), |ts| {
-        let t = ts
-            .iter_mut()
-            .find(|t| t.name == "model.layers.0.mlp.up_proj.weight")
-            .unwrap();
-        let mut v = t.values();
-        v[1234] = f32::NAN;
-        v[2000] = f32::NAN;
-        t.bytes = encode(t.dtype, &v);
-    });
+    set_values(
+        &s.path("grads_1"),
+        "model.layers.0.mlp.up_proj.weight",
+        |v| {
+            v[1234] = f32::NAN;
+            v[2000] = f32::NAN;
+        },
+    );
     let r = merge(&s, STA);
     assert_refused(
         &s,
@@ -273,15 +281,11 @@ fn nan_in_gradients_and_inf_in_weights_name_the_index() {
     assert!(ok.ok, "{}", ok.stderr);
 
     let s = scenario();
-    rewrite(&s.path("task_0"), |ts| {
-        let t = ts
-            .iter_mut()
-            .find(|t| t.name == "model.layers.0.self_attn.q_proj.weight")
-            .unwrap();
-        let mut v = t.values();
-        v[17] = f32::INFINITY;
-        t.bytes = encode(t.dtype, &v);
-    });
+    set_values(
+        &s.path("task_0"),
+        "model.layers.0.self_attn.q_proj.weight",
+        |v| v[17] = f32::INFINITY,
+    );
     let r = merge(&s, TA);
     assert_refused(
         &s,
