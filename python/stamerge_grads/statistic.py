@@ -19,6 +19,7 @@ from torch import nn
 
 MODES = ("abs", "sum")
 PER_SAMPLE = ("auto", "vmap", "loop")
+NONE_REASON = "mapped to None by `names`"
 
 Names = Union[None, Mapping[str, Optional[str]], Callable[[str], Optional[str]]]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -148,10 +149,12 @@ def _resolve_names(model: nn.Module, names: Names):
     groups: dict[int, tuple[str, nn.Parameter, list[str]]] = {}
     skipped: dict[str, str] = {}
     owner: dict[str, str] = {}
+    dropped: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         target = rename(name)
         if target is None:
-            skipped[name] = "mapped to None by `names`"
+            skipped[name] = NONE_REASON
+            dropped.setdefault(id(p), []).append(name)
             continue
         if not isinstance(target, str):
             raise StatisticError(f"names maps `{name}` to {target!r}, expected a string or None")
@@ -170,6 +173,11 @@ def _resolve_names(model: nn.Module, names: Names):
         owner[target] = first[0]
         if target not in first[2]:
             first[2].append(target)
+    # A tied alias without a checkpoint name is no loss when another alias of it is written.
+    for pid, aliases in dropped.items():
+        if pid in groups:
+            for a in aliases:
+                del skipped[a]
     return list(groups.values()), skipped
 
 
@@ -212,11 +220,14 @@ def gradient_statistic(
 
     def vmap_batch(batch):
         ps = {n: p.detach() for n, p in zip(fnames, params)}
-        grads, losses = torch.func.vmap(
-            torch.func.grad(sample_loss, has_aux=True),
-            in_dims=(None, _in_dims(batch)),
-            randomness="error",
-        )(ps, batch)
+        with warnings.catch_warnings():
+            # Ops without a batching rule run one sample at a time: slower, still exact.
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            grads, losses = torch.func.vmap(
+                torch.func.grad(sample_loss, has_aux=True),
+                in_dims=(None, _in_dims(batch)),
+                randomness="error",
+            )(ps, batch)
         for a, n in zip(acc, fnames):
             a.add_(grads[n].float().abs().sum(0))
         return losses.detach().double().sum().item()
@@ -261,7 +272,8 @@ def gradient_statistic(
                     if per_sample == "vmap":
                         raise
                     # Nothing was accumulated for this batch: redo it, and the rest, per sample.
-                    fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    fallback = f"{type(e).__name__}: {first[:160]}"
                     warnings.warn(
                         f"per-sample gradients with torch.func.vmap failed ({fallback}); "
                         "falling back to one backward pass per sample",
