@@ -1,0 +1,130 @@
+"""`python -m stamerge_grads` on tiny randomly initialised Hugging Face models written locally."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import assert_close_stats, reference_statistic
+from safetensors import safe_open
+
+from stamerge_grads.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(path):
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def checkpoint_keys(folder):
+    return set(read(os.path.join(folder, "model.safetensors"))[0])
+
+
+def records(path, n=None):
+    with open(path) as f:
+        recs = [json.loads(line) for line in f]
+    return recs[:n]
+
+
+def reference(folder, task, recs, mode):
+    """Each text tokenized alone (no padding) and scored by the model's own `labels=` loss."""
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    if task == "causal-lm":
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+
+    def losses():
+        for r in recs:
+            ids = tok(r["text"], return_tensors="pt")["input_ids"]
+            labels = ids if task == "causal-lm" else torch.tensor([r["label"]])
+            yield model(input_ids=ids, labels=labels).loss
+
+    want, n, mean = reference_statistic(model, losses(), mode)
+    keys = checkpoint_keys(folder)
+    return {k: v for k, v in want.items() if k in keys}, n, mean
+
+
+def test_causal_lm_via_python_m(tiny_gpt2, jsonl, tmp_path):
+    out = tmp_path / "g.safetensors"
+    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(
+        [sys.executable, "-m", "stamerge_grads", "--model", str(tiny_gpt2), "--data", str(jsonl),
+         "--task", "causal-lm", "--out", str(out), "--batch-size", "4"],
+        capture_output=True, text=True, env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "per-sample path vmap" in r.stderr
+    got, md = read(out)
+    want, n, mean = reference(tiny_gpt2, "causal-lm", records(jsonl), "abs")
+    # Tied lm_head.weight is not a checkpoint tensor: its gradient lives in transformer.wte.weight.
+    assert set(got) == checkpoint_keys(tiny_gpt2) and "lm_head.weight" not in got
+    assert_close_stats(got, want)
+    assert md["mode"] == "abs" and md["samples"] == str(n) == "11" and md["task"] == "causal-lm"
+    assert float(md["mean_loss"]) == pytest.approx(mean, rel=1e-5)
+
+
+def test_causal_lm_sum_bf16_loop_max_samples(tiny_gpt2, jsonl, tmp_path, capsys):
+    out = tmp_path / "g.safetensors"
+    rc = main(["--model", str(tiny_gpt2), "--data", str(jsonl), "--task", "causal-lm", "--out", str(out),
+               "--mode", "sum", "--dtype", "bfloat16", "--max-samples", "5", "--batch-size", "2",
+               "--per-sample", "loop"])
+    assert rc == 0, capsys.readouterr().err
+    got, md = read(out)
+    want, n, _ = reference(tiny_gpt2, "causal-lm", records(jsonl, 5), "sum")
+    assert md["samples"] == "5" == str(n) and md["mode"] == "sum"
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    # bf16 keeps 8 significant bits: half an ulp is 2^-9 relative.
+    assert_close_stats({k: v.float() for k, v in got.items()}, want, rtol=2**-8)
+
+
+@pytest.mark.parametrize("labels", ["ids", "names"])
+@pytest.mark.parametrize("per_sample", ["auto", "loop"])
+def test_seq_cls(tiny_bert, jsonl, tmp_path, capsys, labels, per_sample):
+    recs = records(jsonl)
+    data = tmp_path / "d.jsonl"
+    names = ["neg", "neu", "pos"]
+    with open(data, "w") as f:
+        for r in recs:
+            lab = r["label"] if labels == "ids" else names[r["label"]]
+            f.write(json.dumps({"text": r["text"], "label": lab}) + "\n")
+    out = tmp_path / "g.safetensors"
+    rc = main(["--model", str(tiny_bert), "--data", str(data), "--task", "seq-cls", "--out", str(out),
+               "--batch-size", "3", "--per-sample", per_sample])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"per-sample path {'vmap' if per_sample == 'auto' else 'loop'}" in err
+    got, md = read(out)
+    want, n, mean = reference(tiny_bert, "seq-cls", recs, "abs")
+    assert set(got) == checkpoint_keys(tiny_bert)
+    assert_close_stats(got, want)
+    assert float(md["mean_loss"]) == pytest.approx(mean, rel=1e-5)
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(tiny_bert, jsonl, tmp_path, capsys):
+    out = tmp_path / "g.safetensors"
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "the cat", "label": 1}\n{"text": "a dog"}\n')
+    base = ["--model", str(tiny_bert), "--task", "seq-cls"]
+    assert main(base + ["--data", str(data), "--out", str(out)]) == 2
+    assert f"{data}:2" in capsys.readouterr().err
+    data.write_text('{"text": "the cat", "label": "maybe"}\n')
+    assert main(base + ["--data", str(data), "--out", str(out)]) == 2
+    assert "'maybe' is not a class" in capsys.readouterr().err
+    data.write_text('{"text": "the cat", "label": 1}\nnot json\n')
+    assert main(base + ["--data", str(data), "--out", str(out)]) == 2
+    assert f"{data}:2: not valid JSON" in capsys.readouterr().err
+    assert main(base + ["--data", str(jsonl), "--out", str(tmp_path / "g.bin")]) == 2
+    assert ".safetensors" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "none"), "--task", "seq-cls", "--data", str(jsonl),
+                 "--out", str(out)]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
