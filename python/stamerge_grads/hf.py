@@ -114,7 +114,7 @@ def load(folder: str, task: str, device: str):
     )
     try:
         tok = transformers.AutoTokenizer.from_pretrained(folder)
-        model = auto.from_pretrained(folder, dtype=torch.float32)
+        model = auto.from_pretrained(folder, **{_dtype_kwarg(transformers): torch.float32})
     except (OSError, ValueError, KeyError) as e:
         raise StatisticError(f"{folder}: cannot load the model or tokenizer: {e}") from e
     if tok.pad_token is None:
@@ -125,6 +125,12 @@ def load(folder: str, task: str, device: str):
     if task == "seq-cls" and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model.to(device), tok
+
+
+def _dtype_kwarg(transformers) -> str:
+    # transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype`.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def batches(tok, texts, labels, batch_size: int, max_length: int, device: str):
