@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
 
 from . import __version__, write_gradients
 from .save import check_out_path
@@ -18,22 +17,43 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m stamerge_grads",
         description="Write the gradient statistic stamerge reads for STA (`gradients:` in a recipe).",
     )
-    p.add_argument("--model", required=True, help="Hugging Face model folder (config, weights, tokenizer)")
-    p.add_argument("--data", required=True, help='JSONL calibration data: {"text": ..., "label": ...} per line')
+    p.add_argument(
+        "--model", required=True, help="Hugging Face model folder (config, weights, tokenizer)"
+    )
+    p.add_argument(
+        "--data", required=True, help='JSONL calibration data: {"text": ..., "label": ...} per line'
+    )
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--mode", default="abs", choices=MODES, help="abs: sum of |per-sample grad| (default); sum: summed grad")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored dtype (accumulation is fp32)")
+    p.add_argument(
+        "--mode",
+        default="abs",
+        choices=MODES,
+        help="abs: sum of |per-sample grad| (default); sum: summed grad",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="stored dtype (accumulation is fp32)",
+    )
     p.add_argument("--max-samples", type=int, default=None, help="use the first N samples")
     p.add_argument("--batch-size", type=int, default=8, help="samples per (vmap) micro-batch")
     p.add_argument("--max-length", type=int, default=512, help="truncate texts to this many tokens")
-    p.add_argument("--per-sample", default="auto", choices=PER_SAMPLE, help="how abs mode gets per-sample gradients")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--per-sample",
+        default="auto",
+        choices=PER_SAMPLE,
+        help="how abs mode gets per-sample gradients",
+    )
+    p.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
     p.add_argument("--version", action="version", version=f"stamerge_grads {__version__}")
     return p
 
 
-def run(argv: Optional[list[str]] = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import torch
 
@@ -53,7 +73,6 @@ def run(argv: Optional[list[str]] = None) -> int:
     loss_fn = hf.causal_lm_loss if args.task == "causal-lm" else hf.seq_cls_loss
     with hf.vmap_friendly_masks():
         stats = write_gradients(
-
             model,
             loss_fn,
             hf.batches(tok, texts, labels, args.batch_size, args.max_length, device),
@@ -79,11 +98,14 @@ def run(argv: Optional[list[str]] = None) -> int:
         print(f"  left out {name}: {why}", file=err)
     if ckpt is not None:
         for name in sorted(ckpt - set(stats) - set(stats.skipped)):
-            print(f"  left out {name}: a checkpoint tensor that is not a trainable parameter", file=err)
+            print(
+                f"  left out {name}: a checkpoint tensor that is not a trainable parameter",
+                file=err,
+            )
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except StatisticError as e:

@@ -6,7 +6,6 @@ import contextlib
 import glob
 import json
 import os
-from typing import Optional
 
 import torch
 from torch import nn
@@ -17,7 +16,7 @@ from .statistic import StatisticError
 TASKS = ("causal-lm", "seq-cls")
 
 
-def checkpoint_names(folder: str) -> Optional[set[str]]:
+def checkpoint_names(folder: str) -> set[str] | None:
     """Tensor names of the folder's safetensors checkpoint (headers only), or None if it has none."""
     from safetensors import safe_open
 
@@ -34,7 +33,7 @@ def checkpoint_names(folder: str) -> Optional[set[str]]:
     return names
 
 
-def name_mapper(model: nn.Module, ckpt: Optional[set[str]]):
+def name_mapper(model: nn.Module, ckpt: set[str] | None):
     """Maps module parameter names to the names the checkpoint uses.
 
     A task head model (e.g. BertForSequenceClassification, `bert.` + encoder) may have been saved
@@ -44,7 +43,7 @@ def name_mapper(model: nn.Module, ckpt: Optional[set[str]]):
         return None
     prefix = getattr(model, "base_model_prefix", "") or ""
 
-    def to_ckpt(name: str) -> Optional[str]:
+    def to_ckpt(name: str) -> str | None:
         cands = [name]
         if prefix:
             if name.startswith(prefix + "."):
@@ -59,29 +58,29 @@ def name_mapper(model: nn.Module, ckpt: Optional[set[str]]):
     return to_ckpt
 
 
-def read_jsonl(path: str, task: str, max_samples: Optional[int], label2id: dict):
+def read_jsonl(path: str, task: str, max_samples: int | None, label2id: dict):
     """(texts, labels or None). Errors name the file and line."""
     texts, labels = [], []
     try:
-        fh = open(path, encoding="utf-8")
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.readlines()
     except OSError as e:
         raise StatisticError(f"{path}: cannot read: {e}") from e
-    with fh:
-        for lineno, line in enumerate(fh, 1):
-            if max_samples is not None and len(texts) >= max_samples:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StatisticError(f"{where}: not valid JSON: {e}") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise StatisticError(f'{where}: expected an object with a string "text"')
-            texts.append(rec["text"])
-            if task == "seq-cls":
-                labels.append(_label(rec.get("label"), label2id, where))
+    for lineno, line in enumerate(lines, 1):
+        if max_samples is not None and len(texts) >= max_samples:
+            break
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StatisticError(f"{where}: not valid JSON: {e}") from e
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise StatisticError(f'{where}: expected an object with a string "text"')
+        texts.append(rec["text"])
+        if task == "seq-cls":
+            labels.append(_label(rec.get("label"), label2id, where))
     if not texts:
         raise StatisticError(f"{path}: no samples")
     return texts, (labels if task == "seq-cls" else None)
@@ -142,7 +141,10 @@ def batches(tok, texts, labels, batch_size: int, max_length: int, device: str):
             max_length=max_length,
             return_tensors="pt",
         )
-        b = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+        b = {
+            "input_ids": enc["input_ids"].to(device),
+            "attention_mask": enc["attention_mask"].to(device),
+        }
         if labels is not None:
             b["labels"] = torch.tensor(labels[i : i + batch_size]).to(device)
         yield b
@@ -179,7 +181,9 @@ def vmap_friendly_masks():
     except ImportError:
         yield
         return
-    names = [n for n in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa") if hasattr(mu, n)]
+    names = [
+        n for n in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa") if hasattr(mu, n)
+    ]
     saved = {n: getattr(mu, n) for n in names}
     try:
         for n in names:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
-from typing import Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -21,7 +20,7 @@ DTYPES = {
 }
 
 
-def _dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype in (torch.float32, torch.bfloat16):
             return dtype
@@ -30,7 +29,7 @@ def _dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     raise StatisticError(f"dtype must be float32 or bfloat16, not {dtype!r}")
 
 
-def check_out_path(path: Union[str, os.PathLike]) -> str:
+def check_out_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise StatisticError(
@@ -60,9 +59,9 @@ def statistic_metadata(stats: Mapping) -> dict[str, str]:
 
 def save_statistic(
     stats: Mapping[str, torch.Tensor],
-    path: Union[str, os.PathLike],
-    dtype: Union[str, torch.dtype] = "float32",
-    metadata: Optional[Mapping[str, str]] = None,
+    path: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Writes ``stats`` (name -> tensor) to ``path`` (a ``.safetensors`` file), as float32 or
     bfloat16 (round to nearest even). The metadata records mode, sample count, mean loss and the

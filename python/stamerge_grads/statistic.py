@@ -44,8 +44,8 @@ class Statistic(dict):
         self.samples = 0
         self.mean_loss = float("nan")
         self.skipped: dict[str, str] = {}
-        self.per_sample: Optional[str] = None
-        self.fallback: Optional[str] = None
+        self.per_sample: str | None = None
+        self.fallback: str | None = None
 
 
 class _LossModule(nn.Module):
@@ -137,11 +137,11 @@ def _resolve_names(model: nn.Module, names: Names):
     Returns (trainable: list of (param name, parameter, [checkpoint names])), skipped dict.
     """
     if names is None:
-        rename = lambda n: n  # noqa: E731
+        rename = lambda n: n
     elif callable(names):
         rename = names
     elif isinstance(names, Mapping):
-        rename = lambda n: names.get(n, n)  # noqa: E731
+        rename = lambda n: names.get(n, n)
     else:
         raise StatisticError(
             f"names must be None, a mapping or a callable, not {type(names).__name__}"

@@ -49,7 +49,22 @@ def assert_close_stats(got, want, rtol=1e-5):
         torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=rtol * scale, msg=k)
 
 
-WORDS = "the a cat dog sat ran on mat fast slow big small red blue".split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "mat",
+    "fast",
+    "slow",
+    "big",
+    "small",
+    "red",
+    "blue",
+]
 
 
 @pytest.fixture(scope="session")
@@ -80,8 +95,14 @@ def tiny_gpt2(tmp_path_factory):
     tok, v = _tokenizer(eos_token="[EOS]")
     torch.manual_seed(1)
     cfg = transformers.GPT2Config(
-        vocab_size=v, n_positions=32, n_embd=16, n_layer=2, n_head=2,
-        tie_word_embeddings=True, bos_token_id=2, eos_token_id=2,
+        vocab_size=v,
+        n_positions=32,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=2,
     )
     model = transformers.GPT2LMHeadModel(cfg)
     folder = tmp_path_factory.mktemp("tiny-gpt2")
@@ -97,9 +118,15 @@ def tiny_bert(tmp_path_factory):
     tok, v = _tokenizer(pad_token="[PAD]")
     torch.manual_seed(2)
     cfg = transformers.BertConfig(
-        vocab_size=v, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, num_labels=3,
-        label2id={"neg": 0, "neu": 1, "pos": 2}, id2label={0: "neg", 1: "neu", 2: "pos"},
+        vocab_size=v,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=3,
+        label2id={"neg": 0, "neu": 1, "pos": 2},
+        id2label={0: "neg", 1: "neu", 2: "pos"},
     )
     model = transformers.BertForSequenceClassification(cfg)
     folder = tmp_path_factory.mktemp("tiny-bert")

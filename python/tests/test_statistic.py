@@ -77,14 +77,23 @@ def test_matches_per_sample_loop(model, mode, per_sample):
     assert model.training, "the train/eval state is restored"
     want, n, mean = reference(model, data, mode)
     assert_close_stats(stats, want)
-    assert set(stats) == {"emb.weight", "head.weight", "mix.weight", "mix.bias", "norm.weight",
-                          "norm.bias", "unused"}
+    assert set(stats) == {
+        "emb.weight",
+        "head.weight",
+        "mix.weight",
+        "mix.bias",
+        "norm.weight",
+        "norm.bias",
+        "unused",
+    }
     assert torch.equal(stats["emb.weight"], stats["head.weight"])
     assert torch.count_nonzero(stats["unused"]) == 0
     assert stats.samples == n == 12
     assert stats.mean_loss == pytest.approx(mean, rel=1e-6)
     assert stats.mode == mode
-    assert stats.per_sample == (None if mode == "sum" else ("loop" if per_sample == "loop" else "vmap"))
+    assert stats.per_sample == (
+        None if mode == "sum" else ("loop" if per_sample == "loop" else "vmap")
+    )
     assert stats.skipped == {
         "frozen_scale": "frozen (requires_grad is False)",
         "steps": "not a float tensor (torch.int64)",
@@ -103,7 +112,9 @@ def test_abs_differs_from_abs_of_sum(model):
 def test_batch_containers_and_uneven_batches(model):
     data = make_data(batches=2, bsz=5) + [torch.randint(0, V, (1, T))]
     want, n, _ = reference(model, data, "abs")
-    as_dict = gradient_statistic(model, lambda m, b: lm_loss(m, b["ids"]), ({"ids": b, "tag": "x"} for b in data))
+    as_dict = gradient_statistic(
+        model, lambda m, b: lm_loss(m, b["ids"]), ({"ids": b, "tag": "x"} for b in data)
+    )
     as_tuple = gradient_statistic(model, lambda m, b: lm_loss(m, b[0]), ((b, 7) for b in data))
     for s in (as_dict, as_tuple):
         assert s.per_sample == "vmap" and s.samples == n == 11
@@ -126,11 +137,13 @@ def test_falls_back_to_loop_where_vmap_fails():
     torch.manual_seed(0)
     m = Branchy()
     data = [torch.randn(3, 4) for _ in range(2)]
-    loss = lambda model, x: model(x) ** 2  # noqa: E731
+    loss = lambda model, x: model(x) ** 2
     with pytest.warns(UserWarning, match="falling back"):
         s = gradient_statistic(m, loss, data, per_sample="auto")
     assert s.per_sample == "loop" and "RuntimeError" in s.fallback
-    want, n, _ = reference_statistic(m, (loss(m, x[j : j + 1])[0] for x in data for j in range(3)), "abs")
+    want, _, _ = reference_statistic(
+        m, (loss(m, x[j : j + 1])[0] for x in data for j in range(3)), "abs"
+    )
     assert_close_stats(s, want)
     assert s.samples == 6
     with pytest.raises(RuntimeError):
@@ -140,9 +153,13 @@ def test_falls_back_to_loop_where_vmap_fails():
 def test_names_rename_drop_and_collide(model):
     data = make_data(batches=1)
     s = gradient_statistic(model, lm_loss, data, names={"head.weight": None, "mix.bias": "layer.b"})
-    assert "head.weight" not in s and "head.weight" not in s.skipped  # its tie emb.weight is written
+    assert (
+        "head.weight" not in s and "head.weight" not in s.skipped
+    )  # its tie emb.weight is written
     assert "layer.b" in s and "mix.bias" not in s
-    s = gradient_statistic(model, lm_loss, data, names=lambda n: f"m.{n}" if n.startswith("mix") else None)
+    s = gradient_statistic(
+        model, lm_loss, data, names=lambda n: f"m.{n}" if n.startswith("mix") else None
+    )
     assert set(s) == {"m.mix.weight", "m.mix.bias"}
     assert s.skipped["unused"] == "mapped to None by `names`"
     with pytest.raises(StatisticError, match="different parameters"):
@@ -167,7 +184,11 @@ def test_input_errors(model):
     with pytest.raises(StatisticError, match="no samples"):
         gradient_statistic(model, lm_loss, [])
     with pytest.raises(StatisticError, match="disagree"):
-        gradient_statistic(model, lambda m, b: lm_loss(m, b[0]), [(torch.zeros(2, T, dtype=torch.long), torch.zeros(3))])
+        gradient_statistic(
+            model,
+            lambda m, b: lm_loss(m, b[0]),
+            [(torch.zeros(2, T, dtype=torch.long), torch.zeros(3))],
+        )
     with pytest.raises(StatisticError, match="mode"):
         gradient_statistic(model, lm_loss, make_data(), mode="mean")
     frozen = nn.Linear(2, 2).requires_grad_(False)
