@@ -49,6 +49,14 @@ def assert_close_stats(got, want, rtol=1e-5):
         torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=rtol * scale, msg=k)
 
 
+def cli_args(model, data, task, out, **options):
+    """`python -m stamerge_grads` arguments; options become `--name value` (`_` -> `-`)."""
+    args = ["--model", str(model), "--data", str(data), "--task", task, "--out", str(out)]
+    for k, v in options.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
 WORDS = [
     "the",
     "a",
@@ -91,11 +99,13 @@ def _tokenizer(**special):
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     """A randomly initialised 2-layer GPT-2 with tied input/output embeddings and no pad token."""
-    transformers = pytest.importorskip("transformers")
-    tok, v = _tokenizer(eos_token="[EOS]")
-    torch.manual_seed(1)
-    cfg = transformers.GPT2Config(
-        vocab_size=v,
+    tf = pytest.importorskip("transformers")
+    return _tiny(
+        tmp_path_factory.mktemp("tiny-gpt2"),
+        1,
+        {"eos_token": "[EOS]"},
+        tf.GPT2LMHeadModel,
+        tf.GPT2Config,
         n_positions=32,
         n_embd=16,
         n_layer=2,
@@ -104,21 +114,18 @@ def tiny_gpt2(tmp_path_factory):
         bos_token_id=2,
         eos_token_id=2,
     )
-    model = transformers.GPT2LMHeadModel(cfg)
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
     """A randomly initialised 2-layer BERT with a 3-class head."""
-    transformers = pytest.importorskip("transformers")
-    tok, v = _tokenizer(pad_token="[PAD]")
-    torch.manual_seed(2)
-    cfg = transformers.BertConfig(
-        vocab_size=v,
+    tf = pytest.importorskip("transformers")
+    return _tiny(
+        tmp_path_factory.mktemp("tiny-bert"),
+        2,
+        {"pad_token": "[PAD]"},
+        tf.BertForSequenceClassification,
+        tf.BertConfig,
         hidden_size=16,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -128,8 +135,11 @@ def tiny_bert(tmp_path_factory):
         label2id={"neg": 0, "neu": 1, "pos": 2},
         id2label={0: "neg", 1: "neu", 2: "pos"},
     )
-    model = transformers.BertForSequenceClassification(cfg)
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    model.save_pretrained(folder)
+
+
+def _tiny(folder, seed, special, model_cls, config_cls, **config):
+    tok, vocab = _tokenizer(**special)
+    torch.manual_seed(seed)
+    model_cls(config_cls(vocab_size=vocab, **config)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

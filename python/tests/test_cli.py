@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_close_stats, reference_statistic
+from conftest import assert_close_stats, cli_args, reference_statistic
 from safetensors import safe_open
 
 from stamerge_grads.cli import main
@@ -59,21 +59,8 @@ def test_causal_lm_via_python_m(tiny_gpt2, jsonl, tmp_path):
     out = tmp_path / "g.safetensors"
     env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stamerge_grads",
-            "--model",
-            str(tiny_gpt2),
-            "--data",
-            str(jsonl),
-            "--task",
-            "causal-lm",
-            "--out",
-            str(out),
-            "--batch-size",
-            "4",
-        ],
+        [sys.executable, "-m", "stamerge_grads"]
+        + cli_args(tiny_gpt2, jsonl, "causal-lm", out, batch_size=4),
         capture_output=True,
         check=False,
         text=True,
@@ -92,28 +79,14 @@ def test_causal_lm_via_python_m(tiny_gpt2, jsonl, tmp_path):
 
 def test_causal_lm_sum_bf16_loop_max_samples(tiny_gpt2, jsonl, tmp_path, capsys):
     out = tmp_path / "g.safetensors"
-    rc = main(
-        [
-            "--model",
-            str(tiny_gpt2),
-            "--data",
-            str(jsonl),
-            "--task",
-            "causal-lm",
-            "--out",
-            str(out),
-            "--mode",
-            "sum",
-            "--dtype",
-            "bfloat16",
-            "--max-samples",
-            "5",
-            "--batch-size",
-            "2",
-            "--per-sample",
-            "loop",
-        ]
-    )
+    opts = {
+        "mode": "sum",
+        "dtype": "bfloat16",
+        "max_samples": 5,
+        "batch_size": 2,
+        "per_sample": "loop",
+    }
+    rc = main(cli_args(tiny_gpt2, jsonl, "causal-lm", out, **opts))
     assert rc == 0, capsys.readouterr().err
     got, md = read(out)
     want, n, _ = reference(tiny_gpt2, "causal-lm", records(jsonl, 5), "sum")
@@ -134,22 +107,7 @@ def test_seq_cls(tiny_bert, jsonl, tmp_path, capsys, labels, per_sample):
             lab = r["label"] if labels == "ids" else names[r["label"]]
             f.write(json.dumps({"text": r["text"], "label": lab}) + "\n")
     out = tmp_path / "g.safetensors"
-    rc = main(
-        [
-            "--model",
-            str(tiny_bert),
-            "--data",
-            str(data),
-            "--task",
-            "seq-cls",
-            "--out",
-            str(out),
-            "--batch-size",
-            "3",
-            "--per-sample",
-            per_sample,
-        ]
-    )
+    rc = main(cli_args(tiny_bert, data, "seq-cls", out, batch_size=3, per_sample=per_sample))
     err = capsys.readouterr().err
     assert rc == 0, err
     assert f"per-sample path {'vmap' if per_sample == 'auto' else 'loop'}" in err
@@ -165,31 +123,16 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tiny_bert, jsonl, tmp_pat
     out = tmp_path / "g.safetensors"
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "the cat", "label": 1}\n{"text": "a dog"}\n')
-    base = ["--model", str(tiny_bert), "--task", "seq-cls"]
-    assert main(base + ["--data", str(data), "--out", str(out)]) == 2
+    assert main(cli_args(tiny_bert, data, "seq-cls", out)) == 2
     assert f"{data}:2" in capsys.readouterr().err
     data.write_text('{"text": "the cat", "label": "maybe"}\n')
-    assert main(base + ["--data", str(data), "--out", str(out)]) == 2
+    assert main(cli_args(tiny_bert, data, "seq-cls", out)) == 2
     assert "'maybe' is not a class" in capsys.readouterr().err
     data.write_text('{"text": "the cat", "label": 1}\nnot json\n')
-    assert main(base + ["--data", str(data), "--out", str(out)]) == 2
+    assert main(cli_args(tiny_bert, data, "seq-cls", out)) == 2
     assert f"{data}:2: not valid JSON" in capsys.readouterr().err
-    assert main(base + ["--data", str(jsonl), "--out", str(tmp_path / "g.bin")]) == 2
+    assert main(cli_args(tiny_bert, jsonl, "seq-cls", tmp_path / "g.bin")) == 2
     assert ".safetensors" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "--model",
-                str(tmp_path / "none"),
-                "--task",
-                "seq-cls",
-                "--data",
-                str(jsonl),
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main(cli_args(tmp_path / "none", jsonl, "seq-cls", out)) == 2
     assert "not a model folder" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]

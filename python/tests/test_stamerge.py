@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from conftest import cli_args
 from safetensors import safe_open
 
 from stamerge_grads import write_gradients
@@ -78,21 +79,7 @@ def test_sta_merge_on_written_statistics(tiny_gpt2, jsonl, tmp_path):
     gdir = tmp_path / "grads"
     gdir.mkdir()
     # Task 0 through the CLI (fp32 file), task 1 through the Python API (bf16 file).
-    assert (
-        main(
-            [
-                "--model",
-                str(tasks[0]),
-                "--data",
-                str(jsonl),
-                "--task",
-                "causal-lm",
-                "--out",
-                str(gdir / "grads_0.safetensors"),
-            ]
-        )
-        == 0
-    )
+    assert main(cli_args(tasks[0], jsonl, "causal-lm", gdir / "grads_0.safetensors")) == 0
     model, tok = hf.load(str(tasks[1]), "causal-lm", "cpu")
     texts, _ = hf.read_jsonl(str(jsonl), "causal-lm", None, {})
     with hf.vmap_friendly_masks():
@@ -136,23 +123,7 @@ def test_missing_tensor_in_statistic_is_named_by_stamerge(tiny_gpt2, jsonl, tmp_
     exe = stamerge_bin()
     perturbed_copy(tiny_gpt2, tmp_path / "task_0", seed=3)
     grads = tmp_path / "grads_0.safetensors"
-    assert (
-        main(
-            [
-                "--model",
-                str(tmp_path / "task_0"),
-                "--data",
-                str(jsonl),
-                "--task",
-                "causal-lm",
-                "--out",
-                str(grads),
-                "--max-samples",
-                "3",
-            ]
-        )
-        == 0
-    )
+    assert main(cli_args(tmp_path / "task_0", jsonl, "causal-lm", grads, max_samples=3)) == 0
     # Drop one tensor, as a user's hand-made name mapping might: stamerge must name it.
     from safetensors.torch import save_file
 
