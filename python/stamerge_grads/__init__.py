@@ -34,11 +34,19 @@ def write_gradients(
     names: Names = None,
     per_sample: str = "auto",
     metadata=None,
+    *,
+    vmap_bytes: int = 1 << 30,
 ) -> Statistic:
     """:func:`gradient_statistic` then :func:`save_statistic`; returns the statistic."""
     check_out_path(path)  # before the (long) gradient pass, not after it
     stats = gradient_statistic(
-        model, loss_fn, batches, mode=mode, names=names, per_sample=per_sample
+        model,
+        loss_fn,
+        batches,
+        mode=mode,
+        names=names,
+        per_sample=per_sample,
+        vmap_bytes=vmap_bytes,
     )
     save_statistic(stats, path, dtype=dtype, metadata=metadata)
     return stats

@@ -108,8 +108,8 @@ def _in_dims(batch):
     return _map(batch, lambda x: 0 if _is_batched(x) else None)
 
 
-def _sample(batch, j: int):
-    return _map(batch, lambda x: x[j : j + 1] if _is_batched(x) else x)
+def _slice(batch, i: int, j: int):
+    return _map(batch, lambda x: x[i:j] if _is_batched(x) else x)
 
 
 def _unsqueeze(batch):
@@ -188,6 +188,8 @@ def gradient_statistic(
     mode: str = "abs",
     names: Names = None,
     per_sample: str = "auto",
+    *,
+    vmap_bytes: int = 1 << 30,
 ) -> Statistic:
     """Σ over samples of |per-sample gradient| (``mode="abs"``) or of the gradient (``"sum"``).
 
@@ -197,7 +199,9 @@ def gradient_statistic(
     are kept, None drops; a callable: returns the name or None). A parameter reachable under
     several names (tied weights) is differentiated once and written under every name.
     ``per_sample``: "auto" tries vmap and falls back to a per-sample loop, "vmap" or "loop"
-    force one path. The model runs in eval mode (no dropout); its train/eval state is restored.
+    force one path. ``vmap_bytes`` bounds the per-sample gradients one vmap call holds: larger
+    batches are split (at least one sample per call). The model runs in eval mode (no dropout);
+    its train/eval state is restored.
     Returns a :class:`Statistic`: checkpoint name -> fp32 CPU tensor.
     """
     if mode not in MODES:
@@ -232,15 +236,44 @@ def gradient_statistic(
             a.add_(grads[n].float().abs().sum(0))
         return losses.detach().double().sum().item()
 
-    def loop_batch(batch, n):
-        total = 0.0
-        for j in range(n):
-            losses = _check_losses(wrapper(_sample(batch, j)), 1, "loss_fn")
-            gs = torch.autograd.grad(losses.sum(), params, allow_unused=True)
-            for a, g in zip(acc, gs):
-                if g is not None:
-                    a.add_(g.float().abs())
-            total += losses.detach().double().sum().item()
+    def loop_sample(sample):
+        losses = _check_losses(wrapper(sample), 1, "loss_fn")
+        gs = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        for a, g in zip(acc, gs):
+            if g is not None:
+                a.add_(g.float().abs())
+        return losses.detach().double().sum().item()
+
+    # Per sample, vmap holds each gradient in the parameter's dtype and its fp32 copy.
+    per_sample_bytes = sum(p.numel() * (p.element_size() + 4) for p in params)
+    chunk = max(1, vmap_bytes // max(1, per_sample_bytes))
+
+    def abs_batch(batch, n):
+        nonlocal path, fallback
+        total, i = 0.0, 0
+        while i < n:
+            if path == "vmap":
+                j = min(n, i + chunk)
+                try:
+                    # A chunk is accumulated whole or not at all, so a failure loses nothing.
+                    total += vmap_batch(batch if (i, j) == (0, n) else _slice(batch, i, j))
+                    i = j
+                    continue
+                except StatisticError:
+                    raise
+                except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+                    if per_sample == "vmap":
+                        raise
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    fallback = f"{type(e).__name__}: {first[:160]}"
+                    warnings.warn(
+                        f"per-sample gradients with torch.func.vmap failed ({fallback}); "
+                        "falling back to one backward pass per sample",
+                        stacklevel=3,
+                    )
+                    path = "loop"
+            total += loop_sample(_slice(batch, i, i + 1))
+            i += 1
         return total
 
     def sum_batch(batch, n):
@@ -263,26 +296,8 @@ def gradient_statistic(
             n = _batch_size(batch, f"batch {i}")
             if mode == "sum":
                 loss_total += sum_batch(batch, n)
-            elif path == "vmap":
-                try:
-                    loss_total += vmap_batch(batch)
-                except StatisticError:
-                    raise
-                except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
-                    if per_sample == "vmap":
-                        raise
-                    # Nothing was accumulated for this batch: redo it, and the rest, per sample.
-                    first = str(e).splitlines()[0] if str(e) else ""
-                    fallback = f"{type(e).__name__}: {first[:160]}"
-                    warnings.warn(
-                        f"per-sample gradients with torch.func.vmap failed ({fallback}); "
-                        "falling back to one backward pass per sample",
-                        stacklevel=2,
-                    )
-                    path = "loop"
-                    loss_total += loop_batch(batch, n)
             else:
-                loss_total += loop_batch(batch, n)
+                loss_total += abs_batch(batch, n)
             samples += n
     finally:
         model.train(was_training)

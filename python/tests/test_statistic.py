@@ -121,6 +121,39 @@ def test_batch_containers_and_uneven_batches(model):
         assert_close_stats(s, want)
 
 
+def per_sample_bytes(model):
+    return sum(p.numel() * (p.element_size() + 4) for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_vmap_bytes_splits_batches(model, chunk):
+    data = make_data(bsz=4)
+    want, _, _ = reference(model, data, "abs")
+    s = gradient_statistic(model, lm_loss, data, vmap_bytes=chunk * per_sample_bytes(model))
+    assert s.per_sample == "vmap" and s.samples == 12
+    assert_close_stats(s, want)
+
+
+def test_fallback_in_the_middle_of_a_batch_loses_and_repeats_nothing(model):
+    # vmap runs the loss once per chunk: fail the second chunk (samples 2-3 of the first batch).
+    calls = []
+
+    def flaky(m, ids):
+        calls.append(ids.shape[0])
+        if len(calls) == 2:
+            raise RuntimeError("simulated: no batching rule")
+        return lm_loss(m, ids)
+
+    data = make_data(bsz=4)
+    want, _, mean = reference(model, data, "abs")
+    with pytest.warns(UserWarning, match="simulated"):
+        s = gradient_statistic(model, flaky, data, vmap_bytes=2 * per_sample_bytes(model))
+    assert s.per_sample == "loop" and s.fallback == "RuntimeError: simulated: no batching rule"
+    assert calls == [1, 1] + [1] * 10  # 2 vmapped chunks traced at batch 1, then 10 single samples
+    assert s.samples == 12 and s.mean_loss == pytest.approx(mean, rel=1e-6)
+    assert_close_stats(s, want)
+
+
 class Branchy(nn.Module):
     """Python control flow on tensor values: vmap cannot trace it."""
 
