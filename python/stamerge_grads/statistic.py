@@ -317,4 +317,11 @@ def gradient_statistic(
     out.fallback = fallback
     if not math.isfinite(out.mean_loss):
         warnings.warn(f"the mean loss is {out.mean_loss}", stacklevel=2)
+    bad = [t for (_, _, ts), a in zip(groups, acc) if not torch.isfinite(a).all() for t in ts]
+    if bad:
+        # stamerge refuses non-finite scores unless the recipe sets `nonfinite_scores: zero`.
+        warnings.warn(
+            f"non-finite values in the statistic of {len(bad)} tensor(s): {', '.join(bad[:5])}",
+            stacklevel=2,
+        )
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -211,6 +212,16 @@ def test_names_rename_drop_and_collide(model):
 def test_loss_shape_errors(model, loss, match, mode):
     with pytest.raises(StatisticError, match=match):
         gradient_statistic(model, loss, make_data(batches=1), mode=mode, per_sample="loop")
+
+
+def test_non_finite_statistic_warns(model):
+    def kinked(m, ids):
+        # sqrt at 0 (m.unused is all ones): a finite loss with a non-finite gradient.
+        return lm_loss(m, ids) + (m.unused - 1).abs().sqrt().sum()
+
+    with pytest.warns(UserWarning, match=r"non-finite values in the statistic of 1 tensor"):
+        s = gradient_statistic(model, kinked, make_data(batches=1))
+    assert not torch.isfinite(s["unused"]).any() and math.isfinite(s.mean_loss)
 
 
 def test_input_errors(model):
