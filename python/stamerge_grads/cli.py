@@ -47,6 +47,12 @@ def parser() -> argparse.ArgumentParser:
         help="how abs mode gets per-sample gradients",
     )
     p.add_argument(
+        "--vmap-mib",
+        type=int,
+        default=1024,
+        help="MiB of per-sample gradients one vmap call may hold (larger batches are split)",
+    )
+    p.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
     p.add_argument("--version", action="version", version=f"stamerge_grads {__version__}")
@@ -61,6 +67,8 @@ def run(argv: list[str] | None = None) -> int:
 
     if args.batch_size < 1:
         raise StatisticError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.vmap_mib < 1:
+        raise StatisticError(f"--vmap-mib must be at least 1, not {args.vmap_mib}")
     if args.max_samples is not None and args.max_samples < 1:
         raise StatisticError(f"--max-samples must be at least 1, not {args.max_samples}")
     check_out_path(args.out)
@@ -81,6 +89,7 @@ def run(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             names=hf.name_mapper(model, ckpt),
             per_sample=args.per_sample,
+            vmap_bytes=args.vmap_mib << 20,
             metadata={"task": args.task, "data": args.data},
         )
     err = sys.stderr

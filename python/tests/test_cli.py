@@ -133,6 +133,8 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tiny_bert, jsonl, tmp_pat
     assert f"{data}:2: not valid JSON" in capsys.readouterr().err
     assert main(cli_args(tiny_bert, jsonl, "seq-cls", tmp_path / "g.bin")) == 2
     assert ".safetensors" in capsys.readouterr().err
+    assert main(cli_args(tiny_bert, jsonl, "seq-cls", out, vmap_mib=0)) == 2
+    assert "--vmap-mib must be at least 1" in capsys.readouterr().err
     assert main(cli_args(tmp_path / "none", jsonl, "seq-cls", out)) == 2
     assert "not a model folder" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
