@@ -10,7 +10,10 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use stamerge::backend::cpu::{compute_keys, CpuBackend};
 use stamerge::backend::{Backend, FuseSpec, Group, KeySpec, MaskJob, Raw, TaskInput};
 use stamerge::dtype::{narrow, FloatType};
@@ -187,6 +190,27 @@ fn bench_score(c: &mut Criterion) {
     }
 }
 
+/// One `merge_group` call per iteration; bytes: the base and every task read once, the output
+/// written once.
+fn bench_merge(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    be: &CpuBackend,
+    (dtype, size): (&str, &str),
+    grp: &Group,
+    jobs: &[MaskJob],
+    spec: &FuseSpec,
+) {
+    let (n, width) = (grp.n as u64, spec.out.size() as u64);
+    let mut out = vec![0u8; grp.n * spec.out.size()];
+    g.throughput(Throughput::ElementsAndBytes {
+        elements: n,
+        bytes: n * width * (TASKS as u64 + 2),
+    });
+    g.bench_function(BenchmarkId::new(dtype, size), |b| {
+        b.iter(|| black_box(be.merge_group(grp, jobs, spec, &mut out).expect("ok")))
+    });
+}
+
 fn bench_fuse(c: &mut Criterion) {
     let be = CpuBackend::new();
     for rule in ["linear", "ties", "dare"] {
@@ -214,14 +238,7 @@ fn bench_fuse(c: &mut Criterion) {
                         fuse_spec(FuseRule::Linear, Some(0.5), ty),
                     ),
                 };
-                let mut out = vec![0u8; n * ty.size()];
-                g.throughput(Throughput::ElementsAndBytes {
-                    elements: n as u64,
-                    bytes: n as u64 * ty.size() as u64 * (TASKS as u64 + 2),
-                });
-                g.bench_function(BenchmarkId::new(dname, label), |b| {
-                    b.iter(|| black_box(be.merge_group(&grp, &jobs, &spec, &mut out).expect("ok")))
-                });
+                bench_merge(&mut g, &be, (dname, label), &grp, &jobs, &spec);
             }
         }
         g.finish();
@@ -245,14 +262,7 @@ fn bench_group(c: &mut Criterion) {
             let k = (n as u64 * 3 / 10).max(1);
             let jobs = vec![MaskJob::TopK { spec, k }; TASKS];
             let fuse = fuse_spec(FuseRule::Ties, None, ty);
-            let mut out = vec![0u8; n * ty.size()];
-            g.throughput(Throughput::ElementsAndBytes {
-                elements: n as u64,
-                bytes: n as u64 * ty.size() as u64 * (TASKS as u64 + 2),
-            });
-            g.bench_function(BenchmarkId::new(dname, label), |b| {
-                b.iter(|| black_box(be.merge_group(&grp, &jobs, &fuse, &mut out).expect("ok")))
-            });
+            bench_merge(&mut g, &be, (dname, label), &grp, &jobs, &fuse);
         }
     }
     g.finish();
