@@ -118,7 +118,9 @@ fn scores(
             .for_each(|(i, o)| *o = ((th[i] - b[i]) * gr[i]).abs()),
     }
     let mut fault = None;
-    if s.iter().any(|v| !v.is_finite()) {
+    // A fold, not `any`: without the early exit the check vectorises (it was ~4 % of a merge's
+    // instructions), and bad values are rare enough that finding the first one can rescan.
+    if s.iter().fold(false, |bad, v| bad | !v.is_finite()) {
         for i in 0..len {
             if s[i].is_finite() {
                 continue;
