@@ -11,11 +11,8 @@ pub use radix::{radix_select, Threshold};
 #[inline(always)]
 pub fn key(s: f32) -> u32 {
     let b = s.to_bits();
-    if b & 0x8000_0000 != 0 {
-        !b
-    } else {
-        b | 0x8000_0000
-    }
+    // Negative: all bits flipped; positive: the sign bit set. Branch-free, so key loops vectorise.
+    b ^ (((b as i32) >> 31) as u32 | 0x8000_0000)
 }
 
 /// The float a key came from (for reports).

@@ -93,30 +93,60 @@ pub fn radix_select(keys: &[u32], k: u64) -> Threshold {
 /// indices (AIR top-k's candidate filtering) and the remaining digits and the tie rank run on
 /// that short list; otherwise every digit rescans all keys.
 pub fn radix_select_from(keys: &[u32], k: u64, hist1: &[u64]) -> Threshold {
+    let mut words = vec![0u64; keys.len().div_ceil(64)];
+    select_masked(keys, k, hist1, &mut words)
+}
+
+/// The select and its keep mask (bit i % 64 of word i / 64; `words` holds one word per 64 keys)
+/// from one pass over the keys after the first digit's histogram: that pass already knows the
+/// fate of every key outside the threshold's first-digit bucket, so it writes their mask bits
+/// and gathers the bucket's keys as candidates; the select finishes on the candidates alone and
+/// only their bits are set afterwards. Same result as `radix_select` + `fill_mask`.
+pub fn select_masked(keys: &[u32], k: u64, hist1: &[u64], words: &mut [u64]) -> Threshold {
     let n = keys.len() as u64;
     assert!(k >= 1 && k <= n, "k = {k} out of 1..={n}");
-    let digits = super::DIGITS_11;
+    assert_eq!(
+        words.len(),
+        keys.len().div_ceil(64),
+        "one mask word per 64 keys"
+    );
     let (b1, above) = pick_bucket(hist1, k);
     let in_bucket = hist1[b1 as usize];
-    let top = digits[0].0;
+    let top = super::DIGITS_11[0].0;
     if in_bucket > n / 4 || n > u32::MAX as u64 {
-        return select_full(keys, k, b1, above, in_bucket);
+        let th = select_full(keys, k, b1, above, in_bucket);
+        fill_mask(keys, &th, words);
+        return th;
     }
-    // (index, key) of every key in the threshold's bucket, in index order.
-    let cand: Vec<(u32, u32)> = keys
+    // Per block, in index order: (index, key) of every key in the threshold's bucket.
+    let blocks: Vec<Vec<(u32, u32)>> = keys
         .par_chunks(CHUNK)
+        .zip(words.par_chunks_mut(CHUNK / 64))
         .enumerate()
-        .flat_map_iter(|(ci, c)| {
-            c.iter()
-                .enumerate()
-                .filter(move |(_, &x)| x >> top == b1)
-                .map(move |(j, &x)| ((ci * CHUNK + j) as u32, x))
+        .map(|(ci, (kc, wc))| {
+            let mut eq = [0u64; CHUNK / 64];
+            let mut count = 0u32;
+            for ((w, e), c) in wc.iter_mut().zip(eq.iter_mut()).zip(kc.chunks(64)) {
+                *w = word_bits(c, |x| x >> top > b1);
+                *e = word_bits(c, |x| x >> top == b1);
+                count += e.count_ones();
+            }
+            let mut cand = Vec::with_capacity(count as usize);
+            for (wi, &e) in eq[..wc.len()].iter().enumerate() {
+                let mut bits = e;
+                while bits != 0 {
+                    let j = wi * 64 + bits.trailing_zeros() as usize;
+                    cand.push(((ci * CHUNK + j) as u32, kc[j]));
+                    bits &= bits - 1;
+                }
+            }
+            cand
         })
         .collect();
     let hist = |shift: u32, bits: u32, prefix: u32| {
         let mask = (1u32 << bits) - 1;
         let mut h = vec![0u64; 1 << bits];
-        for &(_, x) in &cand {
+        for &(_, x) in blocks.iter().flatten() {
             if x >> (shift + bits) == prefix {
                 h[((x >> shift) & mask) as usize] += 1;
             }
@@ -124,13 +154,77 @@ pub fn radix_select_from(keys: &[u32], k: u64, hist1: &[u64]) -> Threshold {
         h
     };
     let nth = |key: u32, r: u64| {
-        cand.iter()
+        blocks
+            .iter()
+            .flatten()
             .filter(|c| c.1 == key)
             .nth(r as usize - 1)
             .expect("enough ties")
             .0 as u64
     };
-    finish_select(n, k, b1, above, in_bucket, hist, nth)
+    let th = finish_select(n, k, b1, above, in_bucket, hist, nth);
+    words
+        .par_chunks_mut(CHUNK / 64)
+        .zip(blocks.par_iter())
+        .enumerate()
+        .for_each(|(ci, (wc, cand))| {
+            for &(i, x) in cand {
+                let j = i as usize - ci * CHUNK;
+                wc[j / 64] |= (th.keeps(x, i as u64) as u64) << (j % 64);
+            }
+        });
+    th
+}
+
+/// The keep mask of a threshold over all keys (bit i % 64 of word i / 64).
+pub fn fill_mask(keys: &[u32], th: &Threshold, words: &mut [u64]) {
+    assert_eq!(
+        words.len(),
+        keys.len().div_ceil(64),
+        "one mask word per 64 keys"
+    );
+    words
+        .par_chunks_mut(CHUNK / 64)
+        .zip(keys.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(ci, (wc, kc))| {
+            for (wi, (w, c)) in wc.iter_mut().zip(kc.chunks(64)).enumerate() {
+                let start = (ci * CHUNK + wi * 64) as u64;
+                let end = start + c.len() as u64;
+                // Only the word holding the tie cutoff needs the index; every other word keeps
+                // either all keys equal to the threshold or none of them.
+                let bits = if end <= th.cutoff {
+                    word_bits(c, |x| x >= th.key)
+                } else if start >= th.cutoff {
+                    word_bits(c, |x| x > th.key)
+                } else {
+                    let mut b = 0u64;
+                    for (j, &x) in c.iter().enumerate() {
+                        b |= (th.keeps(x, start + j as u64) as u64) << j;
+                    }
+                    b
+                };
+                *w = bits;
+            }
+        });
+}
+
+/// Bit j set where `keep(c[j])`, for up to 64 keys. The predicate goes to one byte per key
+/// first (a loop the compiler vectorises), then each 8 bytes of 0/1 fold into 8 bits with one
+/// multiply: shifting bits into a u64 one key at a time cost ~14 instructions per key.
+#[inline(always)]
+fn word_bits(c: &[u32], keep: impl Fn(u32) -> bool) -> u64 {
+    let mut flags = [0u8; 64];
+    for (f, &x) in flags.iter_mut().zip(c) {
+        *f = keep(x) as u8;
+    }
+    let mut bits = 0u64;
+    for (i, f8) in flags.chunks_exact(8).enumerate() {
+        let v = u64::from_le_bytes(f8.try_into().expect("8 bytes"));
+        // Byte k (0 or 1) lands on bit 56 + k of the product; no two bytes' terms overlap.
+        bits |= (v.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * i);
+    }
+    bits
 }
 
 /// The select when the first bucket is large: every later digit rescans all keys.
@@ -225,6 +319,12 @@ mod tests {
         m
     }
 
+    fn unpack(words: &[u64], n: usize) -> Vec<bool> {
+        (0..n)
+            .map(|i| (words[i / 64] >> (i % 64)) & 1 == 1)
+            .collect()
+    }
+
     fn lcg(seed: &mut u64) -> u64 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
@@ -241,9 +341,11 @@ mod tests {
             (4097, 50),
             (200_003, 1 << 20),
             (70_000, 2),
+            // Several blocks, a tail word, and a threshold bucket small enough for candidates.
+            (3 * CHUNK + 77, 1 << 24),
         ] {
             let keys: Vec<u32> = (0..n)
-                .map(|_| 0x8000_0000 | ((lcg(&mut s) % distinct) as u32 * 977))
+                .map(|_| 0x8000_0000 | ((lcg(&mut s) % distinct) as u32).wrapping_mul(977))
                 .collect();
             for k in [1, n / 3 + 1, n / 2, n] {
                 let k = k.max(1);
@@ -253,8 +355,17 @@ mod tests {
                     .enumerate()
                     .map(|(i, &x)| t.keeps(x, i as u64))
                     .collect();
-                assert_eq!(got, reference_mask(&keys, k), "n={n} k={k}");
+                let want = reference_mask(&keys, k);
+                assert_eq!(got, want, "n={n} k={k}");
                 assert_eq!(got.iter().filter(|&&b| b).count(), k);
+                // Both mask builders against the reference, bit by bit (stale bits included).
+                let hist1 = histogram(&keys, 21, 11, 0);
+                let mut words = vec![0x5555_5555_5555_5555u64; n.div_ceil(64)];
+                assert_eq!(select_masked(&keys, k as u64, &hist1, &mut words), t);
+                assert_eq!(unpack(&words, n), want, "select_masked n={n} k={k}");
+                let mut words = vec![u64::MAX; n.div_ceil(64)];
+                fill_mask(&keys, &t, &mut words);
+                assert_eq!(unpack(&words, n), want, "fill_mask n={n} k={k}");
             }
         }
     }
