@@ -70,6 +70,13 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self, Problem> {
+        // Before opening: a FIFO named by a crafted index would block `open` forever.
+        match std::fs::metadata(path) {
+            Ok(md) if !md.is_file() => {
+                return Err(Problem::in_file(path, "not a regular file"));
+            }
+            _ => {}
+        }
         let file =
             File::open(path).map_err(|e| Problem::in_file(path, format!("cannot open: {e}")))?;
         let stamp = Stamp::of(
@@ -107,6 +114,10 @@ impl SafetensorsFile {
             return Err(Problem::in_file(path, UNREADABLE));
         }
         let (header_len, meta) = parsed?;
+        // The parser keeps the last of two entries with one name; a second tensor of that name
+        // would silently vanish (or surface as a puzzling offset error), so refuse it by name.
+        serde_json::from_slice::<UniqueKeys>(&map[8..8 + header_len])
+            .map_err(|e| Problem::in_file(path, format!("corrupt safetensors header: {e}")))?;
         let data_start = 8 + header_len;
         let mut tensors = Vec::new();
         for name in meta.offset_keys() {
@@ -177,3 +188,33 @@ impl SafetensorsFile {
 const RERUN: &str = "the output was not kept: run the merge again once the file is stable";
 const UNREADABLE: &str = "a read failed (I/O error from the disk, or the file shrank and grew \
      back) while the merge was reading it; the output was not kept: check the disk and the file";
+
+/// Parses a header object only to fail on a name given twice.
+struct UniqueKeys;
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(UniqueKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(k) = m.next_key::<String>()? {
+            m.next_value::<serde::de::IgnoredAny>()?;
+            if let Some(k) = seen.replace(k) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate tensor name `{k}` (declared twice)"
+                )));
+            }
+        }
+        Ok(UniqueKeys)
+    }
+}

@@ -231,12 +231,19 @@ fn read_index(folder: &Path, index: &Path) -> Result<Vec<String>, Problem> {
             ));
         };
         let p = Path::new(file);
+        if p.components().next().is_none() || file.contains('\0') {
+            return Err(Problem::in_tensor(
+                index,
+                tensor,
+                format!("`weight_map` entry is not a file name: {file:?}"),
+            ));
+        }
         let escapes = p.is_absolute()
             || p.components().any(|c| !matches!(c, Component::Normal(_)))
             || folder
                 .join(p)
                 .canonicalize()
-                .map(|c| !c.starts_with(&canon_folder))
+                .map(|c| !c.starts_with(&canon_folder) && !in_hf_cache_blobs(&canon_folder, &c))
                 .unwrap_or(false);
         if escapes {
             return Err(Problem::in_tensor(
@@ -251,6 +258,20 @@ fn read_index(folder: &Path, index: &Path) -> Result<Vec<String>, Problem> {
         return Err(Problem::in_file(index, "`weight_map` is empty"));
     }
     Ok(names.into_iter().collect())
+}
+
+/// Whether `target` is a blob of the Hugging Face cache repository that holds the snapshot
+/// `folder` (`REPO/snapshots/REV` → `REPO/blobs/…`): the hub client stores every file of a
+/// snapshot as a symlink there, so this is the model's own data, not an escape.
+fn in_hf_cache_blobs(folder: &Path, target: &Path) -> bool {
+    let Some(snapshots) = folder.parent() else {
+        return false;
+    };
+    let Some(repo) = snapshots.parent() else {
+        return false;
+    };
+    snapshots.file_name().is_some_and(|n| n == "snapshots")
+        && target.starts_with(repo.join("blobs"))
 }
 
 /// The index must agree with the shards: every mapped tensor in its shard, no tensor twice.
