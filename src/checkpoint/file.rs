@@ -101,42 +101,18 @@ impl SafetensorsFile {
         let guard = guard::register(map.as_ptr(), map.len());
         #[cfg(unix)]
         let _ = map.advise(memmap2::Advice::Sequential);
-        let parsed = SafeTensors::read_metadata(&map).map_err(|e| {
-            let hint = match e {
-                safetensors::SafeTensorError::MetadataIncompleteBuffer => {
-                    " (the file is truncated or has trailing bytes: re-download or re-convert it)"
-                }
-                _ => "",
-            };
-            Problem::in_file(path, format!("corrupt safetensors header: {e}{hint}"))
-        });
+        let parsed = parse_header(&map);
         if guard.faulted() {
             return Err(Problem::in_file(path, UNREADABLE));
         }
-        let (header_len, meta) = parsed?;
-        // The parser keeps the last of two entries with one name; a second tensor of that name
-        // would silently vanish (or surface as a puzzling offset error), so refuse it by name.
-        serde_json::from_slice::<UniqueKeys>(&map[8..8 + header_len])
-            .map_err(|e| Problem::in_file(path, format!("corrupt safetensors header: {e}")))?;
-        let data_start = 8 + header_len;
-        let mut tensors = Vec::new();
-        for name in meta.offset_keys() {
-            let info = meta.info(&name).expect("name comes from the metadata");
-            tensors.push(TensorEntry {
-                name,
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                start: data_start + info.data_offsets.0,
-                end: data_start + info.data_offsets.1,
-            });
-        }
+        let Header { tensors, metadata } = parsed.map_err(|m| Problem::in_file(path, m))?;
         Ok(Self {
             path: path.to_path_buf(),
             guard,
             map,
             stamp,
             tensors,
-            metadata: meta.metadata().clone(),
+            metadata,
         })
     }
 
@@ -188,6 +164,47 @@ impl SafetensorsFile {
 const RERUN: &str = "the output was not kept: run the merge again once the file is stable";
 const UNREADABLE: &str = "a read failed (I/O error from the disk, or the file shrank and grew \
      back) while the merge was reading it; the output was not kept: check the disk and the file";
+
+/// A validated header: the tensors in offset order, and the free-form metadata.
+pub struct Header {
+    pub tensors: Vec<TensorEntry>,
+    pub metadata: Option<std::collections::HashMap<String, String>>,
+}
+
+/// Validates a whole safetensors file image: header length, JSON, dtypes, shapes against byte
+/// sizes, offsets contiguous and ending at the end of the file, names unique. No allocation
+/// depends on a declared size, only on the header's real bytes. The message names no file.
+pub fn parse_header(buf: &[u8]) -> Result<Header, String> {
+    let (header_len, meta) = SafeTensors::read_metadata(buf).map_err(|e| {
+        let hint = match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+                " (the file is truncated or has trailing bytes: re-download or re-convert it)"
+            }
+            _ => "",
+        };
+        format!("corrupt safetensors header: {e}{hint}")
+    })?;
+    // The parser keeps the last of two entries with one name; a second tensor of that name
+    // would silently vanish (or surface as a puzzling offset error), so refuse it by name.
+    serde_json::from_slice::<UniqueKeys>(&buf[8..8 + header_len])
+        .map_err(|e| format!("corrupt safetensors header: {e}"))?;
+    let data_start = 8 + header_len;
+    let mut tensors = Vec::new();
+    for name in meta.offset_keys() {
+        let info = meta.info(&name).expect("name comes from the metadata");
+        tensors.push(TensorEntry {
+            name,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            start: data_start + info.data_offsets.0,
+            end: data_start + info.data_offsets.1,
+        });
+    }
+    Ok(Header {
+        tensors,
+        metadata: meta.metadata().clone(),
+    })
+}
 
 /// Parses a header object only to fail on a name given twice.
 struct UniqueKeys;
