@@ -400,3 +400,41 @@ fn index_error_at(m: &Path) -> String {
             .join("\n"),
     }
 }
+
+/// Numbers that YAML reads as finite f64 but that overflow the f32 the merge computes in, and
+/// recipe text built to blow up a parser (alias expansion, deep nesting).
+#[test]
+fn crafted_recipes_are_refused() {
+    let dir = Path::new("/nonexistent");
+    let cases: &[(&str, &str)] = &[
+        (
+            "merge_method: task_arithmetic\nbase_model: b\nmodels:\n  - model: t\n    parameters:\n      weight: 1e39\n",
+            "`weight` must be a finite number",
+        ),
+        (
+            "merge_method: task_arithmetic\nbase_model: b\nparameters:\n  lambda: -1e300\nmodels:\n  - model: t\n",
+            "`lambda` must be a finite number",
+        ),
+        (
+            "merge_method: task_arithmetic\nbase_model: b\nparameters:\n  weight: .nan\nmodels:\n  - model: t\n",
+            "`weight` must be a finite number",
+        ),
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\ng: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]\nh: [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]\n",
+            "",
+        ),
+    ];
+    for (text, want) in cases {
+        let msg = match stamerge::Recipe::parse(text, dir) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(ps) => ps
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        };
+        assert!(msg.contains(want), "expected `{want}`, got: {msg}");
+    }
+    let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+    assert!(stamerge::Recipe::parse(&deep, dir).is_err());
+}
