@@ -45,20 +45,6 @@ fn plan(dir: &Path) -> stamerge::Plan {
     stamerge::plan(&r, Some(&dir.join("out")), &opts()).unwrap()
 }
 
-fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            v.extend(files_under(&p));
-        } else {
-            v.push((p.clone(), std::fs::read(&p).unwrap()));
-        }
-    }
-    v.sort();
-    v
-}
-
 /// The merge failed with every `needles` in its message and left nothing in `dir` but inputs.
 fn assert_failed_cleanly(dir: &Path, r: stamerge::Result<stamerge::Report>, needles: &[&str]) {
     let err = match r {
@@ -87,7 +73,7 @@ fn input_truncated_during_the_merge() {
     let d = tempfile::tempdir().unwrap();
     models(d.path(), 1 << 18);
     let victim = d.path().join("task_1/model.safetensors");
-    let before = files_under(d.path());
+    let before = tree_bytes(d.path());
     let p = plan(d.path());
     // Keeps the header and the first pages: the rest of the mapping now faults (SIGBUS).
     let full = std::fs::metadata(&victim).unwrap().len();
@@ -108,7 +94,7 @@ fn input_truncated_during_the_merge() {
         ],
     );
     assert!(
-        without(&files_under(d.path()), &victim) == without(&before, &victim),
+        without(&tree_bytes(d.path()), &victim) == without(&before, &victim),
         "another input changed"
     );
     let orig = &before.iter().find(|(q, _)| q == &victim).unwrap().1;
@@ -137,7 +123,7 @@ fn input_modified_or_replaced_during_the_merge() {
         .unwrap()
         .set_modified(old)
         .unwrap();
-    let before = files_under(d.path());
+    let before = tree_bytes(d.path());
     let p = plan(d.path());
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -153,14 +139,14 @@ fn input_modified_or_replaced_during_the_merge() {
         r,
         &["task_0/model.safetensors", "modified while the merge"],
     );
-    assert!(without(&files_under(d.path()), &victim) == without(&before, &victim));
+    assert!(without(&tree_bytes(d.path()), &victim) == without(&before, &victim));
     drop(p);
 
     // Replaced by rename (how downloaders and editors save): a different file, same name.
     let d = tempfile::tempdir().unwrap();
     models(d.path(), 4096);
     let victim = d.path().join("task_1/model.safetensors");
-    let before = files_under(d.path());
+    let before = tree_bytes(d.path());
     let p = plan(d.path());
     std::fs::copy(&victim, d.path().join("task_1/new")).unwrap();
     std::fs::rename(d.path().join("task_1/new"), &victim).unwrap();
@@ -170,7 +156,7 @@ fn input_modified_or_replaced_during_the_merge() {
         r,
         &["task_1/model.safetensors", "replaced by another file"],
     );
-    assert!(files_under(d.path()) == before, "contents changed");
+    assert!(tree_bytes(d.path()) == before, "contents changed");
 }
 
 /// Detaches the loop device and unmounts when the test ends, however it ends.
@@ -246,9 +232,9 @@ fn read_error_from_the_disk_during_the_merge() {
     )
     .unwrap();
     std::fs::remove_dir_all(&src).unwrap();
-    let before = files_under(d.path().join("base").as_path())
+    let before = tree_bytes(d.path().join("base").as_path())
         .into_iter()
-        .chain(files_under(&d.path().join("task_0")))
+        .chain(tree_bytes(&d.path().join("task_0")))
         .collect::<Vec<_>>();
     let p = plan(d.path());
     // 1 MiB into the file: everything after is past the end of the shrunk device.
@@ -270,9 +256,9 @@ fn read_error_from_the_disk_during_the_merge() {
             "not kept",
         ],
     );
-    let after = files_under(d.path().join("base").as_path())
+    let after = tree_bytes(d.path().join("base").as_path())
         .into_iter()
-        .chain(files_under(&d.path().join("task_0")))
+        .chain(tree_bytes(&d.path().join("task_0")))
         .collect::<Vec<_>>();
     assert!(after == before, "an input changed");
     drop(p);
