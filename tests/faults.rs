@@ -55,12 +55,7 @@ fn assert_failed_cleanly(dir: &Path, r: stamerge::Result<stamerge::Report>, need
         assert!(err.contains(n), "missing `{n}` in: {err}");
     }
     assert!(!dir.join("out").exists(), "an output folder was left");
-    let left: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.contains("stamerge-"))
-        .collect();
+    let left = leftovers(dir);
     assert!(left.is_empty(), "temporary folder or lock left: {left:?}");
 }
 

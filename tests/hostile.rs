@@ -24,6 +24,94 @@ fn st(header: &str, data: usize) -> Vec<u8> {
     raw(header.len() as u64, header.as_bytes(), data)
 }
 
+/// Well-formed JSON headers that describe impossible files: (name, header, data bytes, error).
+const JSON_CASES: &[(&str, &str, usize, &str)] = &[
+    (
+        "unknown_dtype",
+        r#"{"a":{"dtype":"F128","shape":[1],"data_offsets":[0,16]}}"#,
+        16,
+        "corrupt safetensors header",
+    ),
+    (
+        "negative_offset",
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}}"#,
+        4,
+        "corrupt safetensors header",
+    ),
+    (
+        "offsets_out_of_bounds",
+        r#"{"a":{"dtype":"F32","shape":[250],"data_offsets":[0,1000]}}"#,
+        16,
+        "corrupt safetensors header",
+    ),
+    (
+        "offsets_reversed",
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[8,4]}}"#,
+        8,
+        "corrupt safetensors header",
+    ),
+    (
+        "offsets_overlapping",
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+        12,
+        "corrupt safetensors header",
+    ),
+    (
+        "offsets_with_a_gap",
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,
+        12,
+        "corrupt safetensors header",
+    ),
+    (
+        "offset_past_u64",
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551616]}}"#,
+        4,
+        "corrupt safetensors header",
+    ),
+    (
+        "shape_product_overflows_u64",
+        r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#,
+        0,
+        "corrupt safetensors header",
+    ),
+    (
+        "byte_size_overflows",
+        r#"{"a":{"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,0]}}"#,
+        0,
+        "corrupt safetensors header",
+    ),
+    (
+        "dtype_shape_size_mismatch",
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}"#,
+        8,
+        "corrupt safetensors header",
+    ),
+    (
+        "duplicate_names_different_data",
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+        8,
+        "duplicate",
+    ),
+    (
+        "duplicate_names_same_data",
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+        4,
+        "duplicate",
+    ),
+    (
+        "metadata_not_strings",
+        r#"{"__metadata__":{"format":5}}"#,
+        0,
+        "corrupt safetensors header",
+    ),
+    (
+        "trailing_bytes",
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+        12,
+        "corrupt safetensors header",
+    ),
+];
+
 /// (name, bytes, a phrase the error must contain).
 fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let deep = format!(
@@ -75,116 +163,14 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "corrupt safetensors header",
         ),
         ("deeply_nested", st(&deep, 4), "corrupt safetensors header"),
-        (
-            "unknown_dtype",
-            st(
-                r#"{"a":{"dtype":"F128","shape":[1],"data_offsets":[0,16]}}"#,
-                16,
-            ),
-            "corrupt safetensors header",
-        ),
-        (
-            "negative_offset",
-            st(
-                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}}"#,
-                4,
-            ),
-            "corrupt safetensors header",
-        ),
-        (
-            "offsets_out_of_bounds",
-            st(
-                r#"{"a":{"dtype":"F32","shape":[250],"data_offsets":[0,1000]}}"#,
-                16,
-            ),
-            "corrupt safetensors header",
-        ),
-        (
-            "offsets_reversed",
-            st(
-                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[8,4]}}"#,
-                8,
-            ),
-            "corrupt safetensors header",
-        ),
-        (
-            "offsets_overlapping",
-            st(
-                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
-                12,
-            ),
-            "corrupt safetensors header",
-        ),
-        (
-            "offsets_with_a_gap",
-            st(
-                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,
-                12,
-            ),
-            "corrupt safetensors header",
-        ),
-        (
-            "offset_past_u64",
-            st(
-                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551616]}}"#,
-                4,
-            ),
-            "corrupt safetensors header",
-        ),
-        (
-            "shape_product_overflows_u64",
-            st(
-                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#,
-                0,
-            ),
-            "corrupt safetensors header",
-        ),
-        (
-            "byte_size_overflows",
-            st(
-                r#"{"a":{"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,0]}}"#,
-                0,
-            ),
-            "corrupt safetensors header",
-        ),
-        (
-            "dtype_shape_size_mismatch",
-            st(
-                r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}"#,
-                8,
-            ),
-            "corrupt safetensors header",
-        ),
-        (
-            "duplicate_names_different_data",
-            st(
-                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
-                8,
-            ),
-            "duplicate",
-        ),
-        (
-            "duplicate_names_same_data",
-            st(
-                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
-                4,
-            ),
-            "duplicate",
-        ),
-        (
-            "metadata_not_strings",
-            st(r#"{"__metadata__":{"format":5}}"#, 0),
-            "corrupt safetensors header",
-        ),
-        (
-            "trailing_bytes",
-            st(
-                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
-                12,
-            ),
-            "corrupt safetensors header",
-        ),
     ]
+    .into_iter()
+    .chain(
+        JSON_CASES
+            .iter()
+            .map(|&(name, header, data, want)| (name, st(header, data), want)),
+    )
+    .collect()
 }
 
 fn write_corpus(dir: &Path) -> Vec<(PathBuf, &'static str)> {

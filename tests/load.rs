@@ -101,12 +101,7 @@ fn eight_merges_at_once_write_what_each_writes_alone() {
             );
         }
     }
-    let left: Vec<_> = std::fs::read_dir(d.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.contains("stamerge-"))
-        .collect();
+    let left = leftovers(d.path());
     assert!(left.is_empty(), "temporary folders or locks left: {left:?}");
     assert!(tree_bytes(&ex) == inputs_before, "an input changed");
 }

@@ -446,6 +446,16 @@ pub fn tree_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     v
 }
 
+/// Names in `dir` that a run leaves only when it fails to clean up (temporary folder, lock).
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("stamerge-"))
+        .collect()
+}
+
 pub fn stamerge_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_stamerge"))
 }
