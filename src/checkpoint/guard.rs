@@ -194,4 +194,43 @@ mod tests {
         drop(ga);
         drop(gb);
     }
+
+    /// A SIGBUS outside every registered mapping is not swallowed: the process still dies of it.
+    /// Runs itself as a child (the death would end this test binary).
+    #[test]
+    fn a_fault_outside_the_guarded_mappings_still_kills() {
+        use std::os::unix::process::ExitStatusExt;
+        const CHILD: &str = "STAMERGE_GUARD_STRAY_FAULT";
+        if std::env::var_os(CHILD).is_some() {
+            let guarded = tempfile::NamedTempFile::new().unwrap();
+            guarded.as_file().set_len(4096).unwrap();
+            // SAFETY: test files nobody else touches.
+            let mg = unsafe { memmap2::Mmap::map(guarded.as_file()).unwrap() };
+            let _g = register(mg.as_ptr(), mg.len());
+            let mut stray = tempfile::NamedTempFile::new().unwrap();
+            stray.write_all(&vec![1u8; 3 * 4096]).unwrap();
+            // SAFETY: as above; this mapping is deliberately not registered.
+            let ms = unsafe { memmap2::Mmap::map(stray.as_file()).unwrap() };
+            stray.as_file().set_len(0).unwrap();
+            let v = std::hint::black_box(ms[2 * 4096]);
+            // Reached only if the guard swallowed a fault that was not its own.
+            std::process::exit(i32::from(v) + 10);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "checkpoint::guard::tests::a_fault_outside_the_guarded_mappings_still_kills",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGBUS),
+            "{:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
