@@ -217,6 +217,11 @@ fn verify_output(plan: &Plan, outcome: &pipeline::Outcome, dir: &Path) -> Result
 /// Runs a whole merge: plan, compute, write into a temporary folder, rename into `out_dir`.
 pub fn merge(recipe: &Recipe, out_dir: &Path, opts: &Options) -> Result<Report> {
     let plan = plan(recipe, Some(out_dir), opts)?;
+    merge_planned(&plan, out_dir, opts)
+}
+
+/// [`merge`] after planning (the inputs are open; tests change them at this point).
+pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Report> {
     for n in &plan.notes {
         tracing::info!("note: {n}");
     }
@@ -235,16 +240,16 @@ pub fn merge(recipe: &Recipe, out_dir: &Path, opts: &Options) -> Result<Report> 
     let t0 = Instant::now();
     let outcome = pool.install(|| {
         pipeline::execute(
-            &plan,
+            plan,
             backend.as_ref(),
             out.path(),
             opts.out_shard_size,
             opts.progress,
         )
     })?;
-    write_side_files(&plan, out.path())?;
+    write_side_files(plan, out.path())?;
     if opts.verify {
-        verify_output(&plan, &outcome, out.path())?;
+        verify_output(plan, &outcome, out.path())?;
     }
     {
         use error::IoContext;
@@ -289,6 +294,8 @@ pub fn merge(recipe: &Recipe, out_dir: &Path, opts: &Options) -> Result<Report> 
         report::write(&rep, &out.path().join(REPORT_NAME))
             .ctx(|| format!("writing {REPORT_NAME}"))?;
     }
+    // Last: an input that changed while it was read must not yield an output presented as good.
+    plan.inputs.check_intact()?;
     out.commit()?;
     if let Some(p) = &opts.report {
         use error::IoContext;

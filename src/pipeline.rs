@@ -185,11 +185,12 @@ impl Progress {
     }
 }
 
-fn check_interrupt() -> Result<()> {
+/// Between tensors: Ctrl-C, or an input that could not be read (see `checkpoint::guard`).
+fn check_interrupt(plan: &Plan) -> Result<()> {
     if crate::INTERRUPTED.load(Ordering::Relaxed) {
         Err(Error::Interrupted)
     } else {
-        Ok(())
+        plan.inputs.check_readable()
     }
 }
 
@@ -242,7 +243,7 @@ fn model_selection(
     let mut total = 0u64;
     progress.message("selection: model — pass 1: per-tensor mean scores");
     for (ii, item) in plan.items.iter().enumerate() {
-        check_interrupt()?;
+        check_interrupt(plan)?;
         let ItemKind::Merge { n, .. } = item.kind else {
             continue;
         };
@@ -271,7 +272,7 @@ fn model_selection(
         ));
         let mut hists = vec![vec![0u64; 1 << bits]; nt];
         for (ii, item) in plan.items.iter().enumerate() {
-            check_interrupt()?;
+            check_interrupt(plan)?;
             let ItemKind::Merge { n, .. } = item.kind else {
                 continue;
             };
@@ -367,7 +368,7 @@ pub fn execute(
         let mut made = 0u64;
         let compute = (|| -> Result<()> {
             for (ii, item) in plan.items.iter().enumerate() {
-                check_interrupt()?;
+                check_interrupt(plan)?;
                 if let Some(next) = plan.items.get(ii + 1) {
                     prefetch(plan, next);
                 }

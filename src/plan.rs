@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use crate::checkpoint::writer::OutTensor;
 use crate::checkpoint::{Checkpoint, SafetensorsFile, TensorEntry};
 use crate::dtype::{is_unsupported_float, FloatType};
-use crate::error::Problem;
+use crate::error::{Error, Problem, Result};
 use crate::method::{keep_count, ScoreKind, SelectKind};
 use crate::recipe::{MissingGradients, Recipe, Selection};
 
@@ -20,6 +20,34 @@ pub struct Inputs {
     pub base: Checkpoint,
     pub start: Option<Checkpoint>,
     pub tasks: Vec<TaskInputs>,
+}
+
+impl Inputs {
+    fn files(&self) -> impl Iterator<Item = &SafetensorsFile> {
+        std::iter::once(&self.base)
+            .chain(self.start.iter())
+            .chain(
+                self.tasks
+                    .iter()
+                    .flat_map(|t| std::iter::once(&t.model).chain(t.grads.iter())),
+            )
+            .flat_map(|ck| ck.files.iter())
+    }
+
+    /// Between tensors (no system call): stops the merge as soon as a read of an input failed,
+    /// instead of computing the rest of the model from the zeros that replaced the lost pages.
+    pub fn check_readable(&self) -> Result<()> {
+        self.files()
+            .try_for_each(|f| f.check_readable())
+            .map_err(Error::Input)
+    }
+
+    /// Before the output is committed: every input is still the file that was read.
+    pub fn check_intact(&self) -> Result<()> {
+        self.files()
+            .try_for_each(|f| f.check_intact())
+            .map_err(Error::Input)
+    }
 }
 
 /// What happens to one output tensor.

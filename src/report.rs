@@ -26,17 +26,11 @@ impl InputRecord {
         let files = ck
             .files
             .iter()
-            .map(|f| {
-                let md = std::fs::metadata(&f.path).ok();
-                FileRecord {
-                    path: f.path.display().to_string(),
-                    size: f.map.len() as u64,
-                    mtime: md
-                        .and_then(|m| m.modified().ok())
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0),
-                }
+            // As opened: the merge checks before committing that every file still matches.
+            .map(|f| FileRecord {
+                path: f.path.display().to_string(),
+                size: f.stamp.size,
+                mtime: (f.stamp.mtime_ns / 1_000_000_000).max(0) as u64,
             })
             .collect();
         Self {

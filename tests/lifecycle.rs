@@ -360,20 +360,6 @@ impl Drop for Mount {
     }
 }
 
-fn tree_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            v.extend(tree_bytes(&p));
-        } else {
-            v.push((p.clone(), std::fs::read(&p).unwrap()));
-        }
-    }
-    v.sort();
-    v
-}
-
 #[test]
 fn disk_full_fails_cleanly_and_keeps_the_previous_output() {
     let d = tempfile::tempdir().unwrap();

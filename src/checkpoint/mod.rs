@@ -1,6 +1,7 @@
 //! Reading and writing checkpoints: safetensors files, sharded folders, the atomic output folder.
 
 pub mod file;
+pub mod guard;
 pub mod model;
 pub mod outdir;
 pub mod writer;

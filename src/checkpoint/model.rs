@@ -212,16 +212,40 @@ impl Checkpoint {
 fn read_index(folder: &Path, index: &Path) -> Result<Vec<String>, Problem> {
     let text =
         std::fs::read(index).map_err(|e| Problem::in_file(index, format!("cannot read: {e}")))?;
-    let v: serde_json::Value = serde_json::from_slice(&text)
+    let entries = parse_index(index, &text)?;
+    let canon_folder = folder
+        .canonicalize()
+        .map_err(|e| Problem::in_file(folder, format!("cannot resolve: {e}")))?;
+    let mut names = BTreeSet::new();
+    for (tensor, file) in entries {
+        let leads_out = folder
+            .join(&file)
+            .canonicalize()
+            .map(|c| !c.starts_with(&canon_folder) && !in_hf_cache_blobs(&canon_folder, &c))
+            .unwrap_or(false);
+        if leads_out {
+            return Err(Problem::in_tensor(
+                index,
+                &tensor,
+                format!("`weight_map` points outside the model folder (a symlink): `{file}`"),
+            ));
+        }
+        names.insert(file);
+    }
+    Ok(names.into_iter().collect())
+}
+
+/// The index's `weight_map` as (tensor, file) pairs, after the checks that need no filesystem:
+/// valid JSON, every entry a plain relative file name inside the folder (no `..`, no absolute
+/// path, no NUL), at least one entry. `index` only names the file in messages.
+pub fn parse_index(index: &Path, text: &[u8]) -> Result<Vec<(String, String)>, Problem> {
+    let v: serde_json::Value = serde_json::from_slice(text)
         .map_err(|e| Problem::in_file(index, format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Problem::in_file(index, "no `weight_map` object"))?;
-    let canon_folder = folder
-        .canonicalize()
-        .map_err(|e| Problem::in_file(folder, format!("cannot resolve: {e}")))?;
-    let mut names = BTreeSet::new();
+    let mut entries = Vec::with_capacity(map.len());
     for (tensor, file) in map {
         let Some(file) = file.as_str() else {
             return Err(Problem::in_tensor(
@@ -231,26 +255,40 @@ fn read_index(folder: &Path, index: &Path) -> Result<Vec<String>, Problem> {
             ));
         };
         let p = Path::new(file);
-        let escapes = p.is_absolute()
-            || p.components().any(|c| !matches!(c, Component::Normal(_)))
-            || folder
-                .join(p)
-                .canonicalize()
-                .map(|c| !c.starts_with(&canon_folder))
-                .unwrap_or(false);
-        if escapes {
+        if p.components().next().is_none() || file.contains('\0') {
+            return Err(Problem::in_tensor(
+                index,
+                tensor,
+                format!("`weight_map` entry is not a file name: {file:?}"),
+            ));
+        }
+        if p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
             return Err(Problem::in_tensor(
                 index,
                 tensor,
                 format!("`weight_map` points outside the model folder: `{file}`"),
             ));
         }
-        names.insert(file.to_string());
+        entries.push((tensor.clone(), file.to_string()));
     }
-    if names.is_empty() {
+    if entries.is_empty() {
         return Err(Problem::in_file(index, "`weight_map` is empty"));
     }
-    Ok(names.into_iter().collect())
+    Ok(entries)
+}
+
+/// Whether `target` is a blob of the Hugging Face cache repository that holds the snapshot
+/// `folder` (`REPO/snapshots/REV` → `REPO/blobs/…`): the hub client stores every file of a
+/// snapshot as a symlink there, so this is the model's own data, not an escape.
+fn in_hf_cache_blobs(folder: &Path, target: &Path) -> bool {
+    let Some(snapshots) = folder.parent() else {
+        return false;
+    };
+    let Some(repo) = snapshots.parent() else {
+        return false;
+    };
+    snapshots.file_name().is_some_and(|n| n == "snapshots")
+        && target.starts_with(repo.join("blobs"))
 }
 
 /// The index must agree with the shards: every mapped tensor in its shard, no tensor twice.

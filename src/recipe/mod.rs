@@ -132,8 +132,11 @@ fn resolve(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem
     let out_dtype = parse_dtype(raw.out_dtype.as_deref(), "out_dtype", &mut problems);
 
     let lambda = g.lambda.unwrap_or(1.0);
-    if !lambda.is_finite() {
-        problems.push(Problem::new("`lambda` must be a finite number"));
+    // Checked after the cast: 1e39 is a finite f64 but an infinite f32, and the merge runs in f32.
+    if !(lambda as f32).is_finite() {
+        problems.push(Problem::new(format!(
+            "`lambda` must be a finite number (|lambda| < 3.4e38), got {lambda}"
+        )));
     }
     let normalize = g.normalize.unwrap_or(method.default_normalize());
     if g.seed.is_some() && !method.is_dare() {
@@ -246,8 +249,10 @@ fn resolve_task(
         }
     }
     let weight = p.weight.or(g.weight).unwrap_or(1.0);
-    if !weight.is_finite() {
-        errs.push("`weight` must be a finite number".to_string());
+    if !(weight as f32).is_finite() {
+        errs.push(format!(
+            "`weight` must be a finite number (|weight| < 3.4e38), got {weight}"
+        ));
     }
     let density = p.density.or(g.density).unwrap_or(1.0);
     if !(density > 0.0 && density <= 1.0) {

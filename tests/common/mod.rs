@@ -431,6 +431,31 @@ pub fn reference(cfg: &RefConfig, inp: &RefInputs) -> HashMap<String, Vec<f32>> 
     out
 }
 
+/// Every file below `dir` with its bytes, sorted by path: "inputs unchanged" compares these.
+pub fn tree_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            v.extend(tree_bytes(&p));
+        } else {
+            v.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Names in `dir` that a run leaves only when it fails to clean up (temporary folder, lock).
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("stamerge-"))
+        .collect()
+}
+
 pub fn stamerge_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_stamerge"))
 }
