@@ -560,6 +560,24 @@ fn group_layout(g: &Group, sels: &[Sel], fuse: &FuseSpec, ncombo: usize) -> Grou
     }
 }
 
+/// A select state whose three radix passes are done at `key`, with `quota` ties still to keep
+/// and the ties not yet visited unknown (u64::MAX): `select_tie_cutoff` then keeps the first
+/// min(e, quota) of a tensor's e ties.
+fn fixed_header(n: u64, key: u32, quota: u64) -> SelectHeader {
+    SelectHeader {
+        n,
+        k: quota,
+        k_rem: quota,
+        count_eq: u64::MAX,
+        cand_len: u64::MAX,
+        bad: u64::MAX,
+        prefix: key,
+        threshold: key,
+        passes_done: 3,
+        ..Default::default()
+    }
+}
+
 /// The score kernel's inputs for task `t` under `spec`.
 fn score_inputs(
     g: &Group,
@@ -728,18 +746,7 @@ impl CudaBackend {
                     // visited") is unknown here, so it is set to u64::MAX: select_tie_cutoff
                     // then keeps min(e, quota) of this tensor's e ties, lowest index first,
                     // which is the CPU's rule for `MaskJob::Fixed`.
-                    let h = SelectHeader {
-                        n: n64,
-                        k: quota,
-                        k_rem: quota,
-                        count_eq: u64::MAX,
-                        cand_len: u64::MAX,
-                        bad: u64::MAX,
-                        prefix: key,
-                        threshold: key,
-                        passes_done: 3,
-                        ..Default::default()
-                    };
+                    let h = fixed_header(n64, key, quota);
                     dev(arena.upload(gpu, st_off, bytemuck::bytes_of(&h)))?;
                     let s = score_inputs(g, t, &spec, arena, lay.base, lay.theta[t], lay.grad[t])?;
                     // SAFETY: as for TopK; the tie count always runs (skip_trivial = false), so

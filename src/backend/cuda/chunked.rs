@@ -8,10 +8,9 @@
 //! in index order, as many keys equal to it as the tie quota still allows (`MaskJob::Fixed`),
 //! which is the top-k rule's "lowest indices first".
 
-use super::device::SelectHeader;
 use super::{
-    dev, fault_result, group_bytes, launches, score_fault, score_inputs, selections, CudaBackend,
-    ScoreBufs, Sel, Work,
+    dev, fault_result, fixed_header, group_bytes, launches, score_fault, score_inputs, selections,
+    CudaBackend, ScoreBufs, Sel, Work,
 };
 use crate::backend::{
     BResult, BackendError, Fault, FuseSpec, Group, GroupStats, KeySpec, MaskJob, Raw, TaskStats,
@@ -393,16 +392,7 @@ impl CudaBackend {
         let arena = &mut w.arena;
         let words = [u64::MAX, u64::from(c.spec.mean.unwrap_or(0.0).to_bits())];
         dev(arena.upload(gpu, l.small, bytemuck::cast_slice(&words)))?;
-        let h = SelectHeader {
-            n: n as u64,
-            count_eq: u64::MAX,
-            cand_len: u64::MAX,
-            bad: u64::MAX,
-            prefix: c.key,
-            threshold: c.key,
-            passes_done: 3,
-            ..Default::default()
-        };
+        let h = fixed_header(n as u64, c.key, 0);
         dev(arena.upload(gpu, l.state, bytemuck::bytes_of(&h)))?;
         let s = score_inputs(g, t, &c.spec, arena, l.base, l.theta, l.grad)?;
         let (n64, keys, tiles, st, bad) = (
