@@ -1,7 +1,9 @@
 //! The CUDA backend against the CPU backend (the reference), bit for bit, on the same inputs:
 //! every method × fp32/fp16/bf16 × sizes 1, 31, 4097, 1 000 003 × continuous and grid values
 //! (forced ties at the threshold), model-wide selection across tensors, value faults, odd shapes
-//! and task counts, mixed and misaligned inputs, and whole merges compared file by file.
+//! and task counts, mixed and misaligned inputs, groups processed in chunks under a small memory
+//! budget, the pipelined path that copies the next group in early (docs/STREAMING.md), and whole
+//! merges compared file by file.
 //!
 //! Without a usable GPU (no driver, no device, or a build without kernels) each GPU test prints
 //! `SKIPPED (no GPU): <reason>` to stderr and passes, so the suite runs on CPU-only CI; the
