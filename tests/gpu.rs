@@ -1063,6 +1063,45 @@ fn chunked_model_selection_matches_cpu() {
     check_model_selection_on(&small, &sizes, ScoreKind::AbsWeightGrad, true);
 }
 
+/// A GPU with less free memory than the budget says: the arena shrinks to what is free and the
+/// groups that no longer fit run in chunks, with the CPU's bytes, never an out-of-memory failure.
+/// Under the fake libcuda `FAKE_CUDA_FREE_BYTES` makes the GPU small; on a real GPU the 1 TB
+/// budget is simply more than it has (its first allocations fit, so this is a plain comparison).
+#[test]
+fn less_memory_than_the_budget_falls_back_to_chunks() {
+    if gpu().is_none() {
+        return;
+    }
+    struct Unset;
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            std::env::remove_var("FAKE_CUDA_FREE_BYTES");
+        }
+    }
+    let _unset = Unset;
+    std::env::set_var("FAKE_CUDA_FREE_BYTES", "1200000");
+    let b = CudaBackend::with_max_memory(0, Some(1 << 40)).expect("opens with a shrunken budget");
+    let fake = b.description().contains("fake libcuda");
+    for (i, method) in [Method::Ties, Method::StaFinetuned, Method::DareLinear]
+        .into_iter()
+        .enumerate()
+    {
+        let n = 70_000.min(max_elems());
+        let inp = make(n, Make::new(FloatType::F32, 3, i == 1, 55 + i as u64));
+        let (jobs, fuse) = method_jobs(method, 3, n, &inp.name, FloatType::F32);
+        let pieces = b.pieces(&inp.group(), &jobs, &fuse).unwrap();
+        if fake && n == 70_000 {
+            assert!(
+                pieces > 1,
+                "{method:?}: the shrunken budget should split the group"
+            );
+        }
+        let next = (i == 0).then(|| inp.group());
+        let what = format!("{method:?} with less memory than the budget ({pieces} pieces)");
+        compare_then(&b, &inp.group(), &jobs, &fuse, &what, next.as_ref());
+    }
+}
+
 /// A budget below one chunk's buffers: a clear error naming the tensor, never a crash.
 #[test]
 fn a_chunk_over_the_budget_is_a_clear_error() {

@@ -17,6 +17,7 @@
 //
 // Built and used by scripts/emu-gpu-tests.sh. The fatbin handed to cuModuleLoadData is ignored:
 // kernels are looked up by name among the ones compiled into this library.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -140,6 +141,13 @@ int env_int(const char* name, int dflt) {
     return v ? std::atoi(v) : dflt;
 }
 
+// FAKE_CUDA_FREE_BYTES: the most device memory free at any time (a GPU with less memory than the
+// budget assumes); unset: the whole 16 GiB.
+size_t free_cap() {
+    const char* v = std::getenv("FAKE_CUDA_FREE_BYTES");
+    return v ? std::strtoull(v, nullptr, 10) : ~size_t(0);
+}
+
 }  // namespace
 
 extern "C" {
@@ -226,6 +234,7 @@ CUresult cuMemFreeHost(void* p) {
 
 CUresult cuMemAlloc_v2(uint64_t* p, size_t bytes) {
     LOCK;
+    if (bytes > free_cap() || g_allocated + bytes > (size_t(16) << 30)) return CUDA_ERROR_OUT_OF_MEMORY;
     void* m = std::aligned_alloc(256, ((bytes + 255) / 256) * 256 + 256);
     if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
     std::memset(m, 0xCD, bytes);  // uninitialised device memory is not zero
@@ -249,7 +258,7 @@ CUresult cuMemFreeAsync(uint64_t p, void*) { return cuMemFree_v2(p); }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     LOCK;
     *total = size_t(16) << 30;
-    *free_b = *total - g_allocated;
+    *free_b = std::min(*total - g_allocated, free_cap());
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyHtoDAsync_v2(uint64_t dst, const void* src, size_t n, void* s) {

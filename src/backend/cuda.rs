@@ -297,6 +297,21 @@ fn guarded<T>(f: impl FnOnce() -> BResult<T>) -> BResult<T> {
     })
 }
 
+/// Runs `f` again (twice at most) when the GPU had less memory than the budget: the arena's
+/// limit has shrunk to what is free by then, so the retry works in smaller chunks.
+fn retry_smaller<T>(mut f: impl FnMut() -> BResult<T>) -> BResult<T> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(BackendError::Device(m)) if m.starts_with(device::OUT_OF_MEMORY) && tries < 2 => {
+                tracing::info!("{m}; retrying in smaller chunks");
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 fn dev<T>(r: DResult<T>) -> BResult<T> {
     r.map_err(BackendError::Device)
 }
@@ -1048,7 +1063,10 @@ impl CudaBackend {
             // Growing frees the old buffer, which the compute stream may still be reading.
             dev(w.ahead_free.synchronize().map_err(&ev))?;
         }
-        dev(w.ahead.reserve(gpu, l.bytes()))?;
+        if w.ahead.reserve(gpu, l.bytes()).is_err() {
+            // No room to stage (less memory free than the budget said): upload it when it comes.
+            return Ok(());
+        }
         // Not before the compute stream has moved the previous staged inputs out.
         dev(gpu.copy.wait(&w.ahead_free).map_err(&ev))?;
         let mut staged = Vec::with_capacity(all.len());
@@ -1270,11 +1288,13 @@ impl Backend for CudaBackend {
         }
         let mut w = self.lock();
         guarded(|| {
-            if group_bytes(g, jobs, f)? <= w.arena.limit() {
-                self.merge_on_device(&mut w, g, jobs, f, out, next)
-            } else {
-                self.merge_chunked(&mut w, g, jobs, f, out)
-            }
+            retry_smaller(|| {
+                if group_bytes(g, jobs, f)? <= w.arena.limit() {
+                    self.merge_on_device(&mut w, g, jobs, f, out, next)
+                } else {
+                    self.merge_chunked(&mut w, g, jobs, f, out)
+                }
+            })
         })
     }
 
@@ -1283,7 +1303,7 @@ impl Backend for CudaBackend {
             return self.cpu.score_sum(g, task, spec);
         }
         let mut w = self.lock();
-        guarded(|| self.score_sum_chunked(&mut w, g, task, spec))
+        guarded(|| retry_smaller(|| self.score_sum_chunked(&mut w, g, task, spec)))
     }
 
     fn histogram(
@@ -1306,7 +1326,9 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let mut w = self.lock();
-        guarded(|| self.histogram_chunked(&mut w, g, task, spec, pass, prefix, hist))
+        guarded(|| {
+            retry_smaller(|| self.histogram_chunked(&mut w, g, task, spec, pass, prefix, hist))
+        })
     }
 
     /// The kernels' radix digits: 11, 11 and 10 bits from the top.

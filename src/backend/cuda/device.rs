@@ -38,6 +38,11 @@ pub const SUM_CHUNK: usize = 65_536;
 const ALIGN: usize = 256;
 /// The arena grows in steps of this much, so that slightly larger groups do not reallocate.
 const GROW_STEP: usize = 64 << 20;
+/// After an out-of-memory, an arena's budget becomes this share of the memory then free.
+const SHRINK_SHARE: f64 = 0.9;
+/// How an arena's out-of-memory error starts: the caller may retry in chunks, since the budget
+/// has shrunk to what is free.
+pub const OUT_OF_MEMORY: &str = "the GPU ran out of memory ";
 
 /// Blocks of 256 threads per SM for the grid-stride kernels (docs/KERNELS.md, "Occupancy"): the
 /// histogram-building launches use fewer blocks (fewer global atomics), the others fill the SMs.
@@ -565,20 +570,40 @@ impl Arena {
         // Free the old allocation first: the peak is the new size, not old + new.
         self.buf = None;
         self.base = 0;
-        let size = bytes.next_multiple_of(GROW_STEP).min(self.limit);
-        // SAFETY: the bytes are uninitialised; every buffer carved out of the arena is written
-        // (uploaded, initialised by a kernel, or fully written by a kernel) before it is read.
-        let buf = unsafe { gpu.stream.alloc::<u8>(size) }.map_err(|e| {
-            let (free, total) = gpu.ctx.mem_get_info().unwrap_or((0, 0));
-            format!(
-                "allocating {:.2} GB of GPU memory for this tensor group: {} ({:.2} GB free of \
-                 {:.2} GB; a lower --max-memory makes the backend work in smaller chunks)",
-                size as f64 / 1e9,
-                describe(&e),
-                free as f64 / 1e9,
-                total as f64 / 1e9
-            )
-        })?;
+        let mut size = bytes.next_multiple_of(GROW_STEP).min(self.limit);
+        let buf = loop {
+            // SAFETY: the bytes are uninitialised; every buffer carved out of the arena is
+            // written (uploaded, initialised by a kernel, or fully written by a kernel) before it
+            // is read.
+            match unsafe { gpu.stream.alloc::<u8>(size) } {
+                Ok(buf) => break buf,
+                Err(e) => {
+                    let (free, total) = gpu.ctx.mem_get_info().unwrap_or((0, 0));
+                    let oom = e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY;
+                    // Less memory is free than the budget assumed (another process, or a budget
+                    // above the GPU's): the budget shrinks to what is there, and work that no
+                    // longer fits is split into chunks by the caller.
+                    let fits = (free as f64 * SHRINK_SHARE) as usize;
+                    if oom && fits < self.limit {
+                        self.limit = fits;
+                        if bytes <= fits {
+                            size = bytes.next_multiple_of(GROW_STEP).min(fits);
+                            continue;
+                        }
+                    }
+                    return Err(format!(
+                        "{}allocating {:.2} GB of GPU memory: {} ({:.2} GB free of {:.2} GB; the \
+                         budget is now {:.2} GB)",
+                        if oom { OUT_OF_MEMORY } else { "" },
+                        size as f64 / 1e9,
+                        describe(&e),
+                        free as f64 / 1e9,
+                        total as f64 / 1e9,
+                        self.limit as f64 / 1e9
+                    ));
+                }
+            }
+        };
         let (ptr, _) = buf.device_ptr(&gpu.stream);
         self.base = ptr;
         self.buf = Some(buf);

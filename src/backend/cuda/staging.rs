@@ -173,6 +173,10 @@ pub struct Download {
 
 impl Drop for Ring {
     fn drop(&mut self) {
+        // The pinned memory belongs to the context, which may not be current on this thread.
+        if let Some(s) = self.slots.first() {
+            let _ = s.event.context().bind_to_thread();
+        }
         for s in &self.slots {
             if s.busy {
                 let _ = s.event.synchronize();
