@@ -76,6 +76,16 @@ impl Ring {
         Ok(i)
     }
 
+    /// Marks slot i in use by the transfer just queued on `stream`.
+    fn queued(&mut self, i: usize, stream: &CudaStream) -> DResult<()> {
+        let s = &mut self.slots[i];
+        s.event
+            .record(stream)
+            .map_err(drv("recording a CUDA event"))?;
+        s.busy = true;
+        Ok(())
+    }
+
     fn host(&mut self, i: usize, len: usize) -> &mut [u8] {
         debug_assert!(len <= self.bytes);
         // SAFETY: slot i holds `self.bytes` bytes; no transfer is in flight on it (`take`).
@@ -95,11 +105,7 @@ impl Ring {
             // the caller guarantees `dst` has room for `data`.
             unsafe { result::memcpy_htod_async(at, &*host, stream.cu_stream()) }
                 .map_err(drv("copying inputs to the GPU"))?;
-            let s = &mut self.slots[i];
-            s.event
-                .record(stream)
-                .map_err(drv("recording a CUDA event"))?;
-            s.busy = true;
+            self.queued(i, stream)?;
         }
         Ok(())
     }
@@ -127,11 +133,7 @@ impl Ring {
         // SAFETY: as in `upload`, the other way round.
         unsafe { result::memcpy_dtoh_async(host, d.src + off as u64, stream.cu_stream()) }
             .map_err(drv("copying results from the GPU"))?;
-        let s = &mut self.slots[i];
-        s.event
-            .record(stream)
-            .map_err(drv("recording a CUDA event"))?;
-        s.busy = true;
+        self.queued(i, stream)?;
         d.inflight.push_back((i, off, n));
         d.queued += n;
         Ok(())
