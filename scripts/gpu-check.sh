@@ -23,8 +23,12 @@
 #   - `stamerge bench kernels` for bf16 and fp16 with T = 4;
 #   - a synthetic Llama-style set (2 layers, hidden 1024, vocab 32000, 3 tasks, bf16), then
 #     `stamerge bench merge --device cuda` and `--device cpu` for ties and sta;
-#   - `stamerge merge --device cuda` vs `--device cpu` on that set for five recipes, the output
-#     files compared byte for byte.
+#   - `stamerge merge --device cuda` (also with a --max-memory of 64MB, which splits the large
+#     tensors into chunks) vs `--device cpu` on that set for five recipes, the output files
+#     compared byte for byte;
+#   - the streamed merge timed: `stamerge merge --device cuda` of sta and sta_model with the
+#     default budget (whole groups, the next group's inputs copied in while one computes) and
+#     with --max-memory 256MB and 64MB (chunks), GB/s of input from each run's summary line.
 # Everything each step prints goes to $OUT/<step>.txt; $OUT/results.md is the summary table.
 # Exit status: 0 when every step passed, 1 otherwise, 2 when the binaries are missing.
 #
@@ -161,33 +165,55 @@ for recipe in ties sta; do
     done
 done
 
-# cuda and cpu merges of the same recipes: the output folders must be identical (apart from the
-# report, which holds times and the backend's name).
+# cuda (whole groups, and in chunks under a 64MB budget) and cpu merges of the same recipes: the
+# output folders must be identical (apart from the report, which holds times and the backend's
+# name).
 compare_outputs() {
     local bin=$1 data=$2 status=0
     for recipe in ties sta sta_model dare_ties forget; do
-        for dev in cuda cpu; do
-            "$bin" --quiet merge "$data/$recipe.yml" "$data/cmp-$dev" --device "$dev" --overwrite || return 1
+        "$bin" --quiet merge "$data/$recipe.yml" "$data/cmp-cpu" --device cpu --overwrite || return 1
+        "$bin" --quiet merge "$data/$recipe.yml" "$data/cmp-cuda" --device cuda --overwrite || return 1
+        "$bin" --quiet merge "$data/$recipe.yml" "$data/cmp-cuda-chunked" --device cuda \
+            --max-memory 64MB --overwrite || return 1
+        for other in cuda cuda-chunked; do
+            local diff=""
+            for f in "$data/cmp-cpu"/*; do
+                local b
+                b="$(basename "$f")"
+                [ "$b" = stamerge_report.json ] && continue
+                cmp -s "$f" "$data/cmp-$other/$b" || diff="$diff $b"
+            done
+            if [ -n "$diff" ]; then
+                echo "$recipe ($other): DIFFERENT:$diff"
+                status=1
+            else
+                echo "$recipe ($other): identical"
+            fi
         done
-        local diff=""
-        for f in "$data/cmp-cpu"/*; do
-            local b
-            b="$(basename "$f")"
-            [ "$b" = stamerge_report.json ] && continue
-            cmp -s "$f" "$data/cmp-cuda/$b" || diff="$diff $b"
-        done
-        if [ -n "$diff" ]; then
-            echo "$recipe: DIFFERENT:$diff"
-            status=1
-        else
-            echo "$recipe: identical"
-        fi
     done
-    rm -rf "$data/cmp-cpu" "$data/cmp-cuda"
+    rm -rf "$data/cmp-cpu" "$data/cmp-cuda" "$data/cmp-cuda-chunked"
     return $status
 }
 export -f compare_outputs
 run_step cuda-vs-cpu-files 150 bash -c 'compare_outputs "$0" "$1"' "$BIN" "$DATA"
 row cuda-vs-cpu-files "$(grep -E ': (identical|DIFFERENT)' "$OUT/cuda-vs-cpu-files.txt" 2>/dev/null | tr '\n' ';')"
+
+# The streamed path timed: each merge prints "merged ... in S s (G GB/s of input, ...)".
+streamed_merges() {
+    local bin=$1 data=$2
+    for recipe in sta sta_model; do
+        for mem in default 256MB 64MB; do
+            local args=()
+            [ "$mem" = default ] || args=(--max-memory "$mem")
+            echo "== $recipe, --max-memory $mem"
+            "$bin" merge "$data/$recipe.yml" "$data/streamed" --device cuda --overwrite "${args[@]}" \
+                2>&1 | grep -E '^merged|error' || return 1
+        done
+    done
+    rm -rf "$data/streamed"
+}
+export -f streamed_merges
+run_step merge-streamed 90 bash -c 'streamed_merges "$0" "$1"' "$BIN" "$DATA"
+row merge-streamed "$(grep -E '^(==|merged)' "$OUT/merge-streamed.txt" 2>/dev/null | sed -E 's/merged .* in ([0-9.]+ s) \(([0-9.]+ GB\/s) of input.*/\1 \2/' | paste -sd' ' | sed 's/== //g' | cut -c1-400)"
 
 finish "$FAILED"

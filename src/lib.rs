@@ -60,6 +60,9 @@ pub struct Options {
     /// Re-read every output tensor before the folder is renamed into place and compare its
     /// checksum with the one computed while writing.
     pub verify: bool,
+    /// GPU memory the cuda backend may use, in bytes (None: 90% of the free memory); larger
+    /// tensor groups are processed in chunks.
+    pub max_memory: Option<u64>,
 }
 
 impl Default for Options {
@@ -72,6 +75,7 @@ impl Default for Options {
             report: None,
             progress: false,
             verify: false,
+            max_memory: None,
         }
     }
 }
@@ -79,17 +83,22 @@ impl Default for Options {
 /// Picks the backend; `auto` uses CUDA when device 0 opens and runs the kernels, else the CPU,
 /// and says why in an info line.
 pub fn select_backend(device: Device) -> Result<Box<dyn Backend>> {
+    open_backend(device, None)
+}
+
+/// As [`select_backend`], with the cuda backend's memory budget (`--max-memory`).
+pub fn open_backend(device: Device, max_memory: Option<u64>) -> Result<Box<dyn Backend>> {
     use backend::cuda::CudaBackend;
     match device {
         Device::Cpu => Ok(Box::new(backend::cpu::CpuBackend::new())),
-        Device::Cuda => match CudaBackend::new(0) {
+        Device::Cuda => match CudaBackend::with_max_memory(0, max_memory) {
             Ok(b) => {
                 tracing::info!("using the cuda backend on {}", b.description());
                 Ok(Box::new(b))
             }
             Err(reason) => Err(Error::Other(format!("--device cuda: {reason}"))),
         },
-        Device::Auto => match CudaBackend::new(0) {
+        Device::Auto => match CudaBackend::with_max_memory(0, max_memory) {
             Ok(b) => {
                 tracing::info!("using the cuda backend on {}", b.description());
                 Ok(Box::new(b))
@@ -225,7 +234,7 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     for n in &plan.notes {
         tracing::info!("note: {n}");
     }
-    let backend = select_backend(opts.device)?;
+    let backend = open_backend(opts.device, opts.max_memory)?;
     let pool = {
         let mut b = rayon::ThreadPoolBuilder::new();
         if let Some(t) = opts.threads {

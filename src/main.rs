@@ -46,6 +46,10 @@ enum Cmd {
         /// Re-read the output and compare each tensor's checksum before keeping it.
         #[arg(long)]
         verify: bool,
+        /// GPU memory the cuda backend may use, e.g. 40GiB (default: 90% of the free memory);
+        /// larger tensor groups are processed in chunks.
+        #[arg(long, value_parser = parse_size)]
+        max_memory: Option<u64>,
     },
     /// Check a recipe and its inputs from headers only and print the plan; exit 0 only when the
     /// merge would run.
@@ -57,6 +61,9 @@ enum Cmd {
         out_shard_size: u64,
         #[arg(long)]
         overwrite: bool,
+        /// The cuda backend's GPU memory budget to plan for (as `merge --max-memory`).
+        #[arg(long, value_parser = parse_size)]
+        max_memory: Option<u64>,
     },
     /// List the tensors of a checkpoint folder or safetensors file.
     Inspect { path: PathBuf },
@@ -172,7 +179,7 @@ fn load_recipe(path: &std::path::Path) -> Result<Recipe, Error> {
     Recipe::from_file(path).map_err(Error::Plan)
 }
 
-fn print_plan(plan: &stamerge::Plan) {
+fn print_plan(plan: &stamerge::Plan, max_memory: Option<u64>) {
     use stamerge::inspect::human_bytes;
     use stamerge::plan::ItemKind;
     let r = &plan.recipe;
@@ -232,6 +239,22 @@ fn print_plan(plan: &stamerge::Plan) {
         plan.shards.len(),
         human_bytes(e.peak_bytes)
     );
+    let (gpu, chunked) = stamerge::backend::cuda::plan_memory(plan, max_memory);
+    match max_memory {
+        Some(b) => println!(
+            "cuda: GPU memory budget {} (--max-memory; {} of it for the tensor being merged); \
+             the largest tensor group needs up to {} in one piece; {chunked} group(s) over the \
+             budget run in chunks",
+            human_bytes(b),
+            human_bytes(stamerge::backend::cuda::work_share(b)),
+            human_bytes(gpu)
+        ),
+        None => println!(
+            "cuda: GPU memory budget 90% of the free memory (--max-memory sets it); the largest \
+             tensor group needs up to {} in one piece, larger groups run in chunks",
+            human_bytes(gpu)
+        ),
+    }
     for n in &plan.notes {
         println!("note: {n}");
     }
@@ -283,6 +306,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             overwrite,
             report,
             verify,
+            max_memory,
         } => {
             let r = load_recipe(&recipe)?;
             let opts = Options {
@@ -293,6 +317,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 report,
                 progress: !cli.quiet,
                 verify,
+                max_memory,
             };
             let rep = stamerge::merge(&r, &out_dir, &opts)?;
             if !cli.quiet {
@@ -314,6 +339,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             out_dir,
             out_shard_size,
             overwrite,
+            max_memory,
         } => {
             let r = load_recipe(&recipe)?;
             let opts = Options {
@@ -322,7 +348,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 ..Options::default()
             };
             let plan = stamerge::plan(&r, out_dir.as_deref(), &opts)?;
-            print_plan(&plan);
+            print_plan(&plan, max_memory);
             Ok(())
         }
         Cmd::Inspect { path } => {

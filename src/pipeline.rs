@@ -30,7 +30,7 @@ fn raw<'a>(ck: &'a Checkpoint, name: &str) -> Raw<'a> {
     }
 }
 
-fn group<'a>(plan: &'a Plan, item: &'a Item, n: usize) -> Group<'a> {
+pub(crate) fn group<'a>(plan: &'a Plan, item: &'a Item, n: usize) -> Group<'a> {
     let name = item.name.as_str();
     Group {
         name,
@@ -440,8 +440,13 @@ pub fn execute(
                         };
                         buf.clear();
                         buf.resize(item.out.nbytes as usize, 0);
+                        // The next merged tensor, so that the backend can copy it in early.
+                        let next = plan.items.get(ii + 1).and_then(|it| match it.kind {
+                            ItemKind::Merge { n, .. } => Some(group(plan, it, n)),
+                            ItemKind::Copy { .. } => None,
+                        });
                         let stats = backend
-                            .merge_group(&g, &jobs, &fuse, &mut buf)
+                            .merge_group_with_next(&g, &jobs, &fuse, &mut buf, next.as_ref())
                             .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
                         let mut tasks = Vec::with_capacity(nt);
                         for (t, st) in stats.tasks.iter().enumerate() {

@@ -1,7 +1,9 @@
 //! The CUDA backend against the CPU backend (the reference), bit for bit, on the same inputs:
 //! every method × fp32/fp16/bf16 × sizes 1, 31, 4097, 1 000 003 × continuous and grid values
 //! (forced ties at the threshold), model-wide selection across tensors, value faults, odd shapes
-//! and task counts, mixed and misaligned inputs, and whole merges compared file by file.
+//! and task counts, mixed and misaligned inputs, groups processed in chunks under a small memory
+//! budget, the pipelined path that copies the next group in early (docs/STREAMING.md), and whole
+//! merges compared file by file.
 //!
 //! Without a usable GPU (no driver, no device, or a build without kernels) each GPU test prints
 //! `SKIPPED (no GPU): <reason>` to stderr and passes, so the suite runs on CPU-only CI; the
@@ -339,11 +341,23 @@ fn compare(
     f: &FuseSpec,
     what: &str,
 ) -> Option<GroupStats> {
+    compare_then(cuda, g, jobs, f, what, None)
+}
+
+/// As [`compare`], the cuda backend told that `next` comes after `g` (the pipeline's call).
+fn compare_then(
+    cuda: &CudaBackend,
+    g: &Group,
+    jobs: &[MaskJob],
+    f: &FuseSpec,
+    what: &str,
+    next: Option<&Group>,
+) -> Option<GroupStats> {
     let cpu = CpuBackend::new();
     let mut want = vec![0u8; g.n * f.out.size()];
     let mut got = vec![0xA5u8; g.n * f.out.size()];
     let rc = cpu.merge_group(g, jobs, f, &mut want);
-    let rg = cuda.merge_group(g, jobs, f, &mut got);
+    let rg = cuda.merge_group_with_next(g, jobs, f, &mut got, next);
     match (rc, rg) {
         (Ok(sc), Ok(sg)) => {
             if want != got {
@@ -490,11 +504,22 @@ fn model_selection(
 
 fn check_model_selection(score: ScoreKind, nonfinite_zero: bool) {
     let Some(cuda) = gpu() else { return };
+    check_model_selection_on(cuda, &sizes().collect::<Vec<_>>(), score, nonfinite_zero);
+}
+
+fn check_model_selection_on(
+    cuda: &CudaBackend,
+    sizes: &[usize],
+    score: ScoreKind,
+    nonfinite_zero: bool,
+) {
     let cpu = CpuBackend::new();
     for ty in TYPES {
         for grid in [false, true] {
             let nt = 2;
-            let inputs: Vec<Inputs> = sizes()
+            let inputs: Vec<Inputs> = sizes
+                .iter()
+                .copied()
                 .enumerate()
                 .map(|(j, n)| {
                     let mut m = Make::new(ty, nt, grid, 100 + j as u64);
@@ -842,6 +867,305 @@ fn buffer_reuse_across_groups_matches_cpu() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// chunks under a memory budget
+
+/// A budget that splits the synthetic model's embedding (64 000 bf16 elements, 3 tasks) into
+/// chunks and still holds the 65 536-key chunks of the model-wide score sums.
+const E2E_BUDGET: u64 = 1 << 20;
+
+/// A second backend on the same GPU whose memory budget is `budget` bytes.
+fn budget_gpu(budget: u64) -> Option<CudaBackend> {
+    gpu()?;
+    Some(CudaBackend::with_max_memory(0, Some(budget)).expect("a second backend on the GPU"))
+}
+
+/// Sizes for the chunked tests: large enough to need several chunks under the small budgets.
+fn chunk_sizes() -> Vec<usize> {
+    [4097usize, 70_000, 1_000_003]
+        .into_iter()
+        .filter(|&n| n <= max_elems())
+        .collect()
+}
+
+/// Every method and dtype, continuous values and heavy ties, with a budget of 1 MiB (768 KiB of
+/// it for the working arena): groups run in chunks of 8192 to 32 768 elements (per-tensor top-k from histogram passes over the
+/// chunks, the ties handed out in index order), and must give the CPU's bytes and statistics.
+#[test]
+fn chunked_methods_match_cpu() {
+    let Some(small) = budget_gpu(1 << 20) else {
+        return;
+    };
+    let mut most = 1;
+    for method in METHODS {
+        for ty in TYPES {
+            for grid in [false, true] {
+                for n in chunk_sizes() {
+                    let mut m = Make::new(ty, 3, grid, 31 + n as u64);
+                    if method == Method::Forget {
+                        m.start = Some(ty);
+                    }
+                    if matches!(method, Method::StaFinetuned | Method::Forget)
+                        && ty != FloatType::F32
+                    {
+                        m.grad_ty = FloatType::F32;
+                    }
+                    let inp = make(n, m);
+                    let (jobs, fuse) = method_jobs(method, 3, n, &inp.name, ty);
+                    let g = inp.group();
+                    let pieces = small.pieces(&g, &jobs, &fuse).expect("fits in chunks");
+                    most = most.max(pieces);
+                    let what = format!("{method:?} {ty:?} n={n} grid={grid} in {pieces} chunks");
+                    let stats = compare(&small, &g, &jobs, &fuse, &what)
+                        .unwrap_or_else(|| panic!("{what}: unexpected fault"));
+                    for (t, job) in jobs.iter().enumerate() {
+                        if let MaskJob::TopK { k, .. } = job {
+                            assert_eq!(stats.tasks[t].kept, *k, "{what}: task {t} keeps k");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if max_elems() >= 70_000 {
+        assert!(
+            most >= 4,
+            "the budget split no group into 4 or more chunks ({most})"
+        );
+    }
+}
+
+/// Densities from one kept entry to all, top-k over mean-normalised keys, and fixed thresholds
+/// whose tie quota runs out inside a chunk, exactly at a chunk's last tie, or not at all.
+#[test]
+fn chunked_tie_quotas_match_cpu() {
+    let Some(small) = budget_gpu(1 << 20) else {
+        return;
+    };
+    let n = 70_000.min(max_elems());
+    for ty in TYPES {
+        let inp = make(n, Make::new(ty, 2, true, 123));
+        let g = inp.group();
+        let (_, fuse) = method_jobs(Method::Magnitude, 2, n, &inp.name, ty);
+        let sp = |mean| KeySpec {
+            score: ScoreKind::AbsTaskVector,
+            mean,
+            nonfinite_zero: false,
+        };
+        for k in [1u64, 2, n as u64 / 2, n as u64 - 1] {
+            let jobs = [
+                MaskJob::TopK { spec: sp(None), k },
+                MaskJob::TopK {
+                    spec: sp(Some(0.37)),
+                    k: (n as u64 / 3).max(1),
+                },
+            ];
+            compare(&small, &g, &jobs, &fuse, &format!("{ty:?} top-k {k}"));
+        }
+        let cpu = CpuBackend::new();
+        let mut out = vec![0u8; n * ty.size()];
+        let probe = [
+            MaskJob::TopK {
+                spec: sp(None),
+                k: n as u64 / 2,
+            },
+            MaskJob::All,
+        ];
+        let th = cpu.merge_group(&g, &probe, &fuse, &mut out).unwrap().tasks[0]
+            .threshold
+            .unwrap();
+        // The ties of the first chunks: a quota spent exactly at a chunk boundary's last tie.
+        let per_chunk = n.div_ceil(small.pieces(&g, &probe, &fuse).unwrap());
+        let keys_eq_in_first = {
+            let jobs = [
+                MaskJob::Fixed {
+                    spec: sp(None),
+                    key: th.key,
+                    tie_quota: u64::MAX,
+                },
+                MaskJob::All,
+            ];
+            let sub = Inputs {
+                n: per_chunk.min(n),
+                ..inp.clone()
+            };
+            let mut o = vec![0u8; sub.n * ty.size()];
+            let st = cpu.merge_group(&sub.group(), &jobs, &fuse, &mut o).unwrap();
+            st.tasks[0].threshold.unwrap().count_eq
+        };
+        for quota in [
+            0,
+            1,
+            keys_eq_in_first,
+            keys_eq_in_first + 1,
+            th.count_eq / 2,
+            th.count_eq,
+            th.count_eq + 3,
+        ] {
+            let jobs = [
+                MaskJob::Fixed {
+                    spec: sp(None),
+                    key: th.key,
+                    tie_quota: quota,
+                },
+                MaskJob::Random {
+                    stream: dare::stream(1, 1, &inp.name),
+                    threshold: dare::threshold(0.3),
+                },
+            ];
+            compare(
+                &small,
+                &g,
+                &jobs,
+                &fuse,
+                &format!("{ty:?} fixed quota {quota}"),
+            );
+        }
+    }
+}
+
+/// Value faults in a later chunk, and a score fault of an earlier task behind a fuse fault of
+/// an earlier chunk: the same fault as the CPU.
+#[test]
+fn chunked_faults_match_cpu() {
+    let Some(small) = budget_gpu(1 << 20) else {
+        return;
+    };
+    let n = 70_000.min(max_elems());
+    if n < 40_000 {
+        return;
+    }
+    let mut inp = make(n, Make::new(FloatType::F32, 3, false, 9));
+    inp.theta[2].set(100, f32::NAN); // a fuse fault (τ) in chunk 0 of task 2
+    inp.grad[1].as_mut().unwrap().set(n - 5, f32::INFINITY); // a score fault late in task 1
+    for method in [Method::StaFinetuned, Method::DareTies, Method::Magnitude] {
+        let (jobs, fuse) = method_jobs(method, 3, n, &inp.name, FloatType::F32);
+        let what = format!("chunked faults {method:?}");
+        assert!(
+            small.pieces(&inp.group(), &jobs, &fuse).unwrap() > 1,
+            "{what}"
+        );
+        compare(&small, &inp.group(), &jobs, &fuse, &what);
+    }
+}
+
+/// `selection: model` with every pass in chunks: the score sums in 65 536-key pieces, the
+/// histograms and the fixed-threshold fuse in smaller ones.
+#[test]
+fn chunked_model_selection_matches_cpu() {
+    let Some(small) = budget_gpu(2 << 20) else {
+        return;
+    };
+    let sizes: Vec<usize> = [31usize, 70_000, 1_000_003]
+        .into_iter()
+        .filter(|&n| n <= max_elems())
+        .collect();
+    check_model_selection_on(&small, &sizes, ScoreKind::AbsTaskVectorGrad, false);
+    check_model_selection_on(&small, &sizes, ScoreKind::AbsWeightGrad, true);
+}
+
+/// A GPU with less free memory than the budget says: the arena shrinks to what is free and the
+/// groups that no longer fit run in chunks, with the CPU's bytes, never an out-of-memory failure.
+/// Under the fake libcuda `FAKE_CUDA_FREE_BYTES` makes the GPU small; on a real GPU the 1 TB
+/// budget is simply more than it has (its first allocations fit, so this is a plain comparison).
+#[test]
+fn less_memory_than_the_budget_falls_back_to_chunks() {
+    if gpu().is_none() {
+        return;
+    }
+    struct Unset;
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            std::env::remove_var("FAKE_CUDA_FREE_BYTES");
+        }
+    }
+    let _unset = Unset;
+    std::env::set_var("FAKE_CUDA_FREE_BYTES", "1200000");
+    let b = CudaBackend::with_max_memory(0, Some(1 << 40)).expect("opens with a shrunken budget");
+    let fake = b.description().contains("fake libcuda");
+    for (i, method) in [Method::Ties, Method::StaFinetuned, Method::DareLinear]
+        .into_iter()
+        .enumerate()
+    {
+        let n = 70_000.min(max_elems());
+        let inp = make(n, Make::new(FloatType::F32, 3, i == 1, 55 + i as u64));
+        let (jobs, fuse) = method_jobs(method, 3, n, &inp.name, FloatType::F32);
+        let pieces = b.pieces(&inp.group(), &jobs, &fuse).unwrap();
+        if fake && n == 70_000 {
+            assert!(
+                pieces > 1,
+                "{method:?}: the shrunken budget should split the group"
+            );
+        }
+        let next = (i == 0).then(|| inp.group());
+        let what = format!("{method:?} with less memory than the budget ({pieces} pieces)");
+        compare_then(&b, &inp.group(), &jobs, &fuse, &what, next.as_ref());
+    }
+}
+
+/// A budget below one chunk's buffers: a clear error naming the tensor, never a crash.
+#[test]
+fn a_chunk_over_the_budget_is_a_clear_error() {
+    let Some(small) = budget_gpu(stamerge::backend::cuda::MIN_BUDGET as u64) else {
+        return;
+    };
+    let n = 20_000.min(max_elems());
+    let inp = make(n, Make::new(FloatType::F32, 9, false, 4));
+    let (jobs, fuse) = method_jobs(Method::StaTaskVector, 9, n, &inp.name, FloatType::F32);
+    let mut out = vec![0u8; n * 4];
+    match small.merge_group(&inp.group(), &jobs, &fuse, &mut out) {
+        Err(BackendError::Device(m)) => {
+            assert!(m.contains(&inp.name) && m.contains("--max-memory"), "{m}")
+        }
+        other => panic!("expected a budget error, got {other:?}"),
+    }
+}
+
+/// The pipeline's overlapped path: each group merged while the next one's inputs are read and
+/// copied in (`merge_group_with_next`), across groups of changing sizes, methods and dtypes, with
+/// a wrong guess of the next group, groups too large to stage, and a ring whose 128 KiB slots
+/// each tensor passes through in several pieces: the CPU's bytes every time.
+#[test]
+fn pipelined_groups_match_cpu() {
+    // 2 MiB for the next group's inputs: a 70 000-element f32 group with a start model is not
+    // staged, the others are.
+    let Some(cuda) = budget_gpu(8 << 20) else {
+        return;
+    };
+    let cases: Vec<(Inputs, Method, FloatType)> =
+        [4097usize, 70_000, 31, 65_537, 1, 20_000, 70_000]
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let n = n.min(max_elems());
+                let method = METHODS[(i + 3) % METHODS.len()];
+                let ty = TYPES[i % TYPES.len()];
+                let mut m = Make::new(ty, 3, i % 2 == 0, 200 + i as u64);
+                m.start = (method == Method::Forget).then_some(ty);
+                (make(n, m), method, ty)
+            })
+            .collect();
+    let decoy = make(
+        20_000.min(max_elems()),
+        Make::new(FloatType::F16, 3, false, 999),
+    );
+    for (i, (inp, method, ty)) in cases.iter().enumerate() {
+        // The next group as the pipeline hands it over; once a group that never comes.
+        let next = if i == 3 {
+            Some(decoy.group())
+        } else {
+            cases.get(i + 1).map(|c| c.0.group())
+        };
+        let (jobs, fuse) = method_jobs(*method, 3, inp.n, &inp.name, *ty);
+        let what = format!("pipelined {method:?} {ty:?} n={} (group {i})", inp.n);
+        compare_then(&cuda, &inp.group(), &jobs, &fuse, &what, next.as_ref());
+    }
+    assert!(
+        cuda.staged_inputs() > 0,
+        "no input came from the staging of the previous call"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
 // end to end
 
 fn files(dir: &Path) -> Vec<String> {
@@ -875,14 +1199,22 @@ fn end_to_end_merges_are_identical() {
     for (name, _) in stamerge::synth::recipes(spec.tasks) {
         let recipe = stamerge::Recipe::from_file(&dir.path().join(&name)).unwrap();
         let mut reports = Vec::new();
-        for device in [Device::Cpu, Device::Cuda] {
+        // The third run has a GPU memory budget that splits the larger tensors into chunks.
+        for (device, max_memory) in [
+            (Device::Cpu, None),
+            (Device::Cuda, None),
+            (Device::Cuda, Some(E2E_BUDGET)),
+        ] {
             let opts = stamerge::Options {
                 device,
                 out_shard_size: 300_000,
                 overwrite: true,
+                max_memory,
                 ..Default::default()
             };
-            let out = dir.path().join(format!("out-{device:?}"));
+            let out = dir
+                .path()
+                .join(format!("out-{device:?}-{}", max_memory.unwrap_or(0)));
             let rep = stamerge::merge(&recipe, &out, &opts)
                 .unwrap_or_else(|e| panic!("{name} on {device:?}: {e}"));
             assert_eq!(
@@ -891,21 +1223,34 @@ fn end_to_end_merges_are_identical() {
             );
             reports.push(rep);
         }
-        let (a, b) = (dir.path().join("out-Cpu"), dir.path().join("out-Cuda"));
-        assert_eq!(files(&a), files(&b), "{name}: output files");
-        for f in files(&a) {
-            if f == stamerge::REPORT_NAME {
-                continue; // times and the backend name differ
+        let a = dir.path().join("out-Cpu-0");
+        for (b, rep) in [
+            (dir.path().join("out-Cuda-0"), &reports[1]),
+            (
+                dir.path().join(format!("out-Cuda-{E2E_BUDGET}")),
+                &reports[2],
+            ),
+        ] {
+            assert_eq!(files(&a), files(&b), "{name}: output files");
+            for f in files(&a) {
+                if f == stamerge::REPORT_NAME {
+                    continue; // times and the backend name differ
+                }
+                let (x, y) = (
+                    std::fs::read(a.join(&f)).unwrap(),
+                    std::fs::read(b.join(&f)).unwrap(),
+                );
+                assert!(
+                    x == y,
+                    "{name}: {f} differs between cpu and {}",
+                    b.display()
+                );
             }
-            let (x, y) = (
-                std::fs::read(a.join(&f)).unwrap(),
-                std::fs::read(b.join(&f)).unwrap(),
-            );
-            assert!(x == y, "{name}: {f} differs between cpu and cuda");
+            let rows = |r: &stamerge::Report| {
+                serde_json::to_value((&r.tensors, &r.model_selection)).unwrap()
+            };
+            assert_eq!(rows(&reports[0]), rows(rep), "{name}: report rows");
         }
-        let rows =
-            |r: &stamerge::Report| serde_json::to_value((&r.tensors, &r.model_selection)).unwrap();
-        assert_eq!(rows(&reports[0]), rows(&reports[1]), "{name}: report rows");
     }
 }
 
@@ -938,6 +1283,44 @@ fn device_selection_is_clear_with_or_without_a_gpu() {
         }
     }
     assert_eq!(select_backend(Device::Cpu).unwrap().name(), "cpu");
+}
+
+/// `stamerge plan --max-memory`: how many tensor groups would run in chunks (runs everywhere:
+/// the plan reads headers only). A budget below every group's need chunks all merged tensors, a
+/// huge one none.
+#[test]
+fn plan_reports_the_gpu_memory_budget() {
+    let bin = env!("CARGO_BIN_EXE_stamerge");
+    let dir = tempfile::tempdir().unwrap();
+    stamerge::synth::generate(&stamerge::synth::SynthSpec::default(), dir.path()).unwrap();
+    let recipe = dir.path().join("sta.yml");
+    let plan = |mem: &str| {
+        let o = std::process::Command::new(bin)
+            .args(["plan", recipe.to_str().unwrap(), "--max-memory", mem])
+            .output()
+            .expect("run stamerge");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let merged = plan("1TB")
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("merge"))
+        .count();
+    assert!(merged > 0);
+    let line = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("cuda: GPU memory budget"))
+            .unwrap_or_else(|| panic!("no budget line in:\n{out}"))
+            .to_string()
+    };
+    assert!(line(&plan("1TB")).ends_with("; 0 group(s) over the budget run in chunks"));
+    let tiny = line(&plan("1KB"));
+    assert!(
+        tiny.ends_with(&format!(
+            "; {merged} group(s) over the budget run in chunks"
+        )),
+        "{tiny} (expected all {merged} merged tensors)"
+    );
 }
 
 /// The CLI without a GPU: `merge --device cuda` and `bench kernels` exit non-zero with the

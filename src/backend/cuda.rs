@@ -1,33 +1,39 @@
 //! The CUDA backend: the score → select → fuse of `cpu.rs`, bit for bit, with the kernels of
 //! `kernels/*.cu` (their launch contract is docs/KERNELS.md).
 //!
-//! Per tensor group, [`CudaBackend::merge_group`] uploads the inputs into one grow-only device
-//! arena, launches every kernel on one stream (no host round trip between the selection passes:
+//! Per tensor group, [`CudaBackend::merge_group`] puts the inputs into a grow-only device arena,
+//! launches every kernel on the compute stream (no host round trip between the selection passes:
 //! the radix picks happen on the device), then copies the output and the statistics back and
 //! turns the kernels' error words into the same [`Fault`] the CPU backend reports.
 //!
-//! This version is synchronous: the upload, the kernels and the download of one group run one
-//! after the other, and the call returns when all are done. The overlapped version (DESIGN.md §4)
-//! will change only how the bytes move: pinned host staging buffers in a ring and a second
-//! stream, so that the upload of group i+1 and the download of group i−1 overlap the kernels of
-//! group i (the pipeline would then hand the backend the next group before the current one
-//! returns). The launch sequence of a group, the arena and the statistics stay as they are here.
+//! Bytes move as docs/STREAMING.md describes: inputs through a pinned staging ring on a copy
+//! stream (the compute stream waits on an event), the output back through a second ring; with
+//! `merge_group_with_next` the next group's inputs are read and copied into a second arena while
+//! this group's kernels run. The device memory stays within the `--max-memory` budget: a group
+//! that does not fit runs in chunks (`chunked.rs`) with the same bits.
 //!
 //! Groups the kernels do not take (no elements, no task, more than 64 tasks) go to the CPU
 //! backend, which gives the same bytes.
 
+mod chunked;
 mod device;
+mod staging;
 
 pub mod bench;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+
+use cudarc::driver::{result, CudaEvent};
 
 pub use device::HAVE_KERNELS;
 use device::{
     dtype_code, state_hist, Arena, DResult, FuseArgs, FuseTask, Gpu, Layout, Ptr, ScoreInputs,
     SelectHeader, STATE_BAD, STATE_BYTES, STATE_PREFIX, SUM_CHUNK, TIE_TILE,
 };
+
+use staging::Ring;
 
 use super::cpu::{CpuBackend, MAX_COMBO_TASKS};
 use super::{
@@ -41,6 +47,17 @@ use crate::select::{Threshold, DIGITS_11};
 pub const NO_KERNELS: &str = "this build has no CUDA kernels (nvcc was not found at build time: \
                               run scripts/install-nvcc.sh and rebuild)";
 
+/// The share of the free device memory the backend uses when `--max-memory` is not given: the
+/// rest stays for the driver, other processes and fragmentation.
+pub const DEFAULT_BUDGET_SHARE: f64 = 0.9;
+
+/// The share of the budget set aside for the next group's inputs (`Work::ahead`); the rest is the
+/// working arena, which decides when a group runs in chunks.
+const AHEAD_SHARE: usize = 4;
+
+/// Below this budget not even the selection state and one small chunk fit.
+pub const MIN_BUDGET: usize = 256 << 10;
+
 /// The most tasks the fuse kernels take in one launch.
 const MAX_FUSE_TASKS: usize = 64;
 
@@ -50,8 +67,13 @@ const FLAG_TIE_FAILED: u32 = 2;
 
 pub struct CudaBackend {
     gpu: Gpu,
-    /// The device arena; the lock also makes one group's launches exclusive on the stream.
-    work: Mutex<Arena>,
+    /// Device memory and staging; the lock also makes one group's launches exclusive on the
+    /// streams.
+    work: Mutex<Work>,
+    /// `--max-memory`, or the default share of the free memory.
+    budget: u64,
+    /// Inputs taken from the previous call's staging (for the tests and benches).
+    staged_hits: AtomicU64,
     /// For the groups the kernels do not take (see the module comment).
     cpu: CpuBackend,
 }
@@ -61,6 +83,13 @@ impl CudaBackend {
     /// no kernels, the machine has no driver or GPU, or the kernels do not run on this GPU.
     /// Never panics.
     pub fn new(ordinal: usize) -> Result<Self, String> {
+        Self::with_max_memory(ordinal, None)
+    }
+
+    /// As [`CudaBackend::new`], with the device memory this backend may use (`--max-memory`);
+    /// None: [`DEFAULT_BUDGET_SHARE`] of the memory free once the kernels are loaded. Tensor
+    /// groups that do not fit are processed in chunks.
+    pub fn with_max_memory(ordinal: usize, max_memory: Option<u64>) -> Result<Self, String> {
         if !HAVE_KERNELS {
             return Err(NO_KERNELS.into());
         }
@@ -70,7 +99,7 @@ impl CudaBackend {
         }
         // The driver bindings panic on a missing symbol (a driver older than the bindings):
         // the last guard against a crash while probing.
-        match catch_unwind(|| Self::open(ordinal)) {
+        match catch_unwind(|| Self::open(ordinal, max_memory)) {
             Ok(r) => r,
             Err(p) => Err(format!(
                 "the CUDA driver failed while starting: {}",
@@ -79,11 +108,32 @@ impl CudaBackend {
         }
     }
 
-    fn open(ordinal: usize) -> Result<Self, String> {
+    fn open(ordinal: usize, max_memory: Option<u64>) -> Result<Self, String> {
         let gpu = Gpu::open(ordinal)?;
+        let budget = match max_memory {
+            Some(b) => b,
+            None => {
+                let (free, _) = gpu
+                    .ctx
+                    .mem_get_info()
+                    .map_err(device::drv("reading the free GPU memory"))?;
+                (free as f64 * DEFAULT_BUDGET_SHARE) as u64
+            }
+        };
+        let budget = usize::try_from(budget).unwrap_or(usize::MAX);
+        if budget < MIN_BUDGET {
+            return Err(format!(
+                "--max-memory {budget} bytes is too small for the cuda backend (at least {} \
+                 bytes: one chunk's buffers and the selection state)",
+                MIN_BUDGET
+            ));
+        }
+        let work = Work::new(&gpu, budget)?;
         let backend = Self {
             gpu,
-            work: Mutex::new(Arena::default()),
+            work: Mutex::new(work),
+            budget: budget as u64,
+            staged_hits: AtomicU64::new(0),
             cpu: CpuBackend::new(),
         };
         backend.self_test()?;
@@ -93,12 +143,13 @@ impl CudaBackend {
     /// One tiny launch and read-back at start-up, so that a GPU the kernels cannot run on (or a
     /// broken driver) is found here, where `--device auto` can still fall back to the CPU.
     fn self_test(&self) -> DResult<()> {
-        let mut arena = self.lock();
+        let mut w = self.lock();
+        let arena = &mut w.arena;
         arena.reserve(&self.gpu, STATE_BYTES)?;
         let st = arena.at(0);
         // SAFETY: `st` is a SelectState-sized buffer of the arena.
         unsafe { self.gpu.select_init(st, 5, 3) }?;
-        let h = read_header(&self.gpu, &arena, 0)?;
+        let h = read_header(&self.gpu, arena, 0)?;
         if (h.n, h.k, h.k_rem, h.count_eq, h.cand_len, h.bad) != (5, 3, 3, 5, u64::MAX, u64::MAX) {
             return Err(format!(
                 "the GPU self-test failed: select_init wrote {h:?} (the kernels do not run \
@@ -114,9 +165,70 @@ impl CudaBackend {
         &self.gpu.description
     }
 
-    fn lock(&self) -> MutexGuard<'_, Arena> {
+    /// The device memory budget in bytes (`--max-memory`, or the default share of free memory).
+    pub fn max_memory(&self) -> u64 {
+        self.budget
+    }
+
+    /// How many input tensors so far were copied in while the previous group computed.
+    pub fn staged_inputs(&self) -> u64 {
+        self.staged_hits.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Work> {
         self.work.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The part of a memory budget that holds the group being merged (the rest stages the next).
+pub fn work_share(budget: u64) -> u64 {
+    budget - budget / AHEAD_SHARE as u64
+}
+
+/// The GPU memory the largest merged tensor group of `plan` needs in one piece, and how many
+/// groups need more than the working share of `budget` (those run in chunks). Counts a top-k mask for every ranked
+/// task (a model-wide threshold needs less), so it is an upper bound.
+pub fn plan_memory(plan: &crate::plan::Plan, budget: Option<u64>) -> (u64, usize) {
+    use crate::method::SelectKind;
+    let r = &plan.recipe;
+    let nt = r.tasks.len();
+    let (mut largest, mut over) = (0u64, 0usize);
+    for item in &plan.items {
+        let crate::plan::ItemKind::Merge { n, out, scores, .. } = &item.kind else {
+            continue;
+        };
+        let g = crate::pipeline::group(plan, item, *n);
+        let jobs: Vec<MaskJob> = (0..nt)
+            .map(|t| match (r.method.select(), scores[t]) {
+                (SelectKind::Random, _) => MaskJob::Random {
+                    stream: 0,
+                    threshold: 0,
+                },
+                (SelectKind::TopK, Some(score)) => MaskJob::TopK {
+                    spec: KeySpec {
+                        score,
+                        mean: None,
+                        nonfinite_zero: false,
+                    },
+                    k: 1,
+                },
+                _ => MaskJob::All,
+            })
+            .collect();
+        let f = FuseSpec {
+            rule: r.method.fuse(),
+            lambda: 1.0,
+            normalize: false,
+            weights: vec![1.0; nt],
+            forget: vec![false; nt],
+            rescale: vec![None; nt],
+            out: *out,
+        };
+        let bytes = group_bytes(&g, &jobs, &f).unwrap_or(0) as u64;
+        largest = largest.max(bytes);
+        over += budget.is_some_and(|b| bytes > work_share(b)) as usize;
+    }
+    (largest, over)
 }
 
 /// Why `--device cuda` cannot run here, or None when it can (opens device 0 to find out).
@@ -131,6 +243,49 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// The backend's device memory and host staging, used by one tensor group at a time.
+struct Work {
+    /// Everything a group (or chunk) needs on the device, its inputs included.
+    arena: Arena,
+    /// The next group's inputs, copied in on the copy stream while the current group computes,
+    /// then moved into `arena` by a device-to-device copy (docs/STREAMING.md).
+    ahead: Arena,
+    /// What `ahead` holds: (host address, bytes, offset in `ahead`) per input, for the next
+    /// call only.
+    staged: Option<Vec<(usize, usize, usize)>>,
+    /// Pinned rings: inputs in (copy stream), results out (compute stream).
+    up: Ring,
+    down: Ring,
+    /// Recorded on the copy stream after a group's own input uploads.
+    inputs_ready: CudaEvent,
+    /// Recorded on the copy stream after the uploads into `ahead`.
+    ahead_ready: CudaEvent,
+    /// Recorded on the compute stream after the copies out of `ahead`: the next staging waits.
+    ahead_free: CudaEvent,
+}
+
+impl Work {
+    fn new(gpu: &Gpu, budget: usize) -> Result<Self, String> {
+        let work = work_share(budget as u64) as usize;
+        let slot = staging::slot_bytes(budget);
+        let event = || {
+            gpu.ctx
+                .new_event(None)
+                .map_err(device::drv("creating a CUDA event"))
+        };
+        Ok(Self {
+            arena: Arena::with_limit(work),
+            ahead: Arena::with_limit(budget - work),
+            staged: None,
+            up: Ring::new(gpu, slot)?,
+            down: Ring::new(gpu, slot)?,
+            inputs_ready: event()?,
+            ahead_ready: event()?,
+            ahead_free: event()?,
+        })
+    }
+}
+
 /// Runs device work, turning a panic (a bug, or a driver binding that panics) into an error
 /// instead of unwinding through the pipeline.
 fn guarded<T>(f: impl FnOnce() -> BResult<T>) -> BResult<T> {
@@ -140,6 +295,21 @@ fn guarded<T>(f: impl FnOnce() -> BResult<T>) -> BResult<T> {
             panic_message(p.as_ref())
         )))
     })
+}
+
+/// Runs `f` again (twice at most) when the GPU had less memory than the budget: the arena's
+/// limit has shrunk to what is free by then, so the retry works in smaller chunks.
+fn retry_smaller<T>(mut f: impl FnMut() -> BResult<T>) -> BResult<T> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(BackendError::Device(m)) if m.starts_with(device::OUT_OF_MEMORY) && tries < 2 => {
+                tracing::info!("{m}; retrying in smaller chunks");
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
 }
 
 fn dev<T>(r: DResult<T>) -> BResult<T> {
@@ -323,6 +493,23 @@ impl StatsWords {
     }
 }
 
+/// The selections of `jobs` and how many mask-combination buckets are counted (as the CPU: when
+/// some task has a mask and T <= 8).
+fn selections(jobs: &[MaskJob], n: usize) -> BResult<(Vec<Sel>, usize)> {
+    let sels = jobs
+        .iter()
+        .map(|j| Sel::of(j, n))
+        .collect::<BResult<Vec<_>>>()?;
+    let track = jobs.len() <= MAX_COMBO_TASKS && sels.iter().any(Sel::has_mask);
+    Ok((sels, if track { 1usize << jobs.len() } else { 0 }))
+}
+
+/// The device bytes [`CudaBackend::merge_on_device`] needs for this group in one piece.
+fn group_bytes(g: &Group, jobs: &[MaskJob], f: &FuseSpec) -> BResult<usize> {
+    let (sels, ncombo) = selections(jobs, g.n)?;
+    Ok(group_layout(g, &sels, f, ncombo).bytes)
+}
+
 fn group_layout(g: &Group, sels: &[Sel], fuse: &FuseSpec, ncombo: usize) -> GroupLayout {
     let n = g.n;
     let nt = g.tasks.len();
@@ -388,6 +575,24 @@ fn group_layout(g: &Group, sels: &[Sel], fuse: &FuseSpec, ncombo: usize) -> Grou
     }
 }
 
+/// A select state whose three radix passes are done at `key`, with `quota` ties still to keep
+/// and the ties not yet visited unknown (u64::MAX): `select_tie_cutoff` then keeps the first
+/// min(e, quota) of a tensor's e ties.
+fn fixed_header(n: u64, key: u32, quota: u64) -> SelectHeader {
+    SelectHeader {
+        n,
+        k: quota,
+        k_rem: quota,
+        count_eq: u64::MAX,
+        cand_len: u64::MAX,
+        bad: u64::MAX,
+        prefix: key,
+        threshold: key,
+        passes_done: 3,
+        ..Default::default()
+    }
+}
+
 /// The score kernel's inputs for task `t` under `spec`.
 fn score_inputs(
     g: &Group,
@@ -425,11 +630,12 @@ fn score_inputs(
 impl CudaBackend {
     fn merge_on_device(
         &self,
-        arena: &mut Arena,
+        w: &mut Work,
         g: &Group,
         jobs: &[MaskJob],
         f: &FuseSpec,
         out: &mut [u8],
+        next: Option<&Group>,
     ) -> BResult<GroupStats> {
         let gpu = &self.gpu;
         let n = g.n;
@@ -452,28 +658,25 @@ impl CudaBackend {
                 f.out
             )));
         }
-        let sels = jobs
-            .iter()
-            .map(|j| Sel::of(j, n))
-            .collect::<BResult<Vec<_>>>()?;
-        // As the CPU: the combinations are counted when some task has a mask and T <= 8.
-        let track = nt <= MAX_COMBO_TASKS && sels.iter().any(Sel::has_mask);
-        let ncombo = if track { 1usize << nt } else { 0 };
+        let (sels, ncombo) = selections(jobs, n)?;
+        let track = ncombo > 0;
         let lay = group_layout(g, &sels, f, ncombo);
-        let w = StatsWords { nt };
-        dev(arena.reserve(gpu, lay.bytes))?;
+        let sw = StatsWords { nt };
+        dev(w.arena.reserve(gpu, lay.bytes))?;
 
-        // 1. inputs
-        dev(arena.upload(gpu, lay.base, elems(&g.base, n, "the base tensor")?))?;
+        // 1. inputs: staged by the previous call, or through the pinned ring now
+        let mut inputs = vec![(lay.base, elems(&g.base, n, "the base tensor")?)];
         if let (Some(s), Some(off)) = (g.start, lay.start) {
-            dev(arena.upload(gpu, off, elems(&s, n, "the start tensor")?))?;
+            inputs.push((off, elems(&s, n, "the start tensor")?));
         }
         for (t, task) in g.tasks.iter().enumerate() {
-            dev(arena.upload(gpu, lay.theta[t], elems(&task.theta, n, "a task tensor")?))?;
+            inputs.push((lay.theta[t], elems(&task.theta, n, "a task tensor")?));
             if let (Some(gr), Some(off)) = (task.grad, lay.grad[t]) {
-                dev(arena.upload(gpu, off, elems(&gr, n, "a gradient tensor")?))?;
+                inputs.push((off, elems(&gr, n, "a gradient tensor")?));
             }
         }
+        self.put_inputs(w, &inputs)?;
+        let arena = &mut w.arena;
         // The fuse's task table and the means that normalise model-wide keys.
         let table: Vec<FuseTask> = (0..nt)
             .map(|t| FuseTask {
@@ -535,7 +738,14 @@ impl CudaBackend {
                         gpu.select_filter(keys, n64, st, 2, cand, cap)?;
                         // The total (keys == T) is only counted when some but not all ties are
                         // kept; `task_stats` accounts for that.
-                        gpu.select_tie_count(keys, n64, st, tiles, stat_ptr(w.tie_total(t)), true)?;
+                        gpu.select_tie_count(
+                            keys,
+                            n64,
+                            st,
+                            tiles,
+                            stat_ptr(sw.tie_total(t)),
+                            true,
+                        )?;
                         gpu.select_tie_cutoff(keys, n64, st, tiles)?;
                         gpu.select_mask(keys, n64, st, mask)
                     })?;
@@ -551,18 +761,7 @@ impl CudaBackend {
                     // visited") is unknown here, so it is set to u64::MAX: select_tie_cutoff
                     // then keeps min(e, quota) of this tensor's e ties, lowest index first,
                     // which is the CPU's rule for `MaskJob::Fixed`.
-                    let h = SelectHeader {
-                        n: n64,
-                        k: quota,
-                        k_rem: quota,
-                        count_eq: u64::MAX,
-                        cand_len: u64::MAX,
-                        bad: u64::MAX,
-                        prefix: key,
-                        threshold: key,
-                        passes_done: 3,
-                        ..Default::default()
-                    };
+                    let h = fixed_header(n64, key, quota);
                     dev(arena.upload(gpu, st_off, bytemuck::bytes_of(&h)))?;
                     let s = score_inputs(g, t, &spec, arena, lay.base, lay.theta[t], lay.grad[t])?;
                     // SAFETY: as for TopK; the tie count always runs (skip_trivial = false), so
@@ -577,7 +776,7 @@ impl CudaBackend {
                             n64,
                             st,
                             tiles,
-                            stat_ptr(w.tie_total(t)),
+                            stat_ptr(sw.tie_total(t)),
                             false,
                         )?;
                         gpu.select_tie_cutoff(keys, n64, st, tiles)?;
@@ -615,16 +814,23 @@ impl CudaBackend {
             lambda: f.lambda,
             out: arena.at(lay.out),
             out_dtype: dtype_code(f.out),
-            kept: stat_ptr(w.kept(0)),
-            combo_hist: if track { stat_ptr(w.combos()) } else { 0 },
+            kept: stat_ptr(sw.kept(0)),
+            combo_hist: if track { stat_ptr(sw.combos()) } else { 0 },
             bad: stat_ptr(StatsWords::FUSE_BAD),
         };
         // SAFETY: the task table holds nt entries whose theta/mask addresses are buffers of the
         // layout; kept, combos and bad are words of the stats block.
         dev(unsafe { gpu.fuse(&args) })?;
 
-        // 4. results
-        dev(arena.download(gpu, lay.out, out))?;
+        // 4. results: the output's first pieces are queued behind the kernels, the next group's
+        // inputs are read and copied in while they run, then the rest of the output comes back.
+        let out_dev = arena.at(lay.out);
+        let download = dev(w.down.download(&gpu.stream, out_dev, out.len()))?;
+        if let Some(nx) = next {
+            self.stage_next(w, nx)?;
+        }
+        dev(w.down.finish(&gpu.stream, download, out))?;
+        let arena = &mut w.arena;
         dev(arena.download(gpu, lay.stats, bytemuck::cast_slice_mut(&mut stats)))?;
         let mut headers = vec![None; nt];
         for (t, off) in lay.state.iter().enumerate() {
@@ -651,8 +857,8 @@ impl CudaBackend {
                     sel,
                     n as u64,
                     headers[t].as_ref(),
-                    stats[w.tie_total(t)],
-                    stats[w.kept(t)],
+                    stats[sw.tie_total(t)],
+                    stats[sw.kept(t)],
                 )
                 .map_err(|e| {
                     BackendError::Device(format!(
@@ -662,54 +868,57 @@ impl CudaBackend {
                 })
             })
             .collect::<BResult<Vec<_>>>()?;
-        let combos = stats[w.combos()..w.combos() + ncombo].to_vec();
+        let combos = stats[sw.combos()..sw.combos() + ncombo].to_vec();
         Ok(GroupStats { tasks, combos })
     }
 
-    /// `score_sum` on the device: raw keys, the per-chunk deterministic sums, their ordered sum.
-    fn score_sum_on_device(
+    /// `score_sum` on the device: raw keys and the deterministic sum of each [`SUM_CHUNK`] keys
+    /// (the caller adds them in order from 0.0, as `score_mean` would: the same bits).
+    fn chunk_sums_on_device(
         &self,
-        arena: &mut Arena,
+        w: &mut Work,
         g: &Group,
         t: usize,
         spec: &KeySpec,
-    ) -> BResult<f64> {
+    ) -> BResult<Vec<f64>> {
         let gpu = &self.gpu;
         let n = g.n;
         let spec = KeySpec {
             mean: None,
             ..*spec
         };
+        let l = ScoreBufs::for_sums(g, t, &spec);
+        dev(w.arena.reserve(gpu, l.bytes))?;
+        self.upload_inputs(w, g, t, &l)?;
+        let arena = &mut w.arena;
+        let mut bad = u64::MAX;
+        dev(arena.upload(gpu, l.small, bytemuck::bytes_of(&bad)))?;
+        let s = score_inputs(g, t, &spec, arena, l.base, l.theta, l.grad)?;
         let nchunks = n.div_ceil(SUM_CHUNK);
-        let mut l = Layout::default();
-        let (base, theta, grad) = input_layout(&mut l, g, t, &spec);
-        let keys = l.take(4 * n);
-        let chunks = l.take(8 * nchunks);
-        let small = l.take(16); // [bad word, sum as f64 bits]
-        dev(arena.reserve(gpu, l.bytes()))?;
-        upload_inputs(gpu, arena, g, t, base, theta, grad)?;
-        let mut words = [u64::MAX, 0];
-        dev(arena.upload(gpu, small, bytemuck::cast_slice(&words)))?;
-        let s = score_inputs(g, t, &spec, arena, base, theta, grad)?;
-        let (n64, keys, chunks, small_p) =
-            (n as u64, arena.at(keys), arena.at(chunks), arena.at(small));
-        // SAFETY: keys (n u32), chunks (nchunks f64) and the two words are arena buffers.
+        let (n64, keys, chunks, bad_p) = (
+            n as u64,
+            arena.at(l.keys),
+            arena.at(l.chunks),
+            arena.at(l.small),
+        );
+        // SAFETY: keys (n u32), chunks (nchunks f64) and the bad word are arena buffers.
         launches(|| unsafe {
-            gpu.score_keys(&s, n64, keys, small_p, 0, 0, false)?;
-            gpu.score_sum(keys, n64, chunks)?;
-            gpu.score_mean(chunks, nchunks as u64, n64, small_p + 8, 0)
+            gpu.score_keys(&s, n64, keys, bad_p, 0, 0, false)?;
+            gpu.score_sum(keys, n64, chunks)
         })?;
-        dev(arena.download(gpu, small, bytemuck::cast_slice_mut(&mut words)))?;
+        let mut sums = vec![0f64; nchunks];
+        dev(arena.download(gpu, l.small, bytemuck::bytes_of_mut(&mut bad)))?;
+        dev(arena.download(gpu, l.chunks, bytemuck::cast_slice_mut(&mut sums)))?;
         dev(gpu.sync())?;
-        fault_result(score_fault(words[0], t))?;
-        Ok(f64::from_bits(words[1]))
+        fault_result(score_fault(bad, t))?;
+        Ok(sums)
     }
 
     /// `histogram` on the device, for one of the digits of [`DIGITS_11`].
     #[allow(clippy::too_many_arguments)]
     fn histogram_on_device(
         &self,
-        arena: &mut Arena,
+        w: &mut Work,
         g: &Group,
         t: usize,
         spec: &KeySpec,
@@ -720,17 +929,14 @@ impl CudaBackend {
         let gpu = &self.gpu;
         let n = g.n;
         let (shift, bits) = DIGITS_11[pass];
-        let mut l = Layout::default();
-        let (base, theta, grad) = input_layout(&mut l, g, t, spec);
-        let keys = spec.mean.map(|_| l.take(4 * n));
-        let state = l.take(STATE_BYTES);
-        let small = l.take(8); // [bad word, mean as f32]
-        dev(arena.reserve(gpu, l.bytes()))?;
-        upload_inputs(gpu, arena, g, t, base, theta, grad)?;
+        let l = ScoreBufs::for_histogram(g, t, spec);
+        dev(w.arena.reserve(gpu, l.bytes))?;
+        self.upload_inputs(w, g, t, &l)?;
+        let arena = &mut w.arena;
         let mut words = [u64::MAX, u64::from(spec.mean.unwrap_or(0.0).to_bits())];
-        dev(arena.upload(gpu, small, bytemuck::cast_slice(&words)))?;
-        let s = score_inputs(g, t, spec, arena, base, theta, grad)?;
-        let (n64, st, bad) = (n as u64, arena.at(state), arena.at(small));
+        dev(arena.upload(gpu, l.small, bytemuck::cast_slice(&words)))?;
+        let s = score_inputs(g, t, spec, arena, l.base, l.theta, l.grad)?;
+        let (n64, st, bad) = (n as u64, arena.at(l.state), arena.at(l.small));
         // The state's prefix holds the decided bits in place (the kernel compares the key bits
         // above the digit with it); the pipeline's prefix is those bits shifted down.
         let top = shift + bits;
@@ -738,30 +944,207 @@ impl CudaBackend {
         // SAFETY: `st` is a SelectState; keys (n u32) when normalising; `bad` and the mean are
         // the two words of `small` (the mean is the low half of the second, little endian).
         dev(unsafe { gpu.select_init(st, n64, n64) })?;
-        dev(arena.upload(gpu, state + STATE_PREFIX, &placed.to_le_bytes()))?;
+        dev(arena.upload(gpu, l.state + STATE_PREFIX, &placed.to_le_bytes()))?;
+        let keys = arena.at(l.keys);
         launches(|| unsafe {
-            match keys {
-                None => gpu.score_keys(&s, n64, 0, bad, st, pass as i32, false),
-                Some(keys) => {
-                    let keys = arena.at(keys);
-                    gpu.score_keys(&s, n64, keys, bad, 0, 0, false)?;
-                    gpu.keys_normalize(keys, n64, bad + 8, st, pass as i32, false)
-                }
+            if spec.mean.is_none() {
+                gpu.score_keys(&s, n64, 0, bad, st, pass as i32, false)
+            } else {
+                gpu.score_keys(&s, n64, keys, bad, 0, 0, false)?;
+                gpu.keys_normalize(keys, n64, bad + 8, st, pass as i32, false)
             }
         })?;
         let mut h = vec![0u64; 2048];
         dev(arena.download(
             gpu,
-            state + state_hist(pass),
+            l.state + state_hist(pass),
             bytemuck::cast_slice_mut(&mut h),
         ))?;
-        dev(arena.download(gpu, small, bytemuck::cast_slice_mut(&mut words[..1])))?;
+        dev(arena.download(gpu, l.small, bytemuck::cast_slice_mut(&mut words[..1])))?;
         dev(gpu.sync())?;
         fault_result(score_fault(words[0], t))?;
         for (x, y) in hist.iter_mut().zip(&h[..1 << bits]) {
             *x += y;
         }
         Ok(())
+    }
+}
+
+impl CudaBackend {
+    /// Task `t`'s score inputs into the arena buffers of `l`.
+    fn upload_inputs(&self, w: &mut Work, g: &Group, t: usize, l: &ScoreBufs) -> BResult<()> {
+        let n = g.n;
+        let mut inputs = vec![
+            (l.base, elems(&g.base, n, "the base tensor")?),
+            (l.theta, elems(&g.tasks[t].theta, n, "a task tensor")?),
+        ];
+        if let (Some(off), Some(gr)) = (l.grad, g.tasks[t].grad) {
+            inputs.push((off, elems(&gr, n, "a gradient tensor")?));
+        }
+        self.put_inputs(w, &inputs)
+    }
+
+    /// Puts each `(arena offset, host bytes)` into the arena, ordered before the compute
+    /// stream's next work: from `ahead` by a device copy when the previous call staged those
+    /// bytes, else through the pinned ring on the copy stream. Either way what was staged is
+    /// used up (it belongs to this call only).
+    fn put_inputs(&self, w: &mut Work, inputs: &[(usize, &[u8])]) -> BResult<()> {
+        let gpu = &self.gpu;
+        let staged = w.staged.take().unwrap_or_default();
+        let mut from_ahead = Vec::new();
+        let mut uploaded = false;
+        for &(off, data) in inputs {
+            let hit = staged
+                .iter()
+                .find(|&&(ptr, len, _)| ptr == data.as_ptr() as usize && len == data.len());
+            match hit {
+                Some(&(_, len, src)) => from_ahead.push((off, src, len)),
+                None => {
+                    dev(w.arena.view(off, data.len()).map(|_| ()))?;
+                    dev(w.up.upload(&gpu.copy, w.arena.at(off), data))?;
+                    uploaded = true;
+                }
+            }
+        }
+        let ev = device::drv("ordering the CUDA streams");
+        if uploaded {
+            dev(w.inputs_ready.record(&gpu.copy).map_err(&ev))?;
+            dev(gpu.stream.wait(&w.inputs_ready).map_err(&ev))?;
+        }
+        if !from_ahead.is_empty() {
+            self.staged_hits
+                .fetch_add(from_ahead.len() as u64, Ordering::Relaxed);
+            dev(gpu.stream.wait(&w.ahead_ready).map_err(&ev))?;
+            for (dst, src, len) in from_ahead {
+                // SAFETY: `src..src + len` lies in `ahead` (staged there), `dst..dst + len` in
+                // the arena (the caller's layout, reserved); the streams are ordered by events.
+                dev(unsafe {
+                    result::memcpy_dtod_async(
+                        w.arena.at(dst),
+                        w.ahead.at(src),
+                        len,
+                        gpu.stream.cu_stream(),
+                    )
+                }
+                .map_err(device::drv("moving staged inputs on the GPU")))?;
+            }
+            dev(w.ahead_free.record(&gpu.stream).map_err(&ev))?;
+        }
+        Ok(())
+    }
+
+    /// Copies the inputs of the group the caller merges next into `ahead` on the copy stream,
+    /// while the compute stream works on the current group: reading them here pages them in
+    /// from disk, and their transfer overlaps the kernels. Skipped when they do not fit `ahead`.
+    fn stage_next(&self, w: &mut Work, g: &Group) -> BResult<()> {
+        let gpu = &self.gpu;
+        let n = g.n;
+        w.staged = None;
+        if n == 0 || g.tasks.is_empty() || g.tasks.len() > MAX_FUSE_TASKS {
+            return Ok(());
+        }
+        let mut all = vec![elems(&g.base, n, "the base tensor")?];
+        if let Some(s) = g.start {
+            all.push(elems(&s, n, "the start tensor")?);
+        }
+        for task in &g.tasks {
+            all.push(elems(&task.theta, n, "a task tensor")?);
+            if let Some(gr) = task.grad {
+                all.push(elems(&gr, n, "a gradient tensor")?);
+            }
+        }
+        let mut l = Layout::default();
+        let offs: Vec<usize> = all.iter().map(|d| l.take(d.len())).collect();
+        if l.bytes() > w.ahead.limit() {
+            return Ok(());
+        }
+        let ev = device::drv("ordering the CUDA streams");
+        if w.ahead.capacity() < l.bytes() {
+            // Growing frees the old buffer, which the compute stream may still be reading.
+            dev(w.ahead_free.synchronize().map_err(&ev))?;
+        }
+        if w.ahead.reserve(gpu, l.bytes()).is_err() {
+            // No room to stage (less memory free than the budget said): upload it when it comes.
+            return Ok(());
+        }
+        // Not before the compute stream has moved the previous staged inputs out.
+        dev(gpu.copy.wait(&w.ahead_free).map_err(&ev))?;
+        let mut staged = Vec::with_capacity(all.len());
+        for (data, off) in all.iter().zip(offs) {
+            dev(w.up.upload(&gpu.copy, w.ahead.at(off), data))?;
+            staged.push((data.as_ptr() as usize, data.len(), off));
+        }
+        dev(w.ahead_ready.record(&gpu.copy).map_err(&ev))?;
+        w.staged = Some(staged);
+        Ok(())
+    }
+}
+
+/// Where the buffers of one task's score pass live in the arena (`score_sum`, `histogram`, and
+/// the chunked path's tie search).
+struct ScoreBufs {
+    base: usize,
+    theta: usize,
+    grad: Option<usize>,
+    /// n u32 keys (histogram: only with a mean; else unused, offset 0).
+    keys: usize,
+    /// score_sum's per-chunk f64 sums; histogram: none.
+    chunks: usize,
+    /// A SelectState (histogram, tie search); score_sum: none.
+    state: usize,
+    /// Tie-count tiles (tie search only).
+    tiles: usize,
+    /// 8 bytes: the score error word; histogram and tie search: 16 (the mean after it).
+    small: usize,
+    bytes: usize,
+}
+
+impl ScoreBufs {
+    fn inputs(g: &Group, t: usize, spec: &KeySpec) -> (Layout, Self) {
+        let mut l = Layout::default();
+        let (base, theta, grad) = input_layout(&mut l, g, t, spec);
+        let b = Self {
+            base,
+            theta,
+            grad,
+            keys: 0,
+            chunks: 0,
+            state: 0,
+            tiles: 0,
+            small: 0,
+            bytes: 0,
+        };
+        (l, b)
+    }
+
+    fn for_sums(g: &Group, t: usize, spec: &KeySpec) -> Self {
+        let (mut l, mut b) = Self::inputs(g, t, spec);
+        b.keys = l.take(4 * g.n);
+        b.chunks = l.take(8 * g.n.div_ceil(SUM_CHUNK));
+        b.small = l.take(8);
+        b.bytes = l.bytes();
+        b
+    }
+
+    fn for_histogram(g: &Group, t: usize, spec: &KeySpec) -> Self {
+        let (mut l, mut b) = Self::inputs(g, t, spec);
+        if spec.mean.is_some() {
+            b.keys = l.take(4 * g.n);
+        }
+        b.state = l.take(STATE_BYTES);
+        b.small = l.take(16);
+        b.bytes = l.bytes();
+        b
+    }
+
+    fn for_tie_search(g: &Group, t: usize, spec: &KeySpec) -> Self {
+        let (mut l, mut b) = Self::inputs(g, t, spec);
+        b.keys = l.take(4 * g.n);
+        b.tiles = l.take(4 * g.n.div_ceil(TIE_TILE));
+        b.state = l.take(STATE_BYTES);
+        b.small = l.take(16);
+        b.bytes = l.bytes();
+        b
     }
 }
 
@@ -780,24 +1163,6 @@ fn input_layout(
         _ => None,
     };
     (base, theta, grad)
-}
-
-fn upload_inputs(
-    gpu: &Gpu,
-    arena: &mut Arena,
-    g: &Group,
-    t: usize,
-    base: usize,
-    theta: usize,
-    grad: Option<usize>,
-) -> BResult<()> {
-    let n = g.n;
-    dev(arena.upload(gpu, base, elems(&g.base, n, "the base tensor")?))?;
-    dev(arena.upload(gpu, theta, elems(&g.tasks[t].theta, n, "a task tensor")?))?;
-    if let (Some(off), Some(gr)) = (grad, g.tasks[t].grad) {
-        dev(arena.upload(gpu, off, elems(&gr, n, "a gradient tensor")?))?;
-    }
-    Ok(())
 }
 
 /// One task's statistics, as the CPU backend reports them, from what the device left behind:
@@ -907,16 +1272,38 @@ impl Backend for CudaBackend {
         if g.n == 0 || g.tasks.is_empty() || g.tasks.len() > MAX_FUSE_TASKS {
             return self.cpu.merge_group(g, jobs, f, out);
         }
-        let mut arena = self.lock();
-        guarded(|| self.merge_on_device(&mut arena, g, jobs, f, out))
+        self.merge_group_with_next(g, jobs, f, out, None)
+    }
+
+    fn merge_group_with_next(
+        &self,
+        g: &Group,
+        jobs: &[MaskJob],
+        f: &FuseSpec,
+        out: &mut [u8],
+        next: Option<&Group>,
+    ) -> BResult<GroupStats> {
+        if g.n == 0 || g.tasks.is_empty() || g.tasks.len() > MAX_FUSE_TASKS {
+            return self.cpu.merge_group(g, jobs, f, out);
+        }
+        let mut w = self.lock();
+        guarded(|| {
+            retry_smaller(|| {
+                if group_bytes(g, jobs, f)? <= w.arena.limit() {
+                    self.merge_on_device(&mut w, g, jobs, f, out, next)
+                } else {
+                    self.merge_chunked(&mut w, g, jobs, f, out)
+                }
+            })
+        })
     }
 
     fn score_sum(&self, g: &Group, task: usize, spec: &KeySpec) -> BResult<f64> {
         if g.n == 0 {
             return self.cpu.score_sum(g, task, spec);
         }
-        let mut arena = self.lock();
-        guarded(|| self.score_sum_on_device(&mut arena, g, task, spec))
+        let mut w = self.lock();
+        guarded(|| retry_smaller(|| self.score_sum_chunked(&mut w, g, task, spec)))
     }
 
     fn histogram(
@@ -938,8 +1325,10 @@ impl Backend for CudaBackend {
         if g.n == 0 {
             return Ok(());
         }
-        let mut arena = self.lock();
-        guarded(|| self.histogram_on_device(&mut arena, g, task, spec, pass, prefix, hist))
+        let mut w = self.lock();
+        guarded(|| {
+            retry_smaller(|| self.histogram_chunked(&mut w, g, task, spec, pass, prefix, hist))
+        })
     }
 
     /// The kernels' radix digits: 11, 11 and 10 bits from the top.

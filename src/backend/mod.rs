@@ -132,6 +132,21 @@ pub trait Backend: Send + Sync {
         out: &mut [u8],
     ) -> BResult<GroupStats>;
 
+    /// As `merge_group`, told which group the caller merges next (the pipeline's next tensor),
+    /// so that a backend with memory of its own can move that group's inputs while this one
+    /// computes. The results are the same; the default ignores `next`.
+    fn merge_group_with_next(
+        &self,
+        g: &Group,
+        masks: &[MaskJob],
+        fuse: &FuseSpec,
+        out: &mut [u8],
+        next: Option<&Group>,
+    ) -> BResult<GroupStats> {
+        let _ = next;
+        self.merge_group(g, masks, fuse, out)
+    }
+
     /// `selection: model`, pass 1: the deterministic sum of one task's scores in this tensor.
     fn score_sum(&self, g: &Group, task: usize, spec: &KeySpec) -> BResult<f64>;
 

@@ -98,8 +98,8 @@ pub fn bench_kernels(spec: &KernelBenchSpec) -> Result<KernelBench, String> {
         return Err("bench kernels: density must be in (0, 1]".into());
     }
     let backend = CudaBackend::new(spec.ordinal)?;
-    let mut arena = backend.lock();
-    guarded(|| run(&backend.gpu, &mut arena, spec).map_err(BackendError::Device)).map_err(|e| {
+    let mut w = backend.lock();
+    guarded(|| run(&backend.gpu, &mut w.arena, spec).map_err(BackendError::Device)).map_err(|e| {
         match e {
             BackendError::Device(m) => m,
             BackendError::Fault(f) => format!("unexpected fault {f:?}"),

@@ -38,6 +38,11 @@ pub const SUM_CHUNK: usize = 65_536;
 const ALIGN: usize = 256;
 /// The arena grows in steps of this much, so that slightly larger groups do not reallocate.
 const GROW_STEP: usize = 64 << 20;
+/// After an out-of-memory, an arena's budget becomes this share of the memory then free.
+const SHRINK_SHARE: f64 = 0.9;
+/// How an arena's out-of-memory error starts: the caller may retry in chunks, since the budget
+/// has shrunk to what is free.
+pub const OUT_OF_MEMORY: &str = "the GPU ran out of memory ";
 
 /// Blocks of 256 threads per SM for the grid-stride kernels (docs/KERNELS.md, "Occupancy"): the
 /// histogram-building launches use fewer blocks (fewer global atomics), the others fill the SMs.
@@ -80,7 +85,6 @@ pub struct Kernels {
     score_keys: CudaFunction,
     keys_normalize: CudaFunction,
     score_sum: CudaFunction,
-    score_mean: CudaFunction,
     select_init: CudaFunction,
     select_filter: CudaFunction,
     select_tie_count: CudaFunction,
@@ -91,10 +95,13 @@ pub struct Kernels {
     fuse_ties: CudaFunction,
 }
 
-/// An opened GPU: context, the one stream every launch of this backend goes to, the kernels.
+/// An opened GPU: context, the stream every launch of this backend goes to, the copy stream that
+/// moves inputs in beside it, the kernels.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// Host-to-device input copies (docs/STREAMING.md); `stream` waits for them with events.
+    pub copy: Arc<CudaStream>,
     k: Kernels,
     /// Streaming multiprocessors, for the grid sizes.
     pub sms: u32,
@@ -110,11 +117,13 @@ impl Gpu {
             sys::CUresult::CUDA_ERROR_NO_DEVICE => format!("no CUDA GPU: {}", describe(&e)),
             _ => format!("cannot open CUDA device {ordinal}: {}", describe(&e)),
         })?;
-        // One stream, and slices that never outlive the work that uses them (the backend
-        // synchronises before it returns), so cudarc's per-slice events are not needed.
-        // SAFETY: no slice of this context exists yet, and all work goes to one stream.
+        // A handful of arena allocations that never outlive the work that uses them (the
+        // backend synchronises before it returns), and explicit events between the compute and
+        // copy streams, so cudarc's per-slice events are not needed.
+        // SAFETY: no slice of this context exists yet; the backend orders the two streams itself.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("creating a CUDA stream"))?;
+        let copy = ctx.new_stream().map_err(drv("creating a CUDA stream"))?;
         let name = ctx
             .name()
             .unwrap_or_else(|_| "an unnamed CUDA device".into());
@@ -137,6 +146,7 @@ impl Gpu {
         Ok(Self {
             ctx,
             stream,
+            copy,
             k,
             sms,
             description,
@@ -203,7 +213,6 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> DResult<Kernels> {
         score_keys: get("score", "score_keys")?,
         keys_normalize: get("score", "keys_normalize")?,
         score_sum: get("score", "score_sum")?,
-        score_mean: get("score", "score_mean")?,
         select_init: get("select", "select_init")?,
         select_filter: get("select", "select_filter")?,
         select_tie_count: get("select", "select_tie_count")?,
@@ -398,19 +407,6 @@ impl Gpu {
         launch!(self, score_sum, grid, BLOCK; keys, n, chunk_sums)
     }
 
-    /// `score_mean`: the chunk sums added in order into `*sum_out` (f64), f32(sum / n) into
-    /// `*mean_out` (either may be 0).
-    pub unsafe fn score_mean(
-        &self,
-        chunk_sums: Ptr,
-        nchunks: u64,
-        n: u64,
-        sum_out: Ptr,
-        mean_out: Ptr,
-    ) -> DResult<()> {
-        launch!(self, score_mean, 1, 1; chunk_sums, nchunks, n, sum_out, mean_out)
-    }
-
     /// `select_filter`: radix pass `pass` (1 or 2, or 0 over stored keys) and the last block's pick.
     pub unsafe fn select_filter(
         &self,
@@ -531,42 +527,90 @@ impl Layout {
 }
 
 /// One device allocation that only grows: sized by the largest tensor group seen so far, reused
-/// by every later group, so a merge makes a handful of allocations in all.
-#[derive(Default)]
+/// by every later group, so a merge makes a handful of allocations in all. It never grows past
+/// `limit` (the `--max-memory` budget): work that would need more is split by the caller.
 pub struct Arena {
     buf: Option<CudaSlice<u8>>,
     base: Ptr,
+    limit: usize,
+}
+
+impl Default for Arena {
+    fn default() -> Self {
+        Self::with_limit(usize::MAX)
+    }
 }
 
 impl Arena {
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            buf: None,
+            base: 0,
+            limit,
+        }
+    }
+
+    /// The most bytes this arena may hold.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Makes the arena at least `bytes` long. Nothing may be in flight on the stream that uses
     /// the old allocation (the backend synchronises at the end of every call).
     pub fn reserve(&mut self, gpu: &Gpu, bytes: usize) -> DResult<()> {
         if self.capacity() >= bytes {
             return Ok(());
         }
+        if bytes > self.limit {
+            return Err(format!(
+                "internal error: {bytes} bytes of device memory requested, over the budget of {}",
+                self.limit
+            ));
+        }
         // Free the old allocation first: the peak is the new size, not old + new.
         self.buf = None;
         self.base = 0;
-        let size = bytes.next_multiple_of(GROW_STEP);
-        // SAFETY: the bytes are uninitialised; every buffer carved out of the arena is written
-        // (uploaded, initialised by a kernel, or fully written by a kernel) before it is read.
-        let buf = unsafe { gpu.stream.alloc::<u8>(size) }.map_err(|e| {
-            let (free, total) = gpu.ctx.mem_get_info().unwrap_or((0, 0));
-            format!(
-                "allocating {:.2} GB of GPU memory for this tensor group: {} ({:.2} GB free of \
-                 {:.2} GB; tensors too large for the GPU are not split into chunks yet: use \
-                 --device cpu)",
-                size as f64 / 1e9,
-                describe(&e),
-                free as f64 / 1e9,
-                total as f64 / 1e9
-            )
-        })?;
+        let mut size = bytes.next_multiple_of(GROW_STEP).min(self.limit);
+        let buf = loop {
+            // SAFETY: the bytes are uninitialised; every buffer carved out of the arena is
+            // written (uploaded, initialised by a kernel, or fully written by a kernel) before it
+            // is read.
+            match unsafe { gpu.stream.alloc::<u8>(size) } {
+                Ok(buf) => break buf,
+                Err(e) => {
+                    let (free, total) = gpu.ctx.mem_get_info().unwrap_or((0, 0));
+                    let oom = e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY;
+                    // Less memory is free than the budget assumed (another process, or a budget
+                    // above the GPU's): the budget shrinks to what is there, and work that no
+                    // longer fits is split into chunks by the caller.
+                    let fits = (free as f64 * SHRINK_SHARE) as usize;
+                    if oom && fits < self.limit {
+                        self.limit = fits;
+                        if bytes <= fits {
+                            size = bytes.next_multiple_of(GROW_STEP).min(fits);
+                            continue;
+                        }
+                    }
+                    return Err(format!(
+                        "{}allocating {:.2} GB of GPU memory: {} ({:.2} GB free of {:.2} GB; the \
+                         budget is now {:.2} GB)",
+                        if oom { OUT_OF_MEMORY } else { "" },
+                        size as f64 / 1e9,
+                        describe(&e),
+                        free as f64 / 1e9,
+                        total as f64 / 1e9,
+                        self.limit as f64 / 1e9
+                    ));
+                }
+            }
+        };
         let (ptr, _) = buf.device_ptr(&gpu.stream);
         self.base = ptr;
         self.buf = Some(buf);
-        Ok(())
+        // With memory pools the allocation (and the free before it) is ordered on the compute
+        // stream only; the copy stream writes into arenas too. Waiting here (arenas grow a few
+        // times per run) makes the memory valid for both streams.
+        gpu.sync()
     }
 
     pub fn capacity(&self) -> usize {
