@@ -36,12 +36,9 @@ pub fn check_target(target: &Path, overwrite: bool, inputs: &[PathBuf]) -> Vec<P
     };
     for input in inputs {
         let Some(i) = resolve(input) else { continue };
-        let i_dir = if i.is_file() {
-            i.parent().map(Path::to_path_buf).unwrap_or(i.clone())
-        } else {
-            i.clone()
-        };
-        if t == i_dir || t.starts_with(&i_dir) {
+        // A single-file input (a gradient statistic, a one-file model) only forbids folders that
+        // would hold it: `out/` beside `grads.safetensors` is the usual layout, not a clash.
+        if i.is_dir() && (t == i || t.starts_with(&i)) {
             problems.push(Problem::in_file(
                 target,
                 format!(
@@ -253,4 +250,28 @@ impl Drop for OutputDir {
 /// The temporary folder a run with this pid uses (for the interrupt handler and tests).
 pub fn tmp_path_for(target: &Path, pid: u32) -> Option<PathBuf> {
     resolve(target).map(|t| tagged(&t, TMP_TAG, pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_beside_a_file_input_is_fine_but_one_holding_it_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let grads = d.path().join("grads.safetensors");
+        std::fs::write(&grads, b"x").unwrap();
+        let model = d.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        let inputs = [grads.clone(), model.clone()];
+        assert!(check_target(&d.path().join("out"), false, &inputs).is_empty());
+        let holding = check_target(d.path(), true, &inputs);
+        assert!(holding
+            .iter()
+            .any(|p| p.to_string().contains("holds the input")));
+        let inside = check_target(&model.join("out"), false, &inputs);
+        assert!(inside
+            .iter()
+            .any(|p| p.to_string().contains("inside the input")));
+    }
 }
