@@ -29,7 +29,7 @@ SHARD_BYTES = 2 << 30
 
 # Llama layouts (vocab 32000): parameters per checkpoint in the comment.
 SHAPES = {
-    "25m": dict(layers=2, hidden=512, intermediate=1408),  # 26 M, the smoke test
+    "25m": dict(layers=2, hidden=512, intermediate=1408),  # 39 M (the embeddings are 33 M): smoke
     "100m": dict(layers=8, hidden=768, intermediate=2048),  # 106 M
     "300m": dict(layers=16, hidden=1024, intermediate=2816),  # 271 M
     "1b": dict(layers=18, hidden=2048, intermediate=5632),  # 1.06 B
