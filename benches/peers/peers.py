@@ -316,6 +316,8 @@ ALL_METHODS = ["task_arithmetic", "ties", "magnitude", "sta"]
 def main():
     os.makedirs(RESULTS, exist_ok=True)
     os.makedirs(DATA, exist_ok=True)
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
     if sys.argv[1] == "case":
         # One case by hand: case SUITE SHAPE DTYPE TASKS METHODS TOOLS RUNS [SET_TASKS [nocompare]]
         a = sys.argv[2:]

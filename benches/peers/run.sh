@@ -35,6 +35,7 @@ export TORCH_PYTHON="${TORCH_PYTHON:-$venv/bin/python}"
 (cd "$root" && cargo build --release --quiet)
 export STAMERGE="$root/target/release/stamerge"
 
+mkdir -p "$here/results"
 suites=("$@")
 [ ${#suites[@]} -eq 0 ] && suites=(methods sizes tasks)
 {
