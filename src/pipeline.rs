@@ -8,6 +8,7 @@ use std::sync::mpsc::{channel, sync_channel};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use memmap2::Mmap;
 
 use crate::backend::{Backend, BackendError, FuseSpec, Group, KeySpec, MaskJob, Raw, Source};
 use crate::checkpoint::writer::{ShardPlan, ShardWriter};
@@ -52,8 +53,8 @@ pub(crate) fn group<'a>(plan: &'a Plan, item: &'a Item, n: usize) -> Group<'a> {
     }
 }
 
-/// Asks the kernel to start reading the next group's inputs while this one computes.
-fn prefetch(plan: &Plan, item: &Item) {
+/// The mapped input tensors an item reads: base (and start) for a copy, every input for a merge.
+fn inputs_of<'a>(plan: &'a Plan, item: &Item) -> Vec<(&'a Mmap, usize, usize)> {
     let mut cks: Vec<&Checkpoint> = vec![&plan.inputs.base];
     cks.extend(plan.inputs.start.iter());
     for t in &plan.inputs.tasks {
@@ -63,12 +64,28 @@ fn prefetch(plan: &Plan, item: &Item) {
     if matches!(item.kind, ItemKind::Copy { .. }) {
         cks.truncate(1 + plan.inputs.start.is_some() as usize);
     }
-    for ck in cks {
-        if let Some((f, t)) = ck.get(&item.name) {
-            let _ = f
-                .map
-                .advise_range(memmap2::Advice::WillNeed, t.start, t.nbytes());
-        }
+    cks.into_iter()
+        .filter_map(|ck| ck.get(&item.name))
+        .map(|(f, t)| (&f.map, t.start, t.nbytes()))
+        .collect()
+}
+
+/// Asks the kernel to start reading the next group's inputs while this one computes.
+fn prefetch(plan: &Plan, item: &Item) {
+    for (map, start, len) in inputs_of(plan, item) {
+        let _ = map.advise_range(memmap2::Advice::WillNeed, start, len);
+    }
+}
+
+/// Drops a processed merge group's input pages from this process's resident set. They stay in
+/// the page cache, so a later pass refaults them cheaply; without this, mapped inputs that were
+/// read once count in RSS until the end and the process looks as large as the model.
+fn release(plan: &Plan, item: &Item) {
+    for (map, start, len) in inputs_of(plan, item) {
+        // SAFETY: the maps are read-only shared file mappings: MADV_DONTNEED only drops our page
+        // table entries; the next access reads the same bytes back from the page cache.
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
     }
 }
 
@@ -256,6 +273,7 @@ fn model_selection(
                 .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
             means[ii][t] = (sum / n as f64) as f32;
         }
+        release(plan, item);
         progress.inc(item.read_bytes, &item.name);
     }
     let mut prefix = vec![0u32; nt];
@@ -283,6 +301,7 @@ fn model_selection(
                     .histogram(&g, t, &spec, shift, bits, prefix[t], &mut hists[t])
                     .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
             }
+            release(plan, item);
             progress.inc(item.read_bytes, &item.name);
         }
         for &t in &tasks {
@@ -448,6 +467,7 @@ pub fn execute(
                         let stats = backend
                             .merge_group_with_next(&g, &jobs, &fuse, &mut buf, next.as_ref())
                             .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
+                        release(plan, item);
                         let mut tasks = Vec::with_capacity(nt);
                         for (t, st) in stats.tasks.iter().enumerate() {
                             if let (MaskJob::Fixed { .. }, Some(m)) = (&jobs[t], ms.as_mut()) {
