@@ -387,6 +387,14 @@ fn output_folder_rules() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!s.path("out/keep.txt").exists());
     assert!(s.path("out/model.safetensors").is_file());
+    // Missing parent folders are made, as `mkdir -p` would.
+    let o = Command::new(stamerge_bin())
+        .args(["merge", "r.yml", "runs/2026/merged", "-q"])
+        .current_dir(s.dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(s.path("runs/2026/merged/model.safetensors").is_file());
 }
 
 #[test]

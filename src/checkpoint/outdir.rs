@@ -186,6 +186,10 @@ impl OutputDir {
                 "the output folder's parent does not exist",
             ))
         })?;
+        // Like `mkdir -p`: a fresh `runs/2026/merged` should not need a separate step.
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+        }
         let lock = take_lock(&target)?;
         remove_stale(&target);
         let tmp = tagged(&target, TMP_TAG, std::process::id());
