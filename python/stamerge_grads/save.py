@@ -1,0 +1,99 @@
+"""Writing a statistic as the safetensors file that `stamerge` reads for STA (`gradients:`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Optional, Union
+
+import torch
+from safetensors.torch import save_file
+
+from .statistic import Statistic, StatisticError
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "f32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.float32, torch.bfloat16):
+            return dtype
+    elif dtype in DTYPES:
+        return DTYPES[dtype]
+    raise StatisticError(f"dtype must be float32 or bfloat16, not {dtype!r}")
+
+
+def check_out_path(path: Union[str, os.PathLike]) -> str:
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise StatisticError(
+            f"{path}: the output must be a `.safetensors` file (stamerge reads gradient "
+            "statistics by that extension)"
+        )
+    return path
+
+
+def statistic_metadata(stats: Mapping) -> dict[str, str]:
+    """The `__metadata__` entries that say how a :class:`Statistic` was made."""
+    from . import __version__
+
+    md = {"format": "pt", "stamerge_grads_version": __version__}
+    if isinstance(stats, Statistic):
+        md.update(
+            mode=stats.mode,
+            samples=str(stats.samples),
+            mean_loss=repr(stats.mean_loss),
+        )
+        if stats.per_sample:
+            md["per_sample"] = stats.per_sample
+        if stats.skipped:
+            md["skipped"] = ",".join(sorted(stats.skipped))
+    return md
+
+
+def save_statistic(
+    stats: Mapping[str, torch.Tensor],
+    path: Union[str, os.PathLike],
+    dtype: Union[str, torch.dtype] = "float32",
+    metadata: Optional[Mapping[str, str]] = None,
+) -> None:
+    """Writes ``stats`` (name -> tensor) to ``path`` (a ``.safetensors`` file), as float32 or
+    bfloat16 (round to nearest even). The metadata records mode, sample count, mean loss and the
+    tool's version when ``stats`` is a :class:`Statistic`; ``metadata`` adds or overrides entries.
+    The file appears complete or not at all (written beside it, then renamed)."""
+    path = check_out_path(path)
+    to = _dtype(dtype)
+    if not stats:
+        raise StatisticError(f"{path}: nothing to write (the statistic is empty)")
+    tensors = {}
+    for name, t in stats.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise StatisticError(f"{path}: `{name}` is not a float tensor")
+        # Tied names share one tensor; safetensors refuses shared storage, so each gets a copy.
+        tensors[name] = t.detach().to(device="cpu", dtype=to).clone().contiguous()
+    md = statistic_metadata(stats)
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise StatisticError(f"{path}: metadata keys and values must be strings ({k!r}: {v!r})")
+        md[k] = v
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise StatisticError(f"{path}: the folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".stamerge_grads.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=md)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
