@@ -10,11 +10,18 @@ from model import collate, logits, lr_lambda
 EPOCHS = 3
 BATCH = 32
 LR = 5e-5
-CALIBRATION = 256
+# The protocol's calibration set is the first 256 training examples; 128 here, for the same CPU
+# budget reason as MAX_TRAIN.
+CALIBRATION = 128
+# Training examples used per task: the first MAX_TRAIN of the (shuffled, stratified) train split.
+# On a shared 2-core CPU a step of batch 32 takes seconds, so the full 700 did not fit the time
+# budget; this is the one deviation from the protocol's training recipe.
+MAX_TRAIN = 320
 
 
 def finetune(model, ids, labels, w, seed, log=print):
     """AdamW (lr 5e-5, no weight decay), 10 % warm-up then linear decay, batch 32, 3 epochs."""
+    ids, labels = ids[:MAX_TRAIN], labels[:MAX_TRAIN]
     torch.manual_seed(seed)
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
