@@ -122,13 +122,14 @@ def plots(runs, summary, work):
         if m in summary["methods"]:
             ax.axhline(summary["methods"][m]["avg"], linestyle=style, color="grey", label=f"{m} (test)")
     ax.set_xscale("log")
-    ax.set_xlabel("density (fraction of each task vector kept)")
-    ax.set_ylabel("7-task mean validation accuracy (%), best λ")
-    ax.set_title("MiniLM-7: accuracy vs density")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(work, "accuracy_vs_density.png"), dpi=120)
-    plt.close(fig)
+    _finish(
+        fig,
+        ax,
+        "density (fraction of each task vector kept)",
+        "7-task mean validation accuracy (%), best λ",
+        "MiniLM-7: accuracy vs density",
+        os.path.join(work, "accuracy_vs_density.png"),
+    )
 
     if "forgetting" in summary:
         fig, ax = plt.subplots(figsize=(5.5, 4.2))
@@ -141,13 +142,26 @@ def plots(runs, summary, work):
                 ax.annotate(f"λ_f={s}·λ", (x, y), fontsize=7)
         b = next(iter(by_scale.values()))["before"]
         ax.plot([b["forgotten"]], [b["others"]], marker="*", markersize=12, linestyle="", label="7-task STA merge")
-        ax.set_xlabel("forgotten task's test accuracy (%) (lower is better)")
-        ax.set_ylabel("other six tasks' mean test accuracy (%)")
-        ax.set_title("MiniLM-7: forgetting one task")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(work, "forgetting.png"), dpi=120)
-        plt.close(fig)
+        _finish(
+            fig,
+            ax,
+            "forgotten task's test accuracy (%) (lower is better)",
+            "other six tasks' mean test accuracy (%)",
+            "MiniLM-7: forgetting one task",
+            os.path.join(work, "forgetting.png"),
+        )
+
+
+def _finish(fig, ax, xlabel, ylabel, title, path):
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write(runs, tasks, work, results_path):
