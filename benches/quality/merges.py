@@ -9,18 +9,18 @@ import subprocess
 # pass). λ scales the summed task vectors (linear methods) or their sign-agreed mean (TIES,
 # DARE-TIES), hence the different ranges. STA's default gets a density sweep; the other sparse
 # methods and STA's variants are searched at the usual operating density.
-LINEAR_LAMBDAS = [0.2, 0.3, 0.5, 0.7]
-SPARSE_LAMBDAS = [0.5, 0.7, 1.0]
-MEAN_LAMBDAS = [0.7, 1.0, 1.5]
+LINEAR_LAMBDAS = [0.3, 0.5, 0.7]
+SPARSE_LAMBDAS = [0.5, 1.0]
+MEAN_LAMBDAS = [1.0, 1.5]
 
 # method key -> (merge_method, fixed parameters, densities, lambdas)
 METHODS = {
     "task_arithmetic": ("task_arithmetic", {}, [None], LINEAR_LAMBDAS),
     "ties": ("ties", {}, [0.2], MEAN_LAMBDAS),
     "magnitude": ("magnitude", {}, [0.2], SPARSE_LAMBDAS),
-    "dare_ties": ("dare_ties", {"seed": 0}, [0.2], [1.0, 1.5]),
+    "dare_ties": ("dare_ties", {"seed": 0}, [0.2], MEAN_LAMBDAS),
     # STA's default configuration: per-tensor selection, importance |θ_t · G_t|.
-    "sta": ("sta", {"selection": "tensor", "importance": "finetuned"}, [0.05, 0.1, 0.2, 0.5], SPARSE_LAMBDAS),
+    "sta": ("sta", {"selection": "tensor", "importance": "finetuned"}, [0.05, 0.1, 0.2], SPARSE_LAMBDAS),
     "sta_model": ("sta", {"selection": "model", "importance": "finetuned"}, [0.1], SPARSE_LAMBDAS),
     "sta_task_vector": ("sta", {"selection": "tensor", "importance": "task_vector"}, [0.1], SPARSE_LAMBDAS),
 }

@@ -177,7 +177,9 @@ class Bench:
                     cached = self.evals(seed).get(name, {}).get("test")
                     if not (cached and len(cached) == len(self.tasks)):
                         if not os.path.exists(os.path.join(start, "model.safetensors")):
-                            self.merge_eval(seed, "sta", density, lam, "test", keep=True)
+                            fts = [self.finetuned(seed, t) for t in self.tasks]
+                            all_grads = {self.finetuned(seed, t): self.gradients(seed, t) for t in self.tasks}
+                            merges.run_stamerge(self.binary, merges.recipe("sta", density, lam, self.base, fts, all_grads), start)
                         grads = {ft: self.gradients(seed, task)}
                         text = merges.recipe(method, density if kind == "sta" else None, lam_f, self.base, [], grads, forget=[ft], start=start)
                         out = os.path.join(self.work, f"seed{seed}", "merged", name)
@@ -191,7 +193,9 @@ class Bench:
     # ---- one seed ---------------------------------------------------------------------------
 
     def run_seed(self, seed, methods):
-        out = {"seed": seed, "methods": {}}
+        """Runs one seed; its summary (seedN/run.json) is rewritten after every method, so an
+        interrupted run can still be reported (`--report-only`)."""
+        out = {"seed": seed, "methods": {}, "grid": {}}
         base_w = os.path.join(self.base, "model.safetensors")
         out["methods"]["zero_shot"] = {"test": self.evaluate(0, "zero_shot", base_w, "test"), "val": self.evaluate(0, "zero_shot", base_w, "val")}
         ft_test = {}
@@ -199,7 +203,7 @@ class Bench:
             w = os.path.join(self.finetuned(seed, t), "model.safetensors")
             ft_test[t] = self.evaluate(seed, f"finetuned-{t}", w, "test", tasks=[t])[t]
         out["methods"]["fine_tuned"] = {"test": ft_test}
-        grid_val = {}
+        grid_val = out["grid"]
         for method in methods:
             log(f"seed {seed}: {method}: validation grid of {len(merges.grid(method))}")
             density, lam = self.select(seed, method)
@@ -211,11 +215,18 @@ class Bench:
             test = self.merge_eval(seed, method, density, lam, "test", keep=keep)
             out["methods"][method] = {"density": density, "lambda": lam, "test": test}
             log(f"seed {seed}: {method}: chosen density={density} λ={lam}: test avg {sum(test.values()) / len(test):.2f}")
-        out["grid"] = grid_val
+            self._save_run(seed, out)
         if "sta" in methods and self.forget_scales:
             m = out["methods"]["sta"]
             out["forgetting"] = self.forgetting(seed, m["density"], m["lambda"])
+            self._save_run(seed, out)
         return out
+
+    def _save_run(self, seed, out):
+        p = os.path.join(self.work, f"seed{seed}", "run.json")
+        with open(p + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(p + ".tmp", p)
 
 
 def _load(path):
@@ -233,6 +244,7 @@ def main():
     ap.add_argument("--forget-tasks", default="", help="tasks to forget (default: all)")
     ap.add_argument("--stamerge", default=os.path.join(REPO, "target", "release", "stamerge"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true", help="report the saved seedN/run.json files")
     ap.add_argument("--results", default=os.path.join(HERE, "results.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -244,14 +256,19 @@ def main():
         sys.exit(f"unknown methods {unknown}; known: {list(merges.METHODS)}")
     scales = [float(s) for s in args.forget_scales.split(",") if s]
     forget_tasks = [t for t in args.forget_tasks.split(",") if t]
-    bench = Bench(args.work, args.stamerge, [int(s) for s in args.seeds.split(",")], scales, forget_tasks)
-    runs = []
-    for seed in bench.seeds:
-        runs.append(bench.run_seed(seed, methods))
-        with open(os.path.join(args.work, f"seed{seed}", "run.json"), "w") as f:
-            json.dump(runs[-1], f, indent=1)
+    seeds = [int(s) for s in args.seeds.split(",")]
     import report
 
+    if args.report_only:
+        runs = []
+        for seed in seeds:
+            with open(os.path.join(args.work, f"seed{seed}", "run.json")) as f:
+                runs.append(json.load(f))
+        report.write(runs, data.TASKS, args.work, args.results)
+        log(f"wrote {args.results} and {os.path.join(args.work, 'results.md')}")
+        return
+    bench = Bench(args.work, args.stamerge, seeds, scales, forget_tasks)
+    runs = [bench.run_seed(seed, methods) for seed in seeds]
     report.write(runs, list(bench.tasks), args.work, args.results)
     log(f"wrote {args.results} and {os.path.join(args.work, 'results.md')}")
 
