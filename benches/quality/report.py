@@ -20,7 +20,7 @@ def summarise(runs, tasks):
         per_seed = [r for r in runs if m in r["methods"]]
         if not per_seed:
             continue
-        avgs, norms, task_vals = [], [], {t: [] for t in tasks}
+        avgs, norms, task_vals, task_norms = [], [], {t: [] for t in tasks}, {t: [] for t in tasks}
         for r in per_seed:
             test = r["methods"][m]["test"]
             ft = r["methods"]["fine_tuned"]["test"]
@@ -28,6 +28,7 @@ def summarise(runs, tasks):
             norms.append(statistics.fmean(100.0 * test[t] / ft[t] for t in tasks))
             for t in tasks:
                 task_vals[t].append(test[t])
+                task_norms[t].append(100.0 * test[t] / ft[t])
         avg, spread = _mean_spread(avgs)
         navg, nspread = _mean_spread(norms)
         entry = {
@@ -36,6 +37,7 @@ def summarise(runs, tasks):
             "normalized_avg": round(navg, 2),
             "normalized_spread": round(nspread, 2),
             "tasks": {t: round(statistics.fmean(v), 2) for t, v in task_vals.items()},
+            "normalized_tasks": {t: round(statistics.fmean(v), 2) for t, v in task_norms.items()},
             "per_seed_avg": [round(a, 2) for a in avgs],
         }
         chosen = [{k: r["methods"][m][k] for k in ("density", "lambda")} for r in per_seed if "lambda" in r["methods"][m]]
@@ -89,6 +91,11 @@ def markdown(summary, tasks):
         lines.append(
             f"| {m} | " + " | ".join(cells) + f" | {e['avg']:.1f} ± {e['spread']:.1f} | {e['normalized_avg']:.1f} ± {e['normalized_spread']:.1f} |"
         )
+    lines += ["", "Normalised (merged ÷ the task's fine-tuned accuracy, %):", ""]
+    lines += lines[:2]
+    for m, e in summary["methods"].items():
+        cells = [f"{e['normalized_tasks'][t]:.1f}" for t in tasks]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | | {e['normalized_avg']:.1f} ± {e['normalized_spread']:.1f} |")
     if "forgetting" in summary:
         lines += ["", "| forgetting (λ_f / λ) | kind | forgotten task | other six (mean) |", "|---|---|---|---|"]
         for scale, e in summary["forgetting"]["by_scale"].items():
