@@ -9,8 +9,8 @@ import subprocess
 # pass). λ scales the summed task vectors (linear methods) or their sign-agreed mean (TIES,
 # DARE-TIES), hence the different ranges. STA's default gets a density sweep; the other sparse
 # methods and STA's variants are searched at the usual operating density.
-LINEAR_LAMBDAS = [0.3, 0.5, 0.7]
-SPARSE_LAMBDAS = [0.5, 1.0]
+LINEAR_LAMBDAS = [0.3, 0.5, 0.7, 1.0]
+SPARSE_LAMBDAS = [0.5, 1.0, 1.5, 2.0]
 MEAN_LAMBDAS = [1.0, 1.5]
 
 # method key -> (merge_method, fixed parameters, densities, lambdas)
