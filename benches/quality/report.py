@@ -1,0 +1,184 @@
+"""Results over seeds: the Markdown table, results.json, and the PNG plots."""
+
+import json
+import os
+import statistics
+
+import merges
+
+ORDER = ["zero_shot", "fine_tuned", *merges.METHODS]
+
+
+def _mean_spread(xs):
+    """Mean and spread; spread is the sample standard deviation over seeds (0 with one seed)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(runs, tasks):
+    out = {"seeds": [r["seed"] for r in runs], "spread": "sample standard deviation over seeds", "methods": {}}
+    for m in ORDER:
+        per_seed = [r for r in runs if m in r["methods"]]
+        if not per_seed:
+            continue
+        avgs, norms, task_vals, task_norms = [], [], {t: [] for t in tasks}, {t: [] for t in tasks}
+        for r in per_seed:
+            test = r["methods"][m]["test"]
+            ft = r["methods"]["fine_tuned"]["test"]
+            avgs.append(statistics.fmean(test[t] for t in tasks))
+            norms.append(statistics.fmean(100.0 * test[t] / ft[t] for t in tasks))
+            for t in tasks:
+                task_vals[t].append(test[t])
+                task_norms[t].append(100.0 * test[t] / ft[t])
+        avg, spread = _mean_spread(avgs)
+        navg, nspread = _mean_spread(norms)
+        entry = {
+            "avg": round(avg, 2),
+            "spread": round(spread, 2),
+            "normalized_avg": round(navg, 2),
+            "normalized_spread": round(nspread, 2),
+            "tasks": {t: round(statistics.fmean(v), 2) for t, v in task_vals.items()},
+            "normalized_tasks": {t: round(statistics.fmean(v), 2) for t, v in task_norms.items()},
+            "per_seed_avg": [round(a, 2) for a in avgs],
+        }
+        chosen = [{k: r["methods"][m][k] for k in ("density", "lambda")} for r in per_seed if "lambda" in r["methods"][m]]
+        if chosen:
+            entry["chosen_on_validation"] = chosen
+        out["methods"][m] = entry
+    forget = [row | {"seed": r["seed"]} for r in runs for row in r.get("forgetting", [])]
+    if forget:
+        out["forgetting"] = _forgetting(forget, runs)
+    return out
+
+
+def _forgetting(rows, runs):
+    """Per (kind, λ scale): mean over tasks and seeds of the forgotten task's test accuracy and of
+    the other six tasks' mean, next to the start merge's accuracy on the same tasks."""
+    summary = {
+        "start": "the chosen 7-task STA merge of each seed",
+        "lambda_forget": "scale × the merge's λ; the same for both kinds (matched λ)",
+        "by_scale": {},
+    }
+    start = {r["seed"]: r["methods"]["sta"]["test"] for r in runs if "sta" in r["methods"]}
+    for scale in sorted({r["scale"] for r in rows}):
+        entry = {}
+        for kind in ("sta", "negation"):
+            sel = [r for r in rows if r["kind"] == kind and r["scale"] == scale]
+            f = statistics.fmean(r["forgotten"] for r in sel)
+            o = statistics.fmean(r["others"] for r in sel)
+            entry[kind] = {
+                "forgotten": round(f, 2),
+                "others": round(o, 2),
+                "per_task": {r["task"]: {"forgotten": round(r["forgotten"], 2), "others": round(r["others"], 2)} for r in sel if r["seed"] == sel[0]["seed"]},
+            }
+        before_f, before_o = [], []
+        for r in (r for r in rows if r["kind"] == "sta" and r["scale"] == scale):
+            s = start[r["seed"]]
+            before_f.append(s[r["task"]])
+            before_o.append(statistics.fmean(a for t, a in s.items() if t != r["task"]))
+        entry["before"] = {"forgotten": round(statistics.fmean(before_f), 2), "others": round(statistics.fmean(before_o), 2)}
+        summary["by_scale"][f"{scale:g}"] = entry
+    return summary
+
+
+def markdown(summary, tasks):
+    short = {t: t.replace("_", " ") for t in tasks}
+    lines = [
+        "| method | " + " | ".join(short[t] for t in tasks) + " | avg | normalised |",
+        "|---|" + "---|" * (len(tasks) + 2),
+    ]
+    for m, e in summary["methods"].items():
+        cells = [f"{e['tasks'][t]:.1f}" for t in tasks]
+        lines.append(
+            f"| {m} | " + " | ".join(cells) + f" | {e['avg']:.1f} ± {e['spread']:.1f} | {e['normalized_avg']:.1f} ± {e['normalized_spread']:.1f} |"
+        )
+    lines += ["", "Normalised (merged ÷ the task's fine-tuned accuracy, %):", ""]
+    lines += lines[:2]
+    for m, e in summary["methods"].items():
+        cells = [f"{e['normalized_tasks'][t]:.1f}" for t in tasks]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | | {e['normalized_avg']:.1f} ± {e['normalized_spread']:.1f} |")
+    if "forgetting" in summary:
+        lines += ["", "| forgetting (λ_f / λ) | kind | forgotten task | other six (mean) |", "|---|---|---|---|"]
+        for scale, e in summary["forgetting"]["by_scale"].items():
+            lines.append(f"| before | start merge | {e['before']['forgotten']:.1f} | {e['before']['others']:.1f} |")
+            for kind in ("sta", "negation"):
+                lines.append(f"| {scale} | {kind} | {e[kind]['forgotten']:.1f} | {e[kind]['others']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(runs, summary, work):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Accuracy vs density: for each density the best λ on validation, averaged over seeds.
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m in merges.METHODS:
+        pts = {}
+        for r in runs:
+            for g in r.get("grid", {}).get(m, []):
+                if g["density"] is None:
+                    continue
+                avg = statistics.fmean(g["val"].values())
+                key = (r["seed"], g["density"])
+                pts[key] = max(pts.get(key, 0.0), avg)
+        dens = sorted({d for _, d in pts})
+        if dens:
+            ax.plot(dens, [statistics.fmean(v for (s, d), v in pts.items() if d == x) for x in dens], marker="o", label=m)
+    for m, style in (("task_arithmetic", "--"), ("zero_shot", ":")):
+        if m in summary["methods"]:
+            ax.axhline(summary["methods"][m]["avg"], linestyle=style, color="grey", label=f"{m} (test)")
+    ax.set_xscale("log")
+    _finish(
+        fig,
+        ax,
+        "density (fraction of each task vector kept)",
+        "7-task mean validation accuracy (%), best λ",
+        "MiniLM-7: accuracy vs density",
+        os.path.join(work, "accuracy_vs_density.png"),
+    )
+
+    if "forgetting" in summary:
+        fig, ax = plt.subplots(figsize=(5.5, 4.2))
+        by_scale = summary["forgetting"]["by_scale"]
+        for kind, marker in (("sta", "o"), ("negation", "s")):
+            xs = [by_scale[s][kind]["forgotten"] for s in by_scale]
+            ys = [by_scale[s][kind]["others"] for s in by_scale]
+            ax.plot(xs, ys, marker=marker, label=kind)
+            for s, x, y in zip(by_scale, xs, ys):
+                ax.annotate(f"λ_f={s}·λ", (x, y), fontsize=7)
+        b = next(iter(by_scale.values()))["before"]
+        ax.plot([b["forgotten"]], [b["others"]], marker="*", markersize=12, linestyle="", label="7-task STA merge")
+        _finish(
+            fig,
+            ax,
+            "forgotten task's test accuracy (%) (lower is better)",
+            "other six tasks' mean test accuracy (%)",
+            "MiniLM-7: forgetting one task",
+            os.path.join(work, "forgetting.png"),
+        )
+
+
+def _finish(fig, ax, xlabel, ylabel, title, path):
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(runs, tasks, work, results_path):
+    summary = summarise(runs, tasks)
+    with open(results_path, "w") as f:
+        json.dump(summary, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(work, "results.md"), "w") as f:
+        f.write(markdown(summary, tasks))
+    plots(runs, summary, work)
+    return summary

@@ -1,0 +1,280 @@
+"""MiniLM-7 quality benchmark: data → fine-tuning → gradients → stamerge merges → evaluation.
+
+Resumable: every product (data, heads, checkpoints, gradient files, evaluation results) is cached
+under WORK (default benches/quality/work/); delete a file to recompute it. Merged checkpoints are
+deleted once evaluated, except the chosen STA merge that the forgetting experiment starts from.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+import data
+import merges
+from model import accuracy, backbone_dir, head, load_model, save_model, tokenize, tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+
+# Examples per task actually evaluated (the first N of each shuffled, stratified split): every
+# grid point costs a 7-task validation pass and every reported figure a test pass, and the CPU
+# this ran on was shared by many jobs (load average 150-300 on 2 cores).
+VAL_PER_TASK = 40
+TEST_PER_TASK = 100
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Bench:
+    def __init__(self, work, binary, seeds, forget_scales, forget_tasks=None):
+        self.work = work
+        self.binary = binary
+        self.seeds = seeds
+        self.forget_scales = forget_scales
+        self.forget_tasks = forget_tasks
+        self.tok = tokenizer()
+        self.tasks = {}
+        for task, path in data.prepare(work).items():
+            with open(path) as f:
+                d = json.load(f)
+            d["val"] = {k: v[:VAL_PER_TASK] for k, v in d["val"].items()}
+            d["test"] = {k: v[:TEST_PER_TASK] for k, v in d["test"].items()}
+            for split in ("train", "val", "test"):
+                d[split]["ids"] = tokenize(self.tok, d[split]["text"])
+            self.tasks[task] = d
+        self.base = self._base_folder()
+        self.model = load_model(os.path.join(self.base, "model.safetensors"))
+        self.heads = self._heads()
+
+    def _base_folder(self):
+        base = os.path.join(self.work, "base")
+        if not os.path.exists(os.path.join(base, "model.safetensors")):
+            os.makedirs(base, exist_ok=True)
+            for name in ("config.json", "model.safetensors"):
+                shutil.copy(os.path.join(backbone_dir(), name), os.path.join(base, name))
+        return base
+
+    def _heads(self):
+        path = os.path.join(self.work, "heads.pt")
+        if not os.path.exists(path):
+            heads = {t: head(self.model, self.tok, d["prompts"]) for t, d in self.tasks.items()}
+            torch.save(heads, path)
+        return torch.load(path)
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    def _evals_path(self, seed):
+        return os.path.join(self.work, f"seed{seed}", "evals.json")
+
+    def evals(self, seed):
+        p = self._evals_path(seed)
+        if os.path.exists(p):
+            with open(p) as f:
+                return json.load(f)
+        return {}
+
+    def _store(self, seed, name, split, accs):
+        ev = self.evals(seed)
+        ev.setdefault(name, {})[split] = accs
+        p = self._evals_path(seed)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p + ".tmp", "w") as f:
+            json.dump(ev, f, indent=1, sort_keys=True)
+        os.replace(p + ".tmp", p)
+
+    def evaluate(self, seed, name, weights, split, tasks=None):
+        """Accuracy (%) of the encoder at `weights` on `split` of each task (cached by name)."""
+        cached = self.evals(seed).get(name, {}).get(split)
+        tasks = tasks or list(self.tasks)
+        if cached and all(t in cached for t in tasks):
+            return cached
+        self.model.load_state_dict(_load(weights))
+        accs = dict(cached or {})
+        for t in tasks:
+            d = self.tasks[t][split]
+            accs[t] = accuracy(self.model, d["ids"], d["label"], self.heads[t])
+        self._store(seed, name, split, accs)
+        return accs
+
+    # ---- fine-tuning and gradients ----------------------------------------------------------
+
+    def finetuned(self, seed, task):
+        folder = os.path.join(self.work, f"seed{seed}", "ft", task)
+        path = os.path.join(folder, "model.safetensors")
+        if not os.path.exists(path):
+            from train import finetune
+
+            log(f"seed {seed}: fine-tuning {task}")
+            os.makedirs(folder, exist_ok=True)
+            shutil.copy(os.path.join(self.base, "config.json"), folder)
+            model = load_model(os.path.join(self.base, "model.safetensors"))
+            tr = self.tasks[task]["train"]
+            finetune(model, tr["ids"], tr["label"], self.heads[task], seed=seed * 1000 + data.TASKS.index(task), log=log)
+            save_model(model, path)
+        return folder
+
+    def gradients(self, seed, task):
+        path = os.path.join(self.work, f"seed{seed}", "grads", f"{task}.safetensors")
+        if not os.path.exists(path):
+            from train import gradients
+
+            log(f"seed {seed}: gradient statistic for {task}")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            model = load_model(os.path.join(self.finetuned(seed, task), "model.safetensors"))
+            tr = self.tasks[task]["train"]
+            gradients(model, tr["ids"], tr["label"], self.heads[task], path + ".tmp.safetensors")
+            os.replace(path + ".tmp.safetensors", path)
+        return path
+
+    # ---- merges -----------------------------------------------------------------------------
+
+    def merge_eval(self, seed, method, density, lam, split, keep=False):
+        name = merges.config_name(method, density, lam)
+        cached = self.evals(seed).get(name, {}).get(split)
+        if cached and len(cached) == len(self.tasks):
+            return cached
+        fts = [self.finetuned(seed, t) for t in self.tasks]
+        grads = {self.finetuned(seed, t): self.gradients(seed, t) for t in self.tasks} if method in merges.NEEDS_GRADIENTS else None
+        out = os.path.join(self.work, f"seed{seed}", "merged", name)
+        weights = os.path.join(out, "model.safetensors")
+        if not os.path.exists(weights):
+            merges.run_stamerge(self.binary, merges.recipe(method, density, lam, self.base, fts, grads), out)
+        accs = self.evaluate(seed, name, weights, split)
+        if not keep:
+            merges.remove(out)
+        return accs
+
+    def select(self, seed, method):
+        """The grid point with the best mean validation accuracy (ties: the earlier grid point)."""
+        best = None
+        for density, lam in merges.grid(method):
+            accs = self.merge_eval(seed, method, density, lam, "val")
+            avg = sum(accs.values()) / len(accs)
+            if best is None or avg > best[0] + 1e-9:
+                best = (avg, density, lam)
+        return best[1], best[2]
+
+    # ---- forgetting -------------------------------------------------------------------------
+
+    def forgetting(self, seed, density, lam):
+        """From the chosen 7-task STA merge, remove each task: STA's masked subtraction vs plain
+        task-vector negation, both at λ_forget = scale · λ (scale 1 subtracts exactly what the
+        merge added, for STA)."""
+        start_name = merges.config_name("sta", density, lam)
+        start = os.path.join(self.work, f"seed{seed}", "merged", start_name)
+        rows = []
+        for scale in self.forget_scales:
+            lam_f = round(scale * lam, 6)
+            for task in self.forget_tasks or self.tasks:
+                ft = self.finetuned(seed, task)
+                for kind, method in (("sta", "sta"), ("negation", "task_arithmetic")):
+                    name = f"forget-{kind}-{task}-s{scale:g}-from-{start_name}"
+                    cached = self.evals(seed).get(name, {}).get("test")
+                    if not (cached and len(cached) == len(self.tasks)):
+                        if not os.path.exists(os.path.join(start, "model.safetensors")):
+                            fts = [self.finetuned(seed, t) for t in self.tasks]
+                            all_grads = {self.finetuned(seed, t): self.gradients(seed, t) for t in self.tasks}
+                            merges.run_stamerge(self.binary, merges.recipe("sta", density, lam, self.base, fts, all_grads), start)
+                        grads = {ft: self.gradients(seed, task)}
+                        text = merges.recipe(method, density if kind == "sta" else None, lam_f, self.base, [], grads, forget=[ft], start=start)
+                        out = os.path.join(self.work, f"seed{seed}", "merged", name)
+                        merges.run_stamerge(self.binary, text, out)
+                        cached = self.evaluate(seed, name, os.path.join(out, "model.safetensors"), "test")
+                        merges.remove(out)
+                    others = [a for t, a in cached.items() if t != task]
+                    rows.append({"kind": kind, "task": task, "scale": scale, "lambda": lam_f, "forgotten": cached[task], "others": sum(others) / len(others)})
+        return rows
+
+    # ---- one seed ---------------------------------------------------------------------------
+
+    def run_seed(self, seed, methods):
+        """Runs one seed; its summary (seedN/run.json) is rewritten after every method, so an
+        interrupted run can still be reported (`--report-only`)."""
+        out = {"seed": seed, "methods": {}, "grid": {}}
+        base_w = os.path.join(self.base, "model.safetensors")
+        out["methods"]["zero_shot"] = {"test": self.evaluate(0, "zero_shot", base_w, "test"), "val": self.evaluate(0, "zero_shot", base_w, "val")}
+        ft_test = {}
+        for t in self.tasks:
+            w = os.path.join(self.finetuned(seed, t), "model.safetensors")
+            ft_test[t] = self.evaluate(seed, f"finetuned-{t}", w, "test", tasks=[t])[t]
+        out["methods"]["fine_tuned"] = {"test": ft_test}
+        grid_val = out["grid"]
+        for method in methods:
+            log(f"seed {seed}: {method}: validation grid of {len(merges.grid(method))}")
+            density, lam = self.select(seed, method)
+            ev = self.evals(seed)
+            grid_val[method] = [
+                {"density": d, "lambda": lm, "val": ev[merges.config_name(method, d, lm)]["val"]} for d, lm in merges.grid(method)
+            ]
+            keep = method == "sta" and self.forget_scales
+            test = self.merge_eval(seed, method, density, lam, "test", keep=keep)
+            out["methods"][method] = {"density": density, "lambda": lam, "test": test}
+            log(f"seed {seed}: {method}: chosen density={density} λ={lam}: test avg {sum(test.values()) / len(test):.2f}")
+            self._save_run(seed, out)
+        if "sta" in methods and self.forget_scales:
+            m = out["methods"]["sta"]
+            out["forgetting"] = self.forgetting(seed, m["density"], m["lambda"])
+            self._save_run(seed, out)
+        return out
+
+    def _save_run(self, seed, out):
+        p = os.path.join(self.work, f"seed{seed}", "run.json")
+        with open(p + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(p + ".tmp", p)
+
+
+def _load(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--work", default=os.path.join(HERE, "work"))
+    ap.add_argument("--seeds", default="1", help="comma-separated fine-tuning seeds")
+    ap.add_argument("--methods", default=",".join(merges.METHODS))
+    ap.add_argument("--forget-scales", default="1", help="λ_forget / λ_merge values; empty: skip")
+    ap.add_argument("--forget-tasks", default="", help="tasks to forget (default: all)")
+    ap.add_argument("--stamerge", default=os.path.join(REPO, "target", "release", "stamerge"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true", help="report the saved seedN/run.json files")
+    ap.add_argument("--results", default=os.path.join(HERE, "results.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not os.path.exists(args.stamerge):
+        sys.exit(f"{args.stamerge}: not found; build it with `cargo build --release`")
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in merges.METHODS]
+    if unknown:
+        sys.exit(f"unknown methods {unknown}; known: {list(merges.METHODS)}")
+    scales = [float(s) for s in args.forget_scales.split(",") if s]
+    forget_tasks = [t for t in args.forget_tasks.split(",") if t]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    import report
+
+    if args.report_only:
+        runs = []
+        for seed in seeds:
+            with open(os.path.join(args.work, f"seed{seed}", "run.json")) as f:
+                runs.append(json.load(f))
+        report.write(runs, data.TASKS, args.work, args.results)
+        log(f"wrote {args.results} and {os.path.join(args.work, 'results.md')}")
+        return
+    bench = Bench(args.work, args.stamerge, seeds, scales, forget_tasks)
+    runs = [bench.run_seed(seed, methods) for seed in seeds]
+    report.write(runs, list(bench.tasks), args.work, args.results)
+    log(f"wrote {args.results} and {os.path.join(args.work, 'results.md')}")
+
+
+if __name__ == "__main__":
+    main()
