@@ -171,8 +171,8 @@ def _finish(fig, ax, xlabel, ylabel, title, path):
     plt.close(fig)
 
 
-def write(runs, tasks, work, results_path):
-    summary = summarise(runs, tasks)
+def write(runs, tasks, work, results_path, profile):
+    summary = {"profile": profile} | summarise(runs, tasks)
     with open(results_path, "w") as f:
         json.dump(summary, f, indent=1)
         f.write("\n")

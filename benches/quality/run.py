@@ -22,11 +22,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 
-# Examples per task actually evaluated (the first N of each shuffled, stratified split): every
-# grid point costs a 7-task validation pass and every reported figure a test pass, and the CPU
-# this ran on was shared by many jobs (load average 150-300 on 2 cores).
-VAL_PER_TASK = 40
-TEST_PER_TASK = 100
+# Budgets per profile. "full" is the protocol of shared/QUALITY.md: every example of the capped
+# 70/10/20 splits, calibration on the first 256 training examples. "quick" is the reduced budget
+# the first two seeds were run with while the machine was shared by many jobs (load 150-300 on 2
+# cores): the first 320 training examples, 64 calibration examples, the first 40 validation and
+# 100 test examples of each task. Each profile keeps its own per-seed cache (WORK/<profile>/).
+PROFILES = {
+    "full": {"max_train": None, "calibration": 256, "val": None, "test": None},
+    "quick": {"max_train": 320, "calibration": 64, "val": 40, "test": 100},
+}
+# When the best validation point sits at the largest λ of the grid, the grid is extended upward by
+# its last step, at most this many times, so a chosen λ is never just the grid's edge.
+MAX_LAMBDA_EXTENSIONS = 3
 
 
 def log(msg):
@@ -34,8 +41,13 @@ def log(msg):
 
 
 class Bench:
-    def __init__(self, work, binary, seeds, forget_scales, forget_tasks=None):
+    def __init__(self, work, profile, binary, seeds, forget_scales, forget_tasks=None):
+        import train
+
+        budget = PROFILES[profile]
+        train.MAX_TRAIN, train.CALIBRATION = budget["max_train"], budget["calibration"]
         self.work = work
+        self.runs = os.path.join(work, profile)
         self.binary = binary
         self.seeds = seeds
         self.forget_scales = forget_scales
@@ -45,8 +57,8 @@ class Bench:
         for task, path in data.prepare(work).items():
             with open(path) as f:
                 d = json.load(f)
-            d["val"] = {k: v[:VAL_PER_TASK] for k, v in d["val"].items()}
-            d["test"] = {k: v[:TEST_PER_TASK] for k, v in d["test"].items()}
+            d["val"] = {k: v[: budget["val"]] for k, v in d["val"].items()}
+            d["test"] = {k: v[: budget["test"]] for k, v in d["test"].items()}
             for split in ("train", "val", "test"):
                 d[split]["ids"] = tokenize(self.tok, d[split]["text"])
             self.tasks[task] = d
@@ -72,7 +84,7 @@ class Bench:
     # ---- evaluation -------------------------------------------------------------------------
 
     def _evals_path(self, seed):
-        return os.path.join(self.work, f"seed{seed}", "evals.json")
+        return os.path.join(self.runs, f"seed{seed}", "evals.json")
 
     def evals(self, seed):
         p = self._evals_path(seed)
@@ -107,7 +119,7 @@ class Bench:
     # ---- fine-tuning and gradients ----------------------------------------------------------
 
     def finetuned(self, seed, task):
-        folder = os.path.join(self.work, f"seed{seed}", "ft", task)
+        folder = os.path.join(self.runs, f"seed{seed}", "ft", task)
         path = os.path.join(folder, "model.safetensors")
         if not os.path.exists(path):
             from train import finetune
@@ -122,7 +134,7 @@ class Bench:
         return folder
 
     def gradients(self, seed, task):
-        path = os.path.join(self.work, f"seed{seed}", "grads", f"{task}.safetensors")
+        path = os.path.join(self.runs, f"seed{seed}", "grads", f"{task}.safetensors")
         if not os.path.exists(path):
             from train import gradients
 
@@ -143,7 +155,7 @@ class Bench:
             return cached
         fts = [self.finetuned(seed, t) for t in self.tasks]
         grads = {self.finetuned(seed, t): self.gradients(seed, t) for t in self.tasks} if method in merges.NEEDS_GRADIENTS else None
-        out = os.path.join(self.work, f"seed{seed}", "merged", name)
+        out = os.path.join(self.runs, f"seed{seed}", "merged", name)
         weights = os.path.join(out, "model.safetensors")
         if not os.path.exists(weights):
             merges.run_stamerge(self.binary, merges.recipe(method, density, lam, self.base, fts, grads), out)
@@ -153,14 +165,27 @@ class Bench:
         return accs
 
     def select(self, seed, method):
-        """The grid point with the best mean validation accuracy (ties: the earlier grid point)."""
+        """The grid point with the best mean validation accuracy (ties: the earlier grid point),
+        and every point evaluated. A best λ at the top of the grid extends the grid upward."""
+        points = merges.grid(method)
         best = None
-        for density, lam in merges.grid(method):
+        i = 0
+        extensions = 0
+        while i < len(points):
+            density, lam = points[i]
             accs = self.merge_eval(seed, method, density, lam, "val")
             avg = sum(accs.values()) / len(accs)
             if best is None or avg > best[0] + 1e-9:
                 best = (avg, density, lam)
-        return best[1], best[2]
+            i += 1
+            if i == len(points) and extensions < MAX_LAMBDA_EXTENSIONS:
+                lams = sorted({lm for d, lm in points if d == best[1]})
+                if best[2] == lams[-1] and len(lams) > 1:
+                    nxt = round(lams[-1] + (lams[-1] - lams[-2]), 6)
+                    log(f"seed {seed}: {method}: best λ {best[2]} is the grid's top; trying λ={nxt}")
+                    points.append((best[1], nxt))
+                    extensions += 1
+        return best[1], best[2], points
 
     # ---- forgetting -------------------------------------------------------------------------
 
@@ -169,7 +194,7 @@ class Bench:
         task-vector negation, both at λ_forget = scale · λ (scale 1 subtracts exactly what the
         merge added, for STA)."""
         start_name = merges.config_name("sta", density, lam)
-        start = os.path.join(self.work, f"seed{seed}", "merged", start_name)
+        start = os.path.join(self.runs, f"seed{seed}", "merged", start_name)
         rows = []
         for scale in self.forget_scales:
             lam_f = round(scale * lam, 6)
@@ -185,7 +210,7 @@ class Bench:
                             merges.run_stamerge(self.binary, merges.recipe("sta", density, lam, self.base, fts, all_grads), start)
                         grads = {ft: self.gradients(seed, task)}
                         text = merges.recipe(method, density if kind == "sta" else None, lam_f, self.base, [], grads, forget=[ft], start=start)
-                        out = os.path.join(self.work, f"seed{seed}", "merged", name)
+                        out = os.path.join(self.runs, f"seed{seed}", "merged", name)
                         merges.run_stamerge(self.binary, text, out)
                         cached = self.evaluate(seed, name, os.path.join(out, "model.safetensors"), "test")
                         merges.remove(out)
@@ -209,11 +234,9 @@ class Bench:
         grid_val = out["grid"]
         for method in methods:
             log(f"seed {seed}: {method}: validation grid of {len(merges.grid(method))}")
-            density, lam = self.select(seed, method)
+            density, lam, points = self.select(seed, method)
             ev = self.evals(seed)
-            grid_val[method] = [
-                {"density": d, "lambda": lm, "val": ev[merges.config_name(method, d, lm)]["val"]} for d, lm in merges.grid(method)
-            ]
+            grid_val[method] = [{"density": d, "lambda": lm, "val": ev[merges.config_name(method, d, lm)]["val"]} for d, lm in points]
             keep = method == "sta" and self.forget_scales
             test = self.merge_eval(seed, method, density, lam, "test", keep=keep)
             out["methods"][method] = {"density": density, "lambda": lam, "test": test}
@@ -226,7 +249,7 @@ class Bench:
         return out
 
     def _save_run(self, seed, out):
-        p = os.path.join(self.work, f"seed{seed}", "run.json")
+        p = os.path.join(self.runs, f"seed{seed}", "run.json")
         with open(p + ".tmp", "w") as f:
             json.dump(out, f, indent=1)
         os.replace(p + ".tmp", p)
@@ -242,13 +265,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--work", default=os.path.join(HERE, "work"))
     ap.add_argument("--seeds", default="1", help="comma-separated fine-tuning seeds")
+    ap.add_argument("--profile", default="full", choices=sorted(PROFILES), help="example budget (full: the protocol)")
     ap.add_argument("--methods", default=",".join(merges.METHODS))
     ap.add_argument("--forget-scales", default="1", help="λ_forget / λ_merge values; empty: skip")
     ap.add_argument("--forget-tasks", default="", help="tasks to forget (default: all)")
     ap.add_argument("--stamerge", default=os.path.join(REPO, "target", "release", "stamerge"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--report-only", action="store_true", help="report the saved seedN/run.json files")
-    ap.add_argument("--results", default=os.path.join(HERE, "results.json"))
+    ap.add_argument("--report-only", action="store_true", help="report the saved WORK/PROFILE/seedN/run.json files")
+    ap.add_argument("--results", help="default: benches/quality/results.json (full), results-quick.json (quick)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not os.path.exists(args.stamerge):
@@ -262,18 +286,21 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     import report
 
+    out_dir = os.path.join(args.work, args.profile)
+    if args.results is None:
+        args.results = os.path.join(HERE, "results.json" if args.profile == "full" else f"results-{args.profile}.json")
     if args.report_only:
         runs = []
         for seed in seeds:
-            with open(os.path.join(args.work, f"seed{seed}", "run.json")) as f:
+            with open(os.path.join(out_dir, f"seed{seed}", "run.json")) as f:
                 runs.append(json.load(f))
-        report.write(runs, data.TASKS, args.work, args.results)
-        log(f"wrote {args.results} and {os.path.join(args.work, 'results.md')}")
+        report.write(runs, data.TASKS, out_dir, args.results, args.profile)
+        log(f"wrote {args.results} and {os.path.join(out_dir, 'results.md')}")
         return
-    bench = Bench(args.work, args.stamerge, seeds, scales, forget_tasks)
+    bench = Bench(args.work, args.profile, args.stamerge, seeds, scales, forget_tasks)
     runs = [bench.run_seed(seed, methods) for seed in seeds]
-    report.write(runs, list(bench.tasks), args.work, args.results)
-    log(f"wrote {args.results} and {os.path.join(args.work, 'results.md')}")
+    report.write(runs, list(bench.tasks), out_dir, args.results, args.profile)
+    log(f"wrote {args.results} and {os.path.join(out_dir, 'results.md')}")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,11 @@ from model import collate, logits, lr_lambda
 EPOCHS = 3
 BATCH = 32
 LR = 5e-5
-# The protocol's calibration set is the first 256 training examples; 64 here, for the same CPU
-# budget reason as MAX_TRAIN.
-CALIBRATION = 64
-# Training examples used per task: the first MAX_TRAIN of the (shuffled, stratified) train split.
-# On a shared 2-core CPU a step of batch 32 takes seconds, so the full 700 did not fit the time
-# budget; this is the one deviation from the protocol's training recipe.
-MAX_TRAIN = 320
+# The calibration set (the first CALIBRATION training examples) and the training examples used
+# (the first MAX_TRAIN of the shuffled, stratified train split; None: all). run.py sets both from
+# its --profile: the protocol's 256 and all for "full", 64 and 320 for "quick".
+CALIBRATION = 256
+MAX_TRAIN = None
 
 
 def finetune(model, ids, labels, w, seed, log=print):
