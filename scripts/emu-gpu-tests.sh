@@ -10,6 +10,9 @@
 # STAMERGE_TEST_MAX_ELEMS elements (default 70000) and the fake GPU has FAKE_CUDA_SMS (2) SMs.
 #   scripts/emu-gpu-tests.sh                  # all of tests/gpu.rs
 #   scripts/emu-gpu-tests.sh ties_matches     # a filter, as for cargo test
+#   FAKE_CUDA_EAGER_STREAM=3 scripts/emu-gpu-tests.sh deferred   # the download stream runs
+#       each operation when queued (2: the copy stream), the others stay lazy: finds a missing
+#       cross-stream wait that the lazy order hides (docs/STREAMING.md)
 # Needs g++ >= 11 and a build with kernels (nvcc at build time: HAVE_KERNELS).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -385,13 +385,16 @@ pub fn execute(
             w.finish()
         });
         let mut made = 0u64;
+        // Output buffers sent to the writer and not yet back.
+        let mut at_writer = 0u64;
         let compute = (|| -> Result<()> {
             for (ii, item) in plan.items.iter().enumerate() {
                 check_interrupt(plan)?;
                 if let Some(next) = plan.items.get(ii + 1) {
                     prefetch(plan, next);
                 }
-                let payload = match &item.kind {
+                let mut payloads = Vec::with_capacity(2);
+                match &item.kind {
                     ItemKind::Copy { from_start } => {
                         let ck = if *from_start {
                             plan.inputs.start.as_ref().expect("start")
@@ -408,7 +411,15 @@ pub fn execute(
                             overlap: vec![],
                             checksum: String::new(),
                         });
-                        Payload::Borrowed(f.bytes(t))
+                        // The writer takes tensors in order: merged outputs the backend still
+                        // holds go first.
+                        for out in backend
+                            .flush_outputs()
+                            .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?
+                        {
+                            payloads.push(Payload::Owned(out));
+                        }
+                        payloads.push(Payload::Borrowed(f.bytes(t)));
                     }
                     ItemKind::Merge { n, out, k, .. } => {
                         let g = group(plan, item, *n);
@@ -446,16 +457,42 @@ pub fn execute(
                             ..fuse_base.clone()
                         };
                         // A fixed set of output buffers circulates between here and the writer.
+                        // A backend that returns outputs late may hold every buffer: then it
+                        // hands them over first, or waiting for the writer would never end.
                         let mut buf = match ret_rx.try_recv() {
-                            Ok(b) => b,
+                            Ok(b) => {
+                                at_writer -= 1;
+                                b
+                            }
                             Err(_) if made < crate::plan::OUT_BUFFERS_IN_FLIGHT => {
                                 made += 1;
                                 Vec::new()
                             }
-                            Err(_) => match ret_rx.recv() {
-                                Ok(b) => b,
-                                Err(_) => return Ok(()), // the writer stopped; its error is reported
-                            },
+                            Err(_) => {
+                                if at_writer == 0 {
+                                    for out in backend.flush_outputs().map_err(|e| {
+                                        fault_problem(plan, &item.name, &item.shape, e)
+                                    })? {
+                                        at_writer += 1;
+                                        if tx.send(Payload::Owned(out)).is_err() {
+                                            return Ok(());
+                                        }
+                                    }
+                                }
+                                if at_writer == 0 {
+                                    made += 1;
+                                    Vec::new()
+                                } else {
+                                    match ret_rx.recv() {
+                                        Ok(b) => {
+                                            at_writer -= 1;
+                                            b
+                                        }
+                                        // the writer stopped; its error is reported
+                                        Err(_) => return Ok(()),
+                                    }
+                                }
+                            }
                         };
                         buf.clear();
                         buf.resize(item.out.nbytes as usize, 0);
@@ -464,9 +501,12 @@ pub fn execute(
                             ItemKind::Merge { n, .. } => Some(group(plan, it, n)),
                             ItemKind::Copy { .. } => None,
                         });
-                        let stats = backend
-                            .merge_group_with_next(&g, &jobs, &fuse, &mut buf, next.as_ref())
+                        // The output may come back one call later (while the next tensor
+                        // computes); the statistics come now.
+                        let (stats, done) = backend
+                            .merge_group_deferred(&g, &jobs, &fuse, buf, next.as_ref())
                             .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
+                        payloads.extend(done.into_iter().map(Payload::Owned));
                         release(plan, item);
                         let mut tasks = Vec::with_capacity(nt);
                         for (t, st) in stats.tasks.iter().enumerate() {
@@ -489,14 +529,25 @@ pub fn execute(
                             overlap: overlaps(&stats.combos, nt),
                             checksum: String::new(),
                         });
-                        Payload::Owned(buf)
                     }
-                };
-                if tx.send(payload).is_err() {
-                    // The writer stopped: its error is the one to report.
-                    return Ok(());
+                }
+                for payload in payloads {
+                    at_writer += matches!(payload, Payload::Owned(_)) as u64;
+                    if tx.send(payload).is_err() {
+                        // The writer stopped: its error is the one to report.
+                        return Ok(());
+                    }
                 }
                 progress.inc(item.read_bytes, &item.name);
+            }
+            let last = plan.items.last();
+            for out in backend.flush_outputs().map_err(|e| match last {
+                Some(it) => fault_problem(plan, &it.name, &it.shape, e),
+                None => Error::Other(e.to_string()),
+            })? {
+                if tx.send(Payload::Owned(out)).is_err() {
+                    return Ok(());
+                }
             }
             Ok(())
         })();
@@ -535,4 +586,132 @@ pub fn execute(
         model_selection,
         bytes_read: progress.done,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::{BResult, GroupStats, KeySpec};
+
+    /// The CPU backend, but every output comes back `hold` calls late (as the CUDA backend's
+    /// deferred outputs do, one call late): the pipeline must still write each tensor's bytes
+    /// under its own name, in order, around the copied tensors.
+    struct Late {
+        cpu: CpuBackend,
+        hold: usize,
+        held: Mutex<VecDeque<Vec<u8>>>,
+    }
+
+    impl Backend for Late {
+        fn name(&self) -> &'static str {
+            "late"
+        }
+        fn merge_group(
+            &self,
+            g: &Group,
+            m: &[MaskJob],
+            f: &FuseSpec,
+            out: &mut [u8],
+        ) -> BResult<GroupStats> {
+            self.cpu.merge_group(g, m, f, out)
+        }
+        fn merge_group_deferred(
+            &self,
+            g: &Group,
+            m: &[MaskJob],
+            f: &FuseSpec,
+            mut out: Vec<u8>,
+            _next: Option<&Group>,
+        ) -> BResult<(GroupStats, Vec<Vec<u8>>)> {
+            let stats = self.cpu.merge_group(g, m, f, &mut out)?;
+            let mut held = self.held.lock().unwrap();
+            held.push_back(out);
+            let ready = held.len().saturating_sub(self.hold);
+            Ok((stats, held.drain(..ready).collect()))
+        }
+        fn flush_outputs(&self) -> BResult<Vec<Vec<u8>>> {
+            Ok(self.held.lock().unwrap().drain(..).collect())
+        }
+        fn score_sum(&self, g: &Group, t: usize, s: &KeySpec) -> BResult<f64> {
+            self.cpu.score_sum(g, t, s)
+        }
+        fn histogram(
+            &self,
+            g: &Group,
+            t: usize,
+            s: &KeySpec,
+            shift: u32,
+            bits: u32,
+            prefix: u32,
+            hist: &mut [u64],
+        ) -> BResult<()> {
+            self.cpu.histogram(g, t, s, shift, bits, prefix, hist)
+        }
+        fn model_digits(&self) -> &'static [(u32, u32)] {
+            self.cpu.model_digits()
+        }
+    }
+
+    fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn outputs_that_come_back_late_are_written_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::synth::SynthSpec {
+            layers: 2,
+            hidden: 32,
+            intermediate: 48,
+            vocab: 100,
+            tasks: 3,
+            dtype: crate::dtype::FloatType::BF16,
+            grad_dtype: crate::dtype::FloatType::BF16,
+            shard_bytes: 20_000,
+            seed: 11,
+        };
+        crate::synth::generate(&spec, dir.path()).unwrap();
+        for (name, _) in crate::synth::recipes(spec.tasks) {
+            let recipe = crate::Recipe::from_file(&dir.path().join(&name)).unwrap();
+            let plan = crate::plan(&recipe, None, &crate::Options::default()).unwrap();
+            let copies = plan
+                .items
+                .iter()
+                .position(|i| matches!(i.kind, ItemKind::Copy { .. }));
+            assert!(
+                copies.is_some_and(|p| p > 0),
+                "{name}: the test needs a copied tensor after merged ones"
+            );
+            let want_dir = dir.path().join(format!("{name}-cpu"));
+            std::fs::create_dir(&want_dir).unwrap();
+            let want = execute(&plan, &CpuBackend::new(), &want_dir, 30_000, false).unwrap();
+            for hold in [1, 2, 5] {
+                let late = Late {
+                    cpu: CpuBackend::new(),
+                    hold,
+                    held: Mutex::new(VecDeque::new()),
+                };
+                let got_dir = dir.path().join(format!("{name}-late{hold}"));
+                std::fs::create_dir(&got_dir).unwrap();
+                let got = execute(&plan, &late, &got_dir, 30_000, false).unwrap();
+                assert_eq!(got.checksums, want.checksums, "{name}, {hold} late");
+                assert_eq!(files(&got_dir), files(&want_dir), "{name}, {hold} late");
+            }
+        }
+    }
 }

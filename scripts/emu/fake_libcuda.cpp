@@ -13,7 +13,8 @@
 // of it ran uploads the wrong data, and a stream that does not wait for another's event runs
 // before it: the bugs overlapped transfers invite. As in the driver, a copy from pageable host
 // memory takes the bytes at the call, and a copy into pageable memory returns when done; copies
-// to and from cuMemHostAlloc memory run in stream order.
+// to and from cuMemHostAlloc memory run in stream order. FAKE_CUDA_EAGER_STREAM (below) makes
+// one stream run its operations at once instead, which finds a missing wait the lazy order hides.
 //
 // Built and used by scripts/emu-gpu-tests.sh. The fatbin handed to cuModuleLoadData is ignored:
 // kernels are looked up by name among the ones compiled into this library.
@@ -85,6 +86,7 @@ const std::map<std::string, Function>& kernels() {
 
 struct Stream {
     std::deque<std::function<void()>> q;
+    bool eager = false;  // runs each operation when it is queued (FAKE_CUDA_EAGER_STREAM)
 };
 
 struct Event {
@@ -124,7 +126,11 @@ void flush_event(Event* e) {
         run_until(e->stream, [e, want] { return e->reached >= want; });
     }
 }
-void enqueue(void* s, std::function<void()> op) { stream_of(s)->q.push_back(std::move(op)); }
+void enqueue(void* s, std::function<void()> op) {
+    Stream* st = stream_of(s);
+    st->q.push_back(std::move(op));
+    if (st->eager) flush(st);
+}
 
 bool is_pinned(const void* p, size_t n) {
     auto it = g_pinned.upper_bound(reinterpret_cast<uintptr_t>(p));
@@ -179,9 +185,16 @@ CUresult cuDevicePrimaryCtxRelease_v2(int) { return CUDA_SUCCESS; }
 CUresult cuCtxGetCurrent(void** ctx) { *ctx = g_current; return CUDA_SUCCESS; }
 CUresult cuCtxSetCurrent(void* ctx) { g_current = ctx; return CUDA_SUCCESS; }
 
+// FAKE_CUDA_EAGER_STREAM=k: the k-th of every three streams created (the backend creates its
+// compute, copy and download streams in that order) runs each operation as soon as it is queued,
+// while the others stay lazy. A consumer stream that misses a wait for another stream's event
+// then runs before the producer, the opposite order to the lazy one.
+int g_streams_created = 0;
+
 CUresult cuStreamCreate(void** s, unsigned) {
     LOCK;
     auto* st = new Stream;
+    st->eager = g_streams_created++ % 3 + 1 == env_int("FAKE_CUDA_EAGER_STREAM", 0);
     g_streams.insert(st);
     *s = st;
     return CUDA_SUCCESS;

@@ -33,7 +33,7 @@ use device::{
     SelectHeader, STATE_BAD, STATE_BYTES, STATE_PREFIX, SUM_CHUNK, TIE_TILE,
 };
 
-use staging::Ring;
+use staging::{Download, Ring};
 
 use super::cpu::{CpuBackend, MAX_COMBO_TASKS};
 use super::{
@@ -51,9 +51,11 @@ pub const NO_KERNELS: &str = "this build has no CUDA kernels (nvcc was not found
 /// rest stays for the driver, other processes and fragmentation.
 pub const DEFAULT_BUDGET_SHARE: f64 = 0.9;
 
-/// The share of the budget set aside for the next group's inputs (`Work::ahead`); the rest is the
+/// The share of the budget set aside for the next group's inputs (`Work::ahead`) and a deferred
+/// output (`Work::outbuf`, 1/OUT_SHARE of it, taken out of the 1/AHEAD_SHARE); the rest is the
 /// working arena, which decides when a group runs in chunks.
 const AHEAD_SHARE: usize = 4;
+const OUT_SHARE: usize = 16;
 
 /// Below this budget not even the selection state and one small chunk fit.
 pub const MIN_BUDGET: usize = 256 << 10;
@@ -74,6 +76,8 @@ pub struct CudaBackend {
     budget: u64,
     /// Inputs taken from the previous call's staging (for the tests and benches).
     staged_hits: AtomicU64,
+    /// Outputs copied back while the next call computed (for the tests and benches).
+    deferred_outputs: AtomicU64,
     /// For the groups the kernels do not take (see the module comment).
     cpu: CpuBackend,
 }
@@ -134,6 +138,7 @@ impl CudaBackend {
             work: Mutex::new(work),
             budget: budget as u64,
             staged_hits: AtomicU64::new(0),
+            deferred_outputs: AtomicU64::new(0),
             cpu: CpuBackend::new(),
         };
         backend.self_test()?;
@@ -173,6 +178,11 @@ impl CudaBackend {
     /// How many input tensors so far were copied in while the previous group computed.
     pub fn staged_inputs(&self) -> u64 {
         self.staged_hits.load(Ordering::Relaxed)
+    }
+
+    /// How many outputs so far were copied back while the next call computed.
+    pub fn deferred_outputs(&self) -> u64 {
+        self.deferred_outputs.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Work> {
@@ -262,11 +272,28 @@ struct Work {
     ahead_ready: CudaEvent,
     /// Recorded on the compute stream after the copies out of `ahead`: the next staging waits.
     ahead_free: CudaEvent,
+    /// The last deferred output, on its way to the host (docs/STREAMING.md, "Deferred output").
+    pending: Option<Pending>,
+    /// Deferred outputs that have arrived and are not yet handed back, oldest first.
+    done: Vec<Vec<u8>>,
+    /// A deferred output's bytes on the device while the download stream copies them out. It is
+    /// declared after `down`, whose drop waits for the slots' transfers, so it is freed after.
+    outbuf: Arena,
+    /// Recorded on the compute stream once the output is in `outbuf`; the download stream waits.
+    out_ready: CudaEvent,
+}
+
+/// A merged group's output being copied back on the download stream.
+struct Pending {
+    name: String,
+    buf: Vec<u8>,
+    download: Download,
 }
 
 impl Work {
     fn new(gpu: &Gpu, budget: usize) -> Result<Self, String> {
         let work = work_share(budget as u64) as usize;
+        let outbuf = budget / OUT_SHARE;
         let slot = staging::slot_bytes(budget);
         let event = || {
             gpu.ctx
@@ -275,13 +302,17 @@ impl Work {
         };
         Ok(Self {
             arena: Arena::with_limit(work),
-            ahead: Arena::with_limit(budget - work),
+            ahead: Arena::with_limit(budget - work - outbuf),
             staged: None,
             up: Ring::new(gpu, slot)?,
             down: Ring::new(gpu, slot)?,
             inputs_ready: event()?,
             ahead_ready: event()?,
             ahead_free: event()?,
+            pending: None,
+            done: Vec::new(),
+            outbuf: Arena::with_limit(outbuf),
+            out_ready: event()?,
         })
     }
 }
@@ -627,6 +658,15 @@ fn score_inputs(
     })
 }
 
+/// Where [`CudaBackend::merge_on_device`] puts a group's output.
+enum Sink<'a> {
+    /// Into this buffer, before the call returns.
+    Now(&'a mut [u8]),
+    /// Into this buffer on the download stream while the next call computes (taken out of the
+    /// option when the download is queued; handed back through `Work::done`).
+    Later(&'a mut Option<Vec<u8>>),
+}
+
 impl CudaBackend {
     fn merge_on_device(
         &self,
@@ -634,11 +674,16 @@ impl CudaBackend {
         g: &Group,
         jobs: &[MaskJob],
         f: &FuseSpec,
-        out: &mut [u8],
+        mut sink: Sink,
         next: Option<&Group>,
     ) -> BResult<GroupStats> {
         let gpu = &self.gpu;
         let n = g.n;
+        let out_len = match &sink {
+            Sink::Now(o) => o.len(),
+            Sink::Later(Some(o)) => o.len(),
+            Sink::Later(None) => usize::MAX,
+        };
         let nt = g.tasks.len();
         if jobs.len() != nt
             || f.weights.len() != nt
@@ -651,10 +696,9 @@ impl CudaBackend {
                 f.weights.len()
             )));
         }
-        if out.len() != n * f.out.size() {
+        if out_len != n * f.out.size() {
             return Err(BackendError::Device(format!(
-                "internal error: output buffer of {} bytes for {n} elements of {:?}",
-                out.len(),
+                "internal error: output buffer of {out_len} bytes for {n} elements of {:?}",
                 f.out
             )));
         }
@@ -822,14 +866,31 @@ impl CudaBackend {
         // layout; kept, combos and bad are words of the stats block.
         dev(unsafe { gpu.fuse(&args) })?;
 
-        // 4. results: the output's first pieces are queued behind the kernels, the next group's
-        // inputs are read and copied in while they run, then the rest of the output comes back.
+        // 4. results. Now: the output's first pieces are queued behind the kernels, the next
+        // group's inputs are read and copied in while they run, then the rest of the output comes
+        // back. Later: while the kernels run, the previous group's output comes back and the next
+        // group's inputs go in; then this output is moved aside on the device and its download
+        // is queued on the download stream, to run while the next call computes.
         let out_dev = arena.at(lay.out);
-        let download = dev(w.down.download(&gpu.stream, out_dev, out.len()))?;
-        if let Some(nx) = next {
-            self.stage_next(w, nx)?;
+        match sink {
+            Sink::Now(out) => {
+                let download = dev(w.down.download(&gpu.stream, out_dev, out.len()))?;
+                if let Some(nx) = next {
+                    self.stage_next(w, nx)?;
+                }
+                dev(w.down.finish(&gpu.stream, download, out))?;
+            }
+            Sink::Later(ref mut slot) => {
+                self.finish_pending(w)?;
+                if let Some(nx) = next {
+                    self.stage_next(w, nx)?;
+                }
+                let out = slot.take().ok_or_else(|| {
+                    BackendError::Device("internal error: a deferred output used twice".into())
+                })?;
+                self.defer_output(w, out_dev, out, g.name)?;
+            }
         }
-        dev(w.down.finish(&gpu.stream, download, out))?;
         let arena = &mut w.arena;
         dev(arena.download(gpu, lay.stats, bytemuck::cast_slice_mut(&mut stats)))?;
         let mut headers = vec![None; nt];
@@ -1030,6 +1091,53 @@ impl CudaBackend {
             }
             dev(w.ahead_free.record(&gpu.stream).map_err(&ev))?;
         }
+        Ok(())
+    }
+
+    /// Waits for the pending deferred output (its download ran while this call's kernels were
+    /// queued) and moves it to `done`. Every use of the download ring or of `outbuf` comes after
+    /// this.
+    fn finish_pending(&self, w: &mut Work) -> BResult<()> {
+        if let Some(mut p) = w.pending.take() {
+            w.down
+                .finish(&self.gpu.down, p.download, &mut p.buf)
+                .map_err(|e| {
+                    BackendError::Device(format!("copying `{}` back from the GPU: {e}", p.name))
+                })?;
+            w.done.push(p.buf);
+        }
+        Ok(())
+    }
+
+    /// Hands `out` over to the download stream: the output at `src` is copied aside into
+    /// `outbuf` behind this group's kernels, and its first pieces are queued to come back while
+    /// the next call computes. An output larger than `outbuf` (or with no memory for it) comes
+    /// back now instead. The pending output must be finished already.
+    fn defer_output(&self, w: &mut Work, src: Ptr, mut out: Vec<u8>, name: &str) -> BResult<()> {
+        let gpu = &self.gpu;
+        let len = out.len();
+        if len > w.outbuf.limit() || w.outbuf.reserve(gpu, len).is_err() {
+            let download = dev(w.down.download(&gpu.stream, src, len))?;
+            dev(w.down.finish(&gpu.stream, download, &mut out))?;
+            w.done.push(out);
+            return Ok(());
+        }
+        let ev = device::drv("ordering the CUDA streams");
+        // SAFETY: `src..src + len` is the group's output in the arena, `outbuf` holds `len`
+        // bytes and no download reads it any more (`finish_pending`).
+        dev(unsafe {
+            result::memcpy_dtod_async(w.outbuf.at(0), src, len, gpu.stream.cu_stream())
+        }
+        .map_err(device::drv("moving the output aside on the GPU")))?;
+        dev(w.out_ready.record(&gpu.stream).map_err(&ev))?;
+        dev(gpu.down.wait(&w.out_ready).map_err(&ev))?;
+        let download = dev(w.down.download(&gpu.down, w.outbuf.at(0), len))?;
+        self.deferred_outputs.fetch_add(1, Ordering::Relaxed);
+        w.pending = Some(Pending {
+            name: name.to_string(),
+            buf: out,
+            download,
+        });
         Ok(())
     }
 
@@ -1288,9 +1396,10 @@ impl Backend for CudaBackend {
         }
         let mut w = self.lock();
         guarded(|| {
+            self.finish_pending(&mut w)?;
             retry_smaller(|| {
                 if group_bytes(g, jobs, f)? <= w.arena.limit() {
-                    self.merge_on_device(&mut w, g, jobs, f, out, next)
+                    self.merge_on_device(&mut w, g, jobs, f, Sink::Now(out), next)
                 } else {
                     self.merge_chunked(&mut w, g, jobs, f, out)
                 }
@@ -1298,12 +1407,69 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn merge_group_deferred(
+        &self,
+        g: &Group,
+        jobs: &[MaskJob],
+        f: &FuseSpec,
+        out: Vec<u8>,
+        next: Option<&Group>,
+    ) -> BResult<(GroupStats, Vec<Vec<u8>>)> {
+        let mut w = self.lock();
+        let r = guarded(|| {
+            let mut slot = Some(out);
+            let stats = if g.n == 0 || g.tasks.is_empty() || g.tasks.len() > MAX_FUSE_TASKS {
+                self.finish_pending(&mut w)?;
+                let mut out = slot.take().expect("not taken yet");
+                let st = self.cpu.merge_group(g, jobs, f, &mut out)?;
+                w.done.push(out);
+                st
+            } else {
+                retry_smaller(|| {
+                    if group_bytes(g, jobs, f)? <= w.arena.limit() {
+                        self.merge_on_device(&mut w, g, jobs, f, Sink::Later(&mut slot), next)
+                    } else {
+                        self.finish_pending(&mut w)?;
+                        let mut out = slot.take().ok_or_else(|| {
+                            BackendError::Device("internal error: an output used twice".into())
+                        })?;
+                        let st = self.merge_chunked(&mut w, g, jobs, f, &mut out);
+                        w.done.push(out);
+                        st
+                    }
+                })?
+            };
+            Ok((stats, std::mem::take(&mut w.done)))
+        });
+        if r.is_err() {
+            // The caller's run is over: what is still in flight is waited for and dropped.
+            let _ = self.finish_pending(&mut w);
+            w.done.clear();
+        }
+        r
+    }
+
+    fn flush_outputs(&self) -> BResult<Vec<Vec<u8>>> {
+        let mut w = self.lock();
+        let r = guarded(|| {
+            self.finish_pending(&mut w)?;
+            Ok(std::mem::take(&mut w.done))
+        });
+        if r.is_err() {
+            w.done.clear();
+        }
+        r
+    }
+
     fn score_sum(&self, g: &Group, task: usize, spec: &KeySpec) -> BResult<f64> {
         if g.n == 0 {
             return self.cpu.score_sum(g, task, spec);
         }
         let mut w = self.lock();
-        guarded(|| retry_smaller(|| self.score_sum_chunked(&mut w, g, task, spec)))
+        guarded(|| {
+            self.finish_pending(&mut w)?;
+            retry_smaller(|| self.score_sum_chunked(&mut w, g, task, spec))
+        })
     }
 
     fn histogram(
@@ -1327,6 +1493,7 @@ impl Backend for CudaBackend {
         }
         let mut w = self.lock();
         guarded(|| {
+            self.finish_pending(&mut w)?;
             retry_smaller(|| self.histogram_chunked(&mut w, g, task, spec, pass, prefix, hist))
         })
     }

@@ -147,6 +147,30 @@ pub trait Backend: Send + Sync {
         self.merge_group(g, masks, fuse, out)
     }
 
+    /// As `merge_group_with_next`, but the output buffer is handed over and its bytes may arrive
+    /// one call later, so that a backend can copy this group's output back while the next group
+    /// computes. Returns this group's statistics at once (a fault in `g` is this call's error),
+    /// and the outputs finished so far, oldest first, each exactly once: this call's or an
+    /// earlier call's. [`Backend::flush_outputs`] returns the rest. After an error, outputs
+    /// still held are dropped. The default finishes every output at once.
+    fn merge_group_deferred(
+        &self,
+        g: &Group,
+        masks: &[MaskJob],
+        fuse: &FuseSpec,
+        mut out: Vec<u8>,
+        next: Option<&Group>,
+    ) -> BResult<(GroupStats, Vec<Vec<u8>>)> {
+        let stats = self.merge_group_with_next(g, masks, fuse, &mut out, next)?;
+        Ok((stats, vec![out]))
+    }
+
+    /// The outputs of `merge_group_deferred` calls not yet returned, oldest first (waits for
+    /// them).
+    fn flush_outputs(&self) -> BResult<Vec<Vec<u8>>> {
+        Ok(Vec::new())
+    }
+
     /// `selection: model`, pass 1: the deterministic sum of one task's scores in this tensor.
     fn score_sum(&self, g: &Group, task: usize, spec: &KeySpec) -> BResult<f64>;
 

@@ -10,7 +10,7 @@
 
 use super::{
     dev, fault_result, fixed_header, group_bytes, launches, score_fault, score_inputs, selections,
-    CudaBackend, ScoreBufs, Sel, Work,
+    CudaBackend, ScoreBufs, Sel, Sink, Work,
 };
 use crate::backend::{
     BResult, BackendError, Fault, FuseSpec, Group, GroupStats, KeySpec, MaskJob, Raw, TaskStats,
@@ -269,7 +269,10 @@ impl CudaBackend {
                 })
                 .collect();
             let o = &mut out[at * osz..(at + len) * osz];
-            let st = match shifted(self.merge_on_device(w, sub, &cjobs, f, o, None), at) {
+            let st = match shifted(
+                self.merge_on_device(w, sub, &cjobs, f, Sink::Now(o), None),
+                at,
+            ) {
                 Ok(st) => st,
                 Err(e) => return Err(fail(self, w, e)),
             };

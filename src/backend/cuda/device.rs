@@ -102,6 +102,9 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     /// Host-to-device input copies (docs/STREAMING.md); `stream` waits for them with events.
     pub copy: Arc<CudaStream>,
+    /// Device-to-host copies of a finished group's output while the next group computes
+    /// (docs/STREAMING.md, "Deferred output").
+    pub down: Arc<CudaStream>,
     k: Kernels,
     /// Streaming multiprocessors, for the grid sizes.
     pub sms: u32,
@@ -120,10 +123,11 @@ impl Gpu {
         // A handful of arena allocations that never outlive the work that uses them (the
         // backend synchronises before it returns), and explicit events between the compute and
         // copy streams, so cudarc's per-slice events are not needed.
-        // SAFETY: no slice of this context exists yet; the backend orders the two streams itself.
+        // SAFETY: no slice of this context exists yet; the backend orders its streams itself.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("creating a CUDA stream"))?;
         let copy = ctx.new_stream().map_err(drv("creating a CUDA stream"))?;
+        let down = ctx.new_stream().map_err(drv("creating a CUDA stream"))?;
         let name = ctx
             .name()
             .unwrap_or_else(|_| "an unnamed CUDA device".into());
@@ -147,6 +151,7 @@ impl Gpu {
             ctx,
             stream,
             copy,
+            down,
             k,
             sms,
             description,

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The third session's additions (2026-11-29), on the 2-core VM while nothing else ran: the cases
+# the earlier sessions could not fit, most important first. Same harness as run.sh/session.sh.
+# BENCHMARKS.md "Peers" says what ran.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+export STAMERGE="${STAMERGE:-$here/../../target/release/stamerge}"
+export TORCH_PYTHON="${TORCH_PYTHON:-/work/venv-mergekit/bin/python}"
+data="${PEERS_DATA:-/work/peers-data}"
+p() { nice -n 10 "$TORCH_PYTHON" "$here/peers.py" case "$@"; }
+peers=stamerge,mergekit-native,torch
+# 1. Peers at 1.06 B parameters (TIES, 2 tasks, bf16), one round: about 25 minutes of mergekit
+#    and PyTorch on this machine.
+p sizes-peers 1b bfloat16 2 ties $peers 1 2 nocompare
+rm -rf "$data/1b-bfloat16-t2"
+# 2. Peers at 8 tasks (TIES, 106 M, bf16), one round.
+p tasks-peers 100m bfloat16 8 ties $peers 1 8 nocompare
+rm -rf "$data/100m-bfloat16-t8"
+# 3. fp16 beyond 39 M: every recipe at 106 M, 3 tasks, three rounds, outputs compared.
+p methods 100m float16 3 task_arithmetic,ties,magnitude,sta $peers 3
+rm -rf "$data/100m-float16-t3"
