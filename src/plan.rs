@@ -99,7 +99,8 @@ pub struct Plan {
     pub shards: Vec<String>,
 }
 
-/// Output buffers alive at once: the one being computed and two queued for the writer.
+/// Output buffers alive at once: the one being computed and two more, queued for the writer or
+/// held by a backend that hands outputs back one call late (the CUDA backend's deferred output).
 pub const OUT_BUFFERS_IN_FLIGHT: u64 = 3;
 
 fn open_all(recipe: &Recipe, problems: &mut Vec<Problem>) -> Option<Inputs> {

@@ -7,7 +7,7 @@ BENCHMARKS.md "Peers" and benches/peers/run.sh, the one command that drives this
 
 usage: peers.py SUITE [SUITE..]   suites: methods, sizes, tasks, smoke
        peers.py case SUITE SHAPE DTYPE TASKS METHODS TOOLS RUNS [SET_TASKS [nocompare]]
-environment: STAMERGE (binary), MERGEKIT_VENV, TORCH_PYTHON, PEERS_DATA, PEERS_RESULTS, PEERS_RUNS
+environment: STAMERGE (binary), MERGEKIT_VENV, TORCH_PYTHON, PEERS_DATA, PEERS_RESULTS, PEERS_RUNS, PEERS_FIRST_ROUND
 """
 
 import json
@@ -25,6 +25,9 @@ TORCH_PYTHON = os.environ.get("TORCH_PYTHON", sys.executable)
 DATA = os.environ.get("PEERS_DATA", "/work/peers-data")
 RESULTS = os.environ.get("PEERS_RESULTS", os.path.join(HERE, "results"))
 RUNS = int(os.environ.get("PEERS_RUNS", "3"))
+# The first round's number: more rounds of a case measured later continue its numbering, so that
+# the per-round ratios pair each tool with the stamerge run of its own round.
+FIRST_ROUND = int(os.environ.get("PEERS_FIRST_ROUND", "0"))
 SHARD_BYTES = 2 << 30
 
 # Llama layouts (vocab 32000): parameters per checkpoint in the comment.
@@ -258,7 +261,7 @@ def case(suite, shape, dtype, tasks, methods, tools, runs, do_compare=True, set_
         nbytes = input_bytes(folders)
         use = [t for t in tools if not (t.startswith("mergekit") and mk is None)]
         warm(folders)
-        for r in range(runs):
+        for r in range(FIRST_ROUND, FIRST_ROUND + runs):
             order = use[r % len(use):] + use[: r % len(use)]
             outs = {}
             for tool in order:

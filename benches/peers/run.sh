@@ -8,7 +8,8 @@
 # TORCH_SITE      site-packages of an existing torch install to reuse in the new venv (a .pth
 #                 line) instead of downloading torch again; default: /work/venv-torch's if present
 # PEERS_DATA      synthetic inputs and outputs (default /work/peers-data; delete when done)
-# PEERS_RUNS      rounds per case (default 3); PEERS_3B_RUNS, PEERS_3B_TOOLS for the 3 B case
+# PEERS_RUNS      rounds per case (default 3); PEERS_3B_RUNS, PEERS_3B_TOOLS for the 3 B case;
+# PEERS_FIRST_ROUND  the first round's number (more rounds of a case measured later)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"

@@ -16,6 +16,18 @@ rm -rf "$data/1b-bfloat16-t2"
 # 2. Peers at 8 tasks (TIES, 106 M, bf16), one round.
 p tasks-peers 100m bfloat16 8 ties $peers 1 8 nocompare
 rm -rf "$data/100m-bfloat16-t8"
-# 3. fp16 beyond 39 M: every recipe at 106 M, 3 tasks, three rounds, outputs compared.
-p methods 100m float16 3 task_arithmetic,ties,magnitude,sta $peers 3
+# 3. fp16 beyond 39 M: every recipe at 106 M, 3 tasks, one round, outputs compared.
+p methods 100m float16 3 task_arithmetic,ties,magnitude,sta $peers 1
+rm -rf "$data/100m-float16-t3"
+# 4. Rounds 2 and 3 of steps 1-3 (the machine stayed quiet, so there was time), and mergekit in
+#    fp32 on the fp16 recipes of step 3 (the comparison that separates mergekit's fp16 arithmetic
+#    from the top-k tie rule).
+export PEERS_FIRST_ROUND=1
+p sizes-peers 1b bfloat16 2 ties $peers 2 2 nocompare
+rm -rf "$data/1b-bfloat16-t2"
+p tasks-peers 100m bfloat16 8 ties $peers 2 8 nocompare
+rm -rf "$data/100m-bfloat16-t8"
+p methods 100m float16 3 task_arithmetic,ties,magnitude,sta $peers 2 3 nocompare
+export PEERS_FIRST_ROUND=0
+p methods-fp32 100m float16 3 task_arithmetic,ties,magnitude stamerge,mergekit-fp32 1
 rm -rf "$data/100m-float16-t3"
