@@ -4,13 +4,8 @@
 # harness, fewer rounds, sizes and tools; steps in the order they ran, most important first.
 # BENCHMARKS.md "Peers" says what ran and what did not.
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-export STAMERGE="${STAMERGE:-$here/../../target/release/stamerge}"
-export TORCH_PYTHON="${TORCH_PYTHON:-/work/venv-mergekit/bin/python}"
-data="${PEERS_DATA:-/work/peers-data}"
-p() { nice -n 10 "$TORCH_PYTHON" "$here/peers.py" case "$@"; }
+source "$(dirname "$0")/session-env.sh"
 all=stamerge,mergekit-native,mergekit-fp32,torch
-peers=stamerge,mergekit-native,torch
 # 1. Equality and a first ratio on every recipe: 39 M parameters, 2 tasks, bf16, one round.
 #    (task_arithmetic ran separately after a harness fix: the output's parent folder was missing.)
 p smoke 25m bfloat16 2 ties,magnitude,sta $all 1
