@@ -76,7 +76,7 @@ pub fn is_unsupported_float(d: Dtype) -> bool {
 /// Widens `src` (raw little-endian bytes of `ty`) into `dst`; `dst.len()` elements are converted.
 /// Aligned input (the usual case: safetensors data is 8-byte aligned) takes half's vectorised
 /// slice conversion; unaligned input the element-by-element path. Both are exact.
-#[inline]
+#[inline(always)]
 pub fn widen(ty: FloatType, src: &[u8], dst: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
     let n = dst.len();
@@ -113,7 +113,7 @@ pub fn widen(ty: FloatType, src: &[u8], dst: &mut [f32]) {
 }
 
 /// Narrows `src` into raw little-endian bytes of `ty`, rounding to nearest even.
-#[inline]
+#[inline(always)]
 pub fn narrow(ty: FloatType, src: &[f32], dst: &mut [u8]) {
     use half::slice::HalfFloatSliceExt;
     let n = src.len();

@@ -20,6 +20,7 @@ pub mod plan;
 pub mod recipe;
 pub mod report;
 pub mod select;
+pub mod simd;
 pub mod synth;
 
 use std::path::{Path, PathBuf};

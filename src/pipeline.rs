@@ -671,24 +671,39 @@ mod tests {
         v
     }
 
-    #[test]
-    fn outputs_that_come_back_late_are_written_in_order() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A small synthetic set in `dir` (every tensor a few thousand elements or less), and the
+    /// plan of each recipe `stamerge synth` writes for it.
+    fn synth_plans(
+        dir: &Path,
+        hidden: usize,
+        dtype: crate::dtype::FloatType,
+    ) -> Vec<(String, Plan)> {
         let spec = crate::synth::SynthSpec {
             layers: 2,
-            hidden: 32,
-            intermediate: 48,
+            hidden,
+            intermediate: hidden * 3 / 2,
             vocab: 100,
             tasks: 3,
-            dtype: crate::dtype::FloatType::BF16,
-            grad_dtype: crate::dtype::FloatType::BF16,
+            dtype,
+            grad_dtype: dtype,
             shard_bytes: 20_000,
             seed: 11,
         };
-        crate::synth::generate(&spec, dir.path()).unwrap();
-        for (name, _) in crate::synth::recipes(spec.tasks) {
-            let recipe = crate::Recipe::from_file(&dir.path().join(&name)).unwrap();
-            let plan = crate::plan(&recipe, None, &crate::Options::default()).unwrap();
+        crate::synth::generate(&spec, dir).unwrap();
+        crate::synth::recipes(spec.tasks)
+            .into_iter()
+            .map(|(name, _)| {
+                let recipe = crate::Recipe::from_file(&dir.join(&name)).unwrap();
+                let plan = crate::plan(&recipe, None, &crate::Options::default()).unwrap();
+                (name, plan)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn outputs_that_come_back_late_are_written_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, plan) in synth_plans(dir.path(), 32, crate::dtype::FloatType::BF16) {
             let copies = plan
                 .items
                 .iter()
@@ -711,6 +726,36 @@ mod tests {
                 let got = execute(&plan, &late, &got_dir, 30_000, false).unwrap();
                 assert_eq!(got.checksums, want.checksums, "{name}, {hold} late");
                 assert_eq!(files(&got_dir), files(&want_dir), "{name}, {hold} late");
+            }
+        }
+    }
+
+    /// The CPU backend's AVX2 loops (crate::simd) against its baseline ones: every synthetic
+    /// recipe, bf16 and fp16, the same bytes and checksums.
+    #[test]
+    fn avx2_loops_give_the_baseline_bytes() {
+        if !crate::simd::avx2_available() {
+            eprintln!("SKIPPED: this CPU has no AVX2, so there is only the baseline version");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for ty in [crate::dtype::FloatType::BF16, crate::dtype::FloatType::F16] {
+            let set = dir.path().join(ty.torch_name());
+            for (name, plan) in synth_plans(&set, 96, ty) {
+                let mut runs = Vec::new();
+                for on in [false, true] {
+                    crate::simd::set_enabled(on);
+                    let out = set.join(format!("{name}-{on}"));
+                    std::fs::create_dir(&out).unwrap();
+                    let r = execute(&plan, &CpuBackend::new(), &out, 30_000, false);
+                    crate::simd::set_enabled(true);
+                    runs.push((r.unwrap().checksums, files(&out)));
+                }
+                assert!(crate::simd::enabled());
+                assert_eq!(
+                    runs[0], runs[1],
+                    "{name} ({ty:?}): AVX2 and baseline differ"
+                );
             }
         }
     }

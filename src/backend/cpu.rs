@@ -61,6 +61,7 @@ struct Scratch {
     s: Vec<f32>,
 }
 
+#[inline(always)]
 fn load(raw: Raw, off: usize, len: usize, dst: &mut Vec<f32>) {
     dst.resize(len, 0.0);
     let sz = raw.ty.size();
@@ -76,6 +77,7 @@ fn first_fault(a: Option<Fault>, b: Option<Fault>) -> Option<Fault> {
 }
 
 /// Scores of task `t` for elements `off..off+len` into `sc.s`; the first bad index as a fault.
+#[inline(always)]
 fn scores(
     g: &Group,
     t: usize,
@@ -165,6 +167,7 @@ fn fault_result(f: Option<Fault>) -> BResult<()> {
 
 /// Adds the first radix digit (11 bits) of `keys` to `h`. Four interleaved counters: runs of
 /// keys in one bucket (common: scores cluster) would otherwise wait on each other's increments.
+#[inline(always)]
 fn count_top_digit(keys: &[u32], h: &mut [u64]) {
     const _: () = assert!(select::DIGITS_11[0].0 == 21 && select::DIGITS_11[0].1 == 11);
     let mut c = [[0u32; 1 << 11]; 4];
@@ -194,14 +197,16 @@ pub fn compute_keys(g: &Group, t: usize, spec: &KeySpec, keys: &mut [u32]) -> BR
             || (vec![0u64; 1 << bits], None),
             |(mut h, fa), (ci, kc)| {
                 let f = SCRATCH.with_borrow_mut(|sc| {
-                    let f = scores(g, t, spec, ci * CH, kc.len(), sc);
-                    // Keys first, in a loop that vectorises; counting them in the same loop
-                    // kept the compiler from it (the key stores may alias the histogram).
-                    for (k, &s) in kc.iter_mut().zip(&sc.s) {
-                        *k = select::key(s);
-                    }
-                    count_top_digit(kc, &mut h);
-                    f
+                    crate::wide!(
+                        let f = scores(g, t, spec, ci * CH, kc.len(), sc);
+                        // Keys first, in a loop that vectorises; counting them in the same loop
+                        // kept the compiler from it (the key stores may alias the histogram).
+                        for (k, &s) in kc.iter_mut().zip(&sc.s) {
+                            *k = select::key(s);
+                        }
+                        count_top_digit(kc, &mut h);
+                        f
+                    )
                 });
                 (h, first_fault(fa, f))
             },
@@ -223,7 +228,7 @@ fn dare_mask(n: usize, stream: u64, threshold: u64, mut words: Vec<u64>) -> Vec<
         .par_chunks_mut(CH / 64)
         .enumerate()
         .for_each(|(ci, wc)| {
-            for (wi, w) in wc.iter_mut().enumerate() {
+            crate::wide!(for (wi, w) in wc.iter_mut().enumerate() {
                 let start = ci * CH + wi * 64;
                 let end = (start + 64).min(n);
                 let mut bits = 0u64;
@@ -231,7 +236,7 @@ fn dare_mask(n: usize, stream: u64, threshold: u64, mut words: Vec<u64>) -> Vec<
                     bits |= (dare::keep(stream, i as u64, threshold) as u64) << (i - start);
                 }
                 *w = bits;
-            }
+            })
         });
     words
 }
@@ -281,6 +286,7 @@ fn word(mask: &Option<Vec<u64>>, off: usize, j: usize) -> u64 {
 /// Masked-out terms are stored as +0.0 and added: the sums start at +0.0 and, in round-to-nearest,
 /// a sum of floats is -0.0 only when both operands are, so adding +0.0 gives the same bits as
 /// skipping the term. That turns every loop below into a straight, vectorisable pass over a task.
+#[inline(always)]
 fn fuse_chunk(
     g: &Group,
     masks: &[Option<Vec<u64>>],
@@ -433,6 +439,7 @@ fn fuse_chunk(
 
 /// Adds to `combos[c]` the number of valid lanes whose bits across the task words spell c
 /// (bit t of c: task t kept the lane).
+#[inline(always)]
 fn count_combos(words: &[u64], valid: u64, combos: &mut [u64]) {
     let nt = words.len();
     if nt <= 5 {
@@ -469,8 +476,9 @@ fn fuse(g: &Group, masks: &[Option<Vec<u64>>], f: &FuseSpec, out: &mut [u8]) -> 
         .enumerate()
         .map(|(ci, oc)| {
             let mut combos = vec![0u64; ncombo];
-            let fl = FUSE_SCRATCH
-                .with_borrow_mut(|sc| fuse_chunk(g, masks, f, ci * CH, oc, sc, &mut combos));
+            let fl = FUSE_SCRATCH.with_borrow_mut(|sc| {
+                crate::wide!(fuse_chunk(g, masks, f, ci * CH, oc, sc, &mut combos))
+            });
             (fl, combos)
         })
         .reduce(
@@ -543,9 +551,9 @@ impl Backend for CpuBackend {
                     let (gt, eq) = keys[..n]
                         .par_chunks(CH)
                         .map(|c| {
-                            c.iter().fold((0u64, 0u64), |(g2, e), &x| {
+                            crate::wide!(c.iter().fold((0u64, 0u64), |(g2, e), &x| {
                                 (g2 + (x > key) as u64, e + (x == key) as u64)
-                            })
+                            }))
                         })
                         .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
                     let ties = eq.min(tie_quota);
@@ -615,8 +623,10 @@ impl Backend for CpuBackend {
                 let off = c * dsum::CHUNK;
                 let len = dsum::CHUNK.min(n - off);
                 SCRATCH.with_borrow_mut(|sc| {
-                    let f = scores(g, t, &spec, off, len, sc);
-                    (dsum::chunk_sum(&sc.s), f)
+                    crate::wide!(
+                        let f = scores(g, t, &spec, off, len, sc);
+                        (dsum::chunk_sum(&sc.s), f)
+                    )
                 })
             })
             .collect();
@@ -649,14 +659,16 @@ impl Backend for CpuBackend {
                     let off = c * CH;
                     let len = CH.min(g.n - off);
                     let f = SCRATCH.with_borrow_mut(|sc| {
-                        let f = scores(g, t, spec, off, len, sc);
-                        for &s in &sc.s {
-                            let k = select::key(s);
-                            if top >= 32 || k >> top == prefix {
-                                h[((k >> shift) & mask) as usize] += 1;
+                        crate::wide!(
+                            let f = scores(g, t, spec, off, len, sc);
+                            for &s in &sc.s {
+                                let k = select::key(s);
+                                if top >= 32 || k >> top == prefix {
+                                    h[((k >> shift) & mask) as usize] += 1;
+                                }
                             }
-                        }
-                        f
+                            f
+                        )
                     });
                     (h, first_fault(fa, f))
                 },

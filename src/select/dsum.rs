@@ -7,6 +7,7 @@ pub const CHUNK: usize = 65_536;
 pub const LANES: usize = 256;
 
 /// Sum of one chunk (at most CHUNK values) in the fixed lane/tree order.
+#[inline(always)]
 pub fn chunk_sum(s: &[f32]) -> f64 {
     debug_assert!(s.len() <= CHUNK);
     let mut lane = [0f64; LANES];

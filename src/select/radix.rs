@@ -36,7 +36,7 @@ pub fn histogram(keys: &[u32], shift: u32, bits: u32, prefix: u32) -> Vec<u64> {
     keys.par_chunks(CHUNK)
         .map(|c| {
             let mut h = vec![0u32; buckets];
-            if top >= 32 {
+            crate::wide!(if top >= 32 {
                 for &k in c {
                     h[((k >> shift) & mask) as usize] += 1;
                 }
@@ -46,7 +46,7 @@ pub fn histogram(keys: &[u32], shift: u32, bits: u32, prefix: u32) -> Vec<u64> {
                         h[((k >> shift) & mask) as usize] += 1;
                     }
                 }
-            }
+            });
             h
         })
         .fold(
@@ -126,11 +126,13 @@ pub fn select_masked(keys: &[u32], k: u64, hist1: &[u64], words: &mut [u64]) -> 
         .map(|(ci, (kc, wc))| {
             let mut eq = [0u64; CHUNK / 64];
             let mut count = 0u32;
-            for ((w, e), c) in wc.iter_mut().zip(eq.iter_mut()).zip(kc.chunks(64)) {
-                *w = word_bits(c, |x| x >> top > b1);
-                *e = word_bits(c, |x| x >> top == b1);
-                count += e.count_ones();
-            }
+            crate::wide!(
+                for ((w, e), c) in wc.iter_mut().zip(eq.iter_mut()).zip(kc.chunks(64)) {
+                    *w = word_bits(c, |x| x >> top > b1);
+                    *e = word_bits(c, |x| x >> top == b1);
+                    count += e.count_ones();
+                }
+            );
             let mut cand = Vec::with_capacity(count as usize);
             for (wi, &e) in eq[..wc.len()].iter().enumerate() {
                 let mut bits = e;
@@ -188,24 +190,26 @@ pub fn fill_mask(keys: &[u32], th: &Threshold, words: &mut [u64]) {
         .zip(keys.par_chunks(CHUNK))
         .enumerate()
         .for_each(|(ci, (wc, kc))| {
-            for (wi, (w, c)) in wc.iter_mut().zip(kc.chunks(64)).enumerate() {
-                let start = (ci * CHUNK + wi * 64) as u64;
-                let end = start + c.len() as u64;
-                // Only the word holding the tie cutoff needs the index; every other word keeps
-                // either all keys equal to the threshold or none of them.
-                let bits = if end <= th.cutoff {
-                    word_bits(c, |x| x >= th.key)
-                } else if start >= th.cutoff {
-                    word_bits(c, |x| x > th.key)
-                } else {
-                    let mut b = 0u64;
-                    for (j, &x) in c.iter().enumerate() {
-                        b |= (th.keeps(x, start + j as u64) as u64) << j;
-                    }
-                    b
-                };
-                *w = bits;
-            }
+            crate::wide!(
+                for (wi, (w, c)) in wc.iter_mut().zip(kc.chunks(64)).enumerate() {
+                    let start = (ci * CHUNK + wi * 64) as u64;
+                    let end = start + c.len() as u64;
+                    // Only the word holding the tie cutoff needs the index; every other word keeps
+                    // either all keys equal to the threshold or none of them.
+                    let bits = if end <= th.cutoff {
+                        word_bits(c, |x| x >= th.key)
+                    } else if start >= th.cutoff {
+                        word_bits(c, |x| x > th.key)
+                    } else {
+                        let mut b = 0u64;
+                        for (j, &x) in c.iter().enumerate() {
+                            b |= (th.keeps(x, start + j as u64) as u64) << j;
+                        }
+                        b
+                    };
+                    *w = bits;
+                }
+            )
         });
 }
 
@@ -281,7 +285,7 @@ fn finish_select(
 pub fn nth_equal(keys: &[u32], key: u32, r: u64) -> u64 {
     let counts: Vec<u64> = keys
         .par_chunks(CHUNK)
-        .map(|c| c.iter().filter(|&&k| k == key).count() as u64)
+        .map(|c| crate::wide!(c.iter().filter(|&&k| k == key).count() as u64))
         .collect();
     let mut seen = 0u64;
     for (ci, &c) in counts.iter().enumerate() {
