@@ -7,7 +7,8 @@
 //! kept the closure as a separate, baseline function) and the loops it calls are
 //! `#[inline(always)]`. The choice is made per call: one relaxed atomic load per chunk of
 //! thousands of elements. No fused multiply-add is enabled, and Rust never contracts `a * b + c`
-//! on its own, so both versions give the same bits (checked by `cpu::tests`).
+//! on its own, so both versions give the same bits (checked by
+//! `pipeline::tests::avx2_loops_give_the_baseline_bytes`).
 //!
 //! `STAMERGE_SIMD=baseline` in the environment turns the AVX2 versions off, for comparisons.
 
