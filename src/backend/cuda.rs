@@ -1109,6 +1109,24 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Merges a group whose output comes back at once (the CPU path, chunked groups) into the
+    /// buffer in `slot`. The pending output is finished first, so outputs stay in call order.
+    /// On an error the buffer is still queued; the caller drops every queued output then.
+    fn merge_now(
+        &self,
+        w: &mut Work,
+        slot: &mut Option<Vec<u8>>,
+        merge: impl FnOnce(&mut Work, &mut [u8]) -> BResult<GroupStats>,
+    ) -> BResult<GroupStats> {
+        self.finish_pending(w)?;
+        let mut out = slot
+            .take()
+            .ok_or_else(|| BackendError::Device("internal error: an output used twice".into()))?;
+        let stats = merge(w, &mut out);
+        w.done.push(out);
+        stats
+    }
+
     /// Hands `out` over to the download stream: the output at `src` is copied aside into
     /// `outbuf` behind this group's kernels, and its first pieces are queued to come back while
     /// the next call computes. An output larger than `outbuf` (or with no memory for it) comes
@@ -1419,23 +1437,17 @@ impl Backend for CudaBackend {
         let r = guarded(|| {
             let mut slot = Some(out);
             let stats = if g.n == 0 || g.tasks.is_empty() || g.tasks.len() > MAX_FUSE_TASKS {
-                self.finish_pending(&mut w)?;
-                let mut out = slot.take().expect("not taken yet");
-                let st = self.cpu.merge_group(g, jobs, f, &mut out)?;
-                w.done.push(out);
-                st
+                self.merge_now(&mut w, &mut slot, |_, out| {
+                    self.cpu.merge_group(g, jobs, f, out)
+                })?
             } else {
                 retry_smaller(|| {
                     if group_bytes(g, jobs, f)? <= w.arena.limit() {
                         self.merge_on_device(&mut w, g, jobs, f, Sink::Later(&mut slot), next)
                     } else {
-                        self.finish_pending(&mut w)?;
-                        let mut out = slot.take().ok_or_else(|| {
-                            BackendError::Device("internal error: an output used twice".into())
-                        })?;
-                        let st = self.merge_chunked(&mut w, g, jobs, f, &mut out);
-                        w.done.push(out);
-                        st
+                        self.merge_now(&mut w, &mut slot, |w, out| {
+                            self.merge_chunked(w, g, jobs, f, out)
+                        })
                     }
                 })?
             };
