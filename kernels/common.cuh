@@ -234,11 +234,12 @@ __device__ __forceinline__ u32 radix_digit(u32 key, int pass) {
 #define SELECT_FLAG_PICK_FAILED 1u  // a pick found fewer than k_rem keys in range (bad k or n)
 #define SELECT_FLAG_TIE_FAILED 2u   // a tensor held more keys == T than count_eq (wrong state)
 
-// The device-side state of one selection (one tensor for `selection: tensor`, one task for
-// `selection: model`). #[repr(C)] on the Rust side, 49 248 bytes; see docs/KERNELS.md.
+// The device-side state of one tensor's selection (for `selection: model`, of one tensor's
+// histogram pass, or of its mask at the host's threshold). #[repr(C)] on the Rust side, 49 248
+// bytes; see docs/KERNELS.md.
 struct SelectState {
-    u64 n;          //  0  number of keys competing (model: over all tensors of the task)
-    u64 k;          //  8  how many to keep, 1 <= k <= n
+    u64 n;          //  0  number of keys of the tensor
+    u64 k;          //  8  how many to keep, 1 <= k <= n (a fixed state: the tie quota, any)
     u64 k_rem;      // 16  k minus the keys above the current prefix range; after pass 2: r,
                     //     the ties still to keep (select_tie_cutoff takes from it)
     u64 count_gt;   // 24  keys above the current prefix range; after pass 2: c_gt
@@ -322,9 +323,9 @@ __device__ __forceinline__ bool last_block_ticket(u32* ticket) {
 
 // Picks pass `pass`'s digit from st->hist[pass]: the bucket that holds the k_rem-th largest key
 // of the current prefix range, scanning from the top bucket down. Run by one whole block of
-// SELECT_THREADS threads (the last block of a pass, or select_pick). Thread t owns the 8 bins
-// 2047 - 8t down to 2040 - 8t; an exclusive scan over threads gives how many keys lie above
-// each thread's bins, and the one thread whose bins hold the crossing updates the state.
+// SELECT_THREADS threads (the last block of a pass). Thread t owns the 8 bins 2047 - 8t down to
+// 2040 - 8t; an exclusive scan over threads gives how many keys lie above each thread's bins,
+// and the one thread whose bins hold the crossing updates the state.
 __device__ __forceinline__ void radix_pick(SelectState* st, int pass) {
     constexpr int BPT = RADIX_BINS / SELECT_THREADS;  // bins per thread
     __shared__ u64 s_tmp[32];

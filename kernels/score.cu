@@ -16,9 +16,8 @@
 //   registers live across it made ptxas spill.) Reads and writes 4 bytes per element.
 // score_sum: the deterministic f64 sum of the scores held in a key buffer: one block of 256
 //   threads per 65 536-element chunk, each lane sums its strided elements in order, then a halving
-//   tree; one f64 per chunk. Reads 4 bytes per element.
-// score_mean: one thread adds the chunk sums in chunk order and writes sum and f32(sum / n), so
-//   the mean never has to visit the host.
+//   tree; one f64 per chunk. Reads 4 bytes per element. The host adds the chunk sums in chunk
+//   order from 0.0 and takes the mean f32(sum / n) itself (src/backend/cuda/chunked.rs).
 
 
 #include "common.cuh"
@@ -133,7 +132,7 @@ score_keys(const void* theta, int theta_dtype,
 }
 
 // keys[i] = key(mean > 0 ? s / mean : 0) for the score s of raw key keys[i], in place (mean: a
-// device f32, e.g. written by score_mean). Histogram and pick as in score_keys.
+// device f32, the tensor's mean score uploaded by the host). Histogram and pick as in score_keys.
 // Grid: any (grid-stride over quads of 4 keys), block: exactly SELECT_THREADS (256).
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
 keys_normalize(u32* keys, size_t n, const float* mean,
@@ -201,18 +200,4 @@ score_sum(const u32* keys, size_t n, double* chunk_sums) {
         __syncthreads();
     }
     if (l == 0) chunk_sums[blockIdx.x] = lane_sum[0];
-}
-
-// Grid: 1 block of 1 thread (more threads return at once).
-// sum = chunk_sums[0] + chunk_sums[1] + ... in order (from 0.0), mean = sum / n in f64,
-// mean_out = f32(mean) rounded to nearest (what keys_normalize divides by). Either output may be
-// NULL.
-extern "C" __global__ void score_mean(const double* chunk_sums, size_t nchunks, size_t n,
-                                      double* sum_out, float* mean_out) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    double sum = 0.0;
-    for (size_t c = 0; c < nchunks; ++c) sum = __dadd_rn(sum, chunk_sums[c]);
-    const double mean = (n > 0) ? __ddiv_rn(sum, static_cast<double>(n)) : 0.0;
-    if (sum_out != nullptr) *sum_out = sum;
-    if (mean_out != nullptr) *mean_out = __double2float_rn(mean);
 }

@@ -5,15 +5,18 @@
 // histogram of the current digit over the keys that match the bits decided so far (shared-memory
 // histograms per block, added into the SelectState), and the LAST block of the pass (atomic
 // ticket) scans the histogram from the top and picks the bucket that holds the k-th largest key,
-// updating the prefix, k_rem and count_gt on the device: no host round trip between passes
-// (select_pick does the same pick as a kernel of its own, for histograms built across tensors).
+// updating the prefix, k_rem and count_gt on the device: no host round trip between passes.
+// (For selection: model, score_keys/keys_normalize build each tensor's histogram with pick = 0;
+// the host reads them back, adds them up over the task's tensors and picks each digit itself.)
 // Pass 1 also copies the keys that match the pass-0 prefix into a candidate buffer, so pass 2
 // reads only those. Keys equal to T are kept in increasing index order: select_tie_count counts
 // keys == T per 8192-key tile, select_tie_cutoff finds the tile and then the index of the r-th
 // one (cutoff = that index + 1), and select_mask writes the bit mask
 //   m[i] = key[i] > T || (key[i] == T && i < cutoff).
-// The tie kernels consume the state's tie quota (k_rem) and tie count (count_eq), so that with
-// selection: model the tensors of a task, visited in plan order, share the ties at T.
+// The tie kernels consume the state's tie quota (k_rem) and tie count (count_eq). With
+// selection: model each tensor of a task, in plan order, gets a state whose passes are done at
+// the host's T, with k_rem = the task's remaining tie quota and count_eq = ~0 (unknown), so
+// select_tie_cutoff keeps min(e, quota) of its e ties; the host lowers the quota by that.
 //
 // Bytes per key: select_filter pass 0 or 1 reads 4 (+ 4 written per candidate in pass 1), pass 2
 // reads 4 per candidate (or per key when pass 1 wrote none); select_tie_count reads 4 (only when
@@ -129,13 +132,6 @@ select_filter(const u32* keys, size_t n, SelectState* st, int pass, u32* cand, s
     radix_pick(st, pass);
 }
 
-// Picks pass `pass`'s digit from st->hist[pass] (filled by score_keys with pick = 0, possibly
-// over many tensors for selection: model). Grid: 1 block, block: exactly SELECT_THREADS (256).
-extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
-select_pick(SelectState* st, int pass) {
-    radix_pick(st, pass);
-}
-
 // Counts keys == st->threshold in each TIE_TILE-key tile: tile_counts[b] for block b, and adds
 // the tensor's total into *total (may be NULL). Grid: exactly ceil(n / 8192) blocks, block:
 // exactly SELECT_THREADS (256). With skip_trivial != 0 the whole grid returns at once when
@@ -180,8 +176,10 @@ select_tie_count(const u32* keys, size_t n, const SelectState* st, u32* tile_cou
 //     r < e:     cutoff = one past the index of the r-th key == T in increasing index order,
 //                k_rem = 0, count_eq = eq - e.
 // With selection: tensor, after the radix passes r and eq are the tensor's own, so this is the
-// tie rule of docs/SEMANTICS.md; with selection: model, calling it for the task's tensors in plan
-// order hands the r ties out in plan order. Grid: 1 block, block: exactly CUTOFF_THREADS (1024).
+// tie rule of docs/SEMANTICS.md; with selection: model, the host's fixed state per tensor
+// (r = the task's remaining tie quota, eq = ~0) keeps the first min(e, r) ties of the tensor, and
+// the host, visiting the tensors in plan order, lowers the quota by that.
+// Grid: 1 block, block: exactly CUTOFF_THREADS (1024).
 extern "C" __global__ void __launch_bounds__(CUTOFF_THREADS)
 select_tie_cutoff(const u32* keys, size_t n, SelectState* st, const u32* tile_counts) {
     __shared__ u64 s_tmp[32];

@@ -245,7 +245,17 @@ static void test_tensor_select() {
     std::printf("tensor select: %d cases\n", cases);
 }
 
+// selection: model as the CUDA backend runs it (src/pipeline.rs model_selection with
+// src/select/digits.rs DigitSearch on the host; src/backend/cuda/model.rs chunk_sums_on_device
+// and histogram_on_device, src/backend/cuda/chunked.rs score_sum_chunked, and
+// src/backend/cuda/group.rs fixed_header + fixed_mask on the device).
+// The score kernel's base is NULL in mode 1, as score_inputs passes it.
+static void model_score_keys(Tensor& th, Tensor& b, Tensor& g, int mode, size_t n, uint32_t* keys, u64* bad, unsigned cap) {
+    launch(grid_for((n + 7) / 8, 256, cap), 256, score_keys, th.buf.ptr(), th.dt, mode == 1 ? nullptr : b.buf.ptr(), b.dt,
+           mode ? g.buf.ptr() : nullptr, g.dt, mode, 0, n, keys, bad, (SelectState*)nullptr, 0, 0);
+}
 static void test_model_select() {
+    static const int SHIFT[3] = {21, 10, 0}, BITS[3] = {11, 11, 10};  // DIGITS_11
     int cases = 0;
     for (int rep = 0; rep < 10; ++rep) {
         int J = 2 + (int)urand(4);
@@ -283,49 +293,103 @@ static void test_model_select() {
             size_t eq = std::count(all_keys.begin(), all_keys.end(), one);
             k = gt + std::max<size_t>(1, eq * (rep - 5) / 5);
         }
-        // device flow
+        // One arena state for every launch of the task, as the backend's layout reuses it: each
+        // histogram pass starts with select_init, and the fixed header overwrites only the
+        // header (stale histograms must not matter).
         auto st = std::make_unique<SelectState>();
-        launch(1, 256, select_init, st.get(), (u64)total, (u64)k);
-        std::vector<float> dmean(J);
-        std::vector<double> dsum(J);
         std::vector<std::vector<uint32_t>> keys(J);
+        for (int j = 0; j < J; ++j) keys[j].assign(ns[j], 0);
+        // pass 1: each tensor's mean score. score_keys (raw keys) + score_sum on the device; the
+        // host adds the chunk sums in order from 0.0 and takes f32(sum / n).
+        std::vector<float> dmean(J);
         for (int j = 0; j < J; ++j) {
-            size_t n = ns[j]; keys[j].assign(n, 0);
+            size_t n = ns[j];
             size_t nchunks = (n + 65535) / 65536;
             std::vector<double> chunks(nchunks);
             u64 bad = ~0ull;
-            launch(grid_for((n + 7) / 8, 256, 3), 256, score_keys, ths[j]->buf.ptr(), 1, bs[j]->buf.ptr(), 1, mode ? gs[j]->buf.ptr() : nullptr, 2,
-                   mode, 0, n, keys[j].data(), &bad, (SelectState*)nullptr, 0, 0);
+            model_score_keys(*ths[j], *bs[j], *gs[j], mode, n, keys[j].data(), &bad, 3);
             launch((unsigned)nchunks, 256, score_sum, (const u32*)keys[j].data(), n, chunks.data());
-            launch(1, 1, score_mean, (const double*)chunks.data(), nchunks, n, &dsum[j], &dmean[j]);
+            CHECK(bad == ~0ull, "model sums %d: bad %llx", j, (unsigned long long)bad);
+            double sum = 0.0;
+            for (double c : chunks) sum += c;
+            dmean[j] = (float)(sum / (double)n);
             CHECK(f_bits(dmean[j]) == f_bits(means[j]), "model mean %d: %g vs %g", j, dmean[j], means[j]);
-            launch(grid_for((n + 3) / 4, 256, 3), 256, keys_normalize, keys[j].data(), n, (const float*)&dmean[j], st.get(), 0, 0);
         }
-        launch(1, 256, select_pick, st.get(), 0);
-        for (int pass = 1; pass < 3; ++pass) {
+        // passes 2-4: per digit, each tensor's histogram on the device (select_init(st, n, n),
+        // the decided prefix placed at its bits, score_keys + keys_normalize with pick = 0), read
+        // back and added up on the host, which picks the bucket (DigitSearch::advance).
+        uint32_t prefix = 0;  // the decided digits, shifted down
+        u64 remaining = k, count_eq = 0;
+        bool search_ok = true;
+        for (int pass = 0; pass < 3 && search_ok; ++pass) {
+            int shift = SHIFT[pass], bits = BITS[pass], top = shift + bits;
+            uint32_t placed = top >= 32 ? 0 : prefix << top;
+            std::vector<u64> hist((size_t)1 << bits, 0);
             for (int j = 0; j < J; ++j) {
+                size_t n = ns[j];
                 u64 bad = ~0ull;
-                launch(grid_for((ns[j] + 7) / 8, 256, 2), 256, score_keys, ths[j]->buf.ptr(), 1, mode == 1 ? nullptr : bs[j]->buf.ptr(), 1, mode ? gs[j]->buf.ptr() : nullptr, 2,
-                       mode, 0, ns[j], keys[j].data(), &bad, (SelectState*)nullptr, 0, 0);
-                launch(grid_for((ns[j] + 3) / 4, 256, 2), 256, keys_normalize, keys[j].data(), ns[j], (const float*)&dmean[j], st.get(), pass, 0);
+                launch(1, 256, select_init, st.get(), (u64)n, (u64)n);
+                st->prefix = placed;
+                unsigned cap = pass == 0 ? 3 : 2;
+                model_score_keys(*ths[j], *bs[j], *gs[j], mode, n, keys[j].data(), &bad, cap);
+                launch(grid_for((n + 3) / 4, 256, cap), 256, keys_normalize, keys[j].data(), n, (const float*)&dmean[j], st.get(), pass, 0);
+                CHECK(bad == ~0ull, "model pass %d tensor %d: bad %llx", pass, j, (unsigned long long)bad);
+                CHECK(st->flags == 0 && st->passes_done == 0 && st->prefix == placed, "model pass %d tensor %d: the state changed (flags %u passes %u)", pass, j, st->flags, st->passes_done);
+                bool past = false;
+                for (size_t b = 0; b < RADIX_BINS; ++b) {
+                    if (b < hist.size()) hist[b] += st->hist[pass][b];
+                    else past |= st->hist[pass][b] != 0;
+                }
+                CHECK(!past, "model pass %d tensor %d: histogram bins past 2^%d", pass, j, bits);
             }
-            launch(1, 256, select_pick, st.get(), pass);
+            u64 sum = 0; for (u64 c : hist) sum += c;
+            if (remaining == 0 || remaining > sum) {
+                CHECK(false, "model rep %d pass %d: %llu keys to place among %llu", rep, pass, (unsigned long long)remaining, (unsigned long long)sum);
+                search_ok = false; break;
+            }
+            u64 above = 0; uint32_t b = (uint32_t)hist.size() - 1;
+            for (;; --b) { if (above + hist[b] >= remaining) break; above += hist[b]; }
+            remaining -= above;
+            count_eq = hist[b];
+            prefix = (prefix << bits) | b;
         }
-        CHECK(st->flags == 0, "model flags %u", st->flags);
-        // fuse pass: per tensor in plan order, the tie kernels take from the task's tie quota
+        if (!search_ok) { ++cases; continue; }
+        {   // the host's threshold and tie quota against the reference
+            std::vector<uint32_t> sorted = all_keys; std::sort(sorted.begin(), sorted.end(), std::greater<>());
+            uint32_t T = sorted[k - 1];
+            size_t cgt = std::count_if(all_keys.begin(), all_keys.end(), [&](uint32_t x) { return x > T; });
+            size_t ceq = std::count(all_keys.begin(), all_keys.end(), T);
+            CHECK(prefix == T, "model rep %d: T %08x vs %08x", rep, prefix, T);
+            CHECK(remaining == k - cgt, "model rep %d: quota %llu vs %zu", rep, (unsigned long long)remaining, k - cgt);
+            CHECK(count_eq == ceq, "model rep %d: count_eq %llu vs %zu", rep, (unsigned long long)count_eq, ceq);
+        }
+        // fuse pass: per tensor in plan order, a fixed state (fixed_header: passes done at the
+        // host's key, k = k_rem = the task's remaining quota, count_eq = cand_len = bad = ~0);
+        // the always-run tie count's total says how many ties the tensor held, and the quota
+        // drops by the ties kept, min(ties, quota).
+        const uint32_t key = prefix;
+        u64 quota = remaining;
         std::vector<char> got_keep;
         for (int j = 0; j < J; ++j) {
-            u64 bad = ~0ull;
-            launch(grid_for((ns[j] + 7) / 8, 256, 3), 256, score_keys, ths[j]->buf.ptr(), 1, bs[j]->buf.ptr(), 1, mode ? gs[j]->buf.ptr() : nullptr, 2,
-                   mode, 0, ns[j], keys[j].data(), &bad, (SelectState*)nullptr, 0, 0);
-            launch(grid_for((ns[j] + 3) / 4, 256, 3), 256, keys_normalize, keys[j].data(), ns[j], (const float*)&dmean[j], (SelectState*)nullptr, 0, 0);
-            std::vector<uint32_t> tiles((ns[j] + TIE_TILE - 1) / TIE_TILE), mask(2 * ((ns[j] + 63) / 64));
-            launch((unsigned)tiles.size(), 256, select_tie_count, (const u32*)keys[j].data(), ns[j], (const SelectState*)st.get(), tiles.data(), (u64*)nullptr, 1);
-            launch(1, 1024, select_tie_cutoff, (const u32*)keys[j].data(), ns[j], st.get(), (const u32*)tiles.data());
-            launch(3, 256, select_mask, (const u32*)keys[j].data(), ns[j], (const SelectState*)st.get(), mask.data());
-            for (size_t i = 0; i < ns[j]; ++i) got_keep.push_back((mask[i / 32] >> (i % 32)) & 1);
+            size_t n = ns[j];
+            st->n = n; st->k = quota; st->k_rem = quota; st->count_gt = 0; st->count_eq = ~0ull; st->cutoff = 0;
+            st->cand_len = ~0ull; st->cand_fill = 0; st->bad = ~0ull; st->prefix = key; st->threshold = key;
+            st->passes_done = 3; st->ticket = 0; st->flags = 0; st->pad = 0;
+            model_score_keys(*ths[j], *bs[j], *gs[j], mode, n, keys[j].data(), &st->bad, 3);
+            launch(grid_for((n + 3) / 4, 256, 3), 256, keys_normalize, keys[j].data(), n, (const float*)&dmean[j], (SelectState*)nullptr, 0, 0);
+            std::vector<uint32_t> tiles((n + TIE_TILE - 1) / TIE_TILE), mask(2 * ((n + 63) / 64));
+            u64 tie_total = 0;
+            launch((unsigned)tiles.size(), 256, select_tie_count, (const u32*)keys[j].data(), n, (const SelectState*)st.get(), tiles.data(), &tie_total, 0);
+            launch(1, 1024, select_tie_cutoff, (const u32*)keys[j].data(), n, st.get(), (const u32*)tiles.data());
+            launch(grid_for((n + 127) / 128 * 32, 256, 3), 256, select_mask, (const u32*)keys[j].data(), n, (const SelectState*)st.get(), mask.data());
+            CHECK(st->flags == 0, "model fixed tensor %d: flags %u", j, st->flags);
+            CHECK(st->bad == ~0ull, "model fixed tensor %d: bad %llx", j, (unsigned long long)st->bad);
+            size_t eq = std::count(keys[j].begin(), keys[j].end(), key);
+            CHECK(tie_total == eq, "model fixed tensor %d: tie total %llu vs %zu", j, (unsigned long long)tie_total, eq);
+            quota -= std::min<u64>(tie_total, quota);
+            for (size_t i = 0; i < n; ++i) got_keep.push_back((mask[i / 32] >> (i % 32)) & 1);
         }
-        CHECK(st->flags == 0, "model flags after ties %u", st->flags);
+        CHECK(quota == 0, "model rep %d: %llu ties of the quota left", rep, (unsigned long long)quota);
         auto ref = ref_topk(all_keys, k);
         CHECK(ref == got_keep, "model select rep %d: masks differ (J %d total %zu k %zu)", rep, J, total, k);
         ++cases;
@@ -340,11 +404,13 @@ static void test_score_sum() {
         size_t nchunks = (n + 65535) / 65536;
         std::vector<double> chunks(nchunks + 1, -1.0);
         launch((unsigned)nchunks, 256, score_sum, (const u32*)keys.data(), n, chunks.data());
-        double sum; float mean;
-        launch(1, 1, score_mean, (const double*)chunks.data(), nchunks, n, &sum, &mean);
+        // the host adds the chunk sums in order from 0.0 (score_sum_chunked) and takes the mean
+        double sum = 0.0;
+        for (size_t c = 0; c < nchunks; ++c) sum += chunks[c];
+        float mean = (float)(sum / (double)n);
         double ref = ref_det_sum(s);
         CHECK(sum == ref, "score_sum n %zu: %.17g vs %.17g", n, sum, ref);
-        CHECK(mean == (float)(ref / (double)n), "score_mean n %zu", n);
+        CHECK(f_bits(mean) == f_bits((float)(ref / (double)n)), "score_sum mean n %zu", n);
         CHECK(chunks[nchunks] == -1.0, "score_sum wrote past its chunks");
     }
     std::printf("score_sum: ok\n");

@@ -75,11 +75,10 @@ struct Function {
 #define KERNEL(name) {#name, Function{[](unsigned g, unsigned b, void** p) { return bind(name, g, b, p); }}}
 const std::map<std::string, Function>& kernels() {
     static const std::map<std::string, Function> k = {
-        KERNEL(score_keys),       KERNEL(keys_normalize),   KERNEL(score_sum),
-        KERNEL(score_mean),       KERNEL(select_init),      KERNEL(select_filter),
-        KERNEL(select_pick),      KERNEL(select_tie_count), KERNEL(select_tie_cutoff),
-        KERNEL(select_mask),      KERNEL(dare_mask),        KERNEL(fuse_linear),
-        KERNEL(fuse_ties),
+        KERNEL(score_keys),        KERNEL(keys_normalize), KERNEL(score_sum),
+        KERNEL(select_init),       KERNEL(select_filter),  KERNEL(select_tie_count),
+        KERNEL(select_tie_cutoff), KERNEL(select_mask),    KERNEL(dare_mask),
+        KERNEL(fuse_linear),       KERNEL(fuse_ties),
     };
     return k;
 }
