@@ -8,6 +8,7 @@
 //! filter, e.g. `cargo bench --bench kernels -- fuse/ties`.
 
 use std::hint::black_box;
+use std::path::Path;
 use std::time::Duration;
 
 use criterion::measurement::WallTime;
@@ -15,10 +16,12 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
 };
 use stamerge::backend::cpu::{compute_keys, CpuBackend};
-use stamerge::backend::{Backend, FuseSpec, Group, KeySpec, MaskJob, Raw, TaskInput};
+use stamerge::backend::{Compute, FuseSpec, Group, KeySpec, MaskJob, Raw, TaskInput};
 use stamerge::dtype::{narrow, FloatType};
-use stamerge::method::{FuseRule, ScoreKind};
-use stamerge::select::{dare, radix};
+use stamerge::method::ScoreKind;
+use stamerge::plan::work::resolve;
+use stamerge::select::radix;
+use stamerge::Recipe;
 
 const SIZES: [(&str, usize); 3] = [("4k", 4096), ("1M", 1 << 20), ("16M", 1 << 24)];
 const DTYPES: [(&str, FloatType); 3] = [
@@ -105,16 +108,26 @@ impl Inputs {
     }
 }
 
-fn fuse_spec(rule: FuseRule, rescale: Option<f32>, out: FloatType) -> FuseSpec {
-    FuseSpec {
-        rule,
-        lambda: 1.0,
-        normalize: rule == FuseRule::Ties,
-        weights: vec![1.0; TASKS],
-        forget: vec![false; TASKS],
-        rescale: vec![rescale; TASKS],
-        out,
+/// A recipe of TASKS models of weight 1 (and `density`, if given), λ 1, with the global
+/// `params` (YAML flow-mapping entries).
+fn recipe(method: &str, density: Option<f64>, params: &str) -> Recipe {
+    let mut y = format!("merge_method: {method}\nbase_model: base\nmodels:\n");
+    for t in 0..TASKS {
+        y += &format!("  - model: task_{t}\n    parameters: {{weight: 1.0");
+        if let Some(d) = density {
+            y += &format!(", density: {d:?}");
+        }
+        y += "}\n";
     }
+    y += &format!("parameters: {{lambda: 1.0, {params}}}\n");
+    Recipe::parse(&y, Path::new(".")).unwrap_or_else(|e| panic!("{y}\n{e:?}"))
+}
+
+/// The mask jobs and fuse of `grp` under `recipe` (per-tensor selection), from the mapping
+/// the pipeline uses, written as `out`.
+fn work(recipe: &Recipe, grp: &Group, out: FloatType) -> (Vec<MaskJob>, FuseSpec) {
+    let w = resolve(recipe, grp.name, grp.n as u64, out, &[true; TASKS]);
+    (w.jobs(|_| unreachable!("per-tensor selection")), w.fuse)
 }
 
 fn config() -> Criterion {
@@ -213,31 +226,24 @@ fn bench_merge(
 
 fn bench_fuse(c: &mut Criterion) {
     let be = CpuBackend::new();
-    for rule in ["linear", "ties", "dare"] {
+    // Every entry kept (linear, ties), or DARE's random half rescaled (linear fuse).
+    for (rule, r) in [
+        (
+            "linear",
+            recipe("task_arithmetic", None, "normalize: false"),
+        ),
+        ("ties", recipe("ties", Some(1.0), "normalize: true")),
+        (
+            "dare",
+            recipe("dare_linear", Some(0.5), "normalize: false, seed: 7"),
+        ),
+    ] {
         let mut g = c.benchmark_group(format!("fuse/{rule}"));
         for (dname, ty) in DTYPES {
             for (label, n) in SIZES {
                 let inp = Inputs::new(ty, n);
                 let grp = inp.group();
-                let (jobs, spec) = match rule {
-                    "linear" => (
-                        vec![MaskJob::All; TASKS],
-                        fuse_spec(FuseRule::Linear, None, ty),
-                    ),
-                    "ties" => (
-                        vec![MaskJob::All; TASKS],
-                        fuse_spec(FuseRule::Ties, None, ty),
-                    ),
-                    _ => (
-                        (0..TASKS)
-                            .map(|t| MaskJob::Random {
-                                stream: dare::stream(7, t, "bench"),
-                                threshold: dare::threshold(0.5),
-                            })
-                            .collect(),
-                        fuse_spec(FuseRule::Linear, Some(0.5), ty),
-                    ),
-                };
+                let (jobs, spec) = work(&r, &grp, ty);
                 bench_merge(&mut g, &be, (dname, label), &grp, &jobs, &spec);
             }
         }
@@ -249,19 +255,13 @@ fn bench_fuse(c: &mut Criterion) {
 /// top 30 %, the bit mask, then the fuse.
 fn bench_group(c: &mut Criterion) {
     let be = CpuBackend::new();
+    let ties = recipe("ties", Some(0.3), "normalize: true");
     let mut g = c.benchmark_group("group/ties_top30");
     for (dname, ty) in DTYPES {
         for (label, n) in SIZES {
             let inp = Inputs::new(ty, n);
             let grp = inp.group();
-            let spec = KeySpec {
-                score: ScoreKind::AbsTaskVector,
-                mean: None,
-                nonfinite_zero: false,
-            };
-            let k = (n as u64 * 3 / 10).max(1);
-            let jobs = vec![MaskJob::TopK { spec, k }; TASKS];
-            let fuse = fuse_spec(FuseRule::Ties, None, ty);
+            let (jobs, fuse) = work(&ties, &grp, ty);
             bench_merge(&mut g, &be, (dname, label), &grp, &jobs, &fuse);
         }
     }

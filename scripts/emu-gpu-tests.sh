@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs tests/gpu.rs (the CUDA backend against the CPU backend, bit for bit) without a GPU: builds
+# Runs tests/gpu/ (the CUDA backend against the CPU backend, bit for bit) without a GPU: builds
 # a fake libcuda.so (scripts/emu/fake_libcuda.cpp) whose cuLaunchKernel runs the real
 # kernels/*.cu under kernels/emu/cuda_emu.h, and puts it first on LD_LIBRARY_PATH. This checks
 # the host side (src/backend/cuda*: launch arguments, buffer layout, sequencing, statistics and
@@ -8,7 +8,7 @@
 #
 # The emulation runs one OS thread per CUDA thread: tensors are capped at
 # STAMERGE_TEST_MAX_ELEMS elements (default 70000) and the fake GPU has FAKE_CUDA_SMS (2) SMs.
-#   scripts/emu-gpu-tests.sh                  # all of tests/gpu.rs
+#   scripts/emu-gpu-tests.sh                  # all of tests/gpu/
 #   scripts/emu-gpu-tests.sh ties_matches     # a filter, as for cargo test
 #   FAKE_CUDA_EAGER_STREAM=3 scripts/emu-gpu-tests.sh deferred   # the download stream runs
 #       each operation when queued (2: the copy stream), the others stay lazy: finds a missing

@@ -18,7 +18,7 @@
 # Steps (each under a timeout; all of them within GPU_CHECK_BUDGET seconds, default 420, so the
 # whole run stays well under 8 minutes; a step that would start after the budget is skipped):
 #   - nvidia-smi and the binaries' versions;
-#   - the GPU tests (tests/gpu.rs: every method × dtype × size, bit for bit against the CPU
+#   - the GPU tests (tests/gpu/: every method × dtype × size, bit for bit against the CPU
 #     backend, and whole merges compared file by file), --nocapture --test-threads 1;
 #   - `stamerge bench kernels` for bf16 and fp16 with T = 4;
 #   - a synthetic Llama-style set (2 layers, hidden 1024, vocab 32000, 3 tasks, bf16), then

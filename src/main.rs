@@ -6,6 +6,31 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use stamerge::{dtype::FloatType, synth::SynthSpec, Device, Error, Options, Recipe};
 
+/// `--out-shard-size`'s default as the help shows it; `parse_size` of it is
+/// [`stamerge::DEFAULT_OUT_SHARD_BYTES`] (checked by a test below).
+const DEFAULT_OUT_SHARD_SIZE: &str = "5GB";
+
+/// `--device`: the command line's twin of [`stamerge::Device`] (the library does not derive
+/// clap's traits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+enum DeviceArg {
+    /// CUDA when a usable GPU and kernels are present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl From<DeviceArg> for Device {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Auto => Device::Auto,
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "stamerge",
@@ -29,13 +54,13 @@ enum Cmd {
     Merge {
         recipe: PathBuf,
         out_dir: PathBuf,
-        #[arg(long, value_enum, default_value_t = Device::Auto)]
-        device: Device,
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
         /// CPU worker threads (default: every core).
         #[arg(long)]
         threads: Option<usize>,
         /// Largest output shard, e.g. 5GB, 500MB, 2GiB.
-        #[arg(long, default_value = "5GB", value_parser = parse_size)]
+        #[arg(long, default_value = DEFAULT_OUT_SHARD_SIZE, value_parser = parse_size)]
         out_shard_size: u64,
         /// Replace a non-empty OUT_DIR (only once the new merge is complete).
         #[arg(long)]
@@ -57,7 +82,7 @@ enum Cmd {
         recipe: PathBuf,
         /// Also check this output folder.
         out_dir: Option<PathBuf>,
-        #[arg(long, default_value = "5GB", value_parser = parse_size)]
+        #[arg(long, default_value = DEFAULT_OUT_SHARD_SIZE, value_parser = parse_size)]
         out_shard_size: u64,
         #[arg(long)]
         overwrite: bool,
@@ -105,8 +130,8 @@ enum BenchCmd {
         /// Recipe of the set: ties, sta, sta_model, magnitude, task_arithmetic, dare_ties, ...
         #[arg(long, default_value = "ties")]
         recipe: String,
-        #[arg(long, value_enum, default_value_t = Device::Auto)]
-        device: Device,
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
         #[arg(long, default_value_t = 8)]
         layers: usize,
         #[arg(long, default_value_t = 1024)]
@@ -211,9 +236,10 @@ fn print_plan(plan: &stamerge::Plan, max_memory: Option<u64>) {
     for it in &plan.items {
         let (action, ks) = match &it.kind {
             ItemKind::Copy { .. } => ("copy", String::new()),
-            ItemKind::Merge { k, .. } => (
+            ItemKind::Merge { work, .. } => (
                 "merge",
-                k.iter()
+                work.k()
+                    .iter()
                     .map(|k| k.map(|k| k.to_string()).unwrap_or_else(|| "-".into()))
                     .collect::<Vec<_>>()
                     .join(","),
@@ -228,18 +254,36 @@ fn print_plan(plan: &stamerge::Plan, max_memory: Option<u64>) {
         );
     }
     let e = &plan.estimate;
+    // `selection: model` runs one pass per radix digit, and the backends' digits differ.
+    let cuda_digits = stamerge::backend::cuda::MODEL_DIGITS.len();
+    let (cuda_passes, cuda_read) = (e.passes_with(cuda_digits), e.read_bytes_with(cuda_digits));
+    let (passes, read) = if cuda_passes == e.passes {
+        (e.passes.to_string(), human_bytes(e.read_bytes))
+    } else {
+        (
+            format!("{} (cpu) or {cuda_passes} (cuda)", e.passes),
+            format!(
+                "{} (cpu) or {} (cuda)",
+                human_bytes(e.read_bytes),
+                human_bytes(cuda_read)
+            ),
+        )
+    };
     println!(
-        "{} tensors merged ({} parameters), {} copied; {} pass(es)",
-        e.tensors_merged, e.params_merged, e.tensors_copied, e.passes
+        "{} tensors merged ({} parameters), {} copied; {passes} pass(es)",
+        e.tensors_merged, e.params_merged, e.tensors_copied
     );
     println!(
-        "read {}, write {} in {} shard(s); estimated peak memory {} (largest tensor group)",
-        human_bytes(e.read_bytes),
+        "read {read}, write {} in {} shard(s); estimated peak memory {} (largest tensor group)",
         human_bytes(e.write_bytes),
         plan.shards.len(),
         human_bytes(e.peak_bytes)
     );
-    let (gpu, chunked) = stamerge::backend::cuda::plan_memory(plan, max_memory);
+    let groups = plan.items.iter().filter_map(|it| match &it.kind {
+        ItemKind::Merge { work, .. } => Some((plan.group(it), work.shape_jobs(), &work.fuse)),
+        ItemKind::Copy { .. } => None,
+    });
+    let (gpu, chunked) = stamerge::backend::cuda::plan_memory(groups, max_memory);
     match max_memory {
         Some(b) => println!(
             "cuda: GPU memory budget {} (--max-memory; {} of it for the tensor being merged); \
@@ -250,8 +294,9 @@ fn print_plan(plan: &stamerge::Plan, max_memory: Option<u64>) {
             human_bytes(gpu)
         ),
         None => println!(
-            "cuda: GPU memory budget 90% of the free memory (--max-memory sets it); the largest \
+            "cuda: GPU memory budget {:.0}% of the free memory (--max-memory sets it); the largest \
              tensor group needs up to {} in one piece, larger groups run in chunks",
+            stamerge::backend::cuda::DEFAULT_BUDGET_SHARE * 100.0,
             human_bytes(gpu)
         ),
     }
@@ -310,7 +355,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         } => {
             let r = load_recipe(&recipe)?;
             let opts = Options {
-                device,
+                device: device.into(),
                 threads,
                 out_shard_size,
                 overwrite,
@@ -383,7 +428,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 format!("{recipe}.yml")
             };
-            let b = stamerge::bench::bench_merge(&spec, &dir, &name, device, runs)?;
+            let b = stamerge::bench::bench_merge(&spec, &dir, &name, device.into(), runs)?;
             let mut s = b.merge_seconds.clone();
             s.sort_by(|a, b| a.total_cmp(b));
             let med = s[s.len() / 2];
@@ -500,5 +545,47 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn out_shard_default_is_the_library_default() {
+        assert_eq!(
+            parse_size(DEFAULT_OUT_SHARD_SIZE),
+            Ok(stamerge::DEFAULT_OUT_SHARD_BYTES)
+        );
+        assert_eq!(
+            Options::default().out_shard_size,
+            stamerge::DEFAULT_OUT_SHARD_BYTES
+        );
+    }
+
+    /// The `--max-memory` help states the default budget share in words.
+    #[test]
+    fn max_memory_help_names_the_default_share() {
+        let share = format!(
+            "(default: {:.0}% of the free memory)",
+            stamerge::backend::cuda::DEFAULT_BUDGET_SHARE * 100.0
+        );
+        let cmd = Cli::command();
+        let merge = cmd.find_subcommand("merge").expect("merge");
+        let arg = merge
+            .get_arguments()
+            .find(|a| a.get_id() == "max_memory")
+            .expect("--max-memory");
+        let help = arg.get_help().expect("a help text").to_string();
+        assert!(help.contains(&share), "{help}");
+    }
+
+    #[test]
+    fn device_arg_maps_each_variant() {
+        assert_eq!(Device::from(DeviceArg::default()), Device::default());
+        assert_eq!(Device::from(DeviceArg::Cpu), Device::Cpu);
+        assert_eq!(Device::from(DeviceArg::Cuda), Device::Cuda);
     }
 }

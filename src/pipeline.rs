@@ -3,55 +3,22 @@
 
 use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use memmap2::Mmap;
 
-use crate::backend::{Backend, BackendError, FuseSpec, Group, KeySpec, MaskJob, Raw, Source};
+use crate::backend::{Backend, BackendError, MaskJob, Source};
 use crate::checkpoint::writer::{ShardPlan, ShardWriter};
 use crate::checkpoint::Checkpoint;
-use crate::dtype::FloatType;
 use crate::error::{Error, Problem, Result};
-use crate::method::{keep_count, SelectKind};
-use crate::plan::{Item, ItemKind, Plan};
-use crate::recipe::{NonFinite, Selection};
+use crate::method::keep_count;
+use crate::plan::work::model_wide_tasks;
+use crate::plan::{Item, ItemKind, ModelCut, Plan};
 use crate::report::{overlaps, ModelSelectionRecord, TaskRecord, TensorRecord};
-use crate::select::{dare, key_value, radix::pick_bucket};
-
-fn raw<'a>(ck: &'a Checkpoint, name: &str) -> Raw<'a> {
-    let (f, t) = ck
-        .get(name)
-        .expect("the plan checked that the tensor exists");
-    Raw {
-        ty: FloatType::from_safetensors(t.dtype).expect("the plan checked the dtype"),
-        data: f.bytes(t),
-    }
-}
-
-pub(crate) fn group<'a>(plan: &'a Plan, item: &'a Item, n: usize) -> Group<'a> {
-    let name = item.name.as_str();
-    Group {
-        name,
-        n,
-        base: raw(&plan.inputs.base, name),
-        start: plan.inputs.start.as_ref().map(|s| raw(s, name)),
-        tasks: plan
-            .inputs
-            .tasks
-            .iter()
-            .map(|t| crate::backend::TaskInput {
-                theta: raw(&t.model, name),
-                grad: t
-                    .grads
-                    .as_ref()
-                    .and_then(|g| g.get(name).map(|_| raw(g, name))),
-            })
-            .collect(),
-    }
-}
+use crate::select::{key_value, DigitSearch};
 
 /// The mapped input tensors an item reads: base (and start) for a copy, every input for a merge.
 fn inputs_of<'a>(plan: &'a Plan, item: &Item) -> Vec<(&'a Mmap, usize, usize)> {
@@ -202,9 +169,10 @@ impl Progress {
     }
 }
 
-/// Between tensors: Ctrl-C, or an input that could not be read (see `checkpoint::guard`).
-fn check_interrupt(plan: &Plan) -> Result<()> {
-    if crate::INTERRUPTED.load(Ordering::Relaxed) {
+/// Between tensors: Ctrl-C (`stop`, set by the caller's signal handler), or an input that could
+/// not be read (see `checkpoint::guard`).
+fn check_interrupt(plan: &Plan, stop: &AtomicBool) -> Result<()> {
+    if stop.load(Ordering::Relaxed) {
         Err(Error::Interrupted)
     } else {
         plan.inputs.check_readable()
@@ -226,48 +194,35 @@ struct ModelSelection {
     thresholds: Vec<Option<ModelThreshold>>,
 }
 
-fn key_spec(plan: &Plan, item: &Item, t: usize, mean: Option<f32>) -> Option<KeySpec> {
-    let ItemKind::Merge { scores, .. } = &item.kind else {
-        return None;
-    };
-    scores[t].map(|score| KeySpec {
-        score,
-        mean,
-        nonfinite_zero: plan.recipe.nonfinite_scores == NonFinite::Zero,
-    })
-}
-
 /// `selection: model`: a pass for the per-tensor means, then one histogram pass per digit over
 /// every tensor of the model, then the threshold of each task is known.
 fn model_selection(
     plan: &Plan,
     backend: &dyn Backend,
     progress: &mut Progress,
+    stop: &AtomicBool,
 ) -> Result<Option<ModelSelection>> {
-    let tasks: Vec<usize> = (0..plan.recipe.tasks.len())
-        .filter(|&t| {
-            let s = &plan.recipe.tasks[t];
-            s.selection == Selection::Model
-                && s.density < 1.0
-                && plan.recipe.method.select() == SelectKind::TopK
-        })
-        .collect();
+    let tasks = model_wide_tasks(&plan.recipe);
     if tasks.is_empty() {
         return Ok(None);
     }
     let nt = plan.recipe.tasks.len();
     let mut means = vec![vec![0f32; nt]; plan.items.len()];
     let mut total = 0u64;
+    let spec = |item: &Item, t: usize| match &item.kind {
+        ItemKind::Merge { work, .. } => work.spec(t),
+        ItemKind::Copy { .. } => None,
+    };
     progress.message("selection: model — pass 1: per-tensor mean scores");
     for (ii, item) in plan.items.iter().enumerate() {
-        check_interrupt(plan)?;
+        check_interrupt(plan, stop)?;
         let ItemKind::Merge { n, .. } = item.kind else {
             continue;
         };
         total += n as u64;
-        let g = group(plan, item, n);
+        let g = plan.group(item);
         for &t in &tasks {
-            let spec = key_spec(plan, item, t, None).expect("top-k method");
+            let spec = spec(item, t).expect("a model-wide task ranks");
             let sum = backend
                 .score_sum(&g, t, &spec)
                 .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
@@ -276,12 +231,10 @@ fn model_selection(
         release(plan, item);
         progress.inc(item.read_bytes, &item.name);
     }
-    let mut prefix = vec![0u32; nt];
-    let mut remaining: Vec<u64> = (0..nt)
+    let ks: Vec<u64> = (0..nt)
         .map(|t| keep_count(plan.recipe.tasks[t].density, total))
         .collect();
-    let ks = remaining.clone();
-    let mut last_eq = vec![0u64; nt];
+    let mut search: Vec<DigitSearch> = ks.iter().map(|&k| DigitSearch::new(k)).collect();
     for (pass, &(shift, bits)) in backend.model_digits().iter().enumerate() {
         progress.message(&format!(
             "selection: model — pass {}: histogram of bits {shift}..{}",
@@ -290,32 +243,34 @@ fn model_selection(
         ));
         let mut hists = vec![vec![0u64; 1 << bits]; nt];
         for (ii, item) in plan.items.iter().enumerate() {
-            check_interrupt(plan)?;
-            let ItemKind::Merge { n, .. } = item.kind else {
+            check_interrupt(plan, stop)?;
+            if !matches!(item.kind, ItemKind::Merge { .. }) {
                 continue;
-            };
-            let g = group(plan, item, n);
+            }
+            let g = plan.group(item);
             for &t in &tasks {
-                let spec = key_spec(plan, item, t, Some(means[ii][t])).expect("top-k method");
+                let mut spec = spec(item, t).expect("a model-wide task ranks");
+                spec.mean = Some(means[ii][t]);
                 backend
-                    .histogram(&g, t, &spec, shift, bits, prefix[t], &mut hists[t])
+                    .histogram(&g, t, &spec, search[t].pass(shift, bits), &mut hists[t])
                     .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
             }
             release(plan, item);
             progress.inc(item.read_bytes, &item.name);
         }
         for &t in &tasks {
-            let (b, above) = pick_bucket(&hists[t], remaining[t]);
-            remaining[t] -= above;
-            last_eq[t] = hists[t][b as usize];
-            prefix[t] = (prefix[t] << bits) | b;
+            search[t].advance(bits, &hists[t]).map_err(|e| {
+                Error::Other(format!(
+                    "internal error in the model-wide select of task {t}: {e}"
+                ))
+            })?;
         }
     }
     let mut thresholds: Vec<Option<ModelThreshold>> = (0..nt).map(|_| None).collect();
     for &t in &tasks {
         thresholds[t] = Some(ModelThreshold {
-            key: prefix[t],
-            quota: remaining[t],
+            key: search[t].prefix(),
+            quota: search[t].quota(),
             k: ks[t],
             total,
         });
@@ -344,27 +299,12 @@ pub fn execute(
     dir: &Path,
     out_shard_bytes: u64,
     show: bool,
+    stop: &AtomicBool,
 ) -> Result<Outcome> {
-    let mut progress = Progress::new(plan.estimate.read_bytes, show);
-    let mut ms = model_selection(plan, backend, &mut progress)?;
-    let recipe = &plan.recipe;
-    let nt = recipe.tasks.len();
-    let fuse_base = FuseSpec {
-        rule: recipe.method.fuse(),
-        lambda: recipe.lambda,
-        normalize: recipe.normalize,
-        weights: recipe.tasks.iter().map(|t| t.weight).collect(),
-        forget: recipe.tasks.iter().map(|t| t.forget).collect(),
-        rescale: recipe
-            .tasks
-            .iter()
-            .map(|t| {
-                (recipe.method.is_dare() && recipe.rescale && t.density < 1.0)
-                    .then_some(t.density as f32)
-            })
-            .collect(),
-        out: FloatType::F32,
-    };
+    let total = plan.estimate.read_bytes_with(backend.model_digits().len());
+    let mut progress = Progress::new(total, show);
+    let mut ms = model_selection(plan, backend, &mut progress, stop)?;
+    let nt = plan.recipe.tasks.len();
     progress.message("merging");
     let outs = plan.items.iter().map(|i| i.out.clone()).collect();
     let mut records = Vec::with_capacity(plan.items.len());
@@ -389,7 +329,7 @@ pub fn execute(
         let mut at_writer = 0u64;
         let compute = (|| -> Result<()> {
             for (ii, item) in plan.items.iter().enumerate() {
-                check_interrupt(plan)?;
+                check_interrupt(plan, stop)?;
                 if let Some(next) = plan.items.get(ii + 1) {
                     prefetch(plan, next);
                 }
@@ -414,48 +354,25 @@ pub fn execute(
                         // The writer takes tensors in order: merged outputs the backend still
                         // holds go first.
                         for out in backend
-                            .flush_outputs()
+                            .flush()
                             .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?
                         {
                             payloads.push(Payload::Owned(out));
                         }
                         payloads.push(Payload::Borrowed(f.bytes(t)));
                     }
-                    ItemKind::Merge { n, out, k, .. } => {
-                        let g = group(plan, item, *n);
-                        let mut jobs = Vec::with_capacity(nt);
-                        for t in 0..nt {
-                            let spec_t = &recipe.tasks[t];
-                            let job = match recipe.method.select() {
-                                SelectKind::All => MaskJob::All,
-                                SelectKind::Random if spec_t.density >= 1.0 => MaskJob::All,
-                                SelectKind::Random => MaskJob::Random {
-                                    stream: dare::stream(recipe.seed, t, &item.name),
-                                    threshold: dare::threshold(spec_t.density),
-                                },
-                                SelectKind::TopK => match (&mut ms, k[t]) {
-                                    (_, Some(k)) => MaskJob::TopK {
-                                        spec: key_spec(plan, item, t, None).expect("top-k"),
-                                        k,
-                                    },
-                                    (Some(m), None) if m.thresholds[t].is_some() => {
-                                        let th = m.thresholds[t].as_ref().expect("checked");
-                                        MaskJob::Fixed {
-                                            spec: key_spec(plan, item, t, Some(m.means[ii][t]))
-                                                .expect("top-k"),
-                                            key: th.key,
-                                            tie_quota: th.quota,
-                                        }
-                                    }
-                                    _ => MaskJob::All,
-                                },
-                            };
-                            jobs.push(job);
-                        }
-                        let fuse = FuseSpec {
-                            out: *out,
-                            ..fuse_base.clone()
-                        };
+                    ItemKind::Merge { out, work, .. } => {
+                        let g = plan.group(item);
+                        let jobs = work.jobs(|t| {
+                            let m = ms.as_ref().expect("model-wide tasks have a selection");
+                            let th = m.thresholds[t].as_ref().expect("a model-wide task");
+                            ModelCut {
+                                mean: m.means[ii][t],
+                                key: th.key,
+                                tie_quota: th.quota,
+                            }
+                        });
+                        let k = work.k();
                         // A fixed set of output buffers circulates between here and the writer.
                         // A backend that returns outputs late may hold every buffer: then it
                         // hands them over first, or waiting for the writer would never end.
@@ -470,7 +387,7 @@ pub fn execute(
                             }
                             Err(_) => {
                                 if at_writer == 0 {
-                                    for out in backend.flush_outputs().map_err(|e| {
+                                    for out in backend.flush().map_err(|e| {
                                         fault_problem(plan, &item.name, &item.shape, e)
                                     })? {
                                         at_writer += 1;
@@ -498,13 +415,13 @@ pub fn execute(
                         buf.resize(item.out.nbytes as usize, 0);
                         // The next merged tensor, so that the backend can copy it in early.
                         let next = plan.items.get(ii + 1).and_then(|it| match it.kind {
-                            ItemKind::Merge { n, .. } => Some(group(plan, it, n)),
+                            ItemKind::Merge { .. } => Some(plan.group(it)),
                             ItemKind::Copy { .. } => None,
                         });
                         // The output may come back one call later (while the next tensor
                         // computes); the statistics come now.
                         let (stats, done) = backend
-                            .merge_group_deferred(&g, &jobs, &fuse, buf, next.as_ref())
+                            .submit(&g, &jobs, &work.fuse, buf, next.as_ref())
                             .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
                         payloads.extend(done.into_iter().map(Payload::Owned));
                         release(plan, item);
@@ -541,7 +458,7 @@ pub fn execute(
                 progress.inc(item.read_bytes, &item.name);
             }
             let last = plan.items.last();
-            for out in backend.flush_outputs().map_err(|e| match last {
+            for out in backend.flush().map_err(|e| match last {
                 Some(it) => fault_problem(plan, &it.name, &it.shape, e),
                 None => Error::Other(e.to_string()),
             })? {
@@ -595,7 +512,9 @@ mod tests {
 
     use super::*;
     use crate::backend::cpu::CpuBackend;
-    use crate::backend::{BResult, GroupStats, KeySpec};
+    use crate::backend::{BResult, Compute, DigitPass, FuseSpec, Group, GroupStats, KeySpec};
+
+    static NO_STOP: AtomicBool = AtomicBool::new(false);
 
     /// The CPU backend, but every output comes back `hold` calls late (as the CUDA backend's
     /// deferred outputs do, one call late): the pipeline must still write each tensor's bytes
@@ -606,10 +525,7 @@ mod tests {
         held: Mutex<VecDeque<Vec<u8>>>,
     }
 
-    impl Backend for Late {
-        fn name(&self) -> &'static str {
-            "late"
-        }
+    impl Compute for Late {
         fn merge_group(
             &self,
             g: &Group,
@@ -619,7 +535,29 @@ mod tests {
         ) -> BResult<GroupStats> {
             self.cpu.merge_group(g, m, f, out)
         }
-        fn merge_group_deferred(
+        fn score_sum(&self, g: &Group, t: usize, s: &KeySpec) -> BResult<f64> {
+            self.cpu.score_sum(g, t, s)
+        }
+        fn histogram(
+            &self,
+            g: &Group,
+            t: usize,
+            s: &KeySpec,
+            d: DigitPass,
+            hist: &mut [u64],
+        ) -> BResult<()> {
+            self.cpu.histogram(g, t, s, d, hist)
+        }
+        fn model_digits(&self) -> &'static [(u32, u32)] {
+            self.cpu.model_digits()
+        }
+    }
+
+    impl Backend for Late {
+        fn name(&self) -> &'static str {
+            "late"
+        }
+        fn submit(
             &self,
             g: &Group,
             m: &[MaskJob],
@@ -633,26 +571,8 @@ mod tests {
             let ready = held.len().saturating_sub(self.hold);
             Ok((stats, held.drain(..ready).collect()))
         }
-        fn flush_outputs(&self) -> BResult<Vec<Vec<u8>>> {
+        fn flush(&self) -> BResult<Vec<Vec<u8>>> {
             Ok(self.held.lock().unwrap().drain(..).collect())
-        }
-        fn score_sum(&self, g: &Group, t: usize, s: &KeySpec) -> BResult<f64> {
-            self.cpu.score_sum(g, t, s)
-        }
-        fn histogram(
-            &self,
-            g: &Group,
-            t: usize,
-            s: &KeySpec,
-            shift: u32,
-            bits: u32,
-            prefix: u32,
-            hist: &mut [u64],
-        ) -> BResult<()> {
-            self.cpu.histogram(g, t, s, shift, bits, prefix, hist)
-        }
-        fn model_digits(&self) -> &'static [(u32, u32)] {
-            self.cpu.model_digits()
         }
     }
 
@@ -714,7 +634,15 @@ mod tests {
             );
             let want_dir = dir.path().join(format!("{name}-cpu"));
             std::fs::create_dir(&want_dir).unwrap();
-            let want = execute(&plan, &CpuBackend::new(), &want_dir, 30_000, false).unwrap();
+            let want = execute(
+                &plan,
+                &CpuBackend::new(),
+                &want_dir,
+                30_000,
+                false,
+                &NO_STOP,
+            )
+            .unwrap();
             for hold in [1, 2, 5] {
                 let late = Late {
                     cpu: CpuBackend::new(),
@@ -723,7 +651,7 @@ mod tests {
                 };
                 let got_dir = dir.path().join(format!("{name}-late{hold}"));
                 std::fs::create_dir(&got_dir).unwrap();
-                let got = execute(&plan, &late, &got_dir, 30_000, false).unwrap();
+                let got = execute(&plan, &late, &got_dir, 30_000, false, &NO_STOP).unwrap();
                 assert_eq!(got.checksums, want.checksums, "{name}, {hold} late");
                 assert_eq!(files(&got_dir), files(&want_dir), "{name}, {hold} late");
             }
@@ -747,7 +675,7 @@ mod tests {
                     crate::simd::set_enabled(on);
                     let out = set.join(format!("{name}-{on}"));
                     std::fs::create_dir(&out).unwrap();
-                    let r = execute(&plan, &CpuBackend::new(), &out, 30_000, false);
+                    let r = execute(&plan, &CpuBackend::new(), &out, 30_000, false, &NO_STOP);
                     crate::simd::set_enabled(true);
                     runs.push((r.unwrap().checksums, files(&out)));
                 }

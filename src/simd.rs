@@ -3,8 +3,8 @@
 //! The release build targets baseline x86-64 (SSE2: 4 f32 lanes per register), so the binary runs
 //! on any x86-64 machine. [`wide`] runs a closure through a function compiled with AVX2 (8 lanes)
 //! and POPCNT enabled. Only code inlined into that function is compiled for AVX2, so callers use
-//! the [`wide!`](crate::wide) macro (it marks the closure `#[inline(always)]`; without that LLVM
-//! kept the closure as a separate, baseline function) and the loops it calls are
+//! the crate-private `crate::wide!` macro (it marks the closure `#[inline(always)]`; without that
+//! LLVM kept the closure as a separate, baseline function) and the loops it calls are
 //! `#[inline(always)]`. The choice is made per call: one relaxed atomic load per chunk of
 //! thousands of elements. No fused multiply-add is enabled, and Rust never contracts `a * b + c`
 //! on its own, so both versions give the same bits (checked by
@@ -55,8 +55,9 @@ pub fn enabled() -> bool {
 }
 
 /// `wide!(expr)`: evaluates `expr` through [`wide`] in a closure marked `#[inline(always)]`.
-#[macro_export]
-macro_rules! wide {
+/// Crate-private: called as `crate::wide!` (the crate root re-exports it; it is defined under
+/// another name because the function [`wide`] already holds this one in this module).
+macro_rules! wide_macro {
     ($($body:tt)*) => {
         $crate::simd::wide(
             #[inline(always)]
@@ -64,6 +65,7 @@ macro_rules! wide {
         )
     };
 }
+pub(crate) use wide_macro as wide;
 
 /// Runs `f`, compiled for AVX2 + POPCNT where the CPU supports them (and they are enabled).
 #[inline(always)]

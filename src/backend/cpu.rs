@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 
 use super::{
-    BResult, Backend, BackendError, Fault, FuseSpec, Group, GroupStats, KeySpec, MaskJob, Raw,
-    Source, TaskStats,
+    BResult, Backend, BackendError, Compute, DigitPass, Fault, FuseSpec, Group, GroupStats,
+    KeySpec, MaskJob, Raw, Source, TaskStats,
 };
 use crate::dtype::{narrow, widen};
 use crate::method::{FuseRule, ScoreKind};
@@ -19,6 +19,10 @@ use crate::select::{self, dare, dsum, radix, Threshold};
 /// Elements per work item: a multiple of 64 (mask words) that divides the deterministic-sum chunk.
 const CH: usize = 1 << 14;
 const _: () = assert!(CH % 64 == 0 && dsum::CHUNK % CH == 0);
+
+/// The CPU's digits for the model-wide passes: two 16-bit histograms (64 Ki buckets fit its
+/// caches; fewer passes over the model beat smaller histograms).
+pub const MODEL_DIGITS: [(u32, u32); 2] = [(16, 16), (0, 16)];
 
 /// The most tasks whose mask combinations are counted for the overlap report.
 pub const MAX_COMBO_TASKS: usize = 8;
@@ -387,13 +391,7 @@ fn fuse_chunk(
                 }
             }
             if f.normalize {
-                let mut d = 0f32;
-                for (t, w) in f.weights.iter().enumerate() {
-                    if !f.forget[t] {
-                        d += *w;
-                    }
-                }
-                let d = if d.abs() < 1e-8 { 1.0 } else { d };
+                let d = f.linear_divisor();
                 acc.iter_mut().for_each(|a| *a /= d);
             }
         }
@@ -502,11 +500,14 @@ fn fuse(g: &Group, masks: &[Option<Vec<u64>>], f: &FuseSpec, out: &mut [u8]) -> 
     Ok(combos)
 }
 
+/// The CPU computes each group when it is handed over: the default hand-over.
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
     }
+}
 
+impl Compute for CpuBackend {
     fn merge_group(
         &self,
         g: &Group,
@@ -564,20 +565,9 @@ impl Backend for CpuBackend {
                             }))
                         })
                         .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-                    let ties = eq.min(tie_quota);
-                    let cutoff = if ties == eq {
-                        n as u64
-                    } else if ties == 0 {
-                        0
-                    } else {
-                        radix::nth_equal(&keys[..n], key, ties) + 1
-                    };
-                    let th = Threshold {
-                        key,
-                        cutoff,
-                        count_gt: gt,
-                        count_eq: eq,
-                    };
+                    let (th, ties) = Threshold::fixed(key, n as u64, gt, eq, tie_quota, |ties| {
+                        Ok::<_, BackendError>(radix::nth_equal(&keys[..n], key, ties) + 1)
+                    })?;
                     let mut m = self.spare_mask();
                     m.resize(n.div_ceil(64), 0);
                     radix::fill_mask(&keys[..n], &th, &mut m);
@@ -650,11 +640,14 @@ impl Backend for CpuBackend {
         g: &Group,
         t: usize,
         spec: &KeySpec,
-        shift: u32,
-        bits: u32,
-        prefix: u32,
+        d: DigitPass,
         hist: &mut [u64],
     ) -> BResult<()> {
+        let DigitPass {
+            shift,
+            bits,
+            prefix,
+        } = d;
         let top = shift + bits;
         let mask = (1u32 << bits) - 1;
         let chunks = g.n.div_ceil(CH);
@@ -698,7 +691,7 @@ impl Backend for CpuBackend {
     }
 
     fn model_digits(&self) -> &'static [(u32, u32)] {
-        &[(16, 16), (0, 16)]
+        &MODEL_DIGITS
     }
 }
 

@@ -1,12 +1,15 @@
-//! The backend seam: score → select → fuse on one tensor group (base, T task tensors, T
-//! statistics), plus the streaming passes that `selection: model` needs. `cpu` is the reference;
-//! `cuda` must give the same bits.
+//! The backend seam, split as candle splits storage ops from device plumbing: [`Compute`] is what
+//! is computed on one tensor group (base, T task tensors, T statistics): score → select → fuse,
+//! and the passes that `selection: model` needs; [`Backend`] is how a stream of groups is handed
+//! over (the next group's inputs early, outputs one call late). `cpu` is the reference; `cuda`
+//! must give the same bits.
 
 pub mod cpu;
 pub mod cuda;
 
 use crate::dtype::FloatType;
-use crate::method::{FuseRule, ScoreKind};
+pub use crate::method::{FuseSpec, KeySpec, MaskJob};
+pub use crate::select::DigitPass;
 use crate::select::Threshold;
 
 /// A tensor's raw little-endian bytes as stored in its file.
@@ -31,48 +34,6 @@ pub struct Group<'a> {
     /// The checkpoint the result is added to (forgetting's `start_model`); the base otherwise.
     pub start: Option<Raw<'a>>,
     pub tasks: Vec<TaskInput<'a>>,
-}
-
-/// How one task's keys are computed for one tensor.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct KeySpec {
-    pub score: ScoreKind,
-    /// `selection: model`: the tensor's mean score (scores are divided by it); None otherwise.
-    pub mean: Option<f32>,
-    /// Treat NaN/Inf scores as 0 instead of failing.
-    pub nonfinite_zero: bool,
-}
-
-/// What decides one task's mask in this tensor.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum MaskJob {
-    /// Keep everything.
-    All,
-    /// Keep the k best of this tensor.
-    TopK { spec: KeySpec, k: u64 },
-    /// `selection: model`: the model-wide threshold is known; keep keys above it and at most
-    /// `tie_quota` keys equal to it, lowest index first.
-    Fixed {
-        spec: KeySpec,
-        key: u32,
-        tie_quota: u64,
-    },
-    /// DARE: keep where the counter-based generator says so.
-    Random { stream: u64, threshold: u64 },
-}
-
-/// How the kept entries fuse (docs/SEMANTICS.md, "Fuse").
-#[derive(Clone, Debug, PartialEq)]
-pub struct FuseSpec {
-    pub rule: FuseRule,
-    pub lambda: f32,
-    pub normalize: bool,
-    pub weights: Vec<f32>,
-    /// True for `forget:` entries (subtracted).
-    pub forget: Vec<bool>,
-    /// Per task, DARE's rescale: kept τ is divided by this density.
-    pub rescale: Vec<Option<f32>>,
-    pub out: FloatType,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -110,20 +71,40 @@ pub struct Fault {
     pub value_is_nan: bool,
 }
 
+/// Why a device backend could not do what it was asked; the variant decides what the caller
+/// does (an out-of-memory is retried in smaller pieces), the message is for the user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// The device had less free memory than an allocation needed (the message names it).
+    #[error("{0}")]
+    OutOfMemory(String),
+    /// A driver call failed, or the driver or device cannot be used.
+    #[error("{0}")]
+    Driver(String),
+    /// The work cannot run on this device under its settings (a budget too small, a digit
+    /// schedule the kernels do not build, no kernels in this build).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A check between the host code and the kernels failed: a bug in stamerge.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("non-finite value at index {}", .0.index)]
     Fault(Fault),
     #[error("{0}")]
-    Device(String),
+    Device(#[from] DeviceError),
 }
 
 pub type BResult<T> = Result<T, BackendError>;
 
-pub trait Backend: Send + Sync {
-    fn name(&self) -> &'static str;
-
-    /// Selects each task's mask and writes the fused tensor into `out` (n × out.size() bytes).
+/// What a backend computes, each operation on one tensor group with the meaning of
+/// docs/SEMANTICS.md; every backend gives the same bits. (The ops; [`Backend`] is the plumbing.)
+pub trait Compute: Send + Sync {
+    /// Selects each task's mask and writes the fused tensor into `out` (n × out.size() bytes)
+    /// before it returns.
     fn merge_group(
         &self,
         g: &Group,
@@ -132,28 +113,38 @@ pub trait Backend: Send + Sync {
         out: &mut [u8],
     ) -> BResult<GroupStats>;
 
-    /// As `merge_group`, told which group the caller merges next (the pipeline's next tensor),
-    /// so that a backend with memory of its own can move that group's inputs while this one
-    /// computes. The results are the same; the default ignores `next`.
-    fn merge_group_with_next(
+    /// `selection: model`, pass 1: the deterministic sum of one task's scores in this tensor.
+    fn score_sum(&self, g: &Group, task: usize, spec: &KeySpec) -> BResult<f64>;
+
+    /// `selection: model`, digit passes: adds to `hist` (2^bits buckets) the digit `d` of the
+    /// task's keys.
+    fn histogram(
         &self,
         g: &Group,
-        masks: &[MaskJob],
-        fuse: &FuseSpec,
-        out: &mut [u8],
-        next: Option<&Group>,
-    ) -> BResult<GroupStats> {
-        let _ = next;
-        self.merge_group(g, masks, fuse, out)
-    }
+        task: usize,
+        spec: &KeySpec,
+        d: DigitPass,
+        hist: &mut [u64],
+    ) -> BResult<()>;
 
-    /// As `merge_group_with_next`, but the output buffer is handed over and its bytes may arrive
-    /// one call later, so that a backend can copy this group's output back while the next group
-    /// computes. Returns this group's statistics at once (a fault in `g` is this call's error),
-    /// and the outputs finished so far, oldest first, each exactly once: this call's or an
-    /// earlier call's. [`Backend::flush_outputs`] returns the rest. After an error, outputs
-    /// still held are dropped. The default finishes every output at once.
-    fn merge_group_deferred(
+    /// The digits (shift, bits) this backend prefers for the model-wide passes, from the top.
+    fn model_digits(&self) -> &'static [(u32, u32)];
+}
+
+/// How a backend takes a stream of tensor groups from the pipeline (docs/STREAMING.md): the one
+/// path the pipeline merges through. A backend with memory of its own moves the next group's
+/// inputs in and this group's output back while other work runs; the defaults compute each
+/// group at once with [`Compute::merge_group`].
+pub trait Backend: Compute {
+    fn name(&self) -> &'static str;
+
+    /// Merges `g`; `next` is the group the caller merges after it, if known (its inputs may be
+    /// copied in early). The output buffer is handed over and its bytes may arrive one call
+    /// later. Returns this group's statistics at once (a fault in `g` is this call's error), and
+    /// the outputs finished so far, oldest first, each exactly once: this call's or an earlier
+    /// call's. [`Backend::flush`] returns the rest. After an error, outputs still held are
+    /// dropped.
+    fn submit(
         &self,
         g: &Group,
         masks: &[MaskJob],
@@ -161,33 +152,13 @@ pub trait Backend: Send + Sync {
         mut out: Vec<u8>,
         next: Option<&Group>,
     ) -> BResult<(GroupStats, Vec<Vec<u8>>)> {
-        let stats = self.merge_group_with_next(g, masks, fuse, &mut out, next)?;
+        let _ = next;
+        let stats = self.merge_group(g, masks, fuse, &mut out)?;
         Ok((stats, vec![out]))
     }
 
-    /// The outputs of `merge_group_deferred` calls not yet returned, oldest first (waits for
-    /// them).
-    fn flush_outputs(&self) -> BResult<Vec<Vec<u8>>> {
+    /// The outputs of [`Backend::submit`] not yet returned, oldest first (waits for them).
+    fn flush(&self) -> BResult<Vec<Vec<u8>>> {
         Ok(Vec::new())
     }
-
-    /// `selection: model`, pass 1: the deterministic sum of one task's scores in this tensor.
-    fn score_sum(&self, g: &Group, task: usize, spec: &KeySpec) -> BResult<f64>;
-
-    /// `selection: model`, digit passes: add to `hist` (2^bits buckets) the digit at `shift` of
-    /// the keys whose bits above `shift + bits` equal `prefix`.
-    #[allow(clippy::too_many_arguments)]
-    fn histogram(
-        &self,
-        g: &Group,
-        task: usize,
-        spec: &KeySpec,
-        shift: u32,
-        bits: u32,
-        prefix: u32,
-        hist: &mut [u64],
-    ) -> BResult<()>;
-
-    /// The digits this backend prefers for the model-wide passes, from the top.
-    fn model_digits(&self) -> &'static [(u32, u32)];
 }

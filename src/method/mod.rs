@@ -2,7 +2,21 @@
 //! entries fuse. Backends interpret these rules; no backend re-implements a method by hand.
 //! The bit-level definitions are in docs/SEMANTICS.md.
 
-use crate::recipe::Importance;
+mod job;
+
+pub use job::{FuseSpec, KeySpec, MaskJob};
+
+/// STA's importance: what the gradient statistic multiplies (a recipe parameter, read here
+/// because it decides a tensor's score).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Importance {
+    /// abs(θ_t · G_t).
+    #[default]
+    Finetuned,
+    /// abs(τ_t · G_t).
+    TaskVector,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

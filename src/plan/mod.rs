@@ -1,15 +1,18 @@
 //! Header-only checks across every input, and the work list the pipeline executes. Nothing here
 //! reads tensor data: a plan that fails costs seconds, not the hour a merge would.
 
+pub mod work;
+
 use std::collections::HashSet;
 use std::path::PathBuf;
 
+use crate::backend::{Group, Raw, TaskInput};
 use crate::checkpoint::writer::OutTensor;
 use crate::checkpoint::{Checkpoint, SafetensorsFile, TensorEntry};
 use crate::dtype::{is_unsupported_float, FloatType};
 use crate::error::{Error, Problem, Result};
-use crate::method::{keep_count, ScoreKind, SelectKind};
-use crate::recipe::{MissingGradients, Recipe, Selection};
+use crate::recipe::{MissingGradients, Recipe};
+pub use work::{MaskPlan, ModelCut, TensorWork};
 
 pub struct TaskInputs {
     pub model: Checkpoint,
@@ -57,10 +60,8 @@ pub enum ItemKind {
     Merge {
         n: usize,
         out: FloatType,
-        /// Per task: what is ranked (None for methods that keep everything).
-        scores: Vec<Option<ScoreKind>>,
-        /// Per task: k for per-tensor selection (None: model-wide selection, random, or all).
-        k: Vec<Option<u64>>,
+        /// Each task's mask and the fuse (`work::resolve`).
+        work: TensorWork,
     },
     /// Copied byte for byte (non-float tensors, tensors only the base has).
     Copy { from_start: bool },
@@ -81,12 +82,40 @@ pub struct Estimate {
     pub tensors_merged: usize,
     pub tensors_copied: usize,
     pub params_merged: u64,
-    /// Bytes read by all passes together (model-wide selection re-reads its inputs).
+    /// Bytes read by all passes together on the CPU backend (model-wide selection re-reads its
+    /// inputs; [`Estimate::read_bytes_with`] for another backend's digits).
     pub read_bytes: u64,
     pub write_bytes: u64,
+    /// Passes over the merged inputs on the CPU backend ([`Estimate::passes_with`]).
     pub passes: u32,
+    /// One pass over the merged tensors' inputs.
+    #[serde(skip)]
+    pub merge_read_bytes: u64,
+    /// The copied tensors' bytes (read once).
+    #[serde(skip)]
+    pub copy_read_bytes: u64,
+    /// Whether `selection: model` adds passes (a mean pass and one per radix digit).
+    #[serde(skip)]
+    pub model_wide: bool,
     /// The largest working set of one tensor group (keys, masks, output buffers in flight).
     pub peak_bytes: u64,
+}
+
+impl Estimate {
+    /// Passes over the merged inputs for a backend whose model-wide select has `digits` radix
+    /// digits (`Compute::model_digits`): the fuse pass, plus a mean pass and one per digit.
+    pub fn passes_with(&self, digits: usize) -> u32 {
+        if self.model_wide {
+            2 + digits as u32
+        } else {
+            1
+        }
+    }
+
+    /// Bytes read by every pass together, for a backend with `digits` radix digits.
+    pub fn read_bytes_with(&self, digits: usize) -> u64 {
+        self.merge_read_bytes * self.passes_with(digits) as u64 + self.copy_read_bytes
+    }
 }
 
 pub struct Plan {
@@ -222,7 +251,6 @@ impl Plan {
                 }
             }
         }
-        let method = recipe.method;
         let mut items = Vec::new();
         let mut est = Estimate {
             passes: 1,
@@ -270,8 +298,7 @@ impl Plan {
                 continue;
             }
             let mut ok = check_float(bf, bt, &mut problems).is_some();
-            let mut scores = Vec::new();
-            let mut ks = Vec::new();
+            let mut has_grads = Vec::new();
             let mut read = bt.nbytes() as u64;
             if let Some((_, Some((sf, st)))) = start_t {
                 read += st.nbytes() as u64;
@@ -322,22 +349,7 @@ impl Plan {
                         }
                     }
                 }
-                let (score, k) = match method.select() {
-                    SelectKind::All => (None, None),
-                    SelectKind::Random => (None, None),
-                    SelectKind::TopK => {
-                        let score = method.score(spec.importance, has_grad);
-                        let k = match spec.selection {
-                            Selection::Tensor if spec.density < 1.0 => {
-                                Some(keep_count(spec.density, n as u64))
-                            }
-                            _ => None,
-                        };
-                        (Some(score), k)
-                    }
-                };
-                scores.push(score);
-                ks.push(k);
+                has_grads.push(has_grad);
             }
             if !ok {
                 continue;
@@ -347,11 +359,11 @@ impl Plan {
                 .or(recipe.dtype)
                 .unwrap_or_else(|| base_float.expect("checked float"));
             let nbytes = (n * out.size()) as u64;
-            let topk = scores.iter().any(Option::is_some);
+            let work = work::resolve(recipe, &bt.name, n as u64, out, &has_grads);
             let nt = recipe.tasks.len() as u64;
             let peak = nbytes * OUT_BUFFERS_IN_FLIGHT
-                + if topk { 4 * n as u64 } else { 0 }
-                + if method.select() != SelectKind::All {
+                + if work.ranks() { 4 * n as u64 } else { 0 }
+                + if work.masks_any() {
                     nt * (n as u64).div_ceil(64) * 8
                 } else {
                     0
@@ -364,12 +376,7 @@ impl Plan {
             items.push(Item {
                 name: bt.name.clone(),
                 shape: bt.shape.clone(),
-                kind: ItemKind::Merge {
-                    n,
-                    out,
-                    scores,
-                    k: ks,
-                },
+                kind: ItemKind::Merge { n, out, work },
                 out: OutTensor {
                     name: bt.name.clone(),
                     dtype: out.to_safetensors(),
@@ -402,21 +409,16 @@ impl Plan {
         if !problems.is_empty() {
             return Err(problems);
         }
-        let model_wide = recipe
-            .tasks
-            .iter()
-            .any(|t| t.selection == Selection::Model && t.density < 1.0)
-            && method.select() == SelectKind::TopK;
-        if model_wide {
-            // mean pass + two 16-bit digit passes on the CPU, then the fuse pass.
-            est.passes = 4;
-            est.read_bytes *= 4;
-        }
-        est.read_bytes += items
+        est.model_wide = !work::model_wide_tasks(recipe).is_empty();
+        est.merge_read_bytes = est.read_bytes;
+        est.copy_read_bytes = items
             .iter()
             .filter(|i| matches!(i.kind, ItemKind::Copy { .. }))
             .map(|i| i.read_bytes)
             .sum::<u64>();
+        let cpu_digits = crate::backend::cpu::MODEL_DIGITS.len();
+        est.passes = est.passes_with(cpu_digits);
+        est.read_bytes = est.read_bytes_with(cpu_digits);
         let outs: Vec<OutTensor> = items.iter().map(|i| i.out.clone()).collect();
         let shards = crate::checkpoint::writer::plan_shards(&outs, out_shard_bytes).files;
         Ok(Plan {
@@ -427,5 +429,44 @@ impl Plan {
             notes,
             shards,
         })
+    }
+}
+
+fn raw<'a>(ck: &'a Checkpoint, name: &str) -> Raw<'a> {
+    let (f, t) = ck
+        .get(name)
+        .expect("the plan checked that the tensor exists");
+    Raw {
+        ty: FloatType::from_safetensors(t.dtype).expect("the plan checked the dtype"),
+        data: f.bytes(t),
+    }
+}
+
+impl Plan {
+    /// The mapped inputs of a merged item, as a backend takes them.
+    pub fn group<'a>(&'a self, item: &'a Item) -> Group<'a> {
+        let name = item.name.as_str();
+        let n = match item.kind {
+            ItemKind::Merge { n, .. } => n,
+            ItemKind::Copy { .. } => item.shape.iter().product(),
+        };
+        Group {
+            name,
+            n,
+            base: raw(&self.inputs.base, name),
+            start: self.inputs.start.as_ref().map(|s| raw(s, name)),
+            tasks: self
+                .inputs
+                .tasks
+                .iter()
+                .map(|t| TaskInput {
+                    theta: raw(&t.model, name),
+                    grad: t
+                        .grads
+                        .as_ref()
+                        .and_then(|g| g.get(name).map(|_| raw(g, name))),
+                })
+                .collect(),
+        }
     }
 }

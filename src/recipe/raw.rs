@@ -3,6 +3,8 @@
 
 use serde::Deserialize;
 
+pub use crate::method::Importance;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRecipe {
@@ -56,14 +58,6 @@ pub enum Selection {
     #[default]
     Tensor,
     Model,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Importance {
-    #[default]
-    Finetuned,
-    TaskVector,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]

@@ -2,9 +2,11 @@
 //! DARE's counter-based generator: everything the CPU backend and the CUDA kernels must agree on.
 
 pub mod dare;
+pub mod digits;
 pub mod dsum;
 pub mod radix;
 
+pub use digits::{DigitPass, DigitSearch};
 pub use radix::{radix_select, Threshold};
 
 /// Maps an f32 to a u32 whose unsigned order is the float order (NaN excluded).
@@ -24,7 +26,8 @@ pub fn key_value(k: u32) -> f32 {
     }
 }
 
-/// The digit schedule of DESIGN.md §4: 11-bit digits from the top (11 + 11 + 10 bits).
+/// The kernels' digit schedule (docs/KERNELS.md, SelectState, "Radix digits"): 11-bit digits from the top
+/// (11 + 11 + 10 bits).
 pub const DIGITS_11: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
 
 #[cfg(test)]

@@ -17,6 +17,37 @@ pub struct Threshold {
 }
 
 impl Threshold {
+    /// The keep rule of a threshold found elsewhere (the model-wide passes, or the chunks of a
+    /// tensor): keys above `key`, and of the `count_eq` keys equal to it the first
+    /// min(count_eq, quota), lowest index first. `cutoff_of(ties)` is asked for one past the
+    /// index of the last kept tie only when some but not all ties are kept; the cutoff is n when
+    /// every tie is kept (also when there is none), 0 when none is. Returns the rule and the
+    /// number of ties it keeps.
+    pub fn fixed<E>(
+        key: u32,
+        n: u64,
+        count_gt: u64,
+        count_eq: u64,
+        quota: u64,
+        cutoff_of: impl FnOnce(u64) -> Result<u64, E>,
+    ) -> Result<(Self, u64), E> {
+        let ties = count_eq.min(quota);
+        let cutoff = if ties == count_eq {
+            n
+        } else if ties == 0 {
+            0
+        } else {
+            cutoff_of(ties)?
+        };
+        let th = Self {
+            key,
+            cutoff,
+            count_gt,
+            count_eq,
+        };
+        Ok((th, ties))
+    }
+
     #[inline(always)]
     pub fn keeps(&self, key: u32, index: u64) -> bool {
         // Non-short-circuit operators: no branch per element in the mask loops.

@@ -459,3 +459,13 @@ pub fn leftovers(dir: &Path) -> Vec<String> {
 pub fn stamerge_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_stamerge"))
 }
+
+/// The names of the entries of `dir`, sorted.
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}

@@ -97,11 +97,11 @@ pub fn bench_kernels(spec: &KernelBenchSpec) -> Result<KernelBench, String> {
     if !(spec.density > 0.0 && spec.density <= 1.0) {
         return Err("bench kernels: density must be in (0, 1]".into());
     }
-    let backend = CudaBackend::new(spec.ordinal)?;
+    let backend = CudaBackend::new(spec.ordinal).map_err(|e| e.to_string())?;
     let mut w = backend.lock();
     guarded(|| run(&backend.gpu, &mut w.arena, spec).map_err(BackendError::Device)).map_err(|e| {
         match e {
-            BackendError::Device(m) => m,
+            BackendError::Device(m) => m.to_string(),
             BackendError::Fault(f) => format!("unexpected fault {f:?}"),
         }
     })
@@ -174,7 +174,7 @@ fn run(gpu: &Gpu, arena: &mut super::Arena, spec: &KernelBenchSpec) -> DResult<K
     let ty = spec.dtype;
     let sz = ty.size();
     let n64 = n as u64;
-    let k = ((spec.density * n as f64).floor() as u64).clamp(1, n64);
+    let k = crate::method::keep_count(spec.density, n64);
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -277,7 +277,9 @@ fn run(gpu: &Gpu, arena: &mut super::Arena, spec: &KernelBenchSpec) -> DResult<K
     }
     let h: SelectHeader = read_header(gpu, arena, state)?;
     if h.bad != u64::MAX || h.flags != 0 || h.passes_done != 3 {
-        return Err(format!("the select's state after pass 2 is wrong: {h:?}"));
+        return Err(super::DeviceError::Internal(format!(
+            "the select's state after pass 2 is wrong: {h:?}"
+        )));
     }
     let keys_bytes = 4.0 * n as f64;
     let cand_bytes = if h.cand_len == u64::MAX {

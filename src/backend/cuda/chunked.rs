@@ -8,15 +8,16 @@
 //! in index order, as many keys equal to it as the tie quota still allows (`MaskJob::Fixed`),
 //! which is the top-k rule's "lowest indices first".
 
-use super::{
-    dev, fault_result, fixed_header, group_bytes, launches, score_fault, score_inputs, selections,
-    CudaBackend, ScoreBufs, Sel, Sink, Work,
-};
+use super::faults::{fault_result, score_fault};
+use super::group::{fixed_header, score_inputs};
+use super::layout::{group_bytes, selections, ScoreBufs, Sel};
+use super::transfer::{Sink, Work};
+use super::{dev, launches, CudaBackend};
 use crate::backend::{
-    BResult, BackendError, Fault, FuseSpec, Group, GroupStats, KeySpec, MaskJob, Raw, TaskStats,
+    BResult, BackendError, DeviceError, Fault, FuseSpec, Group, GroupStats, KeySpec, MaskJob, Raw,
+    TaskStats,
 };
-use crate::select::radix::pick_bucket;
-use crate::select::{Threshold, DIGITS_11};
+use crate::select::{DigitSearch, Threshold, DIGITS_11};
 
 use super::device::{SUM_CHUNK, TIE_TILE};
 
@@ -28,9 +29,7 @@ const DARE_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
 /// tie search's tiles and the masks' words never straddle two chunks).
 const GRANULE: usize = TIE_TILE;
 
-fn internal(msg: String) -> BackendError {
-    BackendError::Device(format!("internal error: {msg}"))
-}
+use super::internal;
 
 /// The largest chunk, a multiple of `granule` elements (or all `n`), whose buffers (`bytes` of a
 /// chunk length) fit `budget`; a clear error when not even one granule fits.
@@ -44,12 +43,12 @@ fn chunk_len(
     let len = |m: usize| (m * granule).min(n);
     let fits = |m: usize| -> BResult<bool> { Ok(bytes(len(m))? <= budget) };
     if !fits(1)? {
-        return Err(BackendError::Device(format!(
+        return Err(BackendError::Device(DeviceError::Unsupported(format!(
             "tensor `{name}`: one chunk of {} elements needs {} bytes of GPU memory, more than \
              the budget of {budget} bytes (raise --max-memory, or use --device cpu)",
             len(1),
             bytes(len(1))?
-        )));
+        ))));
     }
     let (mut lo, mut hi) = (1, n.div_ceil(granule).max(1));
     while lo < hi {
@@ -216,8 +215,9 @@ impl CudaBackend {
             match *sel {
                 Sel::Fixed { spec, key, quota } => cuts[t] = Some(Cut { spec, key, quota }),
                 Sel::TopK { spec, k } => {
-                    let (mut prefix, mut remaining) = (0u32, k);
-                    for (pass, &(_, bits)) in DIGITS_11.iter().enumerate() {
+                    let mut search = DigitSearch::new(k);
+                    for (pass, &(shift, bits)) in DIGITS_11.iter().enumerate() {
+                        let prefix = search.pass(shift, bits).prefix;
                         let mut hist = vec![0u64; 1 << bits];
                         for (sub, &(at, _)) in subs.iter().zip(&spans) {
                             let r =
@@ -226,22 +226,15 @@ impl CudaBackend {
                                 return Err(fail(self, w, e));
                             }
                         }
-                        let total: u64 = hist.iter().sum();
-                        if remaining == 0 || remaining > total {
-                            return Err(internal(format!(
-                                "task {t} of `{}`: {remaining} keys to place among {total}",
-                                g.name
-                            )));
-                        }
-                        let (b, above) = pick_bucket(&hist, remaining);
-                        remaining -= above;
-                        topk_eq[t] = hist[b as usize];
-                        prefix = (prefix << bits) | b;
+                        search
+                            .advance(bits, &hist)
+                            .map_err(|e| internal(format!("task {t} of `{}`: {e}", g.name)))?;
                     }
+                    topk_eq[t] = search.count_eq();
                     cuts[t] = Some(Cut {
                         spec,
-                        key: prefix,
-                        quota: remaining,
+                        key: search.prefix(),
+                        quota: search.quota(),
                     });
                 }
                 _ => {}
@@ -269,10 +262,7 @@ impl CudaBackend {
                 })
                 .collect();
             let o = &mut out[at * osz..(at + len) * osz];
-            let st = match shifted(
-                self.merge_on_device(w, sub, &cjobs, f, Sink::Now(o), None),
-                at,
-            ) {
+            let st = match shifted(self.merge_on_device(w, sub, &cjobs, f, Sink::Now(o)), at) {
                 Ok(st) => st,
                 Err(e) => return Err(fail(self, w, e)),
             };
@@ -306,26 +296,20 @@ impl CudaBackend {
             let a = &sums[t];
             let threshold = match cuts[t] {
                 None => None,
-                Some(c) => {
-                    let cutoff = if a.ties == a.eq {
-                        n as u64
-                    } else if a.ties == 0 {
-                        0
-                    } else if let Some(x) = a.cutoff {
-                        x
-                    } else {
+                // The ties kept are min(eq, quota) when the chunks kept them right (checked
+                // below); the cutoff is where the chunk that spent the quota stopped.
+                Some(c) => Some(
+                    Threshold::fixed(c.key, n as u64, a.gt, a.eq, a.ties, |_| {
+                        if let Some(x) = a.cutoff {
+                            return Ok::<_, BackendError>(x);
+                        }
                         let ci = a
                             .spent_in
                             .ok_or_else(|| internal(format!("task {t}: no tie cutoff")))?;
-                        spans[ci].0 as u64 + self.last_tie(w, &subs[ci], t, &c)? + 1
-                    };
-                    Some(Threshold {
-                        key: c.key,
-                        cutoff,
-                        count_gt: a.gt,
-                        count_eq: a.eq,
-                    })
-                }
+                        Ok(spans[ci].0 as u64 + self.last_tie(w, &subs[ci], t, &c)? + 1)
+                    })?
+                    .0,
+                ),
             };
             let ok = match *sel {
                 Sel::Keep => a.kept == n as u64,

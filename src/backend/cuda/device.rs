@@ -2,7 +2,8 @@
 //! fatbins that build.rs embeds, one typed wrapper per kernel launch (argument order and grids as
 //! in docs/KERNELS.md), and the grow-only device arena that holds one tensor group at a time.
 //!
-//! Every driver error becomes a `String` naming the call; nothing here unwraps a driver result.
+//! Every driver error becomes a [`DeviceError`] naming the call; nothing here unwraps a driver
+//! result.
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
+pub use crate::backend::DeviceError;
 use crate::dtype::FloatType;
 use crate::method::FuseRule;
 
@@ -21,12 +23,12 @@ mod generated {
 }
 pub use generated::{HAVE_KERNELS, KERNELS};
 
-pub type DResult<T> = Result<T, String>;
+pub type DResult<T> = Result<T, DeviceError>;
 
 /// A device address as the kernels take it (`const void*`, `u64*`, …); 0 is NULL.
 pub type Ptr = u64;
 
-/// Threads per block of every kernel except `select_tie_cutoff` and `score_mean`.
+/// Threads per block of every kernel except `select_tie_cutoff`.
 const BLOCK: u32 = 256;
 /// `select_tie_cutoff` runs as one block of exactly this many threads.
 const CUTOFF_BLOCK: u32 = 1024;
@@ -40,9 +42,9 @@ const ALIGN: usize = 256;
 const GROW_STEP: usize = 64 << 20;
 /// After an out-of-memory, an arena's budget becomes this share of the memory then free.
 const SHRINK_SHARE: f64 = 0.9;
-/// How an arena's out-of-memory error starts: the caller may retry in chunks, since the budget
-/// has shrunk to what is free.
-pub const OUT_OF_MEMORY: &str = "the GPU ran out of memory ";
+/// How an arena's out-of-memory message starts ([`DeviceError::OutOfMemory`]: the caller may
+/// retry in chunks, since the budget has shrunk to what is free).
+const OUT_OF_MEMORY: &str = "the GPU ran out of memory ";
 
 /// Blocks of 256 threads per SM for the grid-stride kernels (docs/KERNELS.md, "Occupancy"): the
 /// histogram-building launches use fewer blocks (fewer global atomics), the others fill the SMs.
@@ -68,8 +70,8 @@ pub fn describe(e: &DriverError) -> String {
 }
 
 /// Maps a driver error to "`what`: CUDA_ERROR_… (…)".
-pub fn drv(what: &str) -> impl Fn(DriverError) -> String + '_ {
-    move |e| format!("{what}: {}", describe(&e))
+pub fn drv(what: &str) -> impl Fn(DriverError) -> DeviceError + '_ {
+    move |e| DeviceError::Driver(format!("{what}: {}", describe(&e)))
 }
 
 pub fn dtype_code(t: FloatType) -> i32 {
@@ -117,8 +119,13 @@ impl Gpu {
     /// (the first driver call panics otherwise).
     pub fn open(ordinal: usize) -> DResult<Self> {
         let ctx = CudaContext::new(ordinal).map_err(|e| match e.0 {
-            sys::CUresult::CUDA_ERROR_NO_DEVICE => format!("no CUDA GPU: {}", describe(&e)),
-            _ => format!("cannot open CUDA device {ordinal}: {}", describe(&e)),
+            sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+                DeviceError::Driver(format!("no CUDA GPU: {}", describe(&e)))
+            }
+            _ => DeviceError::Driver(format!(
+                "cannot open CUDA device {ordinal}: {}",
+                describe(&e)
+            )),
         })?;
         // A handful of arena allocations that never outlive the work that uses them (the
         // backend synchronises before it returns), and explicit events between the compute and
@@ -174,8 +181,11 @@ impl Gpu {
 
     /// An exact grid of `blocks` blocks (kernels whose grid is fixed by the data size).
     fn exact(blocks: usize, what: &str) -> DResult<u32> {
-        u32::try_from(blocks.max(1))
-            .map_err(|_| format!("{what}: {blocks} blocks exceed the CUDA grid limit"))
+        u32::try_from(blocks.max(1)).map_err(|_| {
+            DeviceError::Unsupported(format!(
+                "{what}: {blocks} blocks exceed the CUDA grid limit"
+            ))
+        })
     }
 }
 
@@ -193,7 +203,7 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> DResult<Kernels> {
         let m = ctx
             .load_module(Ptx::from_binary(fatbin.to_vec()))
             .map_err(|e| {
-                format!(
+                DeviceError::Driver(format!(
                     "loading the `{name}` kernels: {} (this GPU is sm_{}{}; the build has sm_80 \
                      and sm_90 machine code and compute_90 PTX, which needs a driver at least as \
                      new as the nvcc that built it: {})",
@@ -201,7 +211,7 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> DResult<Kernels> {
                     cc.0,
                     cc.1,
                     option_env!("STAMERGE_NVCC_VERSION").unwrap_or("unknown"),
-                )
+                ))
             })?;
         modules.push((*name, m));
     }
@@ -210,9 +220,12 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> DResult<Kernels> {
             .iter()
             .find(|(n, _)| *n == module)
             .map(|(_, m)| m)
-            .ok_or_else(|| format!("this build's kernels have no `{module}` module"))?;
-        m.load_function(f)
-            .map_err(|e| format!("kernel `{f}` in `{module}`: {}", describe(&e)))
+            .ok_or_else(|| {
+                DeviceError::Internal(format!("this build's kernels have no `{module}` module"))
+            })?;
+        m.load_function(f).map_err(|e| {
+            DeviceError::Driver(format!("kernel `{f}` in `{module}`: {}", describe(&e)))
+        })
     };
     Ok(Kernels {
         score_keys: get("score", "score_keys")?,
@@ -248,7 +261,9 @@ macro_rules! launch {
         // reads or writes (see the `# Safety` sections below).
         unsafe { b.launch(cfg) }
             .map(|_| ())
-            .map_err(|e| format!("launching `{}`: {}", stringify!($f), describe(&e)))
+            .map_err(|e| {
+                DeviceError::Driver(format!("launching `{}`: {}", stringify!($f), describe(&e)))
+            })
     }};
 }
 
@@ -469,10 +484,10 @@ impl Gpu {
     /// which poisons the context).
     pub unsafe fn fuse(&self, a: &FuseArgs) -> DResult<()> {
         if !(1..=64).contains(&a.num_tasks) {
-            return Err(format!(
+            return Err(DeviceError::Internal(format!(
                 "the fuse kernels take 1 to 64 tasks, not {}",
                 a.num_tasks
-            ));
+            )));
         }
         let FuseArgs {
             base,
@@ -567,10 +582,10 @@ impl Arena {
             return Ok(());
         }
         if bytes > self.limit {
-            return Err(format!(
-                "internal error: {bytes} bytes of device memory requested, over the budget of {}",
+            return Err(DeviceError::Internal(format!(
+                "{bytes} bytes of device memory requested, over the budget of {}",
                 self.limit
-            ));
+            )));
         }
         // Free the old allocation first: the peak is the new size, not old + new.
         self.buf = None;
@@ -596,7 +611,7 @@ impl Arena {
                             continue;
                         }
                     }
-                    return Err(format!(
+                    let msg = format!(
                         "{}allocating {:.2} GB of GPU memory: {} ({:.2} GB free of {:.2} GB; the \
                          budget is now {:.2} GB)",
                         if oom { OUT_OF_MEMORY } else { "" },
@@ -605,7 +620,12 @@ impl Arena {
                         free as f64 / 1e9,
                         total as f64 / 1e9,
                         self.limit as f64 / 1e9
-                    ));
+                    );
+                    return Err(if oom {
+                        DeviceError::OutOfMemory(msg)
+                    } else {
+                        DeviceError::Driver(msg)
+                    });
                 }
             }
         };
@@ -630,11 +650,11 @@ impl Arena {
 
     fn slice_bounds(&self, off: usize, len: usize) -> DResult<()> {
         if off + len > self.capacity() {
-            return Err(format!(
-                "internal error: arena access {off}..{} past its {} bytes",
+            return Err(DeviceError::Internal(format!(
+                "arena access {off}..{} past its {} bytes",
                 off + len,
                 self.capacity()
-            ));
+            )));
         }
         Ok(())
     }

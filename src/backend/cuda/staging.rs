@@ -143,11 +143,11 @@ impl Ring {
     /// pieces as slots free up.
     pub fn finish(&mut self, stream: &CudaStream, mut d: Download, out: &mut [u8]) -> DResult<()> {
         if out.len() != d.len {
-            return Err(format!(
-                "internal error: a {}-byte download into {} bytes",
+            return Err(super::device::DeviceError::Internal(format!(
+                "a {}-byte download into {} bytes",
                 d.len,
                 out.len()
-            ));
+            )));
         }
         while let Some((i, off, n)) = d.inflight.pop_front() {
             let s = &mut self.slots[i];

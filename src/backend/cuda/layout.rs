@@ -1,0 +1,268 @@
+//! What each task's mask needs on the device (`Sel`), and where each buffer of one launch
+//! sequence lives in the device arena: a whole group's
+//! (`GroupLayout`, for `group.rs`) and one task's score pass (`ScoreBufs`, for the model-wide
+//! passes of `model.rs` and the chunked path's tie search). Every size here is what the kernels
+//! read or write for n elements (docs/KERNELS.md, "Buffers").
+
+use super::device::{FuseTask, Layout, STATE_BYTES, SUM_CHUNK, TIE_TILE};
+use super::internal;
+use crate::backend::cpu::MAX_COMBO_TASKS;
+use crate::backend::{BResult, FuseSpec, Group, KeySpec, MaskJob};
+
+/// What one task's mask needs on the device.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Sel {
+    /// No mask: every entry kept (`All`, or top-k with k >= n, as the CPU).
+    Keep,
+    TopK {
+        spec: KeySpec,
+        k: u64,
+    },
+    Fixed {
+        spec: KeySpec,
+        key: u32,
+        quota: u64,
+    },
+    Random {
+        stream: u64,
+        threshold: u64,
+    },
+}
+
+impl Sel {
+    pub(super) fn of(job: &MaskJob, n: usize) -> BResult<Self> {
+        Ok(match *job {
+            MaskJob::All => Sel::Keep,
+            MaskJob::TopK { k, .. } if k >= n as u64 => Sel::Keep,
+            MaskJob::TopK { k: 0, .. } => return Err(internal("top-k with k = 0".into())),
+            MaskJob::TopK { spec, k } => Sel::TopK { spec, k },
+            MaskJob::Fixed {
+                spec,
+                key,
+                tie_quota,
+            } => Sel::Fixed {
+                spec,
+                key,
+                quota: tie_quota,
+            },
+            MaskJob::Random { stream, threshold } => Sel::Random { stream, threshold },
+        })
+    }
+
+    pub(super) fn spec(&self) -> Option<&KeySpec> {
+        match self {
+            Sel::TopK { spec, .. } | Sel::Fixed { spec, .. } => Some(spec),
+            _ => None,
+        }
+    }
+
+    pub(super) fn has_mask(&self) -> bool {
+        !matches!(self, Sel::Keep)
+    }
+}
+
+/// The selections of `jobs` and how many mask-combination buckets are counted (as the CPU: when
+/// some task has a mask and T <= 8).
+pub(super) fn selections(jobs: &[MaskJob], n: usize) -> BResult<(Vec<Sel>, usize)> {
+    let sels = jobs
+        .iter()
+        .map(|j| Sel::of(j, n))
+        .collect::<BResult<Vec<_>>>()?;
+    let track = jobs.len() <= MAX_COMBO_TASKS && sels.iter().any(Sel::has_mask);
+    Ok((sels, if track { 1usize << jobs.len() } else { 0 }))
+}
+
+/// The device bytes [`CudaBackend::merge_on_device`] needs for this group in one piece.
+pub(super) fn group_bytes(g: &Group, jobs: &[MaskJob], f: &FuseSpec) -> BResult<usize> {
+    let (sels, ncombo) = selections(jobs, g.n)?;
+    Ok(group_layout(g, &sels, f, ncombo).bytes)
+}
+
+/// Where one group's buffers live in the arena.
+pub(super) struct GroupLayout {
+    pub(super) base: usize,
+    pub(super) start: Option<usize>,
+    pub(super) theta: Vec<usize>,
+    pub(super) grad: Vec<Option<usize>>,
+    pub(super) keys: usize,
+    pub(super) cand: usize,
+    pub(super) cand_cap: usize,
+    pub(super) tiles: usize,
+    pub(super) mask: Vec<Option<usize>>,
+    pub(super) state: Vec<Option<usize>>,
+    /// FuseTask × T, then the f32 mean of each task (for `keys_normalize`).
+    pub(super) params: usize,
+    /// u64 words: [fuse bad, tie total × T, kept × T, combos × 2^T].
+    pub(super) stats: usize,
+    pub(super) stats_words: usize,
+    pub(super) out: usize,
+    pub(super) bytes: usize,
+}
+
+/// Offsets of the words in the stats block.
+pub(super) struct StatsWords {
+    pub(super) nt: usize,
+}
+
+impl StatsWords {
+    pub(super) const FUSE_BAD: usize = 0;
+    pub(super) fn tie_total(&self, t: usize) -> usize {
+        1 + t
+    }
+    pub(super) fn kept(&self, t: usize) -> usize {
+        1 + self.nt + t
+    }
+    pub(super) fn combos(&self) -> usize {
+        1 + 2 * self.nt
+    }
+}
+
+pub(super) fn group_layout(g: &Group, sels: &[Sel], fuse: &FuseSpec, ncombo: usize) -> GroupLayout {
+    let n = g.n;
+    let nt = g.tasks.len();
+    let mut l = Layout::default();
+    let base = l.take(n * g.base.ty.size());
+    let start = g.start.map(|s| l.take(n * s.ty.size()));
+    let theta = g
+        .tasks
+        .iter()
+        .map(|t| l.take(n * t.theta.ty.size()))
+        .collect();
+    let grad = g
+        .tasks
+        .iter()
+        .zip(sels)
+        .map(|(t, s)| match (s.spec(), t.grad) {
+            (Some(spec), Some(gr)) if spec.score.needs_grad() => Some(l.take(n * gr.ty.size())),
+            _ => None,
+        })
+        .collect();
+    let any_keys = sels.iter().any(|s| s.spec().is_some());
+    let any_topk = sels.iter().any(|s| matches!(s, Sel::TopK { .. }));
+    // Keys, candidates and tile counts are shared by the tasks: their launches run in order on
+    // one stream, so each task's selection is done with them before the next one starts.
+    let keys = if any_keys { l.take(4 * n) } else { 0 };
+    // A quarter of the keys: pass 2 reads the candidates when the threshold's top-digit bucket
+    // fits, the keys again otherwise (the CPU switches at the same size).
+    let cand_cap = n.div_ceil(4);
+    let cand = if any_topk { l.take(4 * cand_cap) } else { 0 };
+    let tiles = if any_keys {
+        l.take(4 * n.div_ceil(TIE_TILE))
+    } else {
+        0
+    };
+    let mask = sels
+        .iter()
+        .map(|s| s.has_mask().then(|| l.take(8 * n.div_ceil(64))))
+        .collect();
+    let state = sels
+        .iter()
+        .map(|s| s.spec().is_some().then(|| l.take(STATE_BYTES)))
+        .collect();
+    let params = l.take(nt * std::mem::size_of::<FuseTask>() + nt * 4);
+    let stats_words = 1 + 2 * nt + ncombo;
+    let stats = l.take(8 * stats_words);
+    let out = l.take(n * fuse.out.size());
+    GroupLayout {
+        base,
+        start,
+        theta,
+        grad,
+        keys,
+        cand,
+        cand_cap,
+        tiles,
+        mask,
+        state,
+        params,
+        stats,
+        stats_words,
+        out,
+        bytes: l.bytes(),
+    }
+}
+
+/// Where the buffers of one task's score pass live in the arena (`score_sum`, `histogram`, and
+/// the chunked path's tie search).
+pub(super) struct ScoreBufs {
+    pub(super) base: usize,
+    pub(super) theta: usize,
+    pub(super) grad: Option<usize>,
+    /// n u32 keys (histogram: only with a mean; else unused, offset 0).
+    pub(super) keys: usize,
+    /// score_sum's per-chunk f64 sums; histogram: none.
+    pub(super) chunks: usize,
+    /// A SelectState (histogram, tie search); score_sum: none.
+    pub(super) state: usize,
+    /// Tie-count tiles (tie search only).
+    pub(super) tiles: usize,
+    /// 8 bytes: the score error word; histogram and tie search: 16 (the mean after it).
+    pub(super) small: usize,
+    pub(super) bytes: usize,
+}
+
+impl ScoreBufs {
+    pub(super) fn inputs(g: &Group, t: usize, spec: &KeySpec) -> (Layout, Self) {
+        let mut l = Layout::default();
+        let (base, theta, grad) = input_layout(&mut l, g, t, spec);
+        let b = Self {
+            base,
+            theta,
+            grad,
+            keys: 0,
+            chunks: 0,
+            state: 0,
+            tiles: 0,
+            small: 0,
+            bytes: 0,
+        };
+        (l, b)
+    }
+
+    pub(super) fn for_sums(g: &Group, t: usize, spec: &KeySpec) -> Self {
+        let (mut l, mut b) = Self::inputs(g, t, spec);
+        b.keys = l.take(4 * g.n);
+        b.chunks = l.take(8 * g.n.div_ceil(SUM_CHUNK));
+        b.small = l.take(8);
+        b.bytes = l.bytes();
+        b
+    }
+
+    pub(super) fn for_histogram(g: &Group, t: usize, spec: &KeySpec) -> Self {
+        let (mut l, mut b) = Self::inputs(g, t, spec);
+        if spec.mean.is_some() {
+            b.keys = l.take(4 * g.n);
+        }
+        b.state = l.take(STATE_BYTES);
+        b.small = l.take(16);
+        b.bytes = l.bytes();
+        b
+    }
+
+    pub(super) fn for_tie_search(g: &Group, t: usize, spec: &KeySpec) -> Self {
+        let (mut l, mut b) = Self::inputs(g, t, spec);
+        b.keys = l.take(4 * g.n);
+        b.tiles = l.take(4 * g.n.div_ceil(TIE_TILE));
+        b.state = l.take(STATE_BYTES);
+        b.small = l.take(16);
+        b.bytes = l.bytes();
+        b
+    }
+}
+
+/// Offsets of the inputs that task `t`'s scores read: (base, theta, grad).
+pub(super) fn input_layout(
+    l: &mut Layout,
+    g: &Group,
+    t: usize,
+    spec: &KeySpec,
+) -> (usize, usize, Option<usize>) {
+    let n = g.n;
+    let base = l.take(n * g.base.ty.size());
+    let theta = l.take(n * g.tasks[t].theta.ty.size());
+    let grad = match (spec.score.needs_grad(), g.tasks[t].grad) {
+        (true, Some(gr)) => Some(l.take(n * gr.ty.size())),
+        _ => None,
+    };
+    (base, theta, grad)
+}

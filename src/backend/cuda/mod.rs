@@ -1,0 +1,413 @@
+//! The CUDA backend: the score → select → fuse of `cpu.rs`, bit for bit, with the kernels of
+//! `kernels/*.cu` (their launch contract is docs/KERNELS.md).
+//!
+//! This file is the front: opening the device (with a self-test, so `--device auto` can fall
+//! back), the budget, and the [`Compute`] and [`Backend`] entry points. Behind it, one file a
+//! concern:
+//! - `group.rs`: one tensor group's launch sequence as named steps, the twin of `cpu.rs`'s
+//!   `merge_group`, and the statistics the CPU would report;
+//! - `model.rs`: the model-wide passes (score sum, one digit's histogram);
+//! - `chunked.rs`: a group larger than the memory budget, in chunks with the same bits;
+//! - `transfer.rs`: how bytes move (docs/STREAMING.md): pinned rings, the next group staged
+//!   while this one computes, the output copied back while the next call computes;
+//! - `layout.rs`: where each buffer lives in the device arena;
+//! - `faults.rs`: the kernels' error words → the CPU's [`crate::backend::Fault`];
+//! - `device.rs`: the context, streams, kernel launches and the arena; `staging.rs`: the rings.
+//!
+//! The device memory stays within the `--max-memory` budget. Groups the kernels do not take
+//! (no elements, no task, more than 64 tasks) go to the CPU backend, which gives the same bytes.
+
+mod chunked;
+mod device;
+mod faults;
+mod group;
+mod layout;
+mod model;
+mod staging;
+mod transfer;
+
+pub mod bench;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+pub use device::HAVE_KERNELS;
+use device::{Arena, DResult, Gpu, SelectHeader, STATE_BYTES};
+use layout::group_bytes;
+use transfer::{Sink, Work};
+
+use super::cpu::CpuBackend;
+use super::{
+    BResult, Backend, BackendError, Compute, DeviceError, DigitPass, FuseSpec, Group, GroupStats,
+    KeySpec, MaskJob,
+};
+use crate::select::DIGITS_11;
+
+/// The message of a build without kernels.
+pub const NO_KERNELS: &str = "this build has no CUDA kernels (nvcc was not found at build time: \
+                              run scripts/install-nvcc.sh and rebuild)";
+
+/// The share of the free device memory the backend uses when `--max-memory` is not given: the
+/// rest stays for the driver, other processes and fragmentation.
+pub const DEFAULT_BUDGET_SHARE: f64 = 0.9;
+
+/// The share of the budget set aside for the next group's inputs (`Work::ahead`) and a deferred
+/// output (`Work::outbuf`, 1/OUT_SHARE of it, taken out of the 1/AHEAD_SHARE); the rest is the
+/// working arena, which decides when a group runs in chunks.
+const AHEAD_SHARE: usize = 4;
+const OUT_SHARE: usize = 16;
+
+/// Below this budget not even the selection state and one small chunk fit.
+pub const MIN_BUDGET: usize = 256 << 10;
+
+/// The kernels' digits for the model-wide passes: 11, 11 and 10 bits from the top (a 2048-bucket
+/// histogram fits a block's shared memory).
+pub const MODEL_DIGITS: [(u32, u32); 3] = DIGITS_11;
+
+/// The most tasks the fuse kernels take in one launch.
+const MAX_FUSE_TASKS: usize = 64;
+
+pub struct CudaBackend {
+    gpu: Gpu,
+    /// Device memory and staging; the lock also makes one group's launches exclusive on the
+    /// streams.
+    work: Mutex<Work>,
+    /// `--max-memory`, or the default share of the free memory.
+    budget: u64,
+    /// Inputs taken from the previous call's staging (for the tests and benches).
+    staged_hits: AtomicU64,
+    /// Outputs copied back while the next call computed (for the tests and benches).
+    deferred_outputs: AtomicU64,
+    /// For the groups the kernels do not take (see the module comment).
+    cpu: CpuBackend,
+}
+
+impl CudaBackend {
+    /// Opens CUDA device `ordinal` and loads the kernels; a clear message when this build has
+    /// no kernels, the machine has no driver or GPU, or the kernels do not run on this GPU.
+    /// Never panics.
+    pub fn new(ordinal: usize) -> Result<Self, DeviceError> {
+        Self::with_max_memory(ordinal, None)
+    }
+
+    /// As [`CudaBackend::new`], with the device memory this backend may use (`--max-memory`);
+    /// None: [`DEFAULT_BUDGET_SHARE`] of the memory free once the kernels are loaded. Tensor
+    /// groups that do not fit are processed in chunks.
+    pub fn with_max_memory(ordinal: usize, max_memory: Option<u64>) -> Result<Self, DeviceError> {
+        if !HAVE_KERNELS {
+            return Err(DeviceError::Unsupported(NO_KERNELS.into()));
+        }
+        // SAFETY: only tries to load libcuda (dlopen) and releases it again.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(DeviceError::Driver(
+                "no CUDA driver (libcuda) on this machine".into(),
+            ));
+        }
+        // The driver bindings panic on a missing symbol (a driver older than the bindings):
+        // the last guard against a crash while probing.
+        match catch_unwind(|| Self::open(ordinal, max_memory)) {
+            Ok(r) => r,
+            Err(p) => Err(DeviceError::Driver(format!(
+                "the CUDA driver failed while starting: {}",
+                panic_message(p.as_ref())
+            ))),
+        }
+    }
+
+    fn open(ordinal: usize, max_memory: Option<u64>) -> Result<Self, DeviceError> {
+        let gpu = Gpu::open(ordinal)?;
+        let budget = match max_memory {
+            Some(b) => b,
+            None => {
+                let (free, _) = gpu
+                    .ctx
+                    .mem_get_info()
+                    .map_err(device::drv("reading the free GPU memory"))?;
+                (free as f64 * DEFAULT_BUDGET_SHARE) as u64
+            }
+        };
+        let budget = usize::try_from(budget).unwrap_or(usize::MAX);
+        if budget < MIN_BUDGET {
+            return Err(DeviceError::Unsupported(format!(
+                "--max-memory {budget} bytes is too small for the cuda backend (at least {} \
+                 bytes: one chunk's buffers and the selection state)",
+                MIN_BUDGET
+            )));
+        }
+        let work = Work::new(&gpu, budget)?;
+        let backend = Self {
+            gpu,
+            work: Mutex::new(work),
+            budget: budget as u64,
+            staged_hits: AtomicU64::new(0),
+            deferred_outputs: AtomicU64::new(0),
+            cpu: CpuBackend::new(),
+        };
+        backend.self_test()?;
+        Ok(backend)
+    }
+
+    /// One tiny launch and read-back at start-up, so that a GPU the kernels cannot run on (or a
+    /// broken driver) is found here, where `--device auto` can still fall back to the CPU.
+    fn self_test(&self) -> DResult<()> {
+        let mut w = self.lock();
+        let arena = &mut w.arena;
+        arena.reserve(&self.gpu, STATE_BYTES)?;
+        let st = arena.at(0);
+        // SAFETY: `st` is a SelectState-sized buffer of the arena.
+        unsafe { self.gpu.select_init(st, 5, 3) }?;
+        let h = read_header(&self.gpu, arena, 0)?;
+        if (h.n, h.k, h.k_rem, h.count_eq, h.cand_len, h.bad) != (5, 3, 3, 5, u64::MAX, u64::MAX) {
+            return Err(DeviceError::Driver(format!(
+                "the GPU self-test failed: select_init wrote {h:?} (the kernels do not run \
+                 correctly on {})",
+                self.gpu.description
+            )));
+        }
+        Ok(())
+    }
+
+    /// "NVIDIA H200 (sm_90, 132 SMs, 139.8 GiB, driver 13.0)".
+    pub fn description(&self) -> &str {
+        &self.gpu.description
+    }
+
+    /// The device memory budget in bytes (`--max-memory`, or the default share of free memory).
+    pub fn max_memory(&self) -> u64 {
+        self.budget
+    }
+
+    /// How many input tensors so far were copied in while the previous group computed.
+    pub fn staged_inputs(&self) -> u64 {
+        self.staged_hits.load(Ordering::Relaxed)
+    }
+
+    /// How many outputs so far were copied back while the next call computed.
+    pub fn deferred_outputs(&self) -> u64 {
+        self.deferred_outputs.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Work> {
+        self.work.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The part of a memory budget that holds the group being merged (the rest stages the next).
+pub fn work_share(budget: u64) -> u64 {
+    budget - budget / AHEAD_SHARE as u64
+}
+
+/// The GPU memory the largest of `groups` (each with its jobs and fuse) needs in one piece,
+/// and how many of them need more than the working share of `budget` (those run in chunks).
+pub fn plan_memory<'a>(
+    groups: impl IntoIterator<Item = (Group<'a>, Vec<MaskJob>, &'a FuseSpec)>,
+    budget: Option<u64>,
+) -> (u64, usize) {
+    let (mut largest, mut over) = (0u64, 0usize);
+    for (g, jobs, f) in groups {
+        let bytes = group_bytes(&g, &jobs, f).unwrap_or(0) as u64;
+        largest = largest.max(bytes);
+        over += budget.is_some_and(|b| bytes > work_share(b)) as usize;
+    }
+    (largest, over)
+}
+
+/// Why `--device cuda` cannot run here, or None when it can (opens device 0 to find out).
+pub fn unavailable_reason() -> Option<String> {
+    CudaBackend::new(0).err().map(|e| e.to_string())
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs device work, turning a panic (a bug, or a driver binding that panics) into an error
+/// instead of unwinding through the pipeline.
+fn guarded<T>(f: impl FnOnce() -> BResult<T>) -> BResult<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(BackendError::Device(DeviceError::Internal(format!(
+            "in the cuda backend: {}",
+            panic_message(p.as_ref())
+        ))))
+    })
+}
+
+/// Runs `f` again (twice at most) when the GPU had less memory than the budget: the arena's
+/// limit has shrunk to what is free by then, so the retry works in smaller chunks.
+fn retry_smaller<T>(mut f: impl FnMut() -> BResult<T>) -> BResult<T> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(BackendError::Device(DeviceError::OutOfMemory(m))) if tries < 2 => {
+                tracing::info!("{m}; retrying in smaller chunks");
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+fn dev<T>(r: DResult<T>) -> BResult<T> {
+    r.map_err(BackendError::Device)
+}
+
+/// A failed check between the host code and the kernels (a bug, never the user's input).
+fn internal(msg: String) -> BackendError {
+    BackendError::Device(DeviceError::Internal(msg))
+}
+
+/// Runs a sequence of launches, stopping at the first driver error.
+fn launches(f: impl FnOnce() -> DResult<()>) -> BResult<()> {
+    dev(f())
+}
+
+fn read_header(gpu: &Gpu, arena: &Arena, off: usize) -> DResult<SelectHeader> {
+    let mut h = SelectHeader::default();
+    arena.download(gpu, off, bytemuck::bytes_of_mut(&mut h))?;
+    Ok(h)
+}
+
+impl Compute for CudaBackend {
+    fn merge_group(
+        &self,
+        g: &Group,
+        jobs: &[MaskJob],
+        f: &FuseSpec,
+        out: &mut [u8],
+    ) -> BResult<GroupStats> {
+        if !takes(g) {
+            return self.cpu.merge_group(g, jobs, f, out);
+        }
+        let mut w = self.lock();
+        guarded(|| {
+            self.finish_pending(&mut w)?;
+            retry_smaller(|| {
+                if group_bytes(g, jobs, f)? <= w.arena.limit() {
+                    self.merge_on_device(&mut w, g, jobs, f, Sink::Now(out))
+                } else {
+                    self.merge_chunked(&mut w, g, jobs, f, out)
+                }
+            })
+        })
+    }
+
+    fn score_sum(&self, g: &Group, task: usize, spec: &KeySpec) -> BResult<f64> {
+        if g.n == 0 {
+            return self.cpu.score_sum(g, task, spec);
+        }
+        let mut w = self.lock();
+        guarded(|| {
+            self.finish_pending(&mut w)?;
+            retry_smaller(|| self.score_sum_chunked(&mut w, g, task, spec))
+        })
+    }
+
+    fn histogram(
+        &self,
+        g: &Group,
+        task: usize,
+        spec: &KeySpec,
+        d: DigitPass,
+        hist: &mut [u64],
+    ) -> BResult<()> {
+        let Some(pass) = DIGITS_11.iter().position(|&x| x == (d.shift, d.bits)) else {
+            return Err(BackendError::Device(DeviceError::Unsupported(format!(
+                "the cuda backend builds histograms of the digits {DIGITS_11:?} only, not \
+                 (shift {}, bits {})",
+                d.shift, d.bits
+            ))));
+        };
+        if g.n == 0 {
+            return Ok(());
+        }
+        let mut w = self.lock();
+        guarded(|| {
+            self.finish_pending(&mut w)?;
+            retry_smaller(|| self.histogram_chunked(&mut w, g, task, spec, pass, d.prefix, hist))
+        })
+    }
+
+    fn model_digits(&self) -> &'static [(u32, u32)] {
+        &MODEL_DIGITS
+    }
+}
+
+/// Whether the kernels take this group (see the module comment); the CPU merges the others.
+fn takes(g: &Group) -> bool {
+    g.n > 0 && !g.tasks.is_empty() && g.tasks.len() <= MAX_FUSE_TASKS
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    /// The deferred output of docs/STREAMING.md: while this group's kernels run, the previous
+    /// group's output comes back and the next group's inputs go in; this output follows on the
+    /// download stream while the next call computes.
+    fn submit(
+        &self,
+        g: &Group,
+        jobs: &[MaskJob],
+        f: &FuseSpec,
+        out: Vec<u8>,
+        next: Option<&Group>,
+    ) -> BResult<(GroupStats, Vec<Vec<u8>>)> {
+        let mut w = self.lock();
+        let r = guarded(|| {
+            let mut slot = Some(out);
+            let stats = if !takes(g) {
+                self.merge_now(&mut w, &mut slot, |_, out| {
+                    self.cpu.merge_group(g, jobs, f, out)
+                })?
+            } else {
+                retry_smaller(|| {
+                    if group_bytes(g, jobs, f)? <= w.arena.limit() {
+                        self.merge_on_device(&mut w, g, jobs, f, Sink::Later(&mut slot, next))
+                    } else {
+                        self.merge_now(&mut w, &mut slot, |w, out| {
+                            self.merge_chunked(w, g, jobs, f, out)
+                        })
+                    }
+                })?
+            };
+            Ok((stats, std::mem::take(&mut w.done)))
+        });
+        if r.is_err() {
+            // The caller's run is over: what is still in flight is waited for and dropped.
+            let _ = self.finish_pending(&mut w);
+            w.done.clear();
+        }
+        r
+    }
+
+    fn flush(&self) -> BResult<Vec<Vec<u8>>> {
+        let mut w = self.lock();
+        let r = guarded(|| {
+            self.finish_pending(&mut w)?;
+            Ok(std::mem::take(&mut w.done))
+        });
+        if r.is_err() {
+            w.done.clear();
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_fails_cleanly_without_a_gpu() {
+        // Where there is a GPU this opens it; elsewhere it must be an Err, never a panic.
+        match CudaBackend::new(0) {
+            Ok(b) => assert!(!b.description().is_empty()),
+            Err(e) => assert!(!e.to_string().is_empty()),
+        }
+    }
+}

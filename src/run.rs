@@ -1,0 +1,300 @@
+//! The whole merge as the CLI runs it: plan (header-only checks of the inputs and the output
+//! folder), open the backend, run the [`pipeline`], write the side files (config, tokenizer,
+//! recipe), verify the output (`--verify`), write the report, and commit the output folder.
+//!
+//! The crate root re-exports everything public here, so `stamerge::merge`, `stamerge::Options`
+//! and the rest keep their paths.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use crate::backend::{self, Backend};
+use crate::checkpoint::outdir::{check_target, OutputDir};
+use crate::{checkpoint, error, memory, pipeline, report};
+use crate::{Error, Plan, Recipe, Report, Result};
+
+/// Set by the interrupt handler; the pipeline stops at the next tensor and removes its output.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Where the merge computes (`--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    /// CUDA when a usable GPU and kernels are present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The default largest output shard (`--out-shard-size`): 5 GB.
+pub const DEFAULT_OUT_SHARD_BYTES: u64 = 5_000_000_000;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub device: Device,
+    /// Worker threads for the CPU backend (default: all cores).
+    pub threads: Option<usize>,
+    pub out_shard_size: u64,
+    pub overwrite: bool,
+    /// Also write the report here (it is always written into the output folder).
+    pub report: Option<PathBuf>,
+    /// Show a progress bar (terminal) or periodic log lines.
+    pub progress: bool,
+    /// Re-read every output tensor before the folder is renamed into place and compare its
+    /// checksum with the one computed while writing.
+    pub verify: bool,
+    /// GPU memory the cuda backend may use, in bytes (None:
+    /// [`DEFAULT_BUDGET_SHARE`](backend::cuda::DEFAULT_BUDGET_SHARE) of the free memory, 90%);
+    /// larger tensor groups are processed in chunks.
+    pub max_memory: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            device: Device::Auto,
+            threads: None,
+            out_shard_size: DEFAULT_OUT_SHARD_BYTES,
+            overwrite: false,
+            report: None,
+            progress: false,
+            verify: false,
+            max_memory: None,
+        }
+    }
+}
+
+/// Picks the backend; `auto` uses CUDA when device 0 opens and runs the kernels, else the CPU,
+/// and says why in an info line.
+pub fn select_backend(device: Device) -> Result<Box<dyn Backend>> {
+    open_backend(device, None)
+}
+
+/// As [`select_backend`], with the cuda backend's memory budget (`--max-memory`).
+pub fn open_backend(device: Device, max_memory: Option<u64>) -> Result<Box<dyn Backend>> {
+    use backend::cuda::CudaBackend;
+    match device {
+        Device::Cpu => Ok(Box::new(backend::cpu::CpuBackend::new())),
+        Device::Cuda => match CudaBackend::with_max_memory(0, max_memory) {
+            Ok(b) => {
+                tracing::info!("using the cuda backend on {}", b.description());
+                Ok(Box::new(b))
+            }
+            Err(reason) => Err(Error::Other(format!("--device cuda: {reason}"))),
+        },
+        Device::Auto => match CudaBackend::with_max_memory(0, max_memory) {
+            Ok(b) => {
+                tracing::info!("using the cuda backend on {}", b.description());
+                Ok(Box::new(b))
+            }
+            Err(reason) => {
+                tracing::info!("using the cpu backend (cuda is not available: {reason})");
+                Ok(Box::new(backend::cpu::CpuBackend::new()))
+            }
+        },
+    }
+}
+
+/// Every input path of a recipe (for the output-folder checks).
+fn input_paths(recipe: &Recipe) -> Vec<PathBuf> {
+    let mut v = vec![recipe.base.clone()];
+    v.extend(recipe.start.iter().cloned());
+    for t in &recipe.tasks {
+        v.push(t.model.clone());
+        v.extend(t.gradients.iter().cloned());
+    }
+    v
+}
+
+/// Header-only plan: every problem of the inputs and of the output folder, at once.
+pub fn plan(recipe: &Recipe, out_dir: Option<&Path>, opts: &Options) -> Result<Plan> {
+    let mut problems = Vec::new();
+    if let Some(out) = out_dir {
+        problems.extend(check_target(out, opts.overwrite, &input_paths(recipe)));
+    }
+    match Plan::build(recipe, opts.out_shard_size) {
+        Ok(p) if problems.is_empty() => Ok(p),
+        Ok(_) => Err(Error::Plan(problems)),
+        Err(ps) => {
+            problems.extend(ps);
+            Err(Error::Plan(problems))
+        }
+    }
+}
+
+/// Files copied from the base folder beside the merged weights.
+const COPIED_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+];
+
+pub const RECIPE_NAME: &str = "stamerge_recipe.yml";
+pub const REPORT_NAME: &str = "stamerge_report.json";
+
+fn write_side_files(plan: &Plan, dir: &Path) -> Result<()> {
+    use error::IoContext;
+    let Some(base_dir) = plan.inputs.base.folder.as_ref() else {
+        return Ok(());
+    };
+    if let Some(cfg) = &plan.inputs.base.config {
+        let mut cfg = cfg.clone();
+        if let (Some(d), Some(obj)) = (
+            plan.recipe.out_dtype.or(plan.recipe.dtype),
+            cfg.as_object_mut(),
+        ) {
+            obj.insert(
+                "torch_dtype".into(),
+                serde_json::Value::String(d.torch_name().into()),
+            );
+        }
+        let text = serde_json::to_vec_pretty(&cfg).expect("json value");
+        std::fs::write(dir.join("config.json"), text).ctx(|| "writing config.json".into())?;
+    } else if base_dir.join("config.json").is_file() {
+        tracing::warn!(
+            "{}: not valid JSON, not copied",
+            base_dir.join("config.json").display()
+        );
+    }
+    for name in COPIED_FILES {
+        let src = base_dir.join(name);
+        if src.is_file() {
+            std::fs::copy(&src, dir.join(name)).ctx(|| format!("copying {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Re-reads every tensor of the output shards and compares it with the checksum taken while it
+/// was written: a disk or filesystem that corrupts data is caught before the rename.
+fn verify_output(plan: &Plan, outcome: &pipeline::Outcome, dir: &Path) -> Result<()> {
+    let mut want = std::collections::HashMap::new();
+    for (item, c) in plan.items.iter().zip(&outcome.checksums) {
+        want.insert(item.name.as_str(), *c);
+    }
+    let mut seen = 0;
+    for file in &outcome.shards.files {
+        let f = checkpoint::SafetensorsFile::open(&dir.join(file))
+            .map_err(|p| Error::Other(format!("--verify: {p}")))?;
+        for t in &f.tensors {
+            let got = checkpoint::writer::checksum(f.bytes(t));
+            if want.get(t.name.as_str()) != Some(&got) {
+                return Err(Error::Other(format!(
+                    "--verify: tensor `{}` in {} does not read back as written; the output was not kept",
+                    t.name, file
+                )));
+            }
+            seen += 1;
+        }
+    }
+    if seen != want.len() {
+        return Err(Error::Other(format!(
+            "--verify: {seen} tensors read back, {} written",
+            want.len()
+        )));
+    }
+    tracing::info!("verified {seen} tensors against their checksums");
+    Ok(())
+}
+
+/// Runs a whole merge: plan, compute, write into a temporary folder, rename into `out_dir`.
+pub fn merge(recipe: &Recipe, out_dir: &Path, opts: &Options) -> Result<Report> {
+    let plan = plan(recipe, Some(out_dir), opts)?;
+    merge_planned(&plan, out_dir, opts)
+}
+
+/// [`merge`] after planning (the inputs are open; tests change them at this point).
+pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Report> {
+    for n in &plan.notes {
+        tracing::info!("note: {n}");
+    }
+    let backend = open_backend(opts.device, opts.max_memory)?;
+    let pool = {
+        let mut b = rayon::ThreadPoolBuilder::new();
+        if let Some(t) = opts.threads {
+            b = b.num_threads(t);
+        }
+        b.build()
+            .map_err(|e| Error::Other(format!("cannot start worker threads: {e}")))?
+    };
+    let threads = pool.current_num_threads();
+    let out = OutputDir::create(out_dir)?;
+    let sampler = memory::PeakSampler::start();
+    let t0 = Instant::now();
+    let outcome = pool.install(|| {
+        pipeline::execute(
+            plan,
+            backend.as_ref(),
+            out.path(),
+            opts.out_shard_size,
+            opts.progress,
+            &INTERRUPTED,
+        )
+    })?;
+    write_side_files(plan, out.path())?;
+    if opts.verify {
+        verify_output(plan, &outcome, out.path())?;
+    }
+    {
+        use error::IoContext;
+        std::fs::write(out.path().join(RECIPE_NAME), &plan.recipe.text)
+            .ctx(|| format!("writing {RECIPE_NAME}"))?;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut inputs = vec![report::InputRecord::of("base", &plan.inputs.base)];
+    if let Some(s) = &plan.inputs.start {
+        inputs.push(report::InputRecord::of("start", s));
+    }
+    for (i, t) in plan.inputs.tasks.iter().enumerate() {
+        let role = if plan.recipe.tasks[i].forget {
+            "forget"
+        } else {
+            "model"
+        };
+        inputs.push(report::InputRecord::of(&format!("{role}[{i}]"), &t.model));
+        if let Some(g) = &t.grads {
+            inputs.push(report::InputRecord::of(&format!("gradients[{i}]"), g));
+        }
+    }
+    let rep = Report {
+        stamerge_version: env!("CARGO_PKG_VERSION"),
+        method: plan.recipe.method.name().into(),
+        backend: backend.name().into(),
+        threads,
+        inputs,
+        output: out.target().display().to_string(),
+        shards: outcome.shards.files.clone(),
+        seconds,
+        bytes_read: outcome.bytes_read,
+        bytes_written: plan.estimate.write_bytes,
+        gb_per_s: outcome.bytes_read as f64 / seconds.max(1e-9) / 1e9,
+        peak_rss_anon_bytes: sampler.peak(),
+        notes: plan.notes.clone(),
+        model_selection: outcome.model_selection,
+        tensors: outcome.tensors,
+    };
+    {
+        use error::IoContext;
+        report::write(&rep, &out.path().join(REPORT_NAME))
+            .ctx(|| format!("writing {REPORT_NAME}"))?;
+    }
+    // Last: an input that changed while it was read must not yield an output presented as good.
+    plan.inputs.check_intact()?;
+    out.commit()?;
+    if let Some(p) = &opts.report {
+        use error::IoContext;
+        report::write(&rep, p).ctx(|| format!("writing the report to {}", p.display()))?;
+    }
+    Ok(rep)
+}

@@ -1,0 +1,76 @@
+//! The CUDA backend against the CPU backend (the reference), bit for bit, on the same inputs:
+//! every method × fp32/fp16/bf16 × sizes 1, 31, 4097, 1 000 003 × continuous and grid values
+//! (forced ties at the threshold), model-wide selection across tensors, value faults, odd shapes
+//! and task counts, mixed and misaligned inputs, groups processed in chunks under a small memory
+//! budget, the pipelined path that copies the next group in early and hands outputs back late
+//! (docs/STREAMING.md), and whole merges compared file by file.
+//!
+//! Each method's mask jobs and fuse come from the real mapping (`stamerge::plan::work::resolve`
+//! on a recipe that states the method, see `recipes.rs`), and the model-wide passes from the
+//! real digit search (`stamerge::select::DigitSearch`): the tests restate no method rule.
+//!
+//! Without a usable GPU (no driver, no device, or a build without kernels) each GPU test prints
+//! `SKIPPED (no GPU): <reason>` to stderr and passes, so the suite runs on CPU-only CI; the
+//! device-selection tests (`device.rs`) run everywhere.
+//!
+//! On a GPU machine: `cargo test --release --test gpu -- --nocapture --test-threads 1`, or the
+//! prebuilt binary through scripts/gpu-check.sh; without one, scripts/emu-gpu-tests.sh runs them
+//! on an emulated GPU.
+//!
+//! The files: `inputs.rs` (random groups), `recipes.rs` (methods as recipes → jobs and fuse),
+//! `compare.rs` (one group on both backends), then the tests: `methods.rs`,
+//! `model_selection.rs`, `faults.rs`, `shapes.rs`, `chunked.rs` (memory budgets),
+//! `streaming.rs` (pipelined and deferred groups), `end_to_end.rs`, `device.rs`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod chunked;
+mod compare;
+mod device;
+mod end_to_end;
+mod faults;
+mod inputs;
+mod methods;
+mod model_selection;
+mod recipes;
+mod shapes;
+mod streaming;
+
+use std::sync::OnceLock;
+
+use stamerge::backend::cuda::CudaBackend;
+use stamerge::backend::DeviceError;
+use stamerge::dtype::FloatType;
+
+/// The GPU backend, opened once for the whole test binary; None (with the SKIPPED line) without.
+fn gpu() -> Option<&'static CudaBackend> {
+    static GPU: OnceLock<Result<CudaBackend, DeviceError>> = OnceLock::new();
+    match GPU.get_or_init(|| CudaBackend::new(0)) {
+        Ok(b) => Some(b),
+        Err(reason) => {
+            // Straight to the stderr handle, not eprintln!: the test harness captures the macros,
+            // and a skip must be visible in a plain `cargo test`.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED (no GPU): {reason}");
+            None
+        }
+    }
+}
+
+const TYPES: [FloatType; 3] = [FloatType::F32, FloatType::F16, FloatType::BF16];
+const SIZES: [usize; 4] = [1, 31, 4097, 1_000_003];
+
+/// `STAMERGE_TEST_MAX_ELEMS` caps tensor sizes (scripts/emu-gpu-tests.sh runs these tests on an
+/// emulated GPU, where a million elements take minutes); unset on a real GPU.
+fn max_elems() -> usize {
+    std::env::var("STAMERGE_TEST_MAX_ELEMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+fn sizes() -> impl Iterator<Item = usize> {
+    let max = max_elems();
+    SIZES.into_iter().filter(move |&n| n <= max)
+}

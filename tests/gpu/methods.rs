@@ -1,0 +1,78 @@
+//! Every method × dtype × size, continuous values and heavy ties.
+
+use stamerge::backend::MaskJob;
+use stamerge::dtype::FloatType;
+
+use crate::compare::compare;
+use crate::inputs::{make, Make};
+use crate::recipes::{method_jobs, Method};
+use crate::{gpu, sizes, TYPES};
+
+/// Every size and dtype, continuous and grid values, for one method.
+fn check_method(method: Method) {
+    let Some(cuda) = gpu() else { return };
+    for ty in TYPES {
+        for grid in [false, true] {
+            for n in sizes() {
+                let mut m = Make::new(ty, 3, grid, 11 + n as u64);
+                if method == Method::Forget {
+                    m.start = Some(ty);
+                }
+                // sta's gradient statistics are often fp32 beside bf16/fp16 weights.
+                if matches!(method, Method::StaFinetuned | Method::Forget) && ty != FloatType::F32 {
+                    m.grad_ty = FloatType::F32;
+                }
+                let inp = make(n, m);
+                let (jobs, fuse) = method_jobs(method, 3, n, &inp.name, ty);
+                let what = format!("{method:?} {ty:?} n={n} grid={grid}");
+                let stats = compare(cuda, &inp.group(), &jobs, &fuse, &what)
+                    .unwrap_or_else(|| panic!("{what}: unexpected fault"));
+                for (t, job) in jobs.iter().enumerate() {
+                    if let MaskJob::TopK { k, .. } = job {
+                        assert_eq!(stats.tasks[t].kept, *k, "{what}: task {t} keeps k");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn task_arithmetic_matches_cpu() {
+    check_method(Method::TaskArithmetic);
+}
+
+#[test]
+fn magnitude_matches_cpu() {
+    check_method(Method::Magnitude);
+}
+
+#[test]
+fn ties_matches_cpu() {
+    check_method(Method::Ties);
+}
+
+#[test]
+fn dare_linear_matches_cpu() {
+    check_method(Method::DareLinear);
+}
+
+#[test]
+fn dare_ties_matches_cpu() {
+    check_method(Method::DareTies);
+}
+
+#[test]
+fn sta_finetuned_matches_cpu() {
+    check_method(Method::StaFinetuned);
+}
+
+#[test]
+fn sta_task_vector_matches_cpu() {
+    check_method(Method::StaTaskVector);
+}
+
+#[test]
+fn forgetting_matches_cpu() {
+    check_method(Method::Forget);
+}
