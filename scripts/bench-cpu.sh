@@ -19,7 +19,8 @@ echo "| model | recipe | input GB read | wall s | GB/s | peak anon MB | max RSS 
 echo "|---|---|---|---|---|---|---|"
 for model in llama2l llama1b; do
   for recipe in ties sta sta_model; do
-    # Warm the page cache (reading the inputs once), as the target in DESIGN.md §7 assumes.
+    # Warm the page cache (reading the inputs once), as the warm-read target assumes (§7 of the
+    # project's design notes, DESIGN.md, kept outside this repository).
     cat "$data/$model"/{base,task_*,grads_*}/*.safetensors > /dev/null
     /usr/bin/time -f "%M" -o "$data/time.txt" $bin -q merge "$data/$model/$recipe.yml" "$data/out-$model-$recipe" \
       --overwrite --report "$data/$model-$recipe.json"

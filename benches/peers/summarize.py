@@ -93,7 +93,8 @@ def table(med, ratios):
 
 
 def targets(ratios):
-    """DESIGN.md §7: faster than mergekit on every recipe, at <= half its peak memory."""
+    """§7 of the project's design notes (DESIGN.md, kept outside this repository): faster than
+    mergekit on every recipe, at <= half its peak memory."""
     lines = ["| case | mergekit variant | time st/mk | CPU time st/mk | peak RSS st/mk | peak anon st/mk | faster | <= half RSS | <= half anon |",
              "|---|---|---|---|---|---|---|---|---|"]
     for k in sorted(ratios, key=lambda k: (k[0], params(k[1]), k[2:])):
@@ -197,7 +198,7 @@ def main():
            "first and after the last run of a row). The machine was shared with other jobs.", "",
            "## Time and memory", ""]
     out += table(med, ratios)
-    out += ["", "## Targets (DESIGN.md §7)", ""] + targets(ratios)
+    out += ["", "## Targets (§7 of the project's design notes, DESIGN.md, kept outside this repository)", ""] + targets(ratios)
     out += ["", "## Output comparison (first round's outputs)", ""] + compare_table(load("compare.jsonl"))
     excluded = [r for r in every if r.get("excluded")]
     if excluded:
