@@ -8,8 +8,10 @@
 //! ```
 //!
 //! nvcc is looked for in this order: `$NVCC`; `$CUDA_HOME/bin/nvcc`; `$CUDA_PATH/bin/nvcc`; `nvcc`
-//! on `PATH`; `/usr/local/cuda/bin/nvcc`; the PyPI wheels (`pip install nvidia-cuda-nvcc`, found
-//! through `python3 -c 'import nvidia'`, e.g. `site-packages/nvidia/cu13/bin/nvcc`). The pip
+//! on `PATH`; `/usr/local/cuda/bin/nvcc`; the wheels `scripts/install-nvcc.sh` puts in this
+//! checkout (`.cache/nvcc-13.0/nvidia/cu13/bin/nvcc`, or under `$STAMERGE_NVCC_DIR`); the PyPI
+//! wheels of the Python on PATH (`pip install nvidia-cuda-nvcc`, found through
+//! `python3 -c 'import nvidia'`, e.g. `site-packages/nvidia/cu13/bin/nvcc`). The pip
 //! layout needs no extra flags: its `nvcc.profile` points nvcc at the wheel's cicc, libdevice and
 //! headers. Without a usable nvcc (or with `STAMERGE_NO_KERNELS=1`) the crate builds without
 //! kernels (`HAVE_KERNELS = false`) and says so in a cargo warning.
@@ -52,6 +54,7 @@ const ENV_VARS: &[&str] = &[
     "NVCC_APPEND_FLAGS",
     "STAMERGE_NO_KERNELS",
     "STAMERGE_KERNEL_REPORT",
+    "STAMERGE_NVCC_DIR",
 ];
 
 fn main() {
@@ -261,8 +264,18 @@ fn candidates() -> Vec<PathBuf> {
         }
     }
     out.push(PathBuf::from("/usr/local/cuda/bin").join(&exe));
+    out.push(project_wheels().join("nvidia/cu13/bin").join(&exe));
     out.extend(pypi_candidates());
     out
+}
+
+/// Where `scripts/install-nvcc.sh` installs the pinned wheels (`pip install --target`).
+fn project_wheels() -> PathBuf {
+    match env::var_os("STAMERGE_NVCC_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"))
+            .join(".cache/nvcc-13.0"),
+    }
 }
 
 /// nvcc from the PyPI wheels: `nvidia-cuda-nvcc` 13.x puts it in `site-packages/nvidia/cu13/bin`,

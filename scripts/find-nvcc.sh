@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Prints the path of a usable nvcc (CUDA >= 11.8, for sm_90), searching in the same order as
 # build.rs: $NVCC, $CUDA_HOME/bin/nvcc, $CUDA_PATH/bin/nvcc, nvcc on PATH, /usr/local/cuda/bin/nvcc,
-# then the PyPI wheels (site-packages/nvidia/cu13/bin/nvcc from `pip install nvidia-cuda-nvcc`,
+# the wheels scripts/install-nvcc.sh puts in this checkout (.cache/nvcc-13.0, or
+# $STAMERGE_NVCC_DIR), then the PyPI wheels of the Python on PATH
+# (site-packages/nvidia/cu13/bin/nvcc from `pip install nvidia-cuda-nvcc`,
 # nvidia/cuda_nvcc/bin/nvcc for the 12.x wheels). Exits 1 with a message on stderr if none.
 #
 #   export NVCC="$(scripts/find-nvcc.sh)"
@@ -26,6 +28,7 @@ candidates() {
     [ -n "${CUDA_PATH:-}" ] && echo "$CUDA_PATH/bin/nvcc"
     command -v nvcc 2>/dev/null || true
     echo /usr/local/cuda/bin/nvcc
+    echo "${STAMERGE_NVCC_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.cache/nvcc-13.0}/nvidia/cu13/bin/nvcc"
     local py roots root
     for py in python3 python; do
         command -v "$py" >/dev/null 2>&1 || continue
