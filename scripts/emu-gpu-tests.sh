@@ -25,4 +25,4 @@ g++ -std=c++20 -O1 -ffp-contract=off -fno-fast-math -pthread -shared -fPIC \
 export LD_LIBRARY_PATH="$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export STAMERGE_TEST_MAX_ELEMS="${STAMERGE_TEST_MAX_ELEMS:-70000}"
 cd "$root"
-exec cargo test --test gpu -- --nocapture --test-threads 1 "$@"
+exec cargo test --test gpu -- --include-ignored --nocapture --test-threads 1 "$@"

@@ -16,9 +16,9 @@ use crate::recipes::{method_jobs, Method, METHODS};
 use crate::{gpu, max_elems, TYPES};
 
 /// A second backend on the same GPU whose memory budget is `budget` bytes.
-pub fn budget_gpu(budget: u64) -> Option<CudaBackend> {
-    gpu()?;
-    Some(CudaBackend::with_max_memory(0, Some(budget)).expect("a second backend on the GPU"))
+pub fn budget_gpu(budget: u64) -> CudaBackend {
+    gpu();
+    CudaBackend::with_max_memory(0, Some(budget)).expect("a second backend on the GPU")
 }
 
 /// Sizes for the chunked tests: large enough to need several chunks under the small budgets.
@@ -34,10 +34,9 @@ fn chunk_sizes() -> Vec<usize> {
 /// from histogram passes over the chunks, the ties handed out in index order), and must give the
 /// CPU's bytes and statistics.
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn chunked_methods_match_cpu() {
-    let Some(small) = budget_gpu(1 << 20) else {
-        return;
-    };
+    let small = budget_gpu(1 << 20);
     let mut most = 1;
     for method in METHODS {
         for ty in TYPES {
@@ -80,10 +79,9 @@ fn chunked_methods_match_cpu() {
 /// Densities from one kept entry to all, top-k over mean-normalised keys, and fixed thresholds
 /// whose tie quota runs out inside a chunk, exactly at a chunk's last tie, or not at all.
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn chunked_tie_quotas_match_cpu() {
-    let Some(small) = budget_gpu(1 << 20) else {
-        return;
-    };
+    let small = budget_gpu(1 << 20);
     let n = 70_000.min(max_elems());
     for ty in TYPES {
         let inp = make(n, Make::new(ty, 2, true, 123));
@@ -169,10 +167,9 @@ fn chunked_tie_quotas_match_cpu() {
 /// Value faults in a later chunk, and a score fault of an earlier task behind a fuse fault of
 /// an earlier chunk: the same fault as the CPU.
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn chunked_faults_match_cpu() {
-    let Some(small) = budget_gpu(1 << 20) else {
-        return;
-    };
+    let small = budget_gpu(1 << 20);
     let n = 70_000.min(max_elems());
     if n < 40_000 {
         return;
@@ -194,10 +191,9 @@ fn chunked_faults_match_cpu() {
 /// `selection: model` with every pass in chunks: the score sums in 65 536-key pieces, the
 /// histograms and the fixed-threshold fuse in smaller ones.
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn chunked_model_selection_matches_cpu() {
-    let Some(small) = budget_gpu(2 << 20) else {
-        return;
-    };
+    let small = budget_gpu(2 << 20);
     let sizes: Vec<usize> = [31usize, 70_000, 1_000_003]
         .into_iter()
         .filter(|&n| n <= max_elems())
@@ -211,10 +207,9 @@ fn chunked_model_selection_matches_cpu() {
 /// Under the fake libcuda `FAKE_CUDA_FREE_BYTES` makes the GPU small; on a real GPU the 1 TB
 /// budget is simply more than it has (its first allocations fit, so this is a plain comparison).
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn less_memory_than_the_budget_falls_back_to_chunks() {
-    if gpu().is_none() {
-        return;
-    }
+    gpu();
     struct Unset;
     impl Drop for Unset {
         fn drop(&mut self) {
@@ -248,10 +243,9 @@ fn less_memory_than_the_budget_falls_back_to_chunks() {
 /// A budget below one chunk's buffers: a clear error naming the tensor, never a crash; the
 /// work does not fit this device (not an out-of-memory to retry).
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn a_chunk_over_the_budget_is_a_clear_error() {
-    let Some(small) = budget_gpu(stamerge::backend::cuda::MIN_BUDGET as u64) else {
-        return;
-    };
+    let small = budget_gpu(stamerge::backend::cuda::MIN_BUDGET as u64);
     let n = 20_000.min(max_elems());
     let inp = make(n, Make::new(FloatType::F32, 9, false, 4));
     let (jobs, fuse) = method_jobs(Method::StaTaskVector, 9, n, &inp.name, FloatType::F32);

@@ -9,8 +9,9 @@ use crate::recipes::{method_jobs_with, Extra, Method};
 use crate::{gpu, max_elems, TYPES};
 
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn faults_match_cpu() {
-    let Some(cuda) = gpu() else { return };
+    let cuda = gpu();
     let n = 4097.min(max_elems());
     for ty in TYPES {
         let huge = if ty == FloatType::F16 { 6e4 } else { 3e38 };

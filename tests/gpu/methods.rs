@@ -10,7 +10,7 @@ use crate::{gpu, sizes, TYPES};
 
 /// Every size and dtype, continuous and grid values, for one method.
 fn check_method(method: Method) {
-    let Some(cuda) = gpu() else { return };
+    let cuda = gpu();
     for ty in TYPES {
         for grid in [false, true] {
             for n in sizes() {
@@ -38,41 +38,49 @@ fn check_method(method: Method) {
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn task_arithmetic_matches_cpu() {
     check_method(Method::TaskArithmetic);
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn magnitude_matches_cpu() {
     check_method(Method::Magnitude);
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn ties_matches_cpu() {
     check_method(Method::Ties);
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn dare_linear_matches_cpu() {
     check_method(Method::DareLinear);
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn dare_ties_matches_cpu() {
     check_method(Method::DareTies);
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn sta_finetuned_matches_cpu() {
     check_method(Method::StaFinetuned);
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn sta_task_vector_matches_cpu() {
     check_method(Method::StaTaskVector);
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn forgetting_matches_cpu() {
     check_method(Method::Forget);
 }

@@ -72,7 +72,7 @@ fn model_selection(
 
 /// `method`'s keys (with `nonfinite_scores: zero` if asked) ranked over the whole model.
 fn check_model_selection(method: Method, nonfinite_zero: bool) {
-    let Some(cuda) = gpu() else { return };
+    let cuda = gpu();
     check_model_selection_on(cuda, &sizes().collect::<Vec<_>>(), method, nonfinite_zero);
 }
 
@@ -175,11 +175,13 @@ pub fn check_model_selection_on(
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn model_selection_task_vector_matches_cpu() {
     check_model_selection(Method::StaTaskVector, false);
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn model_selection_finetuned_and_magnitude_match_cpu() {
     check_model_selection(Method::StaFinetuned, true);
     check_model_selection(Method::Magnitude, false);

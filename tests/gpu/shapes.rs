@@ -14,8 +14,9 @@ use crate::{gpu, max_elems, TYPES};
 /// kernels' group (8), word (64), tile (8192) and chunk (65 536) boundaries, empty tensors, and
 /// densities from a single kept entry to all.
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn shapes_and_task_counts_match_cpu() {
-    let Some(cuda) = gpu() else { return };
+    let cuda = gpu();
     for nt in [1usize, 2, 8, 9] {
         for n in [0usize, 1, 7, 8, 9, 64, 65, 8191, 8192, 8193, 65_537] {
             if n > max_elems() {
@@ -47,8 +48,9 @@ fn shapes_and_task_counts_match_cpu() {
 /// keys, and fixed thresholds with tie quotas of 0, part of the ties, all of them and more, at
 /// keys that do and do not occur.
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn other_mask_jobs_match_cpu() {
-    let Some(cuda) = gpu() else { return };
+    let cuda = gpu();
     for ty in TYPES {
         for grid in [false, true] {
             let n = 4097.min(max_elems());
@@ -96,8 +98,9 @@ fn other_mask_jobs_match_cpu() {
 
 /// Each input in its own dtype, the output in another, and buffers at odd addresses.
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn mixed_dtypes_and_misaligned_inputs_match_cpu() {
-    let Some(cuda) = gpu() else { return };
+    let cuda = gpu();
     for (ty, grad_ty, start_ty, out) in [
         (
             FloatType::BF16,
@@ -148,8 +151,9 @@ fn mixed_dtypes_and_misaligned_inputs_match_cpu() {
 /// One backend, many groups of growing and shrinking sizes: the reused device buffers must not
 /// leak anything from one group into the next.
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn buffer_reuse_across_groups_matches_cpu() {
-    let Some(cuda) = gpu() else { return };
+    let cuda = gpu();
     for (i, n) in [1_000_003usize, 17, 300_001, 1, 2_000_000, 4097]
         .into_iter()
         .enumerate()

@@ -18,12 +18,11 @@ use crate::{max_elems, TYPES};
 /// stage, and a ring whose 128 KiB slots each tensor passes through in several pieces: the CPU's
 /// bytes every time, and some inputs taken from what the previous call staged.
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn pipelined_groups_match_cpu() {
     // 2 MiB for the next group's inputs: a 70 000-element f32 group with a start model is not
     // staged, the others are.
-    let Some(cuda) = budget_gpu(8 << 20) else {
-        return;
-    };
+    let cuda = budget_gpu(8 << 20);
     let cases: Vec<(Inputs, Method, FloatType)> =
         [4097usize, 70_000, 31, 65_537, 1, 20_000, 70_000]
             .into_iter()
@@ -63,11 +62,10 @@ fn pipelined_groups_match_cpu() {
 /// in call order and each once, with the CPU's bytes; statistics and faults are the call's own;
 /// after a fault nothing stale is handed back by `flush`.
 #[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn deferred_outputs_match_cpu() {
     // 2 MiB: 1.5 MiB work arena (70 000 f32 elements run in chunks), 128 KiB for the output.
-    let Some(cuda) = budget_gpu(2 << 20) else {
-        return;
-    };
+    let cuda = budget_gpu(2 << 20);
     let cpu = CpuBackend::new();
     let plan: [(usize, Method, FloatType, bool); 9] = [
         (4097, Method::Ties, FloatType::F32, false),
