@@ -17,12 +17,13 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
-out="${TMPDIR:-/tmp}/stamerge-fake-cuda"
-mkdir -p "$out"
+# A folder of this run's own: another run's test binary may have the previous libcuda.so loaded.
+out="$(mktemp -d "${TMPDIR:-/tmp}/stamerge-fake-cuda.XXXXXX")"
+trap 'rm -rf "$out"' EXIT
 g++ -std=c++20 -O1 -ffp-contract=off -fno-fast-math -pthread -shared -fPIC \
     -I"$root/kernels" -include "$root/kernels/emu/cuda_emu.h" \
     "$here/emu/fake_libcuda.cpp" -o "$out/libcuda.so"
 export LD_LIBRARY_PATH="$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export STAMERGE_TEST_MAX_ELEMS="${STAMERGE_TEST_MAX_ELEMS:-70000}"
 cd "$root"
-exec cargo test --test gpu -- --include-ignored --nocapture --test-threads 1 "$@"
+cargo test --test gpu -- --include-ignored --nocapture --test-threads 1 "$@"
