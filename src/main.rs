@@ -52,8 +52,11 @@ struct Cli {
 enum Cmd {
     /// Merge the checkpoints a recipe names into OUT_DIR.
     Merge {
+        /// The recipe (mergekit's YAML); paths in it are relative to its folder.
         recipe: PathBuf,
+        /// The output folder (Hugging Face layout); created, or replaced with --overwrite.
         out_dir: PathBuf,
+        /// Where to compute.
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
         /// CPU worker threads (default: every core).
@@ -79,11 +82,14 @@ enum Cmd {
     /// Check a recipe and its inputs from headers only and print the plan; exit 0 only when the
     /// merge would run.
     Plan {
+        /// The recipe (mergekit's YAML); paths in it are relative to its folder.
         recipe: PathBuf,
         /// Also check this output folder.
         out_dir: Option<PathBuf>,
+        /// Largest output shard to plan for, e.g. 5GB, 500MB, 2GiB.
         #[arg(long, default_value = DEFAULT_OUT_SHARD_SIZE, value_parser = parse_size)]
         out_shard_size: u64,
+        /// Plan as `merge --overwrite`: a non-empty output folder is not a problem.
         #[arg(long)]
         overwrite: bool,
         /// The cuda backend's GPU memory budget to plan for (as `merge --max-memory`).
@@ -91,30 +97,43 @@ enum Cmd {
         max_memory: Option<u64>,
     },
     /// List the tensors of a checkpoint folder or safetensors file.
-    Inspect { path: PathBuf },
+    Inspect {
+        /// A checkpoint folder (sharded or not) or one safetensors file.
+        path: PathBuf,
+    },
     /// Benchmarks: `merge` (synthetic end to end vs. reading the inputs), `kernels` (the CUDA
     /// kernels vs. a device copy).
     #[command(subcommand)]
     Bench(BenchCmd),
     /// Write a synthetic Llama-style checkpoint set (base, tasks, gradients, recipes).
     Synth {
+        /// The folder to write the set into.
         out_dir: PathBuf,
+        /// Decoder layers.
         #[arg(long, default_value_t = 2)]
         layers: usize,
+        /// Hidden size (rows and columns of the attention projections).
         #[arg(long, default_value_t = 32)]
         hidden: usize,
+        /// MLP intermediate size.
         #[arg(long, default_value_t = 64)]
         intermediate: usize,
+        /// Vocabulary size (rows of the embeddings and lm_head).
         #[arg(long, default_value_t = 64)]
         vocab: usize,
+        /// Task models (fine-tuned copies of the base), each with a gradient statistic.
         #[arg(long, default_value_t = 3)]
         tasks: usize,
+        /// Element type of the weights: float32, float16 or bfloat16 (also fp32, fp16, bf16).
         #[arg(long, default_value = "bfloat16", value_parser = parse_dtype)]
         dtype: FloatType,
+        /// Element type of the gradient statistics: float32, float16 or bfloat16.
         #[arg(long, default_value = "bfloat16", value_parser = parse_dtype)]
         grad_dtype: FloatType,
+        /// Largest shard of each model, e.g. 40KB, 1GB (small shards exercise sharded reads).
         #[arg(long, default_value = "40KB", value_parser = parse_size)]
         shard_size: u64,
+        /// Seed of the random weights (the same seed writes the same bytes).
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -130,20 +149,28 @@ enum BenchCmd {
         /// Recipe of the set: ties, sta, sta_model, magnitude, task_arithmetic, dare_ties, ...
         #[arg(long, default_value = "ties")]
         recipe: String,
+        /// Where to compute.
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
+        /// Decoder layers of the synthetic set.
         #[arg(long, default_value_t = 8)]
         layers: usize,
+        /// Hidden size of the synthetic set.
         #[arg(long, default_value_t = 1024)]
         hidden: usize,
+        /// MLP intermediate size of the synthetic set.
         #[arg(long, default_value_t = 2816)]
         intermediate: usize,
+        /// Vocabulary size of the synthetic set.
         #[arg(long, default_value_t = 32000)]
         vocab: usize,
+        /// Task models of the synthetic set.
         #[arg(long, default_value_t = 3)]
         tasks: usize,
+        /// Element type of the synthetic set: float32, float16 or bfloat16.
         #[arg(long, default_value = "bfloat16", value_parser = parse_dtype)]
         dtype: FloatType,
+        /// Timed merges (the median is reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
@@ -156,6 +183,7 @@ enum BenchCmd {
         /// Task models fused (1 to 64; the combination histogram is built up to 8).
         #[arg(long, default_value_t = 4)]
         tasks: usize,
+        /// Element type of the tensors: float32, float16 or bfloat16.
         #[arg(long, default_value = "bfloat16", value_parser = parse_dtype)]
         dtype: FloatType,
         /// Timed runs per kernel (the median is reported; 3 warm-up runs come first).
@@ -552,6 +580,28 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// Every argument of every subcommand has a help line (clap prints blanks otherwise).
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id != "help" && id != "version" && a.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "stamerge", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
 
     #[test]
     fn out_shard_default_is_the_library_default() {
