@@ -354,6 +354,41 @@ fn unknown_keys_and_wrong_types_give_the_line() {
     assert_refused(&s, &r, &["unknown merge_method `slerp`", "ties"]);
 }
 
+/// mergekit features stamerge lacks are named as unsupported, each with its recipe field, never
+/// blamed on the spelling ("unknown field `t`").
+#[test]
+fn mergekit_features_stamerge_lacks_are_named() {
+    let s = scenario();
+    let slerp = "merge_method: slerp\nbase_model: base\nparameters:\n  t: 0.5\nmodels:\n  - model: task_0\n";
+    let r = merge(&s, slerp);
+    assert_refused(
+        &s,
+        &r,
+        &[
+            "merge_method `slerp`",
+            "does not support yet",
+            "`parameters.t`",
+        ],
+    );
+    assert!(!r.stderr.contains("unknown field"), "{}", r.stderr);
+    let della = TA.replace("task_arithmetic", "della").replace(
+        "  - model: task_1\n",
+        "  - model: task_1\n    parameters:\n      epsilon: 0.1\n",
+    );
+    let r = merge(&s, &della);
+    assert_refused(
+        &s,
+        &r,
+        &["merge_method `della`", "`models[1].parameters.epsilon`"],
+    );
+    assert!(!r.stderr.contains("unknown field"), "{}", r.stderr);
+    let sliced =
+        format!("{TA}slices:\n  - sources:\n      - model: task_0\n        layer_range: [0, 2]\n");
+    let r = merge(&s, &sliced);
+    assert_refused(&s, &r, &["`slices:`", "not supported yet"]);
+    assert!(!r.stderr.contains("unknown field"), "{}", r.stderr);
+}
+
 #[test]
 fn output_folder_rules() {
     let s = scenario();

@@ -1,6 +1,7 @@
 //! YAML recipe → typed, validated recipe. Parameters resolve per model (a model's own value wins
 //! over the global one); every problem is reported at once, with the recipe's name.
 
+mod mergekit;
 mod raw;
 
 use std::path::{Path, PathBuf};
@@ -65,6 +66,12 @@ impl Recipe {
 
     /// Parses recipe text; relative model paths are resolved against `dir`.
     pub fn parse(text: &str, dir: &Path) -> Result<Self, Vec<Problem>> {
+        if let Ok(v) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text) {
+            let ps = mergekit::unsupported(&v);
+            if !ps.is_empty() {
+                return Err(ps);
+            }
+        }
         let raw: RawRecipe = serde_yaml_ng::from_str(text).map_err(|e| {
             let mut msg = e.to_string();
             if msg.contains("invalid type: sequence") || msg.contains("invalid type: map") {
