@@ -206,6 +206,7 @@ fn model_selection(
     if tasks.is_empty() {
         return Ok(None);
     }
+    let started = Instant::now();
     let nt = plan.recipe.tasks.len();
     let mut means = vec![vec![0f32; nt]; plan.items.len()];
     let mut total = 0u64;
@@ -268,6 +269,14 @@ fn model_selection(
     }
     let mut thresholds: Vec<Option<ModelThreshold>> = (0..nt).map(|_| None).collect();
     for &t in &tasks {
+        tracing::debug!(
+            "selection: model, task {t}: keep {} of {total}; threshold key {:#010x}, {} tie(s) \
+             to keep, after {:.3} s",
+            ks[t],
+            search[t].prefix(),
+            search[t].quota(),
+            started.elapsed().as_secs_f64()
+        );
         thresholds[t] = Some(ModelThreshold {
             key: search[t].prefix(),
             quota: search[t].quota(),
@@ -342,6 +351,11 @@ pub fn execute(
                             &plan.inputs.base
                         };
                         let (f, t) = ck.get(&item.name).expect("planned");
+                        tracing::debug!(
+                            "copied `{}` from the {}",
+                            item.name,
+                            if *from_start { "start model" } else { "base" }
+                        );
                         records.push(TensorRecord {
                             name: item.name.clone(),
                             shape: item.shape.clone(),
@@ -362,6 +376,7 @@ pub fn execute(
                         payloads.push(Payload::Borrowed(f.bytes(t)));
                     }
                     ItemKind::Merge { out, work, .. } => {
+                        let started = Instant::now();
                         let g = plan.group(item);
                         let jobs = work.jobs(|t| {
                             let m = ms.as_ref().expect("model-wide tasks have a selection");
@@ -437,6 +452,13 @@ pub fn execute(
                                 kept: st.kept,
                             });
                         }
+                        tracing::debug!(
+                            "merged `{}` ({} elements → {out:?}) in {:.3} s: masks {jobs:?}; kept {:?}",
+                            item.name,
+                            g.n,
+                            started.elapsed().as_secs_f64(),
+                            tasks.iter().map(|t| t.kept).collect::<Vec<_>>()
+                        );
                         records.push(TensorRecord {
                             name: item.name.clone(),
                             shape: item.shape.clone(),

@@ -79,6 +79,7 @@ pub fn open_backend(device: Device, max_memory: Option<u64>) -> Result<Box<dyn B
         Device::Cuda => match CudaBackend::with_max_memory(0, max_memory) {
             Ok(b) => {
                 tracing::info!("using the cuda backend on {}", b.description());
+                tracing::debug!("cuda: a GPU memory budget of {} bytes", b.max_memory());
                 Ok(Box::new(b))
             }
             Err(reason) => Err(Error::Other(format!("--device cuda: {reason}"))),
@@ -86,6 +87,7 @@ pub fn open_backend(device: Device, max_memory: Option<u64>) -> Result<Box<dyn B
         Device::Auto => match CudaBackend::with_max_memory(0, max_memory) {
             Ok(b) => {
                 tracing::info!("using the cuda backend on {}", b.description());
+                tracing::debug!("cuda: a GPU memory budget of {} bytes", b.max_memory());
                 Ok(Box::new(b))
             }
             Err(reason) => {
@@ -229,7 +231,9 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
             .map_err(|e| Error::Other(format!("cannot start worker threads: {e}")))?
     };
     let threads = pool.current_num_threads();
+    tracing::debug!("{} backend, {threads} worker thread(s)", backend.name());
     let out = OutputDir::create(out_dir)?;
+    tracing::debug!("building the output in {}", out.path().display());
     let sampler = memory::PeakSampler::start();
     let t0 = Instant::now();
     let outcome = pool.install(|| {
@@ -242,9 +246,18 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
             &INTERRUPTED,
         )
     })?;
+    tracing::debug!(
+        "tensors merged and written in {:.3} s",
+        t0.elapsed().as_secs_f64()
+    );
     write_side_files(plan, out.path())?;
     if opts.verify {
+        let tv = Instant::now();
         verify_output(plan, &outcome, out.path())?;
+        tracing::debug!(
+            "--verify read the output back in {:.3} s",
+            tv.elapsed().as_secs_f64()
+        );
     }
     {
         use error::IoContext;
@@ -291,7 +304,9 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     }
     // Last: an input that changed while it was read must not yield an output presented as good.
     plan.inputs.check_intact()?;
+    let target = out.target().to_path_buf();
     out.commit()?;
+    tracing::debug!("committed {} after {seconds:.3} s", target.display());
     if let Some(p) = &opts.report {
         use error::IoContext;
         report::write(&rep, p).ctx(|| format!("writing the report to {}", p.display()))?;

@@ -389,6 +389,39 @@ fn mergekit_features_stamerge_lacks_are_named() {
     assert!(!r.stderr.contains("unknown field"), "{}", r.stderr);
 }
 
+/// `-v` logs what a person debugging a merge needs (backend, each tensor's masks, shards,
+/// timings); without it none of that is printed.
+#[test]
+fn verbose_logs_the_merge_at_debug_level() {
+    let s = scenario();
+    std::fs::write(s.path("r.yml"), STA).unwrap();
+    let run = |verbose: bool| {
+        let mut c = Command::new(stamerge_bin());
+        c.args(["merge", "r.yml", "out", "--device", "cpu", "--overwrite"]);
+        if verbose {
+            c.arg("-v");
+        }
+        let o = c
+            .current_dir(s.dir.path())
+            .env_remove("STAMERGE_LOG")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let v = run(true);
+    for needle in [
+        "cpu backend",
+        "merged `",
+        "masks [TopK",
+        "writing ",
+        "committed ",
+    ] {
+        assert!(v.contains(needle), "-v lacks `{needle}`:\n{v}");
+    }
+    assert!(!run(false).contains("DEBUG"));
+}
+
 #[test]
 fn output_folder_rules() {
     let s = scenario();

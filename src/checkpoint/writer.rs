@@ -129,6 +129,11 @@ impl ShardWriter {
         }
         if self.current.is_none() {
             let path = self.dir.join(&self.plan.files[self.shard]);
+            tracing::debug!(
+                "writing {} ({} tensors)",
+                path.display(),
+                self.plan.ranges[self.shard].len()
+            );
             let f = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
             let mut w = BufWriter::with_capacity(8 << 20, f);
             let header = shard_header(&self.tensors[self.plan.ranges[self.shard].clone()]);
@@ -151,6 +156,7 @@ impl ShardWriter {
                 .map_err(|e| e.into_error())
                 .ctx(|| format!("writing {}", path.display()))?;
             f.sync_all().ctx(|| format!("syncing {}", path.display()))?;
+            tracing::debug!("closed and synced {}", path.display());
         }
         Ok(())
     }
