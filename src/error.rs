@@ -57,6 +57,9 @@ pub enum Error {
     /// The plan found problems; nothing was read beyond headers and nothing was written.
     #[error("{} problem(s) found, nothing was written:\n{}", .0.len(), list(.0))]
     Plan(Vec<Problem>),
+    /// Problems of a checkpoint that was only looked at (`inspect`: nothing is ever written).
+    #[error("{} problem(s) found:\n{}", .0.len(), list(.0))]
+    Unreadable(Vec<Problem>),
     /// A problem found while the merge ran (bad values in a tensor, I/O failure).
     #[error("{0}")]
     Input(Problem),

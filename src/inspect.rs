@@ -22,7 +22,7 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 pub fn inspect(path: &Path) -> Result<String> {
-    let ck = Checkpoint::open(path).map_err(Error::Plan)?;
+    let ck = Checkpoint::open(path).map_err(Error::Unreadable)?;
     let mut s = String::new();
     let width = ck
         .tensors()

@@ -348,7 +348,7 @@ fn unknown_keys_and_wrong_types_give_the_line() {
     assert_refused(
         &s,
         &r,
-        &["invalid type: sequence", "line 4", "not supported"],
+        &["`parameters.density`", "per-layer list", "not support"],
     );
     let r = merge(&s, &TA.replace("task_arithmetic", "slerp"));
     assert_refused(&s, &r, &["unknown merge_method `slerp`", "ties"]);
@@ -420,6 +420,48 @@ fn verbose_logs_the_merge_at_debug_level() {
         assert!(v.contains(needle), "-v lacks `{needle}`:\n{v}");
     }
     assert!(!run(false).contains("DEBUG"));
+}
+
+/// Recipe problems and missing inputs in one report, each input named by its recipe field, a
+/// missing statistic with the hint that makes one; `inspect` never says it wrote nothing.
+#[test]
+fn every_problem_at_once_with_its_field() {
+    let s = scenario();
+    let recipe = STA
+        .replace("density: 0.5", "density: 1.5")
+        .replace("model: task_1", "model: task_9")
+        .replace("gradients: grads_0", "gradients: grads_7");
+    let r = merge(&s, &recipe);
+    assert_refused(
+        &s,
+        &r,
+        &[
+            "`density` must be in (0, 1], got 1.5",
+            "`models[1].model`: no such file",
+            "huggingface-cli download",
+            "`models[0].gradients`: no such file",
+            "python -m stamerge_grads",
+        ],
+    );
+    // A recipe without problems of its own: the plan names the field too.
+    let r = merge(&s, &STA.replace("gradients: grads_1", "gradients: grads_8"));
+    assert_refused(
+        &s,
+        &r,
+        &["`models[1].gradients`", "python -m stamerge_grads"],
+    );
+    assert!(!r.stderr.contains("huggingface-cli"), "{}", r.stderr);
+    let o = Command::new(stamerge_bin())
+        .args(["inspect", "no_such_model"])
+        .current_dir(s.dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no_such_model"),
+        "{err}"
+    );
+    assert!(!err.contains("nothing was written"), "{err}");
 }
 
 #[test]

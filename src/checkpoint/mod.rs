@@ -7,4 +7,4 @@ pub mod outdir;
 pub mod writer;
 
 pub use file::{SafetensorsFile, TensorEntry};
-pub use model::{Checkpoint, Loc};
+pub use model::{Checkpoint, Loc, MISSING_MODEL, MISSING_STATISTIC};

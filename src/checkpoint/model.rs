@@ -40,16 +40,27 @@ fn pickle_hint(path: &Path) -> Problem {
     )
 }
 
+/// What to do about a model path that does not exist.
+pub const MISSING_MODEL: &str = "stamerge reads local folders: download a Hugging Face model \
+                                 first (e.g. `huggingface-cli download ID --local-dir DIR`)";
+
+/// What to do about a gradient statistic that does not exist.
+pub const MISSING_STATISTIC: &str = "write the task's gradient statistic first: `python -m \
+                                     stamerge_grads --model MODEL --data calib.jsonl --out PATH` \
+                                     (README, \"Gradient statistics\")";
+
 impl Checkpoint {
     /// Opens a checkpoint, reading headers only. Every problem found is returned at once.
     pub fn open(path: &Path) -> Result<Self, Vec<Problem>> {
+        Self::open_or(path, MISSING_MODEL)
+    }
+
+    /// As [`Checkpoint::open`]; `missing` says what to do when the path does not exist.
+    pub fn open_or(path: &Path, missing: &str) -> Result<Self, Vec<Problem>> {
         let meta = std::fs::metadata(path).map_err(|e| {
             vec![Problem::in_file(
                 path,
-                format!(
-                    "cannot read: {e}. stamerge reads local folders: download a Hugging Face model \
-                     first (e.g. `huggingface-cli download ID --local-dir DIR`)"
-                ),
+                format!("cannot read: {e}. {missing}"),
             )]
         })?;
         if meta.is_file() {

@@ -133,19 +133,30 @@ pub struct Plan {
 pub const OUT_BUFFERS_IN_FLIGHT: u64 = 3;
 
 fn open_all(recipe: &Recipe, problems: &mut Vec<Problem>) -> Option<Inputs> {
-    let mut open = |p: &PathBuf| match Checkpoint::open(p) {
+    use crate::checkpoint::{MISSING_MODEL, MISSING_STATISTIC};
+    // Each input's problems name the recipe field that points at it.
+    let mut open = |p: &PathBuf, field: &str, missing: &str| match Checkpoint::open_or(p, missing) {
         Ok(c) => Some(c),
         Err(ps) => {
-            problems.extend(ps);
+            problems.extend(ps.into_iter().map(|mut q| {
+                q.message = format!("`{field}`: {}", q.message);
+                q
+            }));
             None
         }
     };
-    let base = open(&recipe.base);
-    let start = recipe.start.as_ref().map(&mut open);
+    let base = open(&recipe.base, "base_model", MISSING_MODEL);
+    let start = recipe
+        .start
+        .as_ref()
+        .map(|p| open(p, "start_model", MISSING_MODEL));
     let mut tasks = Vec::new();
     for t in &recipe.tasks {
-        let model = open(&t.model);
-        let grads = t.gradients.as_ref().map(&mut open);
+        let model = open(&t.model, &format!("{}.model", t.field), MISSING_MODEL);
+        let grads = t
+            .gradients
+            .as_ref()
+            .map(|p| open(p, &format!("{}.gradients", t.field), MISSING_STATISTIC));
         tasks.push((model, grads));
     }
     let base = base?;

@@ -1,5 +1,5 @@
 //! mergekit's vocabulary that stamerge does not implement (yet): merge methods, method
-//! parameters and recipe keys. A recipe that uses one is refused naming the feature, before the
+//! parameters, per-layer values and recipe keys. A recipe that uses one is refused naming the feature, before the
 //! typed parse, whose "unknown field `t`" would blame the spelling instead. Every such use is
 //! reported at once, each with the recipe field it is in.
 
@@ -100,6 +100,15 @@ fn params(p: Option<&Value>, field: &str, out: &mut Vec<Problem>) {
     let Some(Value::Mapping(p)) = p else {
         return;
     };
+    for (name, value) in p {
+        let (Some(name), Value::Sequence(_) | Value::Mapping(_)) = (name.as_str(), value) else {
+            continue;
+        };
+        out.push(Problem::new(format!(
+            "`{field}.{name}` is a per-layer list or a filter (mergekit's gradients), which \
+             stamerge does not support yet: give one number"
+        )));
+    }
     for (name, methods) in PARAMETERS {
         if p.contains_key(*name) {
             out.push(Problem::new(format!(
@@ -139,6 +148,17 @@ mod tests {
             ps[3].contains("`models[1].parameters.t`") && ps[3].contains("slerp"),
             "{ps:?}"
         );
+    }
+
+    #[test]
+    fn every_per_layer_list_is_named() {
+        let ps = problems(
+            "merge_method: ties\nparameters:\n  density: [0.5, 0.2]\nmodels:\n  - model: a\n\
+             \x20   parameters:\n      weight:\n        - filter: mlp\n          value: 0.5\n",
+        );
+        assert_eq!(ps.len(), 2, "{ps:?}");
+        assert!(ps[0].contains("`parameters.density`"), "{ps:?}");
+        assert!(ps[1].contains("`models[0].parameters.weight`"), "{ps:?}");
     }
 
     #[test]

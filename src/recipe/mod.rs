@@ -16,6 +16,8 @@ use crate::method::MethodKind;
 /// One task vector entering the merge: a `models` entry (sign +1) or a `forget` entry (sign −1).
 #[derive(Clone, Debug)]
 pub struct TaskSpec {
+    /// Where the recipe lists it: `models[1]` or `forget[0]` (for messages).
+    pub field: String,
     pub model: PathBuf,
     pub gradients: Option<PathBuf>,
     pub weight: f32,
@@ -186,7 +188,10 @@ fn resolve(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem
             continue;
         }
         match resolve_task(m, forget, &g, method, dir, model) {
-            Ok(t) => tasks.push(t),
+            Ok(t) => tasks.push(TaskSpec {
+                field: format!("{where_}[{i}]"),
+                ..t
+            }),
             Err(msgs) => problems.extend(
                 msgs.into_iter()
                     .map(|msg| Problem::new(format!("{where_}[{i}] (`{}`): {msg}", m.model))),
@@ -199,6 +204,8 @@ fn resolve(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem
         }
     }
     if !problems.is_empty() {
+        // The inputs that can be located are checked too, so that one run reports everything.
+        problems.extend(missing_inputs(&raw, dir));
         return Err(problems);
     }
     Ok(Recipe {
@@ -229,6 +236,37 @@ fn parse_dtype(s: Option<&str>, key: &str, problems: &mut Vec<Problem>) -> Optio
         )));
     }
     d
+}
+
+/// Every input path of the recipe that does not exist, named by its field (for a recipe that has
+/// problems of its own; otherwise the plan opens the inputs and says more).
+fn missing_inputs(raw: &RawRecipe, dir: &Path) -> Vec<Problem> {
+    use crate::checkpoint::{MISSING_MODEL, MISSING_STATISTIC};
+    let mut paths: Vec<(String, &str, &str)> = Vec::new();
+    if let Some(b) = raw.base_model.as_deref() {
+        paths.push(("base_model".into(), b, MISSING_MODEL));
+    }
+    if let Some(s) = raw.start_model.as_deref() {
+        paths.push(("start_model".into(), s, MISSING_MODEL));
+    }
+    for (list, entries) in [("models", &raw.models), ("forget", &raw.forget)] {
+        for (i, m) in entries.iter().enumerate() {
+            paths.push((format!("{list}[{i}].model"), &m.model, MISSING_MODEL));
+            if let Some(g) = m.gradients.as_deref() {
+                paths.push((format!("{list}[{i}].gradients"), g, MISSING_STATISTIC));
+            }
+        }
+    }
+    paths
+        .into_iter()
+        .filter(|(_, p, _)| !path_in(dir, p).exists())
+        .map(|(field, p, hint)| {
+            Problem::in_file(
+                &path_in(dir, p),
+                format!("`{field}`: no such file or folder. {hint}"),
+            )
+        })
+        .collect()
 }
 
 fn resolve_task(
@@ -283,6 +321,7 @@ fn resolve_task(
         return Err(errs);
     }
     Ok(TaskSpec {
+        field: String::new(),
         model,
         gradients,
         weight: weight as f32,
