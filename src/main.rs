@@ -198,6 +198,56 @@ enum BenchCmd {
     },
 }
 
+/// mergekit's flags that mean nothing here, with why (accepted so that a mergekit command line
+/// runs, each explained in one line).
+const MERGEKIT_NO_OPS: &[(&str, &str)] = &[
+    (
+        "--copy-tokenizer",
+        "the base model's tokenizer files are always copied",
+    ),
+    (
+        "--lazy-unpickle",
+        "stamerge never unpickles: it memory-maps safetensors",
+    ),
+    (
+        "--allow-crimes",
+        "stamerge merges checkpoints of one architecture and refuses mismatched shapes",
+    ),
+    ("--trust-remote-code", "stamerge runs no model code"),
+    ("--no-lazy-unpickle", "stamerge never unpickles"),
+];
+
+/// mergekit-yaml's command line (`RECIPE OUT_DIR [--cuda] ...`) as stamerge's: `merge` is
+/// implied when the first argument is a YAML file, `--cuda` is `--device cuda`, and the flags
+/// of [`MERGEKIT_NO_OPS`] are dropped with a note saying why.
+fn from_mergekit(mut args: Vec<std::ffi::OsString>) -> (Vec<std::ffi::OsString>, Vec<String>) {
+    let mut notes = Vec::new();
+    let is_yaml = |a: &std::ffi::OsString| {
+        let p = std::path::Path::new(a);
+        matches!(p.extension().and_then(|e| e.to_str()), Some("yml" | "yaml")) && p.is_file()
+    };
+    if args.len() > 1 && is_yaml(&args[1]) {
+        args.insert(1, "merge".into());
+        notes.push("mergekit-yaml's form `RECIPE OUT_DIR`: running `stamerge merge`".into());
+    }
+    if args.get(1).is_some_and(|a| a == "merge") {
+        let mut out = Vec::with_capacity(args.len() + 1);
+        for a in args {
+            if a == "--cuda" {
+                notes.push("mergekit's --cuda: running with --device cuda".into());
+                out.push("--device".into());
+                out.push("cuda".into());
+            } else if let Some((flag, why)) = MERGEKIT_NO_OPS.iter().find(|(f, _)| a == *f) {
+                notes.push(format!("mergekit's {flag} is ignored: {why}"));
+            } else {
+                out.push(a);
+            }
+        }
+        args = out;
+    }
+    (args, notes)
+}
+
 fn parse_dtype(s: &str) -> Result<FloatType, String> {
     FloatType::parse(s).ok_or_else(|| format!("unknown dtype `{s}` (float32, float16, bfloat16)"))
 }
@@ -540,7 +590,8 @@ fn run(cli: Cli) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (args, mergekit_notes) = from_mergekit(std::env::args_os().collect());
+    let cli = Cli::parse_from(args);
     let level = if cli.verbose {
         "debug"
     } else if cli.quiet {
@@ -556,6 +607,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    for n in &mergekit_notes {
+        tracing::info!("{n}");
+    }
     let _ = ctrlc::set_handler(|| {
         if stamerge::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
             // A second Ctrl-C: stop now; the temporary folder is removed by the next run.
@@ -601,6 +655,33 @@ mod tests {
         let mut missing = Vec::new();
         walk(&Cli::command(), "stamerge", &mut missing);
         assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    #[test]
+    fn mergekit_command_lines_become_stamerge_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = dir.path().join("r.yml");
+        std::fs::write(&recipe, "merge_method: ties\n").unwrap();
+        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let r = recipe.to_str().unwrap();
+        let (got, notes) =
+            from_mergekit(args(&["stamerge", r, "out", "--cuda", "--lazy-unpickle"]));
+        assert_eq!(
+            got,
+            args(&["stamerge", "merge", r, "out", "--device", "cuda"])
+        );
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert!(notes[2].contains("--lazy-unpickle") && notes[2].contains("never unpickles"));
+        // stamerge's own command lines pass unchanged; other subcommands are not rewritten.
+        let own = args(&["stamerge", "merge", r, "out", "--device", "cpu"]);
+        assert_eq!(from_mergekit(own.clone()), (own, vec![]));
+        let plan = args(&["stamerge", "plan", r, "--cuda"]);
+        assert_eq!(from_mergekit(plan.clone()).0, plan);
+        // A path that is not an existing YAML file is left for clap to report.
+        let missing = args(&["stamerge", "nope.yml", "out"]);
+        assert_eq!(from_mergekit(missing.clone()).0, missing);
+        let parsed = Cli::try_parse_from(from_mergekit(args(&["stamerge", r, "out"])).0);
+        assert!(parsed.is_ok());
     }
 
     #[test]
