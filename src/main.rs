@@ -262,7 +262,15 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a size like 5GB or 500MB"))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
+        "" => 1.0,
+        // mergekit's `--out-shard-size 5B` means 5 billion bytes: bytes here would be a trap.
+        "b" => {
+            return Err(format!(
+                "`{s}`: a B suffix is ambiguous (mergekit reads it as billions of bytes): write \
+                 {}GB, or the bytes without a unit",
+                num.trim()
+            ))
+        }
         "kb" | "k" => 1e3,
         "mb" | "m" => 1e6,
         "gb" | "g" => 1e9,
@@ -682,6 +690,15 @@ mod tests {
         assert_eq!(from_mergekit(missing.clone()).0, missing);
         let parsed = Cli::try_parse_from(from_mergekit(args(&["stamerge", r, "out"])).0);
         assert!(parsed.is_ok());
+    }
+
+    #[test]
+    fn sizes_parse_and_mergekit_s_b_is_refused() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("123"), Ok(123));
+        let e = parse_size("5B").unwrap_err();
+        assert!(e.contains("5GB") && e.contains("mergekit"), "{e}");
     }
 
     #[test]
