@@ -290,6 +290,13 @@ fn load_recipe(path: &std::path::Path) -> Result<Recipe, Error> {
     Recipe::from_file(path).map_err(Error::Plan)
 }
 
+/// A recipe value as the recipe spells it (`tensor`, `task_vector`), not as Rust names it.
+fn spelled<T: serde::Serialize>(v: &T) -> String {
+    serde_yaml_ng::to_string(v)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 fn print_plan(plan: &stamerge::Plan, max_memory: Option<u64>) {
     use stamerge::inspect::human_bytes;
     use stamerge::plan::ItemKind;
@@ -300,20 +307,27 @@ fn print_plan(plan: &stamerge::Plan, max_memory: Option<u64>) {
         r.tasks.len(),
         r.base.display()
     );
+    // The recipe's own spellings, and only the parameters this method reads.
     for (i, t) in r.tasks.iter().enumerate() {
-        println!(
-            "  {}[{i}] {}  weight {}  density {}  selection {:?}  importance {:?}{}",
+        let mut line = format!(
+            "  {}[{i}] {}  weight {}",
             if t.forget { "forget" } else { "model" },
             t.model.display(),
-            t.weight,
-            t.density,
-            t.selection,
-            t.importance,
-            t.gradients
-                .as_ref()
-                .map(|g| format!("  gradients {}", g.display()))
-                .unwrap_or_default()
+            t.weight
         );
+        if r.method.uses_density() {
+            line += &format!("  density {}", t.density);
+        }
+        if r.method.select() == stamerge::method::SelectKind::TopK {
+            line += &format!("  selection {}", spelled(&t.selection));
+        }
+        if r.method == stamerge::method::MethodKind::Sta {
+            line += &format!("  importance {}", spelled(&t.importance));
+        }
+        if let Some(g) = &t.gradients {
+            line += &format!("  gradients {}", g.display());
+        }
+        println!("{line}");
     }
     println!(
         "{:60} {:>8} {:>16} {:>12}",
@@ -451,7 +465,8 @@ fn run(cli: Cli) -> Result<(), Error> {
                 max_memory,
             };
             let rep = stamerge::merge(&r, &out_dir, &opts)?;
-            if !cli.quiet {
+            // The one line --quiet keeps.
+            {
                 eprintln!(
                     "merged {} tensors with {} on {} in {:.2} s ({:.2} GB/s of input, peak anonymous memory {}) → {}",
                     rep.tensors.len(),

@@ -464,6 +464,42 @@ fn every_problem_at_once_with_its_field() {
     assert!(!err.contains("nothing was written"), "{err}");
 }
 
+/// `plan` shows each task's parameters as the recipe spells them, and only those its method
+/// reads; `--quiet` keeps the one summary line of a merge.
+#[test]
+fn plan_speaks_the_recipe_s_language_and_quiet_keeps_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    stamerge::synth::generate(&stamerge::synth::SynthSpec::default(), dir.path()).unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(stamerge_bin())
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (sta, _) = run(&["plan", "sta_model.yml"]);
+    assert!(
+        sta.contains("density 0.1  selection model  importance task_vector"),
+        "{sta}"
+    );
+    let (ties, _) = run(&["plan", "ties.yml"]);
+    assert!(
+        ties.contains("selection tensor") && !ties.contains("importance"),
+        "{ties}"
+    );
+    let (ta, _) = run(&["plan", "task_arithmetic.yml"]);
+    assert!(!ta.contains("density") && !ta.contains("selection"), "{ta}");
+    assert!(!format!("{sta}{ties}{ta}").contains("Tensor"));
+    let (_, quiet) = run(&["--quiet", "merge", "ties.yml", "out", "--device", "cpu"]);
+    assert_eq!(quiet.lines().count(), 1, "{quiet}");
+    assert!(quiet.starts_with("merged "), "{quiet}");
+}
+
 #[test]
 fn output_folder_rules() {
     let s = scenario();
