@@ -466,18 +466,16 @@ fn run(cli: Cli) -> Result<(), Error> {
             };
             let rep = stamerge::merge(&r, &out_dir, &opts)?;
             // The one line --quiet keeps.
-            {
-                eprintln!(
-                    "merged {} tensors with {} on {} in {:.2} s ({:.2} GB/s of input, peak anonymous memory {}) → {}",
-                    rep.tensors.len(),
-                    rep.method,
-                    rep.backend,
-                    rep.seconds,
-                    rep.gb_per_s,
-                    stamerge::inspect::human_bytes(rep.peak_rss_anon_bytes),
-                    rep.output
-                );
-            }
+            eprintln!(
+                "merged {} tensors with {} on {} in {:.2} s ({:.2} GB/s of input, peak anonymous memory {}) → {}",
+                rep.tensors.len(),
+                rep.method,
+                rep.backend,
+                rep.seconds,
+                rep.gb_per_s,
+                stamerge::inspect::human_bytes(rep.peak_rss_anon_bytes),
+                rep.output
+            );
             Ok(())
         }
         Cmd::Plan {
