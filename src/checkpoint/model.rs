@@ -46,8 +46,8 @@ pub const MISSING_MODEL: &str = "stamerge reads local folders: download a Huggin
 
 /// What to do about a gradient statistic that does not exist.
 pub const MISSING_STATISTIC: &str = "write the task's gradient statistic first: `python -m \
-                                     stamerge_grads --model MODEL --data calib.jsonl --out PATH` \
-                                     (README, \"Gradient statistics\")";
+                                     stamerge_grads --model MODEL --data calib.jsonl --task \
+                                     causal-lm --out PATH` (README, \"Gradient statistics\")";
 
 impl Checkpoint {
     /// Opens a checkpoint, reading headers only. Every problem found is returned at once.
