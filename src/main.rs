@@ -596,7 +596,29 @@ fn run(cli: Cli) -> Result<(), Error> {
                 shard_bytes: shard_size,
                 seed,
             };
-            stamerge::synth::generate(&spec, &out_dir)?;
+            // A bar on a terminal, else a line per checkpoint (large sets take minutes).
+            let total = 1 + 2 * tasks;
+            let tty = !cli.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let bar = if tty {
+                let b = indicatif::ProgressBar::new(total as u64);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} checkpoints {msg}",
+                    )
+                    .expect("static template"),
+                );
+                b
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            stamerge::synth::generate_with(&spec, &out_dir, |name, i| {
+                bar.set_position(i as u64);
+                bar.set_message(name.to_string());
+                if !tty {
+                    tracing::info!("wrote {name} ({i} of {total} checkpoints)");
+                }
+            })?;
+            bar.finish_and_clear();
             if !cli.quiet {
                 eprintln!(
                     "wrote a synthetic set of {} parameters per checkpoint ({} tasks) to {}",

@@ -226,12 +226,25 @@ pub fn recipes(tasks: usize) -> Vec<(String, String)> {
 
 /// Writes base/, task_i/, grads_i/ and the recipes into `dir`. Returns the paths written.
 pub fn generate(spec: &SynthSpec, dir: &Path) -> Result<Vec<PathBuf>> {
+    generate_with(spec, dir, |_, _| {})
+}
+
+/// As [`generate`], calling `done(name, i)` after the i-th of the 1 + 2·tasks checkpoints
+/// (counting from 1) is written: the CLI's progress.
+pub fn generate_with(
+    spec: &SynthSpec,
+    dir: &Path,
+    mut done: impl FnMut(&str, usize),
+) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     let mut written = vec![dir.join("base")];
     write_checkpoint(spec, Role::Base, &dir.join("base"), true)?;
+    done("base", 1);
     for t in 0..spec.tasks {
         write_checkpoint(spec, Role::Task(t), &dir.join(format!("task_{t}")), true)?;
+        done(&format!("task_{t}"), 2 + 2 * t);
         write_checkpoint(spec, Role::Grad(t), &dir.join(format!("grads_{t}")), false)?;
+        done(&format!("grads_{t}"), 3 + 2 * t);
         written.push(dir.join(format!("task_{t}")));
         written.push(dir.join(format!("grads_{t}")));
     }

@@ -465,7 +465,7 @@ fn every_problem_at_once_with_its_field() {
 }
 
 /// `plan` shows each task's parameters as the recipe spells them, and only those its method
-/// reads; `--quiet` keeps the one summary line of a merge.
+/// reads; `--quiet` keeps the one summary line of a merge; `synth` says each checkpoint it wrote.
 #[test]
 fn plan_speaks_the_recipe_s_language_and_quiet_keeps_one_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -495,6 +495,14 @@ fn plan_speaks_the_recipe_s_language_and_quiet_keeps_one_line() {
     let (ta, _) = run(&["plan", "task_arithmetic.yml"]);
     assert!(!ta.contains("density") && !ta.contains("selection"), "{ta}");
     assert!(!format!("{sta}{ties}{ta}").contains("Tensor"));
+    let (_, synth) = run(&["synth", "set", "--layers", "1", "--tasks", "2"]);
+    for (i, name) in ["base", "task_0", "grads_0", "task_1", "grads_1"]
+        .iter()
+        .enumerate()
+    {
+        let line = format!("wrote {name} ({} of 5 checkpoints)", i + 1);
+        assert!(synth.contains(&line), "synth lacks `{line}`:\n{synth}");
+    }
     let (_, quiet) = run(&["--quiet", "merge", "ties.yml", "out", "--device", "cpu"]);
     assert_eq!(quiet.lines().count(), 1, "{quiet}");
     assert!(quiet.starts_with("merged "), "{quiet}");
