@@ -130,9 +130,10 @@ enum Cmd {
         /// Element type of the gradient statistics: float32, float16 or bfloat16.
         #[arg(long, default_value = "bfloat16", value_parser = parse_dtype)]
         grad_dtype: FloatType,
-        /// Largest shard of each model, e.g. 40KB, 1GB (small shards exercise sharded reads).
-        #[arg(long, default_value = "40KB", value_parser = parse_size)]
-        shard_size: u64,
+        /// Largest shard of each model, e.g. 40KB, 1GB (default: a quarter of the model, at least
+        /// 40KB: about four shards, so that sharded reads are exercised at any size).
+        #[arg(long, value_parser = parse_size)]
+        shard_size: Option<u64>,
         /// Seed of the random weights (the same seed writes the same bytes).
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -593,8 +594,13 @@ fn run(cli: Cli) -> Result<(), Error> {
                 tasks,
                 dtype,
                 grad_dtype,
-                shard_bytes: shard_size,
+                shard_bytes: 0,
                 seed,
+            };
+            let spec = SynthSpec {
+                shard_bytes: shard_size
+                    .unwrap_or_else(|| (spec.params() * spec.dtype.size() as u64 / 4).max(40_000)),
+                ..spec
             };
             // A bar on a terminal, else a line per checkpoint (large sets take minutes).
             let total = 1 + 2 * tasks;
