@@ -495,7 +495,9 @@ fn plan_speaks_the_recipe_s_language_and_quiet_keeps_one_line() {
     let (ta, _) = run(&["plan", "task_arithmetic.yml"]);
     assert!(!ta.contains("density") && !ta.contains("selection"), "{ta}");
     assert!(!format!("{sta}{ties}{ta}").contains("Tensor"));
-    let (_, synth) = run(&["synth", "set", "--layers", "1", "--tasks", "2"]);
+    let (_, synth) = run(&[
+        "synth", "set", "--layers", "1", "--tasks", "2", "--hidden", "128", "--vocab", "1000",
+    ]);
     for (i, name) in ["base", "task_0", "grads_0", "task_1", "grads_1"]
         .iter()
         .enumerate()
@@ -503,6 +505,13 @@ fn plan_speaks_the_recipe_s_language_and_quiet_keeps_one_line() {
         let line = format!("wrote {name} ({} of 5 checkpoints)", i + 1);
         assert!(synth.contains(&line), "synth lacks `{line}`:\n{synth}");
     }
+    // The default shard size gives a few shards, not one per tensor.
+    let shards = std::fs::read_dir(dir.path().join("set/base"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .count();
+    assert!((2..=6).contains(&shards), "{shards} shards");
     let (_, quiet) = run(&["--quiet", "merge", "ties.yml", "out", "--device", "cpu"]);
     assert_eq!(quiet.lines().count(), 1, "{quiet}");
     assert!(quiet.starts_with("merged "), "{quiet}");
