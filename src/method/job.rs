@@ -33,16 +33,6 @@ pub enum MaskJob {
     Random { stream: u64, threshold: u64 },
 }
 
-impl MaskJob {
-    /// The keys this job ranks by, if it ranks.
-    pub fn spec(&self) -> Option<&KeySpec> {
-        match self {
-            Self::TopK { spec, .. } | Self::Fixed { spec, .. } => Some(spec),
-            _ => None,
-        }
-    }
-}
-
 /// How the kept entries fuse (docs/SEMANTICS.md, "Fuse").
 #[derive(Clone, Debug, PartialEq)]
 pub struct FuseSpec {

@@ -454,16 +454,12 @@ fn raw<'a>(ck: &'a Checkpoint, name: &str) -> Raw<'a> {
 }
 
 impl Plan {
-    /// The mapped inputs of a merged item, as a backend takes them.
+    /// The mapped inputs of a merged item (`ItemKind::Merge`), as a backend takes them.
     pub fn group<'a>(&'a self, item: &'a Item) -> Group<'a> {
         let name = item.name.as_str();
-        let n = match item.kind {
-            ItemKind::Merge { n, .. } => n,
-            ItemKind::Copy { .. } => item.shape.iter().product(),
-        };
         Group {
             name,
-            n,
+            n: item.shape.iter().product(),
             base: raw(&self.inputs.base, name),
             start: self.inputs.start.as_ref().map(|s| raw(s, name)),
             tasks: self

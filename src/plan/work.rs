@@ -163,7 +163,7 @@ fn mask_plan(recipe: &Recipe, t: usize, name: &str, n: u64, has_grad: bool) -> M
 }
 
 /// The fuse of every tensor of `recipe`, written as `out`.
-pub fn fuse_spec(recipe: &Recipe, out: FloatType) -> FuseSpec {
+fn fuse_spec(recipe: &Recipe, out: FloatType) -> FuseSpec {
     let dare = recipe.method.select() == SelectKind::Random;
     FuseSpec {
         rule: recipe.method.fuse(),
