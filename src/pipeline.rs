@@ -16,25 +16,65 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Problem, Result};
 use crate::method::keep_count;
 use crate::plan::work::model_wide_tasks;
-use crate::plan::{Item, ItemKind, ModelCut, Plan};
+use crate::plan::{Convert, CopyFrom, Item, ItemKind, ModelCut, Plan};
 use crate::report::{overlaps, ModelSelectionRecord, TaskRecord, TensorRecord};
 use crate::select::{key_value, DigitSearch};
 
-/// The mapped input tensors an item reads: base (and start) for a copy, every input for a merge.
+/// The mapped input tensors an item reads: its source for a copy, every input for a merge.
 fn inputs_of<'a>(plan: &'a Plan, item: &Item) -> Vec<(&'a Mmap, usize, usize)> {
-    let mut cks: Vec<&Checkpoint> = vec![&plan.inputs.base];
-    cks.extend(plan.inputs.start.iter());
-    for t in &plan.inputs.tasks {
-        cks.push(&t.model);
-        cks.extend(t.grads.iter());
+    let ins = &plan.inputs;
+    let mut named: Vec<(&Checkpoint, &str)> = Vec::new();
+    match &item.kind {
+        ItemKind::Copy { from, name, .. } => named.push((
+            match from {
+                CopyFrom::Base => &ins.base,
+                CopyFrom::Start => ins.start.as_ref().expect("start"),
+                CopyFrom::Task(t) => &ins.tasks[*t].model,
+            },
+            name,
+        )),
+        ItemKind::Merge { .. } => {
+            named.push((&ins.base, item.slot.base.as_deref().unwrap_or(&item.name)));
+            if let Some(s) = &ins.start {
+                named.push((s, &item.name));
+            }
+            for (t, n) in ins.tasks.iter().zip(&item.slot.tasks) {
+                if let Some(n) = n.as_deref() {
+                    named.push((&t.model, n));
+                    named.extend(t.grads.iter().map(|g| (g, n)));
+                }
+            }
+        }
     }
-    if matches!(item.kind, ItemKind::Copy { .. }) {
-        cks.truncate(1 + plan.inputs.start.is_some() as usize);
-    }
-    cks.into_iter()
-        .filter_map(|ck| ck.get(&item.name))
+    named
+        .into_iter()
+        .filter_map(|(ck, n)| ck.get(n))
         .map(|(f, t)| (&f.map, t.start, t.nbytes()))
         .collect()
+}
+
+/// A copy that converts: widened to fp32, scaled (one rounding), narrowed to the output dtype.
+fn convert(c: &Convert, src: &[u8]) -> Vec<u8> {
+    const CHUNK: usize = 1 << 16;
+    let n = src.len() / c.from.size();
+    let mut out = vec![0u8; n * c.to.size()];
+    let mut buf = vec![0f32; CHUNK.min(n)];
+    for start in (0..n).step_by(CHUNK) {
+        let m = CHUNK.min(n - start);
+        let b = &mut buf[..m];
+        crate::dtype::widen(c.from, &src[start * c.from.size()..], b);
+        if let Some(s) = c.scale {
+            for x in b.iter_mut() {
+                *x *= s;
+            }
+        }
+        crate::dtype::narrow(
+            c.to,
+            b,
+            &mut out[start * c.to.size()..(start + m) * c.to.size()],
+        );
+    }
+    out
 }
 
 /// Asks the kernel to start reading the next group's inputs while this one computes.
@@ -233,7 +273,7 @@ fn model_selection(
         progress.inc(item.read_bytes, &item.name);
     }
     let ks: Vec<u64> = (0..nt)
-        .map(|t| keep_count(plan.recipe.tasks[t].density, total))
+        .map(|t| keep_count(plan.recipe.tasks[t].model_density, total))
         .collect();
     let mut search: Vec<DigitSearch> = ks.iter().map(|&k| DigitSearch::new(k)).collect();
     for (pass, &(shift, bits)) in backend.model_digits().iter().enumerate() {
@@ -288,8 +328,11 @@ fn model_selection(
 }
 
 enum Payload<'a> {
+    /// An output buffer of the circulating set (sent back after writing).
     Owned(Vec<u8>),
     Borrowed(&'a [u8]),
+    /// A converted copy, dropped after writing.
+    Converted(Vec<u8>),
 }
 
 pub struct Outcome {
@@ -329,6 +372,7 @@ pub fn execute(
                         let _ = ret_tx.send(v);
                     }
                     Payload::Borrowed(b) => w.write_next(b)?,
+                    Payload::Converted(v) => w.write_next(&v)?,
                 }
             }
             w.finish()
@@ -344,22 +388,32 @@ pub fn execute(
                 }
                 let mut payloads = Vec::with_capacity(2);
                 match &item.kind {
-                    ItemKind::Copy { from_start } => {
-                        let ck = if *from_start {
-                            plan.inputs.start.as_ref().expect("start")
-                        } else {
-                            &plan.inputs.base
+                    ItemKind::Copy {
+                        from,
+                        name,
+                        convert: conv,
+                    } => {
+                        let ck = match from {
+                            CopyFrom::Base => &plan.inputs.base,
+                            CopyFrom::Start => plan.inputs.start.as_ref().expect("start"),
+                            CopyFrom::Task(t) => &plan.inputs.tasks[*t].model,
                         };
-                        let (f, t) = ck.get(&item.name).expect("planned");
+                        let (f, t) = ck.get(name).expect("planned");
                         tracing::debug!(
-                            "copied `{}` from the {}",
+                            "copied `{}` from `{name}` of the {}{}",
                             item.name,
-                            if *from_start { "start model" } else { "base" }
+                            match from {
+                                CopyFrom::Base => "base".to_string(),
+                                CopyFrom::Start => "start model".to_string(),
+                                CopyFrom::Task(t) => plan.recipe.tasks[*t].field.clone(),
+                            },
+                            conv.map(|c| format!(" as {:?}, scaled by {:?}", c.to, c.scale))
+                                .unwrap_or_default()
                         );
                         records.push(TensorRecord {
                             name: item.name.clone(),
                             shape: item.shape.clone(),
-                            dtype: format!("{:?}", t.dtype),
+                            dtype: format!("{:?}", item.out.dtype),
                             action: "copy",
                             tasks: vec![],
                             overlap: vec![],
@@ -373,7 +427,10 @@ pub fn execute(
                         {
                             payloads.push(Payload::Owned(out));
                         }
-                        payloads.push(Payload::Borrowed(f.bytes(t)));
+                        match conv {
+                            Some(c) => payloads.push(Payload::Converted(convert(c, f.bytes(t)))),
+                            None => payloads.push(Payload::Borrowed(f.bytes(t))),
+                        }
                     }
                     ItemKind::Merge { out, work, .. } => {
                         let started = Instant::now();

@@ -101,6 +101,9 @@ pub fn open_backend(device: Device, max_memory: Option<u64>) -> Result<Box<dyn B
 /// Every input path of a recipe (for the output-folder checks).
 fn input_paths(recipe: &Recipe) -> Vec<PathBuf> {
     let mut v = vec![recipe.base.clone()];
+    if let Some(crate::recipe::TokenizerSource::Model(p, _)) = &recipe.tokenizer {
+        v.push(p.clone());
+    }
     v.extend(recipe.start.iter().cloned());
     for t in &recipe.tasks {
         v.push(t.model.clone());
@@ -221,6 +224,9 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     for n in &plan.notes {
         tracing::info!("note: {n}");
     }
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
     let backend = open_backend(opts.device, opts.max_memory)?;
     let pool = {
         let mut b = rayon::ThreadPoolBuilder::new();
@@ -251,6 +257,8 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
         t0.elapsed().as_secs_f64()
     );
     write_side_files(plan, out.path())?;
+    // The recipe's changes to them: tokenizer_source, chat_template, the layer count of slices.
+    crate::plan::side::write(&plan.side, out.path())?;
     if opts.verify {
         let tv = Instant::now();
         verify_output(plan, &outcome, out.path())?;

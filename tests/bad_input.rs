@@ -342,13 +342,17 @@ fn unknown_keys_and_wrong_types_give_the_line() {
     assert_refused(
         &s,
         &r,
-        &["r.yml", "unknown field `densty`", "line 7 column 7"],
+        &[
+            "r.yml",
+            "`models[1].parameters.densty` (line 7)",
+            "unknown field `densty`",
+        ],
     );
-    let r = merge(&s, &STA.replace("density: 0.5", "density: [0.5, 0.2]"));
+    let r = merge(&s, &STA.replace("density: 0.5", "density: [0.5, 'x']"));
     assert_refused(
         &s,
         &r,
-        &["`parameters.density`", "per-layer list", "not support"],
+        &["`parameters.density[1]` (line 4)", "a number", "\"x\""],
     );
     let r = merge(&s, &TA.replace("task_arithmetic", "slerp"));
     assert_refused(&s, &r, &["unknown merge_method `slerp`", "ties"]);
@@ -382,10 +386,9 @@ fn mergekit_features_stamerge_lacks_are_named() {
         &["merge_method `della`", "`models[1].parameters.epsilon`"],
     );
     assert!(!r.stderr.contains("unknown field"), "{}", r.stderr);
-    let sliced =
-        format!("{TA}slices:\n  - sources:\n      - model: task_0\n        layer_range: [0, 2]\n");
-    let r = merge(&s, &sliced);
-    assert_refused(&s, &r, &["`slices:`", "not supported yet"]);
+    let modules = format!("{TA}modules:\n  text:\n    models:\n      - model: task_0\n");
+    let r = merge(&s, &modules);
+    assert_refused(&s, &r, &["`modules:`", "not supported yet"]);
     assert!(!r.stderr.contains("unknown field"), "{}", r.stderr);
 }
 

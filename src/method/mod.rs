@@ -27,6 +27,8 @@ pub enum MethodKind {
     DareLinear,
     DareTies,
     Sta,
+    /// Copies one input per tensor (frankenmerges with `slices:`), optionally scaled.
+    Passthrough,
 }
 
 /// How the kept entries of each task are chosen.
@@ -69,13 +71,14 @@ impl ScoreKind {
 }
 
 impl MethodKind {
-    pub const ALL: [MethodKind; 6] = [
+    pub const ALL: [MethodKind; 7] = [
         Self::TaskArithmetic,
         Self::Magnitude,
         Self::Ties,
         Self::DareLinear,
         Self::DareTies,
         Self::Sta,
+        Self::Passthrough,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +89,7 @@ impl MethodKind {
             Self::DareLinear => "dare_linear",
             Self::DareTies => "dare_ties",
             Self::Sta => "sta",
+            Self::Passthrough => "passthrough",
         }
     }
 
@@ -95,7 +99,7 @@ impl MethodKind {
 
     pub fn select(self) -> SelectKind {
         match self {
-            Self::TaskArithmetic => SelectKind::All,
+            Self::TaskArithmetic | Self::Passthrough => SelectKind::All,
             Self::Magnitude | Self::Ties | Self::Sta => SelectKind::TopK,
             Self::DareLinear | Self::DareTies => SelectKind::Random,
         }

@@ -1,13 +1,15 @@
-//! The one place a recipe's method becomes per-tensor work: for each task its mask (keep all,
-//! top-k with its key spec, a model-wide threshold still to find, or DARE's random keep) and the
-//! fuse (rule, λ, weights, signs, rescale, output dtype). The plan resolves every merged tensor
-//! here once; the pipeline, the CUDA memory planner, the GPU tests and the benches take their
-//! jobs from the result, so no other code decides these rules. A new method is a row in
-//! `method/` (its `select`, `fuse`, `score`), a fuse rule in each backend, and tests.
+//! The one place a recipe's method becomes per-tensor work: the recipe's parameters resolved
+//! for the tensor (`Recipe::resolve`: filters, per-layer gradients, precedence), then for each
+//! task its mask (keep all, top-k with its key spec, a model-wide threshold still to find, or
+//! DARE's random keep) and the fuse (rule, λ, weights, signs, rescale, output dtype). The plan
+//! resolves every merged tensor here once; the pipeline, the CUDA memory planner, the GPU tests
+//! and the benches take their jobs from the result, so no other code decides these rules. A new
+//! method is a row in `method/` (its `select`, `fuse`, `score`), its parameters' rows in
+//! `recipe/params.rs`, a fuse rule in each backend, and tests.
 
 use crate::dtype::FloatType;
 use crate::method::{keep_count, FuseSpec, KeySpec, MaskJob, SelectKind};
-use crate::recipe::{NonFinite, Recipe, Selection, TaskSpec};
+use crate::recipe::{NonFinite, Recipe, Resolved, Selection, Site};
 use crate::select::dare;
 
 /// Whether a density selects at all: 1 keeps every entry, so no mask is made.
@@ -21,7 +23,7 @@ pub fn model_wide(recipe: &Recipe, t: usize) -> bool {
     let spec = &recipe.tasks[t];
     recipe.method.select() == SelectKind::TopK
         && spec.selection == Selection::Model
-        && selects(spec.density)
+        && selects(spec.model_density)
 }
 
 /// The tasks whose thresholds the model-wide passes find, in task order.
@@ -133,28 +135,43 @@ impl TensorWork {
 
 /// One task's mask in tensor `name` of `n` elements; `has_grad`: the task's gradient statistic
 /// has this tensor (else sta ranks it by abs(τ), as `missing_gradients: magnitude` allows).
-fn mask_plan(recipe: &Recipe, t: usize, name: &str, n: u64, has_grad: bool) -> MaskPlan {
-    let spec_t: &TaskSpec = &recipe.tasks[t];
+fn mask_plan(
+    recipe: &Recipe,
+    p: &Resolved,
+    t: usize,
+    name: &str,
+    n: u64,
+    has_grad: bool,
+) -> MaskPlan {
     let method = recipe.method;
-    if !selects(spec_t.density) {
+    // A task that is not an input of this tensor (a slice without it) adds nothing.
+    if !p.has_task(t) || method.select() == SelectKind::All {
+        return MaskPlan::All;
+    }
+    let density = p.task_num(t, "density");
+    if !selects(density) {
         return MaskPlan::All;
     }
     match method.select() {
         SelectKind::All => MaskPlan::All,
         SelectKind::Random => MaskPlan::Random {
             stream: dare::stream(recipe.seed, t, name),
-            threshold: dare::threshold(spec_t.density),
+            threshold: dare::threshold(density),
         },
         SelectKind::TopK => {
+            let importance = match p.task(t, "importance").map(|v| v.str()) {
+                Some("task_vector") => crate::method::Importance::TaskVector,
+                _ => crate::method::Importance::Finetuned,
+            };
             let spec = KeySpec {
-                score: method.score(spec_t.importance, has_grad),
+                score: method.score(importance, has_grad),
                 mean: None,
                 nonfinite_zero: recipe.nonfinite_scores == NonFinite::Zero,
             };
-            match spec_t.selection {
+            match recipe.tasks[t].selection {
                 Selection::Tensor => MaskPlan::TopK {
                     spec,
-                    k: keep_count(spec_t.density, n),
+                    k: keep_count(density, n),
                 },
                 Selection::Model => MaskPlan::ModelWide { spec },
             }
@@ -162,26 +179,56 @@ fn mask_plan(recipe: &Recipe, t: usize, name: &str, n: u64, has_grad: bool) -> M
     }
 }
 
-/// The fuse of every tensor of `recipe`, written as `out`.
-fn fuse_spec(recipe: &Recipe, out: FloatType) -> FuseSpec {
+/// The fuse of a tensor with parameters `p`, written as `out`. A task that is not an input of
+/// the tensor gets weight 0 (its τ is 0 too: it reads the base), which adds nothing in either
+/// rule: every sum starts at +0.0 and adding +0.0 changes no value it can hold.
+fn fuse_spec(recipe: &Recipe, p: &Resolved, out: FloatType) -> FuseSpec {
     let dare = recipe.method.select() == SelectKind::Random;
+    let nt = recipe.tasks.len();
+    let weight = |t: usize| {
+        if p.has_task(t) {
+            p.task_num(t, "weight") as f32
+        } else {
+            0.0
+        }
+    };
     FuseSpec {
         rule: recipe.method.fuse(),
-        lambda: recipe.lambda,
-        normalize: recipe.normalize,
-        weights: recipe.tasks.iter().map(|t| t.weight).collect(),
+        lambda: p.num("lambda") as f32,
+        normalize: p.flag("normalize"),
+        weights: (0..nt).map(weight).collect(),
         forget: recipe.tasks.iter().map(|t| t.forget).collect(),
-        rescale: recipe
-            .tasks
-            .iter()
-            .map(|t| (dare && recipe.rescale && selects(t.density)).then_some(t.density as f32))
+        rescale: (0..nt)
+            .map(|t| {
+                let d = p.task_num(t, "density");
+                (dare && p.has_task(t) && p.flag("rescale") && selects(d)).then_some(d as f32)
+            })
             .collect(),
         out,
     }
 }
 
-/// The work of tensor `name` (`n` elements, written as `out`); `has_grad[t]`: task t's
-/// gradient statistic has the tensor.
+/// The work of the tensor at `site` (`n` elements, written as `out`), and the parameter values
+/// it was made from; `has_grad[t]`: task t's gradient statistic has the tensor.
+pub fn resolve_at(
+    recipe: &Recipe,
+    site: &Site,
+    n: u64,
+    out: FloatType,
+    has_grad: &[bool],
+) -> (TensorWork, Resolved) {
+    let p = recipe.resolve(site);
+    let work = TensorWork {
+        masks: (0..recipe.tasks.len())
+            .map(|t| mask_plan(recipe, &p, t, site.name, n, has_grad[t]))
+            .collect(),
+        fuse: fuse_spec(recipe, &p, out),
+    };
+    (work, p)
+}
+
+/// The work of tensor `name` of a `models:` recipe, every task an input, outside the layers
+/// (position 0): for tests and benches, whose recipes set one value per parameter.
 pub fn resolve(
     recipe: &Recipe,
     name: &str,
@@ -189,10 +236,13 @@ pub fn resolve(
     out: FloatType,
     has_grad: &[bool],
 ) -> TensorWork {
-    TensorWork {
-        masks: (0..recipe.tasks.len())
-            .map(|t| mask_plan(recipe, t, name, n, has_grad[t]))
-            .collect(),
-        fuse: fuse_spec(recipe, out),
-    }
+    let inputs = vec![Some(name.to_string()); recipe.tasks.len()];
+    let site = Site {
+        name,
+        t: 0.0,
+        slice: None,
+        base: Some(name),
+        inputs: &inputs,
+    };
+    resolve_at(recipe, &site, n, out, has_grad).0
 }

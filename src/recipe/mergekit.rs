@@ -1,5 +1,5 @@
 //! mergekit's vocabulary that stamerge does not implement (yet): merge methods, method
-//! parameters, per-layer values and recipe keys. A recipe that uses one is refused naming the feature, before the
+//! parameters and recipe keys. A recipe that uses one is refused naming the feature, before the
 //! typed parse, whose "unknown field `t`" would blame the spelling instead. Every such use is
 //! reported at once, each with the recipe field it is in.
 
@@ -23,7 +23,6 @@ const METHODS: &[&str] = &[
     "sce",
     "nearswap",
     "ram",
-    "passthrough",
     "arcee_fusion",
 ];
 
@@ -39,25 +38,14 @@ const PARAMETERS: &[(&str, &str)] = &[
     ("epsilon", "della and della_linear"),
     ("gamma", "breadcrumbs and breadcrumbs_ties"),
     ("select_topk", "sce"),
-    ("scale", "passthrough"),
 ];
 
 /// Top-level recipe keys of mergekit that stamerge does not read.
-const KEYS: &[(&str, &str)] = &[
-    (
-        "slices",
-        "layer slices (frankenmerges and per-slice merges); list whole models under `models:`",
-    ),
-    ("modules", "per-module recipes"),
-    (
-        "tokenizer",
-        "tokenizer merging; stamerge copies the base model's tokenizer (`tokenizer_source: base`)",
-    ),
-    (
-        "chat_template",
-        "chat templates; stamerge copies the base model's chat template files",
-    ),
-];
+const KEYS: &[(&str, &str)] = &[(
+    "modules",
+    "per-module recipes (several stacks of layers, e.g. a vision tower beside the language \
+     model); `models:` and `slices:` are supported",
+)];
 
 /// One problem per mergekit feature the recipe uses that stamerge does not support.
 pub fn unsupported(recipe: &Value) -> Vec<Problem> {
@@ -93,6 +81,24 @@ pub fn unsupported(recipe: &Value) -> Vec<Problem> {
             }
         }
     }
+    if let Some(Value::Sequence(slices)) = top.get("slices") {
+        for (i, s) in slices.iter().enumerate() {
+            params(
+                s.get("parameters"),
+                &format!("slices[{i}].parameters"),
+                &mut out,
+            );
+            if let Some(Value::Sequence(sources)) = s.get("sources") {
+                for (j, src) in sources.iter().enumerate() {
+                    params(
+                        src.get("parameters"),
+                        &format!("slices[{i}].sources[{j}].parameters"),
+                        &mut out,
+                    );
+                }
+            }
+        }
+    }
     out
 }
 
@@ -100,15 +106,6 @@ fn params(p: Option<&Value>, field: &str, out: &mut Vec<Problem>) {
     let Some(Value::Mapping(p)) = p else {
         return;
     };
-    for (name, value) in p {
-        let (Some(name), Value::Sequence(_) | Value::Mapping(_)) = (name.as_str(), value) else {
-            continue;
-        };
-        out.push(Problem::new(format!(
-            "`{field}.{name}` is a per-layer list or a filter (mergekit's gradients), which \
-             stamerge does not support yet: give one number"
-        )));
-    }
     for (name, methods) in PARAMETERS {
         if p.contains_key(*name) {
             out.push(Problem::new(format!(
@@ -131,15 +128,17 @@ mod tests {
     #[test]
     fn names_each_unsupported_feature_with_its_field() {
         let ps = problems(
-            "merge_method: della\nbase_model: b\nslices: []\nparameters:\n  epsilon: 0.1\n\
-             models:\n  - model: a\n  - model: c\n    parameters:\n      t: 0.5\n",
+            "merge_method: della\nbase_model: b\nmodules: {}\nparameters:\n  epsilon: 0.1\n\
+             models:\n  - model: a\n  - model: c\n    parameters:\n      t: 0.5\n\
+             slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n\
+             \x20       parameters: {gamma: 0.1}\n",
         );
-        assert_eq!(ps.len(), 4, "{ps:?}");
+        assert_eq!(ps.len(), 5, "{ps:?}");
         assert!(
             ps[0].contains("merge_method `della`") && ps[0].contains("ties"),
             "{ps:?}"
         );
-        assert!(ps[1].contains("`slices:`"), "{ps:?}");
+        assert!(ps[1].contains("`modules:`"), "{ps:?}");
         assert!(
             ps[2].contains("`parameters.epsilon`") && ps[2].contains("della"),
             "{ps:?}"
@@ -148,22 +147,18 @@ mod tests {
             ps[3].contains("`models[1].parameters.t`") && ps[3].contains("slerp"),
             "{ps:?}"
         );
-    }
-
-    #[test]
-    fn every_per_layer_list_is_named() {
-        let ps = problems(
-            "merge_method: ties\nparameters:\n  density: [0.5, 0.2]\nmodels:\n  - model: a\n\
-             \x20   parameters:\n      weight:\n        - filter: mlp\n          value: 0.5\n",
+        assert!(
+            ps[4].contains("`slices[0].sources[0].parameters.gamma`"),
+            "{ps:?}"
         );
-        assert_eq!(ps.len(), 2, "{ps:?}");
-        assert!(ps[0].contains("`parameters.density`"), "{ps:?}");
-        assert!(ps[1].contains("`models[0].parameters.weight`"), "{ps:?}");
     }
 
     #[test]
     fn supported_recipes_and_typos_are_left_to_the_typed_parse() {
-        assert!(problems("merge_method: ties\nparameters:\n  density: 0.5\n").is_empty());
+        assert!(problems("merge_method: ties\nparameters:\n  density: [0.5, 0.1]\n").is_empty());
+        assert!(
+            problems("merge_method: passthrough\nslices: []\ntokenizer_source: base\n").is_empty()
+        );
         assert!(problems("merge_method: tiess\nparameters:\n  densty: 0.5\n").is_empty());
     }
 }
