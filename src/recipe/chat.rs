@@ -4,8 +4,8 @@
 //! The named templates are stamerge's own text (mergekit's files are LGPL-3.0): each renders every
 //! conversation exactly as mergekit's file of the same name does under transformers' chat
 //! template settings, whitespace included. `benches/peers/mergekit_fixture.py` renders both on a
-//! set of conversations and records the hash of the files it checked in the fixture that
-//! `tests/recipes.rs` reads, so a changed template fails the tests until it is checked again.
+//! set of conversations and records the text it checked in the fixture that `tests/recipes.rs`
+//! reads, so a changed template fails the tests until it is checked again.
 
 /// The named templates: (name, Jinja text).
 pub const NAMED: &[(&str, &str)] = &[
