@@ -16,7 +16,6 @@ use std::process::Command;
 use common::*;
 use safetensors::Dtype;
 use serde_json::Value as Json;
-use stamerge::plan::ItemKind;
 use stamerge::recipe::InputRef;
 use stamerge::{Options, Plan, Recipe};
 
