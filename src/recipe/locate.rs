@@ -39,9 +39,44 @@ impl<'de> DeserializeSeed<'de> for Walk<'_> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         if self.0.is_empty() {
-            return Err(de::Error::custom(HERE));
+            // Fail once the node's first event is read, so that the error carries its position.
+            return d.deserialize_any(Here);
         }
         d.deserialize_any(self)
+    }
+}
+
+/// Fails on whatever node it is given.
+struct Here;
+
+impl<'de> Visitor<'de> for Here {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(HERE)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(de::Error::custom(HERE))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(de::Error::custom(HERE))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Err(E::custom(HERE))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Err(E::custom(HERE))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Err(E::custom(HERE))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Err(E::custom(HERE))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Err(E::custom(HERE))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Err(E::custom(HERE))
     }
 }
 
@@ -123,7 +158,11 @@ mod tests {
 
     #[test]
     fn finds_block_and_flow_fields() {
-        let t = "merge_method: ties\nmodels:\n  - model: a\n    parameters:\n      density: [1, 0.7]\n      weight:\n        - filter: mlp\n          value: 0.5\n        - value: 0\nparameters: {normalize: true}\n";
+        let t = "merge_method: ties\nmodels:\n  - model: a\n    parameters:\n      density: [1, 0.7]\n      weight:\n        - filter: mlp\n          value: 0.5\n        - value: 0\nparameters: {normalize: true}\ntokenizer_source: union\nx:\n  y: 1\n  z:\n    - 2\n";
+        assert_eq!(line(t, "tokenizer_source"), Some(11));
+        assert_eq!(line(t, "x.z"), Some(15));
+        assert_eq!(line(t, "x.z[0]"), Some(15));
+        assert_eq!(line(t, "models[0].parameters.weight[0].value"), Some(8));
         assert_eq!(line(t, "models[0].parameters.weight[1].value"), Some(9));
         assert_eq!(line(t, "models[0].parameters.weight[0]"), Some(7));
         assert_eq!(line(t, "models[0].parameters.density"), Some(5));

@@ -195,7 +195,11 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn problem(&mut self, field: &str, msg: impl std::fmt::Display) {
         let at = locate::field_at(self.text, field);
-        self.problems.push(Problem::new(format!("{at}: {msg}")));
+        let p = Problem::new(format!("{at}: {msg}"));
+        // A global setting several models read is one problem.
+        if !self.problems.contains(&p) {
+            self.problems.push(p);
+        }
     }
 
     fn note(&mut self, msg: String) {
@@ -674,13 +678,15 @@ fn check_task(
             match first {
                 Some(p) if !p.setting.is_scalar() => rd.problem(
                     &p.field.clone(),
-                    format!(
-                        "`selection: model` keeps one density of {}'s whole model: give one number, \
-                         not a per-layer list or a filter",
-                        field
-                    ),
+                    "`selection: model` keeps one density for a model's whole model: give one \
+                     number, not a per-layer list or a filter",
                 ),
-                Some(p) => density = p.setting.evaluate("", 0.0, Kind::Float).map_or(1.0, |v| v.num()),
+                Some(p) => {
+                    density = p
+                        .setting
+                        .evaluate("", 0.0, Kind::Float)
+                        .map_or(1.0, |v| v.num())
+                }
                 None => {}
             }
         }
