@@ -164,6 +164,27 @@ parameters:
   lambda: [0.5, 1.0]
   normalize: false
 """,
+    # A model in one slice only: the other slice merges without it; the tensors before the layers
+    # come from the first slice's models, those after from the last's.
+    "slices_absent": """slices:
+  - sources:
+      - model: base
+        layer_range: [0, 2]
+      - model: m0
+        layer_range: [0, 2]
+      - model: m1
+        layer_range: [0, 2]
+  - sources:
+      - model: base
+        layer_range: [2, 5]
+      - model: m2
+        layer_range: [2, 5]
+merge_method: ties
+base_model: base
+parameters:
+  weight: [1, 0.5]
+  density: 0.6
+""",
     # A one-layer slice (t = 1 there), repeated layers, and passthrough's `scale` by filter.
     "franken_scale": """slices:
   - sources:
@@ -477,6 +498,14 @@ def main():
             print(f"{name}: {len(tensors)} tensors planned by mergekit")
             if stamerge:
                 compare_with_stamerge(root, stamerge, name, text, out)
+                if "\ndtype: float16\n" in text and "passthrough" not in text:
+                    # mergekit computing in float32 as stamerge does, writing float16.
+                    fp32 = text.replace("\ndtype: float16\n", "\ndtype: float32\nout_dtype: float16\n")
+                    out32 = out + "-fp32"
+                    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                        run_mergekit(root, name, fp32, out32)
+                    print("  (mergekit with dtype: float32, out_dtype: float16)")
+                    compare_with_stamerge(root, stamerge, name, text, out32)
     with open(dest, "w") as f:
         json.dump(fixture, f, indent=1, sort_keys=True)
         f.write("\n")
