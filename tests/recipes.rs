@@ -431,3 +431,91 @@ fn mergekit_examples_run_unchanged() {
         );
     }
 }
+
+/// `tokenizer_source: <model>` writes that model's tokenizer files (and only those);
+/// `chat_template: auto` the template most inputs have, into tokenizer_config.json.
+#[test]
+fn tokenizer_source_and_auto_chat_template() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_models(d, &fx);
+    let set_template = |m: &str, t: &str| {
+        let p = d.join(m).join("tokenizer_config.json");
+        let mut c: Json = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        c["chat_template"] = t.into();
+        c["model_max_length"] = 4096.into();
+        std::fs::write(&p, serde_json::to_vec(&c).unwrap()).unwrap();
+    };
+    set_template("m0", "{{ 'two' }} {% for m in messages %}{% endfor %}");
+    set_template("m2", "{{ 'two' }} {% for m in messages %}{% endfor %}\n");
+    set_template("m1", "{{ 'one' }} {% for m in messages %}{% endfor %}");
+    std::fs::write(d.join("base/chat_template.jinja"), "{{ 'base' }}").unwrap();
+    std::fs::write(d.join("base/tokenizer.model"), b"only the base has this").unwrap();
+    std::fs::write(
+        d.join("m1/special_tokens_map.json"),
+        b"{\"eos_token\": \"</s>\"}",
+    )
+    .unwrap();
+    let recipe = "merge_method: ties\nbase_model: base\nmodels:\n  - model: m0\n  - model: m1\n  - model: m2\ntokenizer_source: m1\nchat_template: auto\n";
+    let (_, plan) = plan_of(d, "tok", recipe);
+    let out = d.join("out");
+    let opts = Options {
+        device: stamerge::Device::Cpu,
+        ..Options::default()
+    };
+    stamerge::merge_planned(&plan, &out, &opts).unwrap();
+    let tc: Json =
+        serde_json::from_slice(&std::fs::read(out.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        tc["chat_template"], "{{ 'two' }} {% for m in messages %}{% endfor %}",
+        "two models have it (trimmed, as mergekit compares them)"
+    );
+    assert_eq!(tc["model_max_length"], 4096, "m1's tokenizer_config.json");
+    assert_eq!(
+        std::fs::read(out.join("special_tokens_map.json")).unwrap(),
+        std::fs::read(d.join("m1/special_tokens_map.json")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(d.join("m1/tokenizer.json")).unwrap()
+    );
+    assert!(!out.join("tokenizer.model").exists(), "m1 has none");
+    assert!(
+        !out.join("chat_template.jinja").exists(),
+        "it would win over the template"
+    );
+    let cfg: Json =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vocab_size"], 32);
+}
+
+/// Per-layer values need the true layer count: config.json's must match the names.
+#[test]
+fn per_layer_values_need_a_config_that_matches_the_layers() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_models(d, &fx);
+    let p = d.join("base/config.json");
+    let mut c: Json = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    c["num_hidden_layers"] = 7.into();
+    std::fs::write(&p, serde_json::to_vec(&c).unwrap()).unwrap();
+    let r = |w: &str| {
+        format!("merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: m0\n    parameters:\n      weight: {w}\n")
+    };
+    let (ok, _, err) = stamerge(d, &["plan", &write(d, &r("[0, 1]"))]);
+    assert!(!ok);
+    assert!(
+        err.contains("base/config.json")
+            && err.contains("`num_hidden_layers: 7`, the tensor names have layers 0 to 4"),
+        "{err}"
+    );
+    let (ok, _, err) = stamerge(d, &["plan", &write(d, &r("0.5"))]);
+    assert!(ok, "one value needs no layer count: {err}");
+}
+
+fn write(d: &Path, text: &str) -> String {
+    std::fs::write(d.join("r.yml"), text).unwrap();
+    "r.yml".into()
+}
