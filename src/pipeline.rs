@@ -703,6 +703,13 @@ mod tests {
     fn outputs_that_come_back_late_are_written_in_order() {
         let dir = tempfile::tempdir().unwrap();
         for (name, plan) in synth_plans(dir.path(), 32, crate::dtype::FloatType::BF16) {
+            if !plan
+                .items
+                .iter()
+                .any(|i| matches!(i.kind, ItemKind::Merge { .. }))
+            {
+                continue; // passthrough: nothing computes late
+            }
             let copies = plan
                 .items
                 .iter()

@@ -210,6 +210,11 @@ pub fn recipes(tasks: usize) -> Vec<(String, String)> {
         ("dare_ties.yml".to_string(), format!("merge_method: dare_ties\nbase_model: base\nparameters:\n  density: 0.5\n  seed: 7\nmodels:\n{}", models(&plain))),
         ("sta.yml".to_string(), format!("merge_method: sta\nbase_model: base\nparameters:\n  density: 0.1\nmodels:\n{}", models(&grads))),
         ("sta_model.yml".to_string(), format!("merge_method: sta\nbase_model: base\nparameters:\n  density: 0.1\n  selection: model\n  importance: task_vector\nmodels:\n{}", models(&grads))),
+        // mergekit's per-layer values: a gradient from the first layer to the last, and a filter
+        // list (the first entry whose filter is a piece of the tensor's name applies).
+        ("ties_layers.yml".to_string(), format!("merge_method: ties\nbase_model: base\nparameters:\n  weight: [0.5, 1.0]\n  density:\n    - filter: mlp\n      value: [0.2, 0.5]\n    - value: 0.3\nmodels:\n{}", models(&plain))),
+        // A frankenmerge: layer 0 of the first task, then layer 0 of the last, stacked.
+        ("frankenmerge.yml".to_string(), format!("merge_method: passthrough\nslices:\n  - sources:\n      - model: task_0\n        layer_range: [0, 1]\n  - sources:\n      - model: task_{}\n        layer_range: [0, 1]\n", tasks.saturating_sub(1))),
     ];
     if tasks >= 2 {
         let keep: String = (0..tasks - 1)

@@ -318,7 +318,13 @@ impl Plan {
                 let e = &mut tally.est;
                 e.write_bytes += item.out.nbytes;
                 match &item.kind {
-                    ItemKind::Copy { .. } => e.tensors_copied += 1,
+                    ItemKind::Copy { convert, .. } => {
+                        e.tensors_copied += 1;
+                        // A converted copy is built in memory (and an fp32 chunk of it).
+                        if convert.is_some() {
+                            e.peak_bytes = e.peak_bytes.max(item.out.nbytes + 4 * 65536);
+                        }
+                    }
                     ItemKind::Merge { n, .. } => {
                         e.tensors_merged += 1;
                         e.params_merged += *n as u64;

@@ -252,6 +252,11 @@ pub fn render(plan: &Plan, max_memory: Option<u64>) -> String {
         plan.shards.len(),
         human_bytes(e.peak_bytes)
     );
+    if e.tensors_merged == 0 {
+        // passthrough: no GPU work.
+        end(&mut out, plan);
+        return out;
+    }
     let groups = plan.items.iter().filter_map(|it| match &it.kind {
         ItemKind::Merge { work, .. } => Some((plan.group(it), work.shape_jobs(), &work.fuse)),
         ItemKind::Copy { .. } => None,
@@ -279,6 +284,11 @@ pub fn render(plan: &Plan, max_memory: Option<u64>) -> String {
             );
         }
     }
+    end(&mut out, plan);
+    out
+}
+
+fn end(out: &mut String, plan: &Plan) {
     for n in &plan.notes {
         let _ = writeln!(out, "note: {n}");
     }
@@ -286,5 +296,4 @@ pub fn render(plan: &Plan, max_memory: Option<u64>) -> String {
         let _ = writeln!(out, "warning: {w}");
     }
     let _ = writeln!(out, "ok: the merge would run");
-    out
 }
