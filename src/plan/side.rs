@@ -172,7 +172,7 @@ pub fn plan(
     let mut side = SidePlan::default();
     tokenizer(recipe, inputs, &mut side, problems, notes);
     if let Some(ct) = &recipe.chat_template {
-        chat_template(recipe, inputs, ct, &mut side, notes);
+        chat_template(inputs, ct, &mut side, notes);
     }
     if let Some(out_layers) = &layout.out_layers {
         layer_count(recipe, inputs, out_layers, &mut side, problems, notes);
@@ -279,13 +279,7 @@ fn tokenizer(
     }
 }
 
-fn chat_template(
-    recipe: &Recipe,
-    inputs: &Inputs,
-    ct: &ChatTemplate,
-    side: &mut SidePlan,
-    notes: &mut Vec<String>,
-) {
+fn chat_template(inputs: &Inputs, ct: &ChatTemplate, side: &mut SidePlan, notes: &mut Vec<String>) {
     let text = match ct.text() {
         Some(t) => t.to_string(),
         None => {
@@ -337,7 +331,6 @@ fn chat_template(
         side.lines.push(format!("chat template: {}", ct.describe()));
     }
     side.chat_template = Some(text);
-    let _ = recipe;
 }
 
 fn layer_count(

@@ -7,12 +7,14 @@ mod locate;
 mod mergekit;
 pub mod params;
 mod raw;
+mod read;
 mod resolve;
 pub mod setting;
+mod slices;
 
 use std::path::{Path, PathBuf};
 
-use serde_yaml_ng::{Mapping, Value as Yaml};
+use serde_yaml_ng::Value as Yaml;
 
 pub use chat::ChatTemplate;
 pub use params::{Kind, ParamSpec, Scope, PARAMS};
@@ -20,7 +22,8 @@ pub use raw::{Importance, MissingGradients, NonFinite, Selection};
 pub use resolve::{Param, Params, Resolved, Site, Values};
 pub use setting::{Setting, Value};
 
-use raw::{RawModel, RawRecipe, RawSlice};
+use raw::{RawModel, RawRecipe};
+use read::{MapKind, Models, Reader};
 
 use crate::dtype::FloatType;
 use crate::error::Problem;
@@ -159,7 +162,7 @@ impl Recipe {
     }
 }
 
-fn path_in(dir: &Path, p: &str) -> PathBuf {
+pub(crate) fn path_in(dir: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
     if p.is_absolute() {
         p.to_path_buf()
@@ -168,160 +171,10 @@ fn path_in(dir: &Path, p: &str) -> PathBuf {
     }
 }
 
-fn same_path(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_path(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
         _ => a == b,
-    }
-}
-
-/// Where a parameter map sits, which decides what it may set.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum MapKind {
-    Global,
-    Model,
-    Slice,
-    Source,
-}
-
-/// Collects problems (with the field's line) and notes while the recipe is read.
-struct Reader<'a> {
-    text: &'a str,
-    method: MethodKind,
-    problems: Vec<Problem>,
-    notes: Vec<String>,
-}
-
-impl Reader<'_> {
-    fn problem(&mut self, field: &str, msg: impl std::fmt::Display) {
-        let at = locate::field_at(self.text, field);
-        let p = Problem::new(format!("{at}: {msg}"));
-        // A global setting several models read is one problem.
-        if !self.problems.contains(&p) {
-            self.problems.push(p);
-        }
-    }
-
-    fn note(&mut self, msg: String) {
-        if !self.notes.contains(&msg) {
-            self.notes.push(msg);
-        }
-    }
-
-    /// A `parameters` map, checked against the parameter table.
-    fn params(&mut self, map: Option<&Mapping>, field: &str, kind: MapKind) -> Params {
-        let mut out = Params::default();
-        let Some(map) = map else {
-            return out;
-        };
-        for (k, v) in map {
-            let Some(name) = k.as_str() else {
-                self.problem(
-                    field,
-                    format!(
-                        "a parameter name must be a word, got {}",
-                        setting::yaml_text(k)
-                    ),
-                );
-                continue;
-            };
-            let f = format!("{field}.{name}");
-            let Some(spec) = params::spec(name) else {
-                let known: Vec<&str> = params::of(self.method).map(|p| p.name).collect();
-                self.problem(
-                    &f,
-                    format!(
-                        "unknown field `{name}`; the parameters of {} are: {}",
-                        self.method.name(),
-                        known.join(", ")
-                    ),
-                );
-                continue;
-            };
-            if spec.scope == Scope::Shared && matches!(kind, MapKind::Model | MapKind::Source) {
-                self.problem(
-                    &f,
-                    format!(
-                        "`{name}` is a global parameter: move it to the top-level `parameters`"
-                    ),
-                );
-                continue;
-            }
-            if !spec.per_tensor
-                && kind != MapKind::Global
-                && !(kind == MapKind::Model && spec.scope != Scope::Shared)
-            {
-                self.problem(
-                    &f,
-                    format!("`{name}` is one value for the whole merge: set it in the top-level `parameters`"),
-                );
-                continue;
-            }
-            let setting = match Setting::parse(v, spec, &f) {
-                Ok(s) => s,
-                Err(errs) => {
-                    for (ef, msg) in errs {
-                        self.problem(&ef, msg);
-                    }
-                    continue;
-                }
-            };
-            if !spec.per_tensor && !setting.is_scalar() {
-                self.problem(
-                    &f,
-                    format!(
-                        "`{name}` is one value for the whole {}: give {}, not a per-layer list or a filter",
-                        if spec.scope == Scope::Shared { "merge" } else { "model" },
-                        spec.kind.describe()
-                    ),
-                );
-                continue;
-            }
-            if !(spec.methods)(self.method) {
-                self.note(format!("`{name}` is not used by {}", self.method.name()));
-            }
-            out.0.push(Param {
-                spec,
-                setting,
-                field: f,
-            });
-        }
-        out
-    }
-}
-
-/// The models of the recipe so far, matched by path.
-struct Models<'a> {
-    dir: &'a Path,
-    base: Option<PathBuf>,
-    tasks: Vec<TaskSpec>,
-}
-
-impl Models<'_> {
-    /// The input a path names: the base, a known task, or a new task.
-    fn input(&mut self, spelled: &str, field: &str, forget: bool) -> InputRef {
-        let model = path_in(self.dir, spelled);
-        if !forget && self.base.as_deref().is_some_and(|b| same_path(&model, b)) {
-            return InputRef::Base;
-        }
-        if let Some(t) = self
-            .tasks
-            .iter()
-            .position(|t| t.forget == forget && same_path(&t.model, &model))
-        {
-            return InputRef::Task(t);
-        }
-        self.tasks.push(TaskSpec {
-            field: field.to_string(),
-            model,
-            spelled: spelled.to_string(),
-            gradients: None,
-            forget,
-            params: Params::default(),
-            selection: Selection::Tensor,
-            model_density: 1.0,
-        });
-        InputRef::Task(self.tasks.len() - 1)
     }
 }
 
@@ -416,7 +269,7 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
             }
         }
     }
-    let slices = read_slices(
+    let slices = slices::read(
         &mut rd,
         &mut models,
         &raw.slices,
@@ -425,7 +278,7 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
     );
     let mut tasks = models.tasks;
     if passthrough {
-        check_passthrough(&mut rd, &tasks, &slices);
+        slices::check_passthrough(&mut rd, &tasks, &slices);
     }
     if !raw.forget.is_empty() && !method.allows_forget() {
         rd.problems.push(Problem::new(format!(
@@ -513,134 +366,6 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
         chat_template,
         notes: rd.notes,
     })
-}
-
-fn read_slices(
-    rd: &mut Reader,
-    models: &mut Models,
-    raw: &[RawSlice],
-    base_model: Option<&str>,
-    dir: &Path,
-) -> Vec<SliceSpec> {
-    let mut out = Vec::new();
-    for (i, s) in raw.iter().enumerate() {
-        let field = format!("slices[{i}]");
-        let params = rd.params(
-            s.parameters.as_ref(),
-            &format!("{field}.parameters"),
-            MapKind::Slice,
-        );
-        if let Some(b) = s.base_model.as_deref() {
-            let same = base_model.is_some_and(|g| same_path(&path_in(dir, b), &path_in(dir, g)));
-            if !same {
-                rd.problem(
-                    &format!("{field}.base_model"),
-                    "a base model per slice is not supported: stamerge merges every slice against \
-                     the top-level `base_model`",
-                );
-            }
-        }
-        if s.residual_weight.is_some() {
-            rd.note(format!(
-                "`{field}.residual_weight` is ignored (mergekit 0.1.5 reads it nowhere either)"
-            ));
-        }
-        if s.sources.is_empty() {
-            rd.problem(
-                &format!("{field}.sources"),
-                "a slice needs at least one source",
-            );
-        }
-        let mut sources = Vec::new();
-        for (j, src) in s.sources.iter().enumerate() {
-            let sf = format!("{field}.sources[{j}]");
-            let p = rd.params(
-                src.parameters.as_ref(),
-                &format!("{sf}.parameters"),
-                MapKind::Source,
-            );
-            let (a, b) = src.layer_range;
-            if a < 0 || b <= a {
-                rd.problem(
-                    &format!("{sf}.layer_range"),
-                    format!("[{a}, {b}] is not a range of layers: give [first, one past the last] with first < last"),
-                );
-                continue;
-            }
-            let input = models.input(&src.model, &sf, false);
-            if let InputRef::Task(t) = input {
-                let g = src.gradients.as_deref().map(|g| path_in(dir, g));
-                match (&models.tasks[t].gradients, g) {
-                    (None, g) => models.tasks[t].gradients = g,
-                    (Some(have), Some(g)) if !same_path(have, &g) => rd.problem(
-                        &format!("{sf}.gradients"),
-                        format!(
-                            "`{}` has another gradient statistic at {}",
-                            src.model, models.tasks[t].field
-                        ),
-                    ),
-                    _ => {}
-                }
-            } else if src.gradients.is_some() {
-                rd.problem(
-                    &format!("{sf}.gradients"),
-                    "the base model has no task vector to rank",
-                );
-            }
-            if sources.iter().any(|x: &SourceSpec| x.input == input) {
-                rd.problem(&sf, format!("`{}` is a source of this slice twice (mergekit refuses duplicate inputs too)", src.model));
-            }
-            sources.push(SourceSpec {
-                field: sf,
-                input,
-                layers: (a as usize, b as usize),
-                params: p,
-            });
-        }
-        let lens: Vec<usize> = sources.iter().map(|s| s.layers.1 - s.layers.0).collect();
-        if lens.windows(2).any(|w| w[0] != w[1]) {
-            rd.problem(
-                &format!("{field}.sources"),
-                format!("every source of a slice has the same number of layers (as in mergekit), got {lens:?}"),
-            );
-        }
-        if rd.method != MethodKind::Passthrough
-            && !sources.is_empty()
-            && !sources.iter().any(|s| s.input == InputRef::Base)
-        {
-            rd.problem(
-                &format!("{field}.sources"),
-                format!(
-                    "{} merges task vectors against the base: list `base_model` among the slice's \
-                     sources with the layers to use (mergekit requires it too)",
-                    rd.method.name()
-                ),
-            );
-        }
-        out.push(SliceSpec {
-            field,
-            sources,
-            params,
-        });
-    }
-    out
-}
-
-fn check_passthrough(rd: &mut Reader, tasks: &[TaskSpec], slices: &[SliceSpec]) {
-    for s in slices {
-        if s.sources.len() > 1 {
-            rd.problem(
-                &format!("{}.sources", s.field),
-                "passthrough copies one source per slice (mergekit's limit too); list the others in slices of their own",
-            );
-        }
-    }
-    if slices.is_empty() && !tasks.is_empty() {
-        rd.problem(
-            "models",
-            "passthrough copies one model: use `slices:` to take layers from several",
-        );
-    }
 }
 
 /// A task's whole-model values and the checks that need the method.
