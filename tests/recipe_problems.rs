@@ -129,26 +129,34 @@ slices:
     );
 }
 
-/// Problems of the inputs at once: a quantized checkpoint, a non-float tensor that differs, a
-/// tokenizer of another vocabulary.
-#[test]
-fn input_problems_are_listed_at_once() {
-    let s = Scenario::new(Dtype::F32, 2, 1, false, 7);
-    let cfg = |p: &str| s.path(p).join("config.json");
-    let plain: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(cfg("task_0")).unwrap()).unwrap();
-    let mut c = plain.clone();
-    c["quantization_config"] = serde_json::json!({"quant_method": "gptq", "bits": 4});
-    std::fs::write(cfg("task_0"), serde_json::to_vec(&c).unwrap()).unwrap();
-    let (m, order) = read_model(&s.path("task_1"));
+/// Rewrites the model in `dir` with one bit of its int buffer `model.position_ids` flipped;
+/// returns the new bytes.
+fn flip_position_ids(dir: &Path) -> Vec<u8> {
+    let (m, order) = read_model(dir);
     let mut ts: Vec<T> = order.iter().map(|n| m[n].clone()).collect();
     let pos = ts
         .iter_mut()
         .find(|t| t.name == "model.position_ids")
         .unwrap();
     pos.bytes[0] ^= 1;
-    std::fs::remove_dir_all(s.path("task_1")).unwrap();
-    write_model(&s.path("task_1"), &ts, 1, Some(plain));
+    let bytes = pos.bytes.clone();
+    let cfg = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+    write_model(dir, &ts, 1, Some(cfg));
+    bytes
+}
+
+/// Problems of the inputs at once: a quantized checkpoint, a non-float tensor that differs, a
+/// tokenizer of another vocabulary.
+#[test]
+fn input_problems_are_listed_at_once() {
+    let s = Scenario::new(Dtype::F32, 2, 1, false, 7);
+    let cfg = |p: &str| s.path(p).join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cfg("task_0")).unwrap()).unwrap();
+    c["quantization_config"] = serde_json::json!({"quant_method": "gptq", "bits": 4});
+    std::fs::write(cfg("task_0"), serde_json::to_vec(&c).unwrap()).unwrap();
+    flip_position_ids(&s.path("task_1"));
     // Tokenizers: the base and task_1 share one, `other` has another vocabulary.
     let tok = |ids: &[(&str, u64)]| {
         let vocab: serde_json::Map<String, serde_json::Value> = ids
@@ -179,18 +187,7 @@ fn input_problems_are_listed_at_once() {
 #[test]
 fn buffer_source_copies_the_named_model_s_tensor() {
     let s = Scenario::new(Dtype::F32, 2, 1, false, 8);
-    let (m, order) = read_model(&s.path("task_1"));
-    let mut ts: Vec<T> = order.iter().map(|n| m[n].clone()).collect();
-    let pos = ts
-        .iter_mut()
-        .find(|t| t.name == "model.position_ids")
-        .unwrap();
-    pos.bytes[0] ^= 1;
-    let want = pos.bytes.clone();
-    let cfg =
-        serde_json::from_slice(&std::fs::read(s.path("task_1/config.json")).unwrap()).unwrap();
-    std::fs::remove_dir_all(s.path("task_1")).unwrap();
-    write_model(&s.path("task_1"), &ts, 1, Some(cfg));
+    let want = flip_position_ids(&s.path("task_1"));
     let recipe = "merge_method: ties\nbase_model: base\nmodels:\n  - model: task_0\n  - model: task_1\nparameters:\n  buffer_source:\n    - filter: position_ids\n      value: task_1\n";
     let (ok, out, err) = plan(s.dir.path(), recipe);
     assert!(ok, "{err}");

@@ -27,6 +27,16 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "chat_template.json",
 ];
 
+/// The files that hold a vocabulary when there is no tokenizer.json.
+const VOCAB_FILES: &[&str] = &[
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+];
+
 /// Template files that transformers prefers over tokenizer_config.json's `chat_template`: they go
 /// when the recipe sets a template.
 const TEMPLATE_FILES: &[&str] = &["chat_template.jinja", "chat_template.json"];
@@ -100,14 +110,7 @@ fn read_vocab(folder: &Path) -> std::result::Result<Option<Vocab>, String> {
         return Ok(Some(Vocab::Map(map)));
     }
     let mut files = Vec::new();
-    for name in [
-        "tokenizer.model",
-        "spiece.model",
-        "vocab.json",
-        "vocab.txt",
-        "merges.txt",
-        "added_tokens.json",
-    ] {
+    for name in VOCAB_FILES {
         let p = folder.join(name);
         if p.is_file() {
             files.push((
