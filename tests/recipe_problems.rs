@@ -209,6 +209,6 @@ fn model_wide_selection_needs_one_density() {
     refused(
         s.dir.path(),
         "merge_method: ties\nbase_model: base\nparameters:\n  selection: model\n  density: [0.2, 0.5]\nmodels:\n  - model: task_0\n  - model: task_1\n",
-        &["`parameters.density` (line 5): `selection: model` keeps one density for a model's whole"],
+        &["`parameters.density` (line 5): `selection: model` keeps one density per model over the whole model"],
     );
 }

@@ -403,8 +403,8 @@ fn check_task(
             match first {
                 Some(p) if !p.setting.is_scalar() => rd.problem(
                     &p.field.clone(),
-                    "`selection: model` keeps one density for a model's whole model: give one \
-                     number, not a per-layer list or a filter",
+                    "`selection: model` keeps one density per model over the whole model: give \
+                     one number, not a per-layer list or a filter",
                 ),
                 Some(p) => {
                     density = p
