@@ -212,3 +212,42 @@ fn model_wide_selection_needs_one_density() {
         &["`parameters.density` (line 5): `selection: model` keeps one density per model over the whole model"],
     );
 }
+
+/// A `slices:` recipe over every layer of the same models writes the `models:` recipe's tensors,
+/// the ones only the base has (a float table, an int buffer the tasks share) included.
+#[test]
+fn one_slice_over_every_layer_is_the_models_recipe() {
+    let s = Scenario::new(Dtype::BF16, 2, 1, false, 10);
+    // A slices recipe rewrites the layer count, so config.json must have one.
+    for m in ["base", "task_0", "task_1"] {
+        let p = s.path(m).join("config.json");
+        let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        c["num_hidden_layers"] = 2.into();
+        std::fs::write(&p, serde_json::to_vec(&c).unwrap()).unwrap();
+    }
+    let run = |recipe: &str, out: &str| {
+        std::fs::write(s.path("r.yml"), recipe).unwrap();
+        let o = Command::new(stamerge_bin())
+            .args(["merge", "r.yml", out, "--device", "cpu"])
+            .current_dir(s.dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_model(&s.path(out)).0
+    };
+    let models = run(
+        "merge_method: ties\nbase_model: base\nparameters:\n  density: 0.4\nmodels:\n  - model: task_0\n  - model: task_1\n",
+        "a",
+    );
+    let sliced = run(
+        "merge_method: ties\nbase_model: base\nparameters:\n  density: 0.4\nslices:\n  - sources:\n      - model: base\n        layer_range: [0, 2]\n      - model: task_0\n        layer_range: [0, 2]\n      - model: task_1\n        layer_range: [0, 2]\n",
+        "b",
+    );
+    assert_eq!(models.len(), sliced.len());
+    for (name, t) in &models {
+        assert_eq!(t.bytes, sliced[name].bytes, "{name}");
+    }
+    assert!(
+        sliced.contains_key("model.rotary.inv_freq") && sliced.contains_key("model.position_ids")
+    );
+}

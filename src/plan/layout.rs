@@ -178,17 +178,33 @@ fn sliced(recipe: &Recipe, inputs: &Inputs, problems: &mut Vec<Problem>) -> Layo
         slice: Some(slice),
     };
     // Every source of the slice reads `name` of its model (tensors outside the layers).
+    // The tensors outside the layers, from the slice's models: the base's names (its first
+    // source's for passthrough). As in a `models:` recipe, one that no task has is the base's
+    // alone (copied), and one that some tasks have and others lack is missing from those.
     let loose =
         |si: usize, keep: fn(&str) -> bool, slots: &mut Vec<Slot>, problems: &mut Vec<Problem>| {
             let s = &recipe.slices[si];
-            let first = checkpoint(inputs, s.sources[0].input);
-            for (_, t) in first.tensors() {
+            let lead = s
+                .sources
+                .iter()
+                .find(|src| src.input == InputRef::Base)
+                .unwrap_or(&s.sources[0]);
+            for (_, t) in checkpoint(inputs, lead.input).tensors() {
                 if layer_of(&t.name).is_some() || !keep(&t.name) {
                     continue;
                 }
                 let mut slot = empty(si);
                 slot.name = t.name.clone();
-                for src in &s.sources {
+                let has = |src: &&crate::recipe::SourceSpec| {
+                    checkpoint(inputs, src.input).get(&t.name).is_some()
+                };
+                let others = s.sources.iter().filter(|src| src.field != lead.field);
+                let only_lead = !others.clone().any(|src| has(&src));
+                for src in s
+                    .sources
+                    .iter()
+                    .filter(|src| !only_lead || src.field == lead.field)
+                {
                     add_input(&mut slot, src.input, &t.name, inputs, &src.field, problems);
                 }
                 slots.push(slot);

@@ -58,7 +58,9 @@ fn task_lines(out: &mut String, r: &Recipe) {
             "model"
         };
         let mut line = format!("  {role}[{i}] {}", t.model.display());
-        for p in params::of(r.method).filter(|p| p.scope != Scope::Shared) {
+        // In slices, a model's values are its sources' (the slice lines below).
+        let own = params::of(r.method).filter(|p| p.scope != Scope::Shared && !r.sliced());
+        for p in own {
             let own = t.params.get(p.name).or(r.params.get(p.name));
             let v = match own {
                 Some(q) => spell(&q.setting),
