@@ -204,7 +204,7 @@ enum BenchCmd {
 const MERGEKIT_NO_OPS: &[(&str, &str)] = &[
     (
         "--copy-tokenizer",
-        "the base model's tokenizer files are always copied",
+        "the tokenizer files are always written (the base's, or `tokenizer_source`'s)",
     ),
     (
         "--lazy-unpickle",
