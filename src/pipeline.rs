@@ -613,6 +613,24 @@ mod tests {
         v
     }
 
+    /// Adds a non-float tensor only the base has (`position_ids`, as BERT-style checkpoints carry)
+    /// in a shard of its own that sorts after the others: the plan copies it from the base after
+    /// the merged tensors. The synthetic set has none (transformers' Llama would flag it).
+    fn add_base_buffer(base: &Path) {
+        let name = "model.position_ids";
+        let file = "zz-buffers.safetensors";
+        let ids: Vec<u8> = (0..16i64).flat_map(|v| v.to_le_bytes()).collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 16], &ids)
+                .unwrap();
+        safetensors::serialize_to_file([(name, view)], None, &base.join(file)).unwrap();
+        let index = base.join(crate::checkpoint::model::INDEX_NAME);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index).expect("a sharded base")).unwrap();
+        v["weight_map"][name] = file.into();
+        std::fs::write(&index, serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+
     /// A small synthetic set in `dir` (every tensor a few thousand elements or less), and the
     /// plan of each recipe `stamerge synth` writes for it.
     fn synth_plans(
@@ -632,6 +650,7 @@ mod tests {
             seed: 11,
         };
         crate::synth::generate(&spec, dir).unwrap();
+        add_base_buffer(&dir.join("base"));
         crate::synth::recipes(spec.tasks)
             .into_iter()
             .map(|(name, _)| {
