@@ -464,6 +464,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 progress: !cli.quiet,
                 verify,
                 max_memory,
+                ..Options::default()
             };
             let rep = stamerge::merge(&r, &out_dir, &opts)?;
             // The one line --quiet keeps.

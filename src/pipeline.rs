@@ -18,6 +18,7 @@ use crate::method::keep_count;
 use crate::plan::work::model_wide_tasks;
 use crate::plan::{Item, ItemKind, ModelCut, Plan};
 use crate::report::{overlaps, ModelSelectionRecord, TaskRecord, TensorRecord};
+use crate::run::ProgressFn;
 use crate::select::{key_value, DigitSearch};
 
 /// The mapped input tensors an item reads: base (and start) for a copy, every input for a merge.
@@ -111,16 +112,40 @@ fn fault_problem(plan: &Plan, name: &str, shape: &[usize], e: BackendError) -> E
     Error::Input(Problem::in_tensor(&path, name, msg))
 }
 
-pub struct Progress {
+/// How a caller follows and stops a running [`execute`].
+#[derive(Clone, Copy)]
+pub struct Control<'a> {
+    /// A bar on a terminal, else a log line every few seconds.
+    pub show: bool,
+    /// Stop at the next tensor when any of these is set (Ctrl-C's flag, a caller's cancel).
+    pub stop: &'a [&'a AtomicBool],
+    /// Told the progress after each tensor of each pass.
+    pub progress: Option<&'a ProgressFn>,
+}
+
+impl<'a> Control<'a> {
+    /// No bar, no hook; stopped by `stop` alone.
+    pub fn quiet(stop: &'a [&'a AtomicBool]) -> Self {
+        Self {
+            show: false,
+            stop,
+            progress: None,
+        }
+    }
+}
+
+pub struct Progress<'a> {
     bar: ProgressBar,
     plain: bool,
     total: u64,
     done: u64,
+    started: Instant,
     last_log: Instant,
+    hook: Option<&'a ProgressFn>,
 }
 
-impl Progress {
-    pub fn new(total: u64, show: bool) -> Self {
+impl<'a> Progress<'a> {
+    pub fn new(total: u64, show: bool, hook: Option<&'a ProgressFn>) -> Self {
         let tty = show && std::io::stderr().is_terminal();
         let bar = if tty {
             let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
@@ -139,13 +164,19 @@ impl Progress {
             plain: show && !tty,
             total,
             done: 0,
+            started: Instant::now(),
             last_log: Instant::now(),
+            hook,
         }
     }
 
     fn inc(&mut self, bytes: u64, what: &str) {
         self.done += bytes;
         self.bar.inc(bytes);
+        if let Some(hook) = self.hook {
+            let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+            hook(self.done, self.total, rate);
+        }
         if self.plain && self.last_log.elapsed() > Duration::from_secs(5) {
             self.last_log = Instant::now();
             tracing::info!(
@@ -171,8 +202,8 @@ impl Progress {
 
 /// Between tensors: Ctrl-C (`stop`, set by the caller's signal handler), or an input that could
 /// not be read (see `checkpoint::guard`).
-fn check_interrupt(plan: &Plan, stop: &AtomicBool) -> Result<()> {
-    if stop.load(Ordering::Relaxed) {
+fn check_interrupt(plan: &Plan, stop: &[&AtomicBool]) -> Result<()> {
+    if stop.iter().any(|s| s.load(Ordering::Relaxed)) {
         Err(Error::Interrupted)
     } else {
         plan.inputs.check_readable()
@@ -200,7 +231,7 @@ fn model_selection(
     plan: &Plan,
     backend: &dyn Backend,
     progress: &mut Progress,
-    stop: &AtomicBool,
+    stop: &[&AtomicBool],
 ) -> Result<Option<ModelSelection>> {
     let tasks = model_wide_tasks(&plan.recipe);
     if tasks.is_empty() {
@@ -307,11 +338,11 @@ pub fn execute(
     backend: &dyn Backend,
     dir: &Path,
     out_shard_bytes: u64,
-    show: bool,
-    stop: &AtomicBool,
+    control: Control,
 ) -> Result<Outcome> {
+    let stop = control.stop;
     let total = plan.estimate.read_bytes_with(backend.model_digits().len());
-    let mut progress = Progress::new(total, show);
+    let mut progress = Progress::new(total, control.show, control.progress);
     let mut ms = model_selection(plan, backend, &mut progress, stop)?;
     let nt = plan.recipe.tasks.len();
     progress.message("merging");
@@ -620,9 +651,8 @@ mod tests {
         let name = "model.position_ids";
         let file = "zz-buffers.safetensors";
         let ids: Vec<u8> = (0..16i64).flat_map(|v| v.to_le_bytes()).collect();
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 16], &ids)
-                .unwrap();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 16], &ids)
+            .unwrap();
         safetensors::serialize_to_file([(name, view)], None, &base.join(file)).unwrap();
         let index = base.join(crate::checkpoint::model::INDEX_NAME);
         let mut v: serde_json::Value =
@@ -680,8 +710,7 @@ mod tests {
                 &CpuBackend::new(),
                 &want_dir,
                 30_000,
-                false,
-                &NO_STOP,
+                Control::quiet(&[&NO_STOP]),
             )
             .unwrap();
             for hold in [1, 2, 5] {
@@ -692,7 +721,8 @@ mod tests {
                 };
                 let got_dir = dir.path().join(format!("{name}-late{hold}"));
                 std::fs::create_dir(&got_dir).unwrap();
-                let got = execute(&plan, &late, &got_dir, 30_000, false, &NO_STOP).unwrap();
+                let got =
+                    execute(&plan, &late, &got_dir, 30_000, Control::quiet(&[&NO_STOP])).unwrap();
                 assert_eq!(got.checksums, want.checksums, "{name}, {hold} late");
                 assert_eq!(files(&got_dir), files(&want_dir), "{name}, {hold} late");
             }
@@ -716,7 +746,13 @@ mod tests {
                     crate::simd::set_enabled(on);
                     let out = set.join(format!("{name}-{on}"));
                     std::fs::create_dir(&out).unwrap();
-                    let r = execute(&plan, &CpuBackend::new(), &out, 30_000, false, &NO_STOP);
+                    let r = execute(
+                        &plan,
+                        &CpuBackend::new(),
+                        &out,
+                        30_000,
+                        Control::quiet(&[&NO_STOP]),
+                    );
                     crate::simd::set_enabled(true);
                     runs.push((r.unwrap().checksums, files(&out)));
                 }
