@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod card;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;

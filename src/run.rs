@@ -301,6 +301,7 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
         t0.elapsed().as_secs_f64()
     );
     write_side_files(plan, out.path())?;
+    crate::card::write(plan, out.path(), out.target())?;
     if opts.verify {
         let tv = Instant::now();
         verify_output(plan, &outcome, out.path())?;

@@ -118,3 +118,66 @@ fn a_cancel_token_stops_one_merge_from_another_thread_and_keeps_the_old_output()
     };
     stamerge::merge(&recipe, &out, &again).unwrap();
 }
+
+/// The output's README.md is a Hugging Face model card: front matter a Hub reads, then the
+/// method, each model with its parameters, the version and the recipe as given.
+#[test]
+fn the_output_has_a_model_card_in_the_hub_layout() {
+    let d = tempfile::tempdir().unwrap();
+    generate(&SynthSpec::default(), d.path()).unwrap();
+    let card = |recipe: &str, out: &str| -> (serde_yaml_ng::Value, String) {
+        let r = Recipe::from_file(&d.path().join(recipe)).unwrap();
+        let opts = Options {
+            device: Device::Cpu,
+            ..Options::default()
+        };
+        stamerge::merge(&r, &d.path().join(out), &opts).unwrap();
+        let text = std::fs::read_to_string(d.path().join(out).join("README.md")).unwrap();
+        let rest = text.strip_prefix("---\n").expect("front matter first");
+        let (meta, body) = rest.split_once("\n---\n").expect("front matter closed");
+        (serde_yaml_ng::from_str(meta).unwrap(), body.to_string())
+    };
+    let (meta, body) = card("ties.yml", "merged-ties");
+    let names = |v: &serde_yaml_ng::Value| -> Vec<String> {
+        v.as_sequence()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        names(&meta["base_model"]),
+        ["base", "task_0", "task_1", "task_2"]
+    );
+    assert_eq!(names(&meta["tags"]), ["merge", "stamerge"]);
+    assert_eq!(meta["library_name"].as_str(), Some("transformers"));
+    assert!(body.starts_with("# merged-ties\n"), "{body}");
+    let version = format!(
+        "stamerge](https://crates.io/crates/stamerge) {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(body.contains(&version), "{body}");
+    assert!(
+        body.contains("[TIES](https://arxiv.org/abs/2306.01708)"),
+        "{body}"
+    );
+    for t in 0..3 {
+        let line = format!("* `task_{t}` (weight 1, density 0.3, selection tensor)");
+        assert!(body.contains(&line), "{line} missing:\n{body}");
+    }
+    assert!(body.contains("output dtype bfloat16"), "{body}");
+    let recipe = std::fs::read_to_string(d.path().join("ties.yml")).unwrap();
+    assert!(
+        body.contains(&format!("```yaml\n{}\n```", recipe.trim_end())),
+        "{body}"
+    );
+
+    // A base folder without a config.json from transformers: no library_name.
+    std::fs::remove_file(d.path().join("base/config.json")).unwrap();
+    let (meta, body) = card("forget.yml", "merged-forget");
+    assert!(meta.get("library_name").is_none(), "{meta:?}");
+    assert!(
+        body.contains("subtracted (`forget`):\n* `task_2`"),
+        "{body}"
+    );
+}
