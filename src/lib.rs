@@ -27,6 +27,9 @@ pub mod simd;
 pub mod synth;
 
 pub use error::{Error, Problem, Result};
+
+/// This crate's version (the report's `stamerge_version`, the model card's, the wheel's).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub use plan::Plan;
 pub use recipe::Recipe;
 pub use report::Report;

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 
 import torch
@@ -41,8 +41,9 @@ def check_out_path(path: str | os.PathLike) -> str:
 
 def statistic_metadata(stats: Mapping) -> dict[str, str]:
     """The `__metadata__` entries that say how a :class:`Statistic` was made."""
-    from . import __version__
+    from .. import __version__
 
+    # The key keeps the tool's old name: files written before it moved into stamerge carry it.
     md = {"format": "pt", "stamerge_grads_version": __version__}
     if isinstance(stats, Statistic):
         md.update(
@@ -85,8 +86,10 @@ def save_statistic(
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise StatisticError(f"{path}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".stamerge_grads.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    # Not tempfile.mkstemp: its files are 0600 and the rename would keep that. Created with 0666,
+    # the file gets the user's umask like any other output (0644 under the usual 022).
+    tmp = os.path.join(folder, f".stamerge_grads.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         save_file(tensors, tmp, metadata=md)
         os.replace(tmp, path)
