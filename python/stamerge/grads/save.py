@@ -29,6 +29,20 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise StatisticError(f"dtype must be float32 or bfloat16, not {dtype!r}")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc, 4.7+)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def check_out_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
@@ -86,12 +100,12 @@ def save_statistic(
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise StatisticError(f"{path}: the folder {folder} does not exist")
-    # Not tempfile.mkstemp: its files are 0600 and the rename would keep that. Created with 0666,
-    # the file gets the user's umask like any other output (0644 under the usual 022).
     tmp = os.path.join(folder, f".stamerge_grads.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         save_file(tensors, tmp, metadata=md)
+        # safetensors writes through a private (0600) temporary file of its own; the statistic
+        # gets the user's umask like any other output (0644 under the usual 022).
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
