@@ -270,3 +270,15 @@ def test_the_cli_in_a_process_that_used_the_api_is_refused():
     with pytest.raises(RuntimeError, match="process of its own"):
         stamerge._native.cli(["stamerge", "--version"])
     assert shutil.which("stamerge", path=str(BIN))
+
+
+def test_the_readme_s_python_example_runs(tmp_path):
+    # The first ```python block of the README, run where `examples/` is the bundled example.
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 5, code
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    r = run([sys.executable, "-c", code], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].startswith("sta "), r.stdout
+    assert (tmp_path / "out" / "sta-merged" / "model.safetensors").is_file()
