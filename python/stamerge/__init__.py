@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from . import _native
 from ._native import CancelToken
@@ -36,8 +36,8 @@ class Problem:
     """One thing wrong with the input, naming the file and tensor where there is one."""
 
     message: str
-    file: Optional[str] = None
-    tensor: Optional[str] = None
+    file: str | None = None
+    tensor: str | None = None
 
     def __str__(self) -> str:
         where = self.file or ""
@@ -102,7 +102,7 @@ class PlanTask:
 
     field: str
     model: str
-    gradients: Optional[str]
+    gradients: str | None
     weight: float
     density: float
     selection: str
@@ -117,7 +117,7 @@ class PlanTensor:
     shape: tuple[int, ...]
     dtype: str
     #: Entries kept per task (top-k methods); None for a copy or a task that keeps everything.
-    k: Optional[tuple[Optional[int], ...]]
+    k: tuple[int | None, ...] | None
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class Plan:
 
     method: str
     base: str
-    start: Optional[str]
+    start: str | None
     tasks: list[PlanTask]
     tensors: list[PlanTensor]
     estimate: Estimate
@@ -214,7 +214,7 @@ class Checkpoint:
     path: str
     files: list[str]
     tensors: list[Tensor]
-    vocab_size: Optional[int]
+    vocab_size: int | None
     text: str = field(repr=False)
 
     @property
@@ -233,7 +233,7 @@ class Checkpoint:
 
 def plan(
     recipe: Recipe,
-    out_dir: Optional[Union[str, os.PathLike]] = None,
+    out_dir: str | os.PathLike | None = None,
     *,
     overwrite: bool = False,
     out_shard_size: Size = "5GB",
@@ -251,17 +251,17 @@ def plan(
 
 def merge(
     recipe: Recipe,
-    out_dir: Union[str, os.PathLike],
+    out_dir: str | os.PathLike,
     *,
     device: str = "auto",
-    threads: Optional[int] = None,
-    max_memory: Optional[Size] = None,
+    threads: int | None = None,
+    max_memory: Size | None = None,
     overwrite: bool = False,
-    progress: Optional[ProgressFn] = None,
-    cancel: Optional[CancelToken] = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
     out_shard_size: Size = "5GB",
     verify: bool = False,
-    report: Optional[Union[str, os.PathLike]] = None,
+    report: str | os.PathLike | None = None,
 ) -> Report:
     """Merges as ``stamerge merge RECIPE OUT_DIR``; returns the report.
 
@@ -300,7 +300,7 @@ def merge(
     return Report._from(json.loads(text))
 
 
-def inspect(path: Union[str, os.PathLike]) -> Checkpoint:
+def inspect(path: str | os.PathLike) -> Checkpoint:
     """The tensors of a checkpoint folder (sharded or not) or one safetensors file, from its
     headers. Raises :class:`PlanError` for an unreadable checkpoint."""
     try:

@@ -16,6 +16,7 @@ from stamerge.grads.cli import main
 
 transformers = pytest.importorskip("transformers")
 
+
 def read(path):
     with safe_open(path, framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()

@@ -24,7 +24,9 @@ DENSITY, LAMBDA = 0.25, 0.7
 
 
 def stamerge_bin():
-    path = os.environ.get("STAMERGE_BIN") or os.path.join(os.path.dirname(sys.executable), "stamerge")
+    path = os.environ.get("STAMERGE_BIN") or os.path.join(
+        os.path.dirname(sys.executable), "stamerge"
+    )
     if not os.path.isfile(path):
         pytest.fail(f"no stamerge command at {path}: install the wheel or set STAMERGE_BIN")
     return path

@@ -68,7 +68,9 @@ def test_the_cli_from_the_venv_merges_the_example_like_the_api(tmp_path):
         assert got == want, recipe
         if os.environ.get("STAMERGE_BIN"):
             bin_out = tmp_path / "bin" / recipe / "merged"
-            r = run([os.environ["STAMERGE_BIN"], "-q", "merge", str(EXAMPLES / recipe), str(bin_out)])
+            r = run(
+                [os.environ["STAMERGE_BIN"], "-q", "merge", str(EXAMPLES / recipe), str(bin_out)]
+            )
             assert r.returncode == 0, r.stderr
             assert files(bin_out) == got, f"{recipe}: the wheel and cargo's binary differ"
 
@@ -171,7 +173,11 @@ def test_cancel_from_another_thread_stops_the_merge_and_keeps_the_old_output(tmp
     # sta_model reads the model several times: many tensors after the second call.
     with pytest.raises(stamerge.Interrupted):
         stamerge.merge(
-            EXAMPLES / "sta_model.yml", out, device="cpu", overwrite=True, progress=progress,
+            EXAMPLES / "sta_model.yml",
+            out,
+            device="cpu",
+            overwrite=True,
+            progress=progress,
             cancel=token,
         )
     t.join()
@@ -244,7 +250,12 @@ def test_inspect_lists_the_tensors():
     assert len(ck.tensors) == 21 and len(ck.files) == 2 and ck.vocab_size == 64
     assert ck.parameters == 24736
     t = ck.tensors[0]
-    assert (t.name, t.dtype, t.shape, t.nbytes) == ("model.embed_tokens.weight", "BF16", (64, 32), 4096)
+    assert (t.name, t.dtype, t.shape, t.nbytes) == (
+        "model.embed_tokens.weight",
+        "BF16",
+        (64, 32),
+        4096,
+    )
     assert "21 tensors, 24736 parameters" in str(ck)
     with pytest.raises(stamerge.PlanError):
         stamerge.inspect(EXAMPLES / "nope")
@@ -255,7 +266,16 @@ def test_the_gradient_tool_names_its_extra_when_pytorch_is_missing(tmp_path):
     for cmd in ([str(BIN / "stamerge-grads")], [sys.executable, "-m", "stamerge.grads"]):
         r = run(cmd + ["--version"])
         assert r.returncode == 0 and r.stdout.strip() == f"stamerge-grads {stamerge.__version__}"
-        args = ["--model", "m", "--data", "d.jsonl", "--task", "causal-lm", "--out", "g.safetensors"]
+        args = [
+            "--model",
+            "m",
+            "--data",
+            "d.jsonl",
+            "--task",
+            "causal-lm",
+            "--out",
+            "g.safetensors",
+        ]
         r = run(cmd + args, cwd=tmp_path)
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr, r.stderr

@@ -83,6 +83,7 @@ __all__ = [
     "Statistic",
     "StatisticError",
     "__version__",
+    "check_out_path",
     "gradient_statistic",
     "save_statistic",
     "statistic_metadata",
