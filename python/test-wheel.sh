@@ -8,6 +8,8 @@
 # -m venv`: Debian's python3 has no ensurepip without the python3-venv package.
 #
 #   WHEEL=path    test this wheel instead of building one
+#   VENV_PYTHON=path  the interpreter of the test venv (default: python3; the wheel is abi3 for
+#                 CPython >= 3.9)
 #   STAMERGE_BIN  a cargo-built stamerge to compare bytes with (default: target/debug/stamerge
 #                 when present)
 # Extra arguments go to pytest.
@@ -25,11 +27,12 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 venv="$work/venv"
-PYTHONPATH="$tools" "$PY" -m virtualenv --quiet --no-periodic-update "$venv" >&2
+PYTHONPATH="$tools" "$PY" -m virtualenv --quiet --no-periodic-update \
+    --python "${VENV_PYTHON:-$PY}" "$venv" >&2
 t0=$(date +%s.%N)
 "$venv/bin/python" -m pip install --disable-pip-version-check --quiet "$wheel"
 t1=$(date +%s.%N)
-"$venv/bin/python" -m pip install --disable-pip-version-check --quiet pytest==9.2.0
+"$venv/bin/python" -m pip install --disable-pip-version-check --quiet 'pytest>=8.3,<10'
 # Import time of a fresh interpreter (the .so loaded from disk cache after the install).
 imp="$("$venv/bin/python" -X importtime -c 'import stamerge' 2>&1 | awk -F'|' '/ stamerge$/ {gsub(/ /, "", $2); print $2}')"
 echo "wheel $(basename "$wheel"): $(du -k "$wheel" | cut -f1) KiB; pip install $(awk "BEGIN{printf \"%.2f\", $t1 - $t0}") s; import stamerge ${imp} us (cumulative)" >&2
