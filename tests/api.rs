@@ -2,25 +2,19 @@
 //! sees every byte the bar counts, and a per-call cancel token that stops one merge from another
 //! thread the way Ctrl-C stops the CLI: no output, no temporary folder, the previous output kept.
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
+use common::leftovers;
 use stamerge::synth::{generate, SynthSpec};
 use stamerge::{CancelToken, Device, Error, Options, ProgressHook, Recipe};
 
 fn set(dir: &Path) -> Recipe {
     generate(&SynthSpec::default(), dir).unwrap();
     Recipe::from_file(&dir.join("sta_model.yml")).unwrap()
-}
-
-fn leftovers(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".stamerge-"))
-        .collect()
 }
 
 #[test]
