@@ -88,7 +88,7 @@ pub fn render(plan: &Plan, name: &str) -> String {
         s,
         "This is a merge of pre-trained language models created with \
          [stamerge](https://crates.io/crates/stamerge) {}.\n",
-        env!("CARGO_PKG_VERSION")
+        crate::VERSION
     );
     let _ = writeln!(s, "## Merge Details\n### Merge Method\n");
     let _ = write!(

@@ -27,9 +27,6 @@ pub mod simd;
 pub mod synth;
 
 pub use error::{Error, Problem, Result};
-
-/// This crate's version (the report's `stamerge_version`, the model card's, the wheel's).
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub use plan::Plan;
 pub use recipe::Recipe;
 pub use report::Report;
@@ -41,3 +38,6 @@ pub use run::{
 };
 
 pub(crate) use simd::wide;
+
+/// This crate's version (the model card's and the Python wheel's).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
