@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod card;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
@@ -32,8 +33,11 @@ pub use report::Report;
 // `plan` the function sits beside `plan` the module: a function is in the value namespace, a
 // module in the type namespace.
 pub use run::{
-    merge, merge_planned, open_backend, plan, select_backend, Device, Options,
-    DEFAULT_OUT_SHARD_BYTES, INTERRUPTED, RECIPE_NAME, REPORT_NAME,
+    merge, merge_planned, open_backend, plan, select_backend, CancelToken, Device, Options,
+    ProgressFn, ProgressHook, DEFAULT_OUT_SHARD_BYTES, INTERRUPTED, RECIPE_NAME, REPORT_NAME,
 };
 
 pub(crate) use simd::wide;
+
+/// This crate's version (the model card's and the Python wheel's).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,4 +1,7 @@
 //! The `stamerge` command line: parses flags, calls the library, prints errors.
+//!
+//! The Python wheel compiles this same file into its native module (python/native) and runs
+//! [`cli_main`] as the `stamerge` command it installs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -254,7 +257,7 @@ fn parse_dtype(s: &str) -> Result<FloatType, String> {
 }
 
 /// "5GB" → 5e9, "2GiB" → 2·2^30, "123" → 123 bytes.
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -352,6 +355,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 progress: !cli.quiet,
                 verify,
                 max_memory,
+                ..Options::default()
             };
             let rep = stamerge::merge(&r, &out_dir, &opts)?;
             // The one line --quiet keeps.
@@ -527,7 +531,12 @@ fn run(cli: Cli) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
-    let (args, mergekit_notes) = from_mergekit(std::env::args_os().collect());
+    ExitCode::from(cli_main(std::env::args_os().collect()))
+}
+
+/// The whole command for `args` (the program name first); returns the exit status.
+pub fn cli_main(args: Vec<std::ffi::OsString>) -> u8 {
+    let (args, mergekit_notes) = from_mergekit(args);
     let cli = Cli::parse_from(args);
     let level = if cli.verbose {
         "debug"
@@ -555,14 +564,14 @@ fn main() -> ExitCode {
         eprintln!("interrupted: stopping after the current tensor and removing the partial output");
     });
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(Error::Interrupted) => {
             eprintln!("error: {}", Error::Interrupted);
-            ExitCode::from(130)
+            130
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            1
         }
     }
 }

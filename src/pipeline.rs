@@ -18,6 +18,7 @@ use crate::method::keep_count;
 use crate::plan::work::model_wide_tasks;
 use crate::plan::{Convert, CopyFrom, Item, ItemKind, ModelCut, Plan};
 use crate::report::{overlaps, ModelSelectionRecord, TaskRecord, TensorRecord};
+use crate::run::ProgressFn;
 use crate::select::{key_value, DigitSearch};
 
 /// The mapped input tensors an item reads: its source for a copy, every input for a merge.
@@ -151,16 +152,40 @@ fn fault_problem(plan: &Plan, name: &str, shape: &[usize], e: BackendError) -> E
     Error::Input(Problem::in_tensor(&path, name, msg))
 }
 
-pub struct Progress {
+/// How a caller follows and stops a running [`execute`].
+#[derive(Clone, Copy)]
+pub struct Control<'a> {
+    /// A bar on a terminal, else a log line every few seconds.
+    pub show: bool,
+    /// Stop at the next tensor when any of these is set (Ctrl-C's flag, a caller's cancel).
+    pub stop: &'a [&'a AtomicBool],
+    /// Told the progress after each tensor of each pass.
+    pub progress: Option<&'a ProgressFn>,
+}
+
+impl<'a> Control<'a> {
+    /// No bar, no hook; stopped by `stop` alone.
+    pub fn quiet(stop: &'a [&'a AtomicBool]) -> Self {
+        Self {
+            show: false,
+            stop,
+            progress: None,
+        }
+    }
+}
+
+pub struct Progress<'a> {
     bar: ProgressBar,
     plain: bool,
     total: u64,
     done: u64,
+    started: Instant,
     last_log: Instant,
+    hook: Option<&'a ProgressFn>,
 }
 
-impl Progress {
-    pub fn new(total: u64, show: bool) -> Self {
+impl<'a> Progress<'a> {
+    pub fn new(total: u64, show: bool, hook: Option<&'a ProgressFn>) -> Self {
         let tty = show && std::io::stderr().is_terminal();
         let bar = if tty {
             let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
@@ -179,13 +204,19 @@ impl Progress {
             plain: show && !tty,
             total,
             done: 0,
+            started: Instant::now(),
             last_log: Instant::now(),
+            hook,
         }
     }
 
     fn inc(&mut self, bytes: u64, what: &str) {
         self.done += bytes;
         self.bar.inc(bytes);
+        if let Some(hook) = self.hook {
+            let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+            hook(self.done, self.total, rate);
+        }
         if self.plain && self.last_log.elapsed() > Duration::from_secs(5) {
             self.last_log = Instant::now();
             tracing::info!(
@@ -211,8 +242,8 @@ impl Progress {
 
 /// Between tensors: Ctrl-C (`stop`, set by the caller's signal handler), or an input that could
 /// not be read (see `checkpoint::guard`).
-fn check_interrupt(plan: &Plan, stop: &AtomicBool) -> Result<()> {
-    if stop.load(Ordering::Relaxed) {
+fn check_interrupt(plan: &Plan, stop: &[&AtomicBool]) -> Result<()> {
+    if stop.iter().any(|s| s.load(Ordering::Relaxed)) {
         Err(Error::Interrupted)
     } else {
         plan.inputs.check_readable()
@@ -240,7 +271,7 @@ fn model_selection(
     plan: &Plan,
     backend: &dyn Backend,
     progress: &mut Progress,
-    stop: &AtomicBool,
+    stop: &[&AtomicBool],
 ) -> Result<Option<ModelSelection>> {
     let tasks = model_wide_tasks(&plan.recipe);
     if tasks.is_empty() {
@@ -350,11 +381,11 @@ pub fn execute(
     backend: &dyn Backend,
     dir: &Path,
     out_shard_bytes: u64,
-    show: bool,
-    stop: &AtomicBool,
+    control: Control,
 ) -> Result<Outcome> {
+    let stop = control.stop;
     let total = plan.estimate.read_bytes_with(backend.model_digits().len());
-    let mut progress = Progress::new(total, show);
+    let mut progress = Progress::new(total, control.show, control.progress);
     let mut ms = model_selection(plan, backend, &mut progress, stop)?;
     let nt = plan.recipe.tasks.len();
     progress.message("merging");
@@ -670,6 +701,23 @@ mod tests {
         v
     }
 
+    /// Adds a non-float tensor only the base has (`position_ids`, as BERT-style checkpoints carry)
+    /// in a shard of its own that sorts after the others: the plan copies it from the base after
+    /// the merged tensors. The synthetic set has none (transformers' Llama would flag it).
+    fn add_base_buffer(base: &Path) {
+        let name = "model.position_ids";
+        let file = "zz-buffers.safetensors";
+        let ids: Vec<u8> = (0..16i64).flat_map(|v| v.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 16], &ids)
+            .unwrap();
+        safetensors::serialize_to_file([(name, view)], None, &base.join(file)).unwrap();
+        let index = base.join(crate::checkpoint::model::INDEX_NAME);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index).expect("a sharded base")).unwrap();
+        v["weight_map"][name] = file.into();
+        std::fs::write(&index, serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+
     /// A small synthetic set in `dir` (every tensor a few thousand elements or less), and the
     /// plan of each recipe `stamerge synth` writes for it.
     fn synth_plans(
@@ -689,6 +737,7 @@ mod tests {
             seed: 11,
         };
         crate::synth::generate(&spec, dir).unwrap();
+        add_base_buffer(&dir.join("base"));
         crate::synth::recipes(spec.tasks)
             .into_iter()
             .map(|(name, _)| {
@@ -725,8 +774,7 @@ mod tests {
                 &CpuBackend::new(),
                 &want_dir,
                 30_000,
-                false,
-                &NO_STOP,
+                Control::quiet(&[&NO_STOP]),
             )
             .unwrap();
             for hold in [1, 2, 5] {
@@ -737,7 +785,8 @@ mod tests {
                 };
                 let got_dir = dir.path().join(format!("{name}-late{hold}"));
                 std::fs::create_dir(&got_dir).unwrap();
-                let got = execute(&plan, &late, &got_dir, 30_000, false, &NO_STOP).unwrap();
+                let got =
+                    execute(&plan, &late, &got_dir, 30_000, Control::quiet(&[&NO_STOP])).unwrap();
                 assert_eq!(got.checksums, want.checksums, "{name}, {hold} late");
                 assert_eq!(files(&got_dir), files(&want_dir), "{name}, {hold} late");
             }
@@ -761,7 +810,13 @@ mod tests {
                     crate::simd::set_enabled(on);
                     let out = set.join(format!("{name}-{on}"));
                     std::fs::create_dir(&out).unwrap();
-                    let r = execute(&plan, &CpuBackend::new(), &out, 30_000, false, &NO_STOP);
+                    let r = execute(
+                        &plan,
+                        &CpuBackend::new(),
+                        &out,
+                        30_000,
+                        Control::quiet(&[&NO_STOP]),
+                    );
                     crate::simd::set_enabled(true);
                     runs.push((r.unwrap().checksums, files(&out)));
                 }

@@ -6,7 +6,8 @@
 //! and the rest keep their paths.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::{self, Backend};
@@ -15,7 +16,44 @@ use crate::{checkpoint, error, memory, pipeline, report};
 use crate::{Error, Plan, Recipe, Report, Result};
 
 /// Set by the interrupt handler; the pipeline stops at the next tensor and removes its output.
+/// It stops every merge of the process; [`CancelToken`] stops one.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Stops one merge from another thread (the Python API's cancel, a caller's own Ctrl-C): the
+/// pipeline stops at the next tensor, removes the partial output and [`merge`] returns
+/// [`Error::Interrupted`], as on Ctrl-C. Clones share one flag.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    pub(crate) fn flag(&self) -> &AtomicBool {
+        &self.0
+    }
+}
+
+/// Called after each tensor of each pass with (bytes done, bytes in all, bytes per second since
+/// the start): the numbers the progress bar shows, for a caller's own display. It runs on the
+/// merge's thread, so it should return quickly.
+pub type ProgressFn = dyn Fn(u64, u64, f64) + Send + Sync;
+
+/// A [`ProgressFn`] that [`Options`] can hold (cloned, printed by its `Debug`).
+#[derive(Clone)]
+pub struct ProgressHook(pub Arc<ProgressFn>);
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook(..)")
+    }
+}
 
 /// Where the merge computes (`--device`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -48,6 +86,10 @@ pub struct Options {
     /// [`DEFAULT_BUDGET_SHARE`](backend::cuda::DEFAULT_BUDGET_SHARE) of the free memory, 90%);
     /// larger tensor groups are processed in chunks.
     pub max_memory: Option<u64>,
+    /// Stops this merge when cancelled (besides [`INTERRUPTED`]).
+    pub cancel: Option<CancelToken>,
+    /// Receives the progress (besides or instead of the bar `progress` shows).
+    pub on_progress: Option<ProgressHook>,
 }
 
 impl Default for Options {
@@ -61,6 +103,8 @@ impl Default for Options {
             progress: false,
             verify: false,
             max_memory: None,
+            cancel: None,
+            on_progress: None,
         }
     }
 }
@@ -242,14 +286,20 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     tracing::debug!("building the output in {}", out.path().display());
     let sampler = memory::PeakSampler::start();
     let t0 = Instant::now();
+    let mut stop = vec![&INTERRUPTED];
+    stop.extend(opts.cancel.as_ref().map(CancelToken::flag));
+    let control = pipeline::Control {
+        show: opts.progress,
+        stop: &stop,
+        progress: opts.on_progress.as_ref().map(|h| &*h.0),
+    };
     let outcome = pool.install(|| {
         pipeline::execute(
             plan,
             backend.as_ref(),
             out.path(),
             opts.out_shard_size,
-            opts.progress,
-            &INTERRUPTED,
+            control,
         )
     })?;
     tracing::debug!(
@@ -259,6 +309,7 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     write_side_files(plan, out.path())?;
     // The recipe's changes to them: tokenizer_source, chat_template, the layer count of slices.
     crate::plan::side::write(&plan.side, out.path())?;
+    crate::card::write(plan, out.path(), out.target())?;
     if opts.verify {
         let tv = Instant::now();
         verify_output(plan, &outcome, out.path())?;

@@ -443,7 +443,7 @@ fn every_problem_at_once_with_its_field() {
             "`models[1].model`: no such file",
             "huggingface-cli download",
             "`models[0].gradients`: no such file",
-            "python -m stamerge_grads",
+            "python -m stamerge.grads",
         ],
     );
     // A recipe without problems of its own: the plan names the field too.
@@ -451,7 +451,7 @@ fn every_problem_at_once_with_its_field() {
     assert_refused(
         &s,
         &r,
-        &["`models[1].gradients`", "python -m stamerge_grads"],
+        &["`models[1].gradients`", "python -m stamerge.grads"],
     );
     assert!(!r.stderr.contains("huggingface-cli"), "{}", r.stderr);
     let o = Command::new(stamerge_bin())

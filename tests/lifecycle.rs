@@ -283,9 +283,11 @@ fn bundled_example_merges_with_every_recipe() {
         .unwrap();
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(
-        o.status.success() && s.contains("model.embed_tokens.weight") && s.contains("I64"),
+        o.status.success() && s.contains("model.embed_tokens.weight"),
         "{s}"
     );
+    // transformers' Llama has no `position_ids` buffer and flags one as unexpected on every load.
+    assert!(!s.contains("position_ids"), "{s}");
 }
 
 #[test]
@@ -336,7 +338,7 @@ fn verify_rereads_the_output_and_the_report_checksums_match_the_files() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("verified 22 tensors"), "{err}");
+    assert!(err.contains("verified 21 tensors"), "{err}");
     let rep: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.path().join("out/stamerge_report.json")).unwrap())
             .unwrap();

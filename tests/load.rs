@@ -67,12 +67,14 @@ fn eight_merges_at_once_write_what_each_writes_alone() {
     let runs: Vec<&PathBuf> = recipes.iter().cycle().take(RUNS).collect();
     let inputs_before = tree_bytes(&ex);
     let d = tempfile::tempdir().unwrap();
-    let alone: Vec<PathBuf> = (0..RUNS)
-        .map(|i| d.path().join(format!("alone{i}")))
-        .collect();
-    let together: Vec<PathBuf> = (0..RUNS)
-        .map(|i| d.path().join(format!("together{i}")))
-        .collect();
+    // Same folder names (the model card is titled with it), in folders of their own.
+    let out = |what: &str, i: usize| {
+        let parent = d.path().join(format!("{what}{i}"));
+        std::fs::create_dir(&parent).unwrap();
+        parent.join("merged")
+    };
+    let alone: Vec<PathBuf> = (0..RUNS).map(|i| out("alone", i)).collect();
+    let together: Vec<PathBuf> = (0..RUNS).map(|i| out("together", i)).collect();
     for (r, out) in runs.iter().zip(&alone) {
         finish(spawn(r, out), &r.display().to_string());
     }

@@ -46,7 +46,7 @@ pub const MISSING_MODEL: &str = "stamerge reads local folders: download a Huggin
 
 /// What to do about a gradient statistic that does not exist.
 pub const MISSING_STATISTIC: &str = "write the task's gradient statistic first: `python -m \
-                                     stamerge_grads --model MODEL --data calib.jsonl --task \
+                                     stamerge.grads --model MODEL --data calib.jsonl --task \
                                      causal-lm --out PATH` (README, \"Gradient statistics\")";
 
 impl Checkpoint {
