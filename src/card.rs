@@ -8,7 +8,6 @@ use std::path::{Component, Path};
 
 use crate::error::{IoContext, Result};
 use crate::method::MethodKind;
-use crate::recipe::{Params, Scope, Setting, Value, PARAMS};
 use crate::Plan;
 
 pub const CARD_NAME: &str = "README.md";
@@ -49,45 +48,6 @@ fn model_name(path: &Path, recipe_dir: &Path) -> String {
     let shown = path.strip_prefix(recipe_dir).unwrap_or(path);
     let shown = shown.strip_prefix(".").unwrap_or(shown);
     shown.display().to_string()
-}
-
-/// A parameter setting as the recipe writes it: a value, a per-layer list, or filters.
-fn setting_md(s: &Setting) -> String {
-    match s {
-        Setting::Scalar(v) => v.to_string(),
-        Setting::Gradient(vs) => {
-            let vs: Vec<String> = vs.iter().map(Value::to_string).collect();
-            format!("[{}] over the layers", vs.join(", "))
-        }
-        Setting::Filters(cs) => {
-            let cs: Vec<String> = cs
-                .iter()
-                .map(|c| {
-                    let f = c.filter.as_deref().unwrap_or("*");
-                    format!("{f}: {}", setting_md(&c.value))
-                })
-                .collect();
-            format!("{{{}}}", cs.join("; "))
-        }
-    }
-}
-
-/// Every parameter of `scopes` (most specific first) that the method reads, as the merge takes it:
-/// the first scope's setting, else the table's default (`shared`: one value per tensor, else one
-/// per model). Parameters with no setting and no default are left out.
-fn params_md(method: MethodKind, scopes: &[&Params], shared: bool) -> Vec<String> {
-    PARAMS
-        .iter()
-        .filter(|spec| (spec.methods)(method) && (spec.scope == Scope::Shared) == shared)
-        .filter_map(|spec| {
-            let set = scopes.iter().find_map(|ps| ps.get(spec.name));
-            let text = match set {
-                Some(p) => setting_md(&p.setting),
-                None => (spec.default)(method)?.to_string(),
-            };
-            Some(format!("{} {text}", spec.name))
-        })
-        .collect()
 }
 
 /// The card's text for a merge of `plan` into a folder called `name`.
@@ -135,8 +95,12 @@ pub fn render(plan: &Plan, name: &str) -> String {
     }
     let _ = writeln!(s, ".\n");
 
-    let per_task = |t: &crate::recipe::TaskSpec| {
-        let mut p = params_md(r.method, &[&t.params, &r.params], false);
+    let md = |ps: Vec<(&str, String)>| -> Vec<String> {
+        ps.into_iter().map(|(n, v)| format!("{n} {v}")).collect()
+    };
+    let per_task = |i: usize| {
+        let t = &r.tasks[i];
+        let mut p = md(r.task_parameters(i));
         if let Some(g) = &t.gradients {
             p.push(format!("gradients `{}`", model_name(g, dir)));
         }
@@ -149,20 +113,20 @@ pub fn render(plan: &Plan, name: &str) -> String {
         s,
         "### Models Merged\n\nThe following models were included in the merge:"
     );
-    for t in r.tasks.iter().filter(|t| !t.forget) {
-        s += &per_task(t);
+    for i in (0..r.tasks.len()).filter(|&i| !r.tasks[i].forget) {
+        s += &per_task(i);
     }
     if r.tasks.iter().any(|t| t.forget) {
         let _ = writeln!(
             s,
             "\nThe task vectors of the following models were subtracted (`forget`):"
         );
-        for t in r.tasks.iter().filter(|t| t.forget) {
-            s += &per_task(t);
+        for i in (0..r.tasks.len()).filter(|&i| r.tasks[i].forget) {
+            s += &per_task(i);
         }
     }
 
-    let mut global = params_md(r.method, &[&r.params], true);
+    let mut global = md(r.shared_parameters());
     if r.method.is_dare() {
         global.push(format!("seed {}", r.seed));
     }

@@ -103,10 +103,10 @@ class PlanTask:
     field: str
     model: str
     gradients: str | None
-    weight: float
-    density: float
-    selection: str
-    importance: str
+    #: The per-model parameters the method reads (weight, density, ...), as the recipe sets them
+    #: (its own value, else the top level's, else the default), written as text: a value may be
+    #: a per-layer list or a filter list, resolved per tensor (``stamerge plan`` shows those).
+    parameters: dict[str, str]
     forget: bool
 
 

@@ -99,6 +99,9 @@ def test_plan_on_a_bad_recipe_raises_once_with_every_problem(tmp_path):
     # The good recipe's plan, as `stamerge plan` has it.
     p = stamerge.plan(EXAMPLES / "sta.yml")
     assert p.method == "sta" and len(p.tasks) == 3 and p.estimate.tensors_merged == 21
+    # sta.yml sets density 0.1 at the top level and leaves weight to its default.
+    assert [t.parameters["density"] for t in p.tasks] == ["0.1"] * 3, p.tasks
+    assert [t.parameters["weight"] for t in p.tasks] == ["1"] * 3, p.tasks
     assert all(t.action == "merge" and len(t.k) == 3 for t in p.tensors)
 
 

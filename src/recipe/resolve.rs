@@ -229,3 +229,39 @@ impl Recipe {
             .any(|p| p.setting.per_layer())
     }
 }
+
+/// Every parameter the method reads in `scopes` (most specific first), as the merge takes it
+/// where it is one value for the whole model: the first scope's setting, else the table's
+/// default. `shared`: the per-tensor parameters (mergekit's SHARED), else the per-model ones.
+/// Parameters with neither a setting nor a default are left out. For summaries (the model card,
+/// the Python plan); the per-tensor values are [`Recipe::resolve`]'s.
+fn effective(
+    method: crate::method::MethodKind,
+    scopes: &[&Params],
+    shared: bool,
+) -> Vec<(&'static str, String)> {
+    params::PARAMS
+        .iter()
+        .filter(|spec| (spec.methods)(method) && (spec.scope == Scope::Shared) == shared)
+        .filter_map(|spec| {
+            let text = match scopes.iter().find_map(|ps| ps.get(spec.name)) {
+                Some(p) => p.setting.to_string(),
+                None => (spec.default)(method)?.to_string(),
+            };
+            Some((spec.name, text))
+        })
+        .collect()
+}
+
+impl Recipe {
+    /// Task `t`'s per-model parameters as the recipe sets them (its own, else the top level's,
+    /// else the default).
+    pub fn task_parameters(&self, t: usize) -> Vec<(&'static str, String)> {
+        effective(self.method, &[&self.tasks[t].params, &self.params], false)
+    }
+
+    /// The shared parameters as the top level sets them, else their defaults.
+    pub fn shared_parameters(&self) -> Vec<(&'static str, String)> {
+        effective(self.method, &[&self.params], true)
+    }
+}

@@ -60,6 +60,26 @@ impl std::fmt::Display for Value {
     }
 }
 
+/// A setting as people read it: a value, a per-layer list, or filters (`{self_attn: 0.5; *: 1}`).
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Setting::Scalar(v) => write!(f, "{v}"),
+            Setting::Gradient(vs) => {
+                let vs: Vec<String> = vs.iter().map(Value::to_string).collect();
+                write!(f, "[{}] over the layers", vs.join(", "))
+            }
+            Setting::Filters(cs) => {
+                let cs: Vec<String> = cs
+                    .iter()
+                    .map(|c| format!("{}: {}", c.filter.as_deref().unwrap_or("*"), c.value))
+                    .collect();
+                write!(f, "{{{}}}", cs.join("; "))
+            }
+        }
+    }
+}
+
 /// A `{filter, value}` entry of a filter list.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conditional {

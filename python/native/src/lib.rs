@@ -95,25 +95,24 @@ fn device(s: &str) -> PyResult<Device> {
     }
 }
 
-fn spelled<T: serde::Serialize>(v: &T) -> Value {
-    serde_json::to_value(v).unwrap_or(Value::Null)
-}
-
 /// The plan as `stamerge plan` prints it, as JSON.
 fn plan_json(plan: &stamerge::Plan) -> Value {
     let r = &plan.recipe;
     let tasks: Vec<Value> = r
         .tasks
         .iter()
-        .map(|t| {
+        .enumerate()
+        .map(|(i, t)| {
+            let params: serde_json::Map<String, Value> = r
+                .task_parameters(i)
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), Value::String(v)))
+                .collect();
             json!({
                 "field": t.field,
                 "model": t.model,
                 "gradients": t.gradients,
-                "weight": t.weight,
-                "density": t.density,
-                "selection": spelled(&t.selection),
-                "importance": spelled(&t.importance),
+                "parameters": params,
                 "forget": t.forget,
             })
         })
