@@ -168,7 +168,7 @@ __attribute__((noreturn)) static void fiber_entry() {
 }
 #endif
 
-inline void start_fiber(Block& b, Fiber& f, unsigned i) {
+inline void start_fiber([[maybe_unused]] Block& b, Fiber& f, unsigned i) {
     f.stack = stack_for(i);
 #if defined(__x86_64__)
     auto* top = reinterpret_cast<uintptr_t*>(f.stack + STACK_BYTES);  // 16-byte aligned
