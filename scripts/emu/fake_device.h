@@ -361,6 +361,7 @@ inline Stream* new_stream(int index, Mode mode) {
 
 // Queues op on s; an eager stream runs it before this returns. Returns its sequence number.
 inline uint64_t enqueue(Lock& lk, Stream* s, Op op) {
+    if (s->stop) violation(CUDA_ERROR_INVALID_HANDLE, "%s queued on a destroyed stream", op.what.c_str());
     op.seq = ++s->enqueued;
     const uint64_t seq = op.seq;
     if (op.kind == WORK && op.kernel) s->last_launch = seq;
@@ -370,15 +371,12 @@ inline uint64_t enqueue(Lock& lk, Stream* s, Op op) {
     return seq;
 }
 
-// Waits until the stream is idle and stops its worker (cuStreamDestroy).
-inline void stop_stream(Lock& lk, Stream* s) {
-    wait_done(lk, s, s->enqueued);
+// cuStreamDestroy: returns at once; the queued work still runs (a lazy stream's only when
+// something waits for it), then the worker ends.
+inline void stop_stream(Stream* s) {
     s->stop = true;
     cv().notify_all();
-    std::thread w = std::move(s->worker);
-    lk.unlock();
-    w.join();
-    lk.lock();
+    s->worker.detach();
 }
 
 }  // namespace fake

@@ -213,7 +213,9 @@ CUresult cuStreamCreate(void** s, unsigned) {
 }
 CUresult cuStreamDestroy_v2(void* s) {
     CTX;
-    stop_stream(lk, static_cast<Stream*>(s));  // the driver lets queued work finish
+    auto* st = static_cast<Stream*>(s);
+    if (st->stop) return CUDA_ERROR_INVALID_HANDLE;
+    stop_stream(st);  // the driver lets queued work finish, without waiting for it
     return CUDA_SUCCESS;
 }
 CUresult cuStreamSynchronize(void* s) {
