@@ -98,7 +98,7 @@ pub fn bench_kernels(spec: &KernelBenchSpec) -> Result<KernelBench, String> {
         return Err("bench kernels: density must be in (0, 1]".into());
     }
     let backend = CudaBackend::new(spec.ordinal).map_err(|e| e.to_string())?;
-    let mut w = backend.lock();
+    let mut w = backend.enter().map_err(|e| e.to_string())?;
     guarded(|| run(&backend.gpu, &mut w.arena, spec).map_err(BackendError::Device)).map_err(|e| {
         match e {
             BackendError::Device(m) => m.to_string(),

@@ -165,6 +165,13 @@ impl Gpu {
         })
     }
 
+    /// Makes this GPU's context current on the calling thread (see `CudaBackend::enter`).
+    pub fn bind(&self) -> DResult<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(drv("making the CUDA context current on this thread"))
+    }
+
     /// Waits for every launch and copy of this backend; reports a failure of any of them.
     pub fn sync(&self) -> DResult<()> {
         self.stream

@@ -151,7 +151,7 @@ impl CudaBackend {
     /// One tiny launch and read-back at start-up, so that a GPU the kernels cannot run on (or a
     /// broken driver) is found here, where `--device auto` can still fall back to the CPU.
     fn self_test(&self) -> DResult<()> {
-        let mut w = self.lock();
+        let mut w = self.enter()?;
         let arena = &mut w.arena;
         arena.reserve(&self.gpu, STATE_BYTES)?;
         let st = arena.at(0);
@@ -190,6 +190,27 @@ impl CudaBackend {
 
     fn lock(&self) -> MutexGuard<'_, Work> {
         self.work.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The work state, with this backend's context current on the calling thread. Every driver
+    /// call needs it there, and the caller may be any thread: the CLI opens the backend on one
+    /// thread and merges on rayon workers, libtest runs each test on a thread of its own. cudarc
+    /// binds the context in its safe calls, but not in the raw `result::` calls used here
+    /// (pinned copies, device-to-device moves) nor when a `CudaSlice` frees its memory, so
+    /// every entry point binds it first.
+    fn enter(&self) -> DResult<MutexGuard<'_, Work>> {
+        let w = self.lock();
+        self.gpu.bind()?;
+        Ok(w)
+    }
+}
+
+impl Drop for CudaBackend {
+    /// The fields free device memory as they drop (`CudaSlice` frees without making its context
+    /// current), perhaps on another thread than the one that used the backend last: the context
+    /// is made current here first.
+    fn drop(&mut self) {
+        let _ = self.gpu.bind();
     }
 }
 
@@ -282,7 +303,7 @@ impl Compute for CudaBackend {
         if !takes(g) {
             return self.cpu.merge_group(g, jobs, f, out);
         }
-        let mut w = self.lock();
+        let mut w = dev(self.enter())?;
         guarded(|| {
             self.finish_pending(&mut w)?;
             retry_smaller(|| {
@@ -299,7 +320,7 @@ impl Compute for CudaBackend {
         if g.n == 0 {
             return self.cpu.score_sum(g, task, spec);
         }
-        let mut w = self.lock();
+        let mut w = dev(self.enter())?;
         guarded(|| {
             self.finish_pending(&mut w)?;
             retry_smaller(|| self.score_sum_chunked(&mut w, g, task, spec))
@@ -324,7 +345,7 @@ impl Compute for CudaBackend {
         if g.n == 0 {
             return Ok(());
         }
-        let mut w = self.lock();
+        let mut w = dev(self.enter())?;
         guarded(|| {
             self.finish_pending(&mut w)?;
             retry_smaller(|| self.histogram_chunked(&mut w, g, task, spec, pass, d.prefix, hist))
@@ -357,7 +378,7 @@ impl Backend for CudaBackend {
         out: Vec<u8>,
         next: Option<&Group>,
     ) -> BResult<(GroupStats, Vec<Vec<u8>>)> {
-        let mut w = self.lock();
+        let mut w = dev(self.enter())?;
         let r = guarded(|| {
             let mut slot = Some(out);
             let stats = if !takes(g) {
@@ -386,7 +407,7 @@ impl Backend for CudaBackend {
     }
 
     fn flush(&self) -> BResult<Vec<Vec<u8>>> {
-        let mut w = self.lock();
+        let mut w = dev(self.enter())?;
         let r = guarded(|| {
             self.finish_pending(&mut w)?;
             Ok(std::mem::take(&mut w.done))
