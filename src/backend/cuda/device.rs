@@ -179,6 +179,15 @@ impl Gpu {
             .map_err(drv("waiting for the GPU (a kernel or copy failed)"))
     }
 
+    /// Waits for all three streams (the compute, copy and download streams).
+    pub fn sync_all(&self) -> DResult<()> {
+        for s in [&self.stream, &self.copy, &self.down] {
+            s.synchronize()
+                .map_err(drv("waiting for the GPU (a kernel or copy failed)"))?;
+        }
+        Ok(())
+    }
+
     /// Grid for a grid-stride kernel that would need `threads` threads to cover its work in one
     /// step: `max(1, min(ceil(threads / 256), blocks_per_sm × SMs))` (KERNELS.md's G(x)).
     fn grid(&self, threads: u64, blocks_per_sm: u32) -> u32 {
@@ -582,8 +591,10 @@ impl Arena {
         self.limit
     }
 
-    /// Makes the arena at least `bytes` long. Nothing may be in flight on the stream that uses
-    /// the old allocation (the backend synchronises at the end of every call).
+    /// Makes the arena at least `bytes` long. The old allocation is freed on the compute stream
+    /// once every stream has finished with it (docs/STREAMING.md, "Teardown": the copy stream
+    /// may be staging into an arena, the download stream reading one); arenas grow a handful of
+    /// times per run, so the wait costs nothing that matters.
     pub fn reserve(&mut self, gpu: &Gpu, bytes: usize) -> DResult<()> {
         if self.capacity() >= bytes {
             return Ok(());
@@ -595,8 +606,10 @@ impl Arena {
             )));
         }
         // Free the old allocation first: the peak is the new size, not old + new.
-        self.buf = None;
-        self.base = 0;
+        if self.buf.is_some() {
+            gpu.sync_all()?;
+            self.release();
+        }
         let mut size = bytes.next_multiple_of(GROW_STEP).min(self.limit);
         let buf = loop {
             // SAFETY: the bytes are uninitialised; every buffer carved out of the arena is
@@ -647,6 +660,13 @@ impl Arena {
 
     pub fn capacity(&self) -> usize {
         self.buf.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Frees the allocation (stream-ordered on the compute stream). The caller has made sure
+    /// that no stream still uses it.
+    pub fn release(&mut self) {
+        self.buf = None;
+        self.base = 0;
     }
 
     /// The device address of byte `off`.

@@ -206,11 +206,22 @@ impl CudaBackend {
 }
 
 impl Drop for CudaBackend {
-    /// The fields free device memory as they drop (`CudaSlice` frees without making its context
-    /// current), perhaps on another thread than the one that used the backend last: the context
-    /// is made current here first.
+    /// Tears down in the order of docs/STREAMING.md ("Teardown"): an arena is freed only once
+    /// every stream that wrote or read it has finished. The arenas are freed on the compute
+    /// stream (stream-ordered, with memory pools), while the copy stream may still be staging the
+    /// next group into `ahead` and the download stream reading `outbuf`: freed first, another
+    /// user of the context could be handed that memory mid-copy. So every stream is waited for,
+    /// then the arenas are freed and that free waited for (the memory is back when the drop
+    /// returns), and only then do the pinned rings and streams go. The context is made current
+    /// first, since this may run on any thread (`CudaSlice` frees without binding it).
     fn drop(&mut self) {
         let _ = self.gpu.bind();
+        let _ = self.gpu.sync_all();
+        let w = self.work.get_mut().unwrap_or_else(|p| p.into_inner());
+        w.arena.release();
+        w.ahead.release();
+        w.outbuf.release();
+        let _ = self.gpu.sync();
     }
 }
 

@@ -35,8 +35,8 @@ pub(super) struct Work {
     pub(super) pending: Option<Pending>,
     /// Deferred outputs that have arrived and are not yet handed back, oldest first.
     pub(super) done: Vec<Vec<u8>>,
-    /// A deferred output's bytes on the device while the download stream copies them out. It is
-    /// declared after `down`, whose drop waits for the slots' transfers, so it is freed after.
+    /// A deferred output's bytes on the device while the download stream copies them out (freed
+    /// by `CudaBackend`'s drop only once that stream is idle, as every arena).
     pub(super) outbuf: Arena,
     /// Recorded on the compute stream once the output is in `outbuf`; the download stream waits.
     pub(super) out_ready: CudaEvent,
@@ -253,10 +253,7 @@ impl CudaBackend {
             return Ok(());
         }
         let ev = device::drv("ordering the CUDA streams");
-        if w.ahead.capacity() < l.bytes() {
-            // Growing frees the old buffer, which the compute stream may still be reading.
-            dev(w.ahead_free.synchronize().map_err(&ev))?;
-        }
+        // (Growing waits for every stream before it frees the old buffer.)
         if w.ahead.reserve(gpu, l.bytes()).is_err() {
             // No room to stage (less memory free than the budget said): upload it when it comes.
             return Ok(());
