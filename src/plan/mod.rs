@@ -454,11 +454,15 @@ fn raw<'a>(ck: &'a Checkpoint, name: &str) -> Raw<'a> {
 }
 
 impl Plan {
-    /// The mapped inputs of a merged item (`ItemKind::Merge`), as a backend takes them.
+    /// The mapped inputs of a merged item (`ItemKind::Merge`) of this plan, as a backend takes
+    /// them; its `seq` is the item's index.
     pub fn group<'a>(&'a self, item: &'a Item) -> Group<'a> {
         let name = item.name.as_str();
+        let at = (item as *const Item as usize).wrapping_sub(self.items.as_ptr() as usize);
+        debug_assert!(at / std::mem::size_of::<Item>() < self.items.len());
         Group {
             name,
+            seq: (at / std::mem::size_of::<Item>()) as u64,
             n: item.shape.iter().product(),
             base: raw(&self.inputs.base, name),
             start: self.inputs.start.as_ref().map(|s| raw(s, name)),

@@ -87,6 +87,7 @@ fn sub_raw<'a>(r: &Raw<'a>, at: usize, len: usize) -> BResult<Raw<'a>> {
 fn sub_group<'a>(g: &Group<'a>, at: usize, len: usize) -> BResult<Group<'a>> {
     Ok(Group {
         name: g.name,
+        seq: g.seq,
         n: len,
         base: sub_raw(&g.base, at, len)?,
         start: g.start.map(|s| sub_raw(&s, at, len)).transpose()?,

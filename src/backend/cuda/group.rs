@@ -147,7 +147,7 @@ impl CudaBackend {
                 inputs.push((off, elems(&gr, n, "a gradient tensor")?));
             }
         }
-        self.put_inputs(w, &inputs)
+        self.put_inputs(w, g, &inputs)
     }
 
     /// Step 2: the fuse's task table, the means that normalise model-wide keys, and the stats

@@ -410,9 +410,11 @@ impl Backend for CudaBackend {
             Ok((stats, std::mem::take(&mut w.done)))
         });
         if r.is_err() {
-            // The caller's run is over: what is still in flight is waited for and dropped.
+            // The caller's run is over: what is still in flight is waited for and dropped, and
+            // nothing staged for it is kept.
             let _ = self.finish_pending(&mut w);
             w.done.clear();
+            w.staged = None;
         }
         r
     }

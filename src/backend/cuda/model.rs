@@ -126,6 +126,6 @@ impl CudaBackend {
         if let (Some(off), Some(gr)) = (l.grad, g.tasks[t].grad) {
             inputs.push((off, elems(&gr, n, "a gradient tensor")?));
         }
-        self.put_inputs(w, &inputs)
+        self.put_inputs(w, g, &inputs)
     }
 }

@@ -19,9 +19,8 @@ pub(super) struct Work {
     /// The next group's inputs, copied in on the copy stream while the current group computes,
     /// then moved into `arena` by a device-to-device copy (docs/STREAMING.md).
     pub(super) ahead: Arena,
-    /// What `ahead` holds: (host address, bytes, offset in `ahead`) per input, for the next
-    /// call only.
-    pub(super) staged: Option<Vec<(usize, usize, usize)>>,
+    /// What `ahead` holds, for the next call only.
+    pub(super) staged: Option<Staged>,
     /// Pinned rings: inputs in (copy stream), results out (compute stream).
     pub(super) up: Ring,
     pub(super) down: Ring,
@@ -40,6 +39,15 @@ pub(super) struct Work {
     pub(super) outbuf: Arena,
     /// Recorded on the compute stream once the output is in `outbuf`; the download stream waits.
     pub(super) out_ready: CudaEvent,
+}
+
+/// The inputs of the group named as the next one, copied into `ahead`: whose they are (the
+/// caller's identity of the group, never a host address) and, per input in `upload_group`'s
+/// order, (bytes, offset in `ahead`).
+pub(super) struct Staged {
+    pub(super) name: String,
+    pub(super) seq: u64,
+    pub(super) inputs: Vec<(usize, usize)>,
 }
 
 /// A merged group's output being copied back on the download stream.
@@ -99,21 +107,29 @@ pub(super) enum Sink<'a> {
 }
 
 impl CudaBackend {
-    /// Puts each `(arena offset, host bytes)` into the arena, ordered before the compute
-    /// stream's next work: from `ahead` by a device copy when the previous call staged those
-    /// bytes, else through the pinned ring on the copy stream. Either way what was staged is
-    /// used up (it belongs to this call only).
-    pub(super) fn put_inputs(&self, w: &mut Work, inputs: &[(usize, &[u8])]) -> BResult<()> {
+    /// Puts each `(arena offset, host bytes)` of group `g` into the arena, ordered before the
+    /// compute stream's next work: from `ahead` by a device copy when the previous call staged
+    /// this group's inputs (the same name and `seq`, the same inputs in the same order), else
+    /// through the pinned ring on the copy stream. Either way what was staged is used up (it
+    /// belongs to this call only).
+    pub(super) fn put_inputs(
+        &self,
+        w: &mut Work,
+        g: &Group,
+        inputs: &[(usize, &[u8])],
+    ) -> BResult<()> {
         let gpu = &self.gpu;
-        let staged = w.staged.take().unwrap_or_default();
+        let staged = w.staged.take().filter(|s| {
+            s.name == g.name
+                && s.seq == g.seq
+                && s.inputs.len() == inputs.len()
+                && s.inputs.iter().zip(inputs).all(|(a, b)| a.0 == b.1.len())
+        });
         let mut from_ahead = Vec::new();
         let mut uploaded = false;
-        for &(off, data) in inputs {
-            let hit = staged
-                .iter()
-                .find(|&&(ptr, len, _)| ptr == data.as_ptr() as usize && len == data.len());
-            match hit {
-                Some(&(_, len, src)) => from_ahead.push((off, src, len)),
+        for (i, &(off, data)) in inputs.iter().enumerate() {
+            match staged.as_ref().map(|s| s.inputs[i]) {
+                Some((len, src)) => from_ahead.push((off, src, len)),
                 None => {
                     dev(w.arena.view(off, data.len()).map(|_| ()))?;
                     dev(w.up.upload(&gpu.copy, w.arena.at(off), data))?;
@@ -260,13 +276,17 @@ impl CudaBackend {
         }
         // Not before the compute stream has moved the previous staged inputs out.
         dev(gpu.copy.wait(&w.ahead_free).map_err(&ev))?;
-        let mut staged = Vec::with_capacity(all.len());
+        let mut inputs = Vec::with_capacity(all.len());
         for (data, off) in all.iter().zip(offs) {
             dev(w.up.upload(&gpu.copy, w.ahead.at(off), data))?;
-            staged.push((data.as_ptr() as usize, data.len(), off));
+            inputs.push((data.len(), off));
         }
         dev(w.ahead_ready.record(&gpu.copy).map_err(&ev))?;
-        w.staged = Some(staged);
+        w.staged = Some(Staged {
+            name: g.name.to_string(),
+            seq: g.seq,
+            inputs,
+        });
         Ok(())
     }
 }
