@@ -325,6 +325,9 @@ fn run(gpu: &Gpu, arena: &mut super::Arena, spec: &KernelBenchSpec) -> DResult<K
         unsafe { gpu.dare_mask(n64, fmix(seed ^ t as u64), dare_threshold, arena.at(*m), 0) }?;
     }
 
+    // The fuse's table and statistics are uploaded from pageable memory below: not behind
+    // unwaited kernels (the driver may stage such a copy and wait for them; untimed here).
+    gpu.sync()?;
     let tasks: Vec<FuseTask> = (0..nt)
         .map(|t| FuseTask {
             theta: arena.at(theta[t]),

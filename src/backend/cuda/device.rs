@@ -384,6 +384,14 @@ const _: () = assert!(std::mem::size_of::<FuseTask>() == 32);
 // given dtype, a 49 248-byte SelectState, ceil(n / 64) mask words, …), not freed before the
 // stream has run the launch.
 impl Gpu {
+    /// Sets the u32 at `dst` (4-byte aligned) to `v`, stream-ordered on the compute stream: a
+    /// memset, so no host memory is copied between launches.
+    pub unsafe fn set_u32(&self, dst: Ptr, v: u32) -> DResult<()> {
+        sys::cuMemsetD32Async(dst, v, 1, self.stream.cu_stream())
+            .result()
+            .map_err(drv("setting a word on the GPU"))
+    }
+
     /// `select_init(st, n, k)`: zeroes the histograms and sets the header.
     pub unsafe fn select_init(&self, st: Ptr, n: u64, k: u64) -> DResult<()> {
         launch!(self, select_init, 1, BLOCK; st, n, k)

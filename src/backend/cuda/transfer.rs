@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use cudarc::driver::{result, CudaEvent};
 
 use super::device::{self, Arena, DResult, Gpu, Layout, Ptr};
-use super::staging::{self, Download, Ring};
+use super::staging::{self, Download, Ring, Scratch};
 use super::{dev, internal, work_share, CudaBackend, MAX_FUSE_TASKS, OUT_SHARE};
 use crate::backend::{BResult, BackendError, DeviceError, Group, GroupStats, Raw};
 
@@ -24,6 +24,8 @@ pub(super) struct Work {
     /// Pinned rings: inputs in (copy stream), results out (compute stream).
     pub(super) up: Ring,
     pub(super) down: Ring,
+    /// The small uploads of a launch sequence, sent before its first launch.
+    pub(super) scratch: Scratch,
     /// Recorded on the copy stream after a group's own input uploads.
     pub(super) inputs_ready: CudaEvent,
     /// Recorded on the copy stream after the uploads into `ahead`.
@@ -73,6 +75,7 @@ impl Work {
             staged: None,
             up: Ring::new(gpu, slot)?,
             down: Ring::new(gpu, slot)?,
+            scratch: Scratch::new(gpu)?,
             inputs_ready: event()?,
             ahead_ready: event()?,
             ahead_free: event()?,
