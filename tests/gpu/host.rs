@@ -224,16 +224,22 @@ fn dropping_a_backend_waits_for_its_streams() {
     let g2 = make(n, Make::new(ty, 3, true, 402));
     let (jobs, fuse) = method_jobs(Method::Ties, 3, n, &g1.name, ty);
     let doomed = {
-        struct Unset;
-        impl Drop for Unset {
+        // (The fake reads these when a stream is made; the caller's values come back after.)
+        struct Restore(Vec<(&'static str, Option<std::ffi::OsString>)>);
+        impl Drop for Restore {
             fn drop(&mut self) {
-                std::env::remove_var("FAKE_CUDA_EAGER_STREAM");
-                std::env::remove_var("FAKE_CUDA_LAZY_STREAM");
+                for (k, v) in &self.0 {
+                    match v {
+                        Some(v) => std::env::set_var(k, v),
+                        None => std::env::remove_var(k),
+                    }
+                }
             }
         }
-        let _unset = Unset;
-        std::env::set_var("FAKE_CUDA_EAGER_STREAM", "1");
-        std::env::set_var("FAKE_CUDA_LAZY_STREAM", "2");
+        let keys = ["FAKE_CUDA_EAGER_STREAM", "FAKE_CUDA_LAZY_STREAM"];
+        let _restore = Restore(keys.map(|k| (k, std::env::var_os(k))).to_vec());
+        std::env::set_var(keys[0], "1");
+        std::env::set_var(keys[1], "2");
         budget_gpu(8 << 20)
     };
     let out = vec![0u8; n * ty.size()];
