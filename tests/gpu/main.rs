@@ -31,6 +31,7 @@ mod device;
 mod end_to_end;
 mod faults;
 mod host;
+mod huge;
 mod inputs;
 mod methods;
 mod model_selection;
