@@ -432,7 +432,7 @@ fn fuse_chunk(
     let start = if g.start.is_some() { &sc.st } else { &sc.b };
     // A NaN (finite inputs whose task vectors overflow) is written as the canonical NaN of
     // docs/SEMANTICS.md, whatever sign and payload the arithmetic left: the GPU writes that one
-    // too. f32::NAN narrows to the canonical f16 and bf16 NaNs.
+    // too; narrowed, it is the canonical f16 and bf16 NaN.
     acc.iter_mut().zip(start).for_each(|(a, s)| {
         let v = *s + f.lambda * *a;
         *a = if v.is_nan() { CANONICAL_NAN } else { v };
