@@ -278,6 +278,10 @@ const BYTE_LANES: [[u32; 8]; 256] = {
     t
 };
 
+/// The NaN every merged tensor holds for a NaN result (docs/SEMANTICS.md, "Output dtype");
+/// narrowed, it is the canonical f16 (0x7E00) and bf16 (0x7FC0) NaN.
+const CANONICAL_NAN: f32 = f32::from_bits(0x7FC0_0000);
+
 /// Mask bit `i` of a chunk starting at element `off` (a multiple of 64).
 #[inline(always)]
 fn word(mask: &Option<Vec<u64>>, off: usize, j: usize) -> u64 {
@@ -426,9 +430,13 @@ fn fuse_chunk(
         }
     }
     let start = if g.start.is_some() { &sc.st } else { &sc.b };
-    acc.iter_mut()
-        .zip(start)
-        .for_each(|(a, s)| *a = *s + f.lambda * *a);
+    // A NaN (finite inputs whose task vectors overflow) is written as the canonical NaN of
+    // docs/SEMANTICS.md, whatever sign and payload the arithmetic left: the GPU writes that one
+    // too; narrowed, it is the canonical f16 and bf16 NaN.
+    acc.iter_mut().zip(start).for_each(|(a, s)| {
+        let v = *s + f.lambda * *a;
+        *a = if v.is_nan() { CANONICAL_NAN } else { v };
+    });
     narrow(f.out, acc, out);
     if !combos.is_empty() {
         for j in 0..len.div_ceil(64) {
@@ -698,6 +706,60 @@ impl Compute for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::FloatType;
+
+    /// docs/SEMANTICS.md, "Output dtype": a NaN from finite inputs (±3e38 task vectors weighted
+    /// by 2 overflow and cancel) is written as the canonical NaN, not x86's negative one.
+    #[test]
+    fn nan_outputs_are_the_canonical_nan() {
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (base, a, b) = (f32s(&[0.0, 0.0]), f32s(&[3e38, 0.5]), f32s(&[-3e38, 0.25]));
+        let raw = |data| Raw {
+            ty: FloatType::F32,
+            data,
+        };
+        let g = Group {
+            name: "w",
+            seq: 0,
+            n: 2,
+            base: raw(&base),
+            start: None,
+            tasks: vec![
+                crate::backend::TaskInput {
+                    theta: raw(&a),
+                    grad: None,
+                },
+                crate::backend::TaskInput {
+                    theta: raw(&b),
+                    grad: None,
+                },
+            ],
+        };
+        for (ty, nan, one_and_half) in [
+            (
+                FloatType::F32,
+                vec![0x00, 0x00, 0xc0, 0x7f],
+                1.5f32.to_le_bytes().to_vec(),
+            ),
+            (FloatType::F16, vec![0x00, 0x7e], vec![0x00, 0x3e]),
+            (FloatType::BF16, vec![0xc0, 0x7f], vec![0xc0, 0x3f]),
+        ] {
+            let f = FuseSpec {
+                rule: FuseRule::Linear,
+                lambda: 1.0,
+                normalize: false,
+                weights: vec![2.0, 2.0],
+                forget: vec![false, false],
+                rescale: vec![None, None],
+                out: ty,
+            };
+            let mut out = vec![0u8; 2 * ty.size()];
+            CpuBackend::new()
+                .merge_group(&g, &[MaskJob::All, MaskJob::All], &f, &mut out)
+                .unwrap();
+            assert_eq!(out, [nan, one_and_half].concat(), "{ty:?}");
+        }
+    }
 
     #[test]
     fn combos_count_every_valid_lane_once_by_its_task_bits() {

@@ -616,15 +616,18 @@ fn raw<'a>(ck: &'a Checkpoint, name: &str) -> Raw<'a> {
 }
 
 impl Plan {
-    /// The mapped inputs of a merged item (`ItemKind::Merge`), as a backend takes them. A task
-    /// that is not an input of the tensor (a slice without it) reads the base: its τ is 0 and
-    /// its weight 0 (`work::fuse_spec`).
+    /// The mapped inputs of a merged item (`ItemKind::Merge`) of this plan, as a backend takes
+    /// them; its `seq` is the item's index. A task that is not an input of the tensor (a slice
+    /// without it) reads the base: its τ is 0 and its weight 0 (`work::fuse_spec`).
     pub fn group<'a>(&'a self, item: &'a Item) -> Group<'a> {
         let name = item.name.as_str();
+        let at = (item as *const Item as usize).wrapping_sub(self.items.as_ptr() as usize);
+        debug_assert!(at / std::mem::size_of::<Item>() < self.items.len());
         let base_name = item.slot.base.as_deref().unwrap_or(name);
         let base = raw(&self.inputs.base, base_name);
         Group {
             name,
+            seq: (at / std::mem::size_of::<Item>()) as u64,
             n: item.shape.iter().product(),
             base,
             start: self.inputs.start.as_ref().map(|s| raw(s, name)),
