@@ -24,6 +24,7 @@ mod run;
 pub mod select;
 pub mod simd;
 pub mod synth;
+mod values;
 
 pub use error::{Error, Problem, Result};
 pub use plan::Plan;

@@ -424,3 +424,28 @@ fn crafted_recipes_are_refused() {
     let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
     assert!(stamerge::Recipe::parse(&deep, dir).is_err());
 }
+
+/// Issue 15: "offsets past EOF name no tensor". A file cut short after its header names the
+/// tensor whose data is missing, and what is missing.
+#[test]
+fn data_past_the_end_of_the_file_names_the_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    let header = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[4],"data_offsets":[4,20]}}"#;
+    let p = d.path().join("cut.safetensors");
+    std::fs::write(&p, st(header, 9)).unwrap();
+    let msg = match Checkpoint::open(&p) {
+        Ok(_) => panic!("opened a cut file"),
+        Err(ps) => ps[0].to_string(),
+    };
+    assert!(
+        msg.contains("`b`") && msg.contains("truncated") && msg.contains("[4, 20]"),
+        "{msg}"
+    );
+    // Trailing bytes name the last tensor too.
+    std::fs::write(&p, st(header, 24)).unwrap();
+    let msg = match Checkpoint::open(&p) {
+        Ok(_) => panic!("opened a file with trailing bytes"),
+        Err(ps) => ps[0].to_string(),
+    };
+    assert!(msg.contains("`b`") && msg.contains("4 bytes"), "{msg}");
+}
