@@ -449,3 +449,44 @@ fn data_past_the_end_of_the_file_names_the_tensor() {
     };
     assert!(msg.contains("`b`") && msg.contains("4 bytes"), "{msg}");
 }
+
+/// Issue 15: 300 000 problems printed 47 MB. The list is capped, with the count of the rest.
+#[test]
+fn a_flood_of_problems_is_capped_with_a_count() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    write_model(
+        &p.join("base"),
+        &[T::float("w", Dtype::F32, &[1], &[1.0])],
+        1,
+        None,
+    );
+    // A task with 100 000 tensors the base lacks (zero-size: a small file).
+    let mut h = String::from(r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}"#);
+    for i in 0..100_000 {
+        h.push_str(&format!(
+            r#","extra.{i}":{{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}"#
+        ));
+    }
+    h.push('}');
+    std::fs::create_dir(p.join("task")).unwrap();
+    std::fs::write(p.join("task/model.safetensors"), st(&h, 4)).unwrap();
+    std::fs::write(
+        p.join("r.yml"),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: task\n",
+    )
+    .unwrap();
+    let o = Command::new(stamerge_bin())
+        .args(["plan", "r.yml"])
+        .current_dir(p)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.len() < 64 << 10, "{} bytes of problems", err.len());
+    assert!(
+        err.contains("100000 problem(s)") && err.contains("99950 more"),
+        "{}",
+        &err[..err.len().min(2000)]
+    );
+}
