@@ -95,6 +95,9 @@ enum Cmd {
         /// The cuda backend's GPU memory budget to plan for (as `merge --max-memory`).
         #[arg(long, value_parser = parse_size)]
         max_memory: Option<u64>,
+        /// Also check this `merge --report` path.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// List the tensors of a checkpoint folder or safetensors file.
     Inspect {
@@ -485,11 +488,13 @@ fn run(cli: Cli) -> Result<(), Error> {
             out_shard_size,
             overwrite,
             max_memory,
+            report,
         } => {
             let r = load_recipe(&recipe)?;
             let opts = Options {
                 out_shard_size,
                 overwrite,
+                report,
                 ..Options::default()
             };
             let plan = stamerge::plan(&r, out_dir.as_deref(), &opts)?;

@@ -10,7 +10,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crate::backend::{self, Backend};
-use crate::checkpoint::outdir::{check_target, OutputDir};
+use crate::checkpoint::outdir::{OutputDir, PendingFile};
+use crate::checkpoint::paths::{check_report, check_target};
 use crate::{checkpoint, error, memory, pipeline, report};
 use crate::{Error, Plan, Recipe, Report, Result};
 
@@ -112,8 +113,12 @@ fn input_paths(recipe: &Recipe) -> Vec<PathBuf> {
 /// Header-only plan: every problem of the inputs and of the output folder, at once.
 pub fn plan(recipe: &Recipe, out_dir: Option<&Path>, opts: &Options) -> Result<Plan> {
     let mut problems = Vec::new();
+    let inputs = input_paths(recipe);
     if let Some(out) = out_dir {
-        problems.extend(check_target(out, opts.overwrite, &input_paths(recipe)));
+        problems.extend(check_target(out, opts.overwrite, &inputs));
+    }
+    if let Some(r) = &opts.report {
+        problems.extend(check_report(r, out_dir, &inputs, recipe.path.as_deref()));
     }
     match Plan::build(recipe, opts.out_shard_size) {
         Ok(p) if problems.is_empty() => Ok(p),
@@ -232,7 +237,7 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     };
     let threads = pool.current_num_threads();
     tracing::debug!("{} backend, {threads} worker thread(s)", backend.name());
-    let out = OutputDir::create(out_dir)?;
+    let out = OutputDir::create(out_dir, opts.overwrite)?;
     tracing::debug!("building the output in {}", out.path().display());
     let sampler = memory::PeakSampler::start();
     let t0 = Instant::now();
@@ -302,14 +307,19 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
         report::write(&rep, &out.path().join(REPORT_NAME))
             .ctx(|| format!("writing {REPORT_NAME}"))?;
     }
+    // Written whole beside its place before the commit: a report that cannot be written stops
+    // the commit, and never leaves a truncated file.
+    let report = match &opts.report {
+        Some(p) => Some(PendingFile::write(p, &report::to_json(&rep)?)?),
+        None => None,
+    };
     // Last: an input that changed while it was read must not yield an output presented as good.
     plan.inputs.check_intact()?;
     let target = out.target().to_path_buf();
     out.commit()?;
     tracing::debug!("committed {} after {seconds:.3} s", target.display());
-    if let Some(p) = &opts.report {
-        use error::IoContext;
-        report::write(&rep, p).ctx(|| format!("writing the report to {}", p.display()))?;
+    if let Some(r) = report {
+        r.commit()?;
     }
     Ok(rep)
 }
