@@ -120,8 +120,25 @@ pub fn plan(recipe: &Recipe, out_dir: Option<&Path>, opts: &Options) -> Result<P
     if let Some(r) = &opts.report {
         problems.extend(check_report(r, out_dir, &inputs, recipe.path.as_deref()));
     }
-    match Plan::build(recipe, opts.out_shard_size) {
-        Ok(p) if problems.is_empty() => Ok(p),
+    // Found here, not when they are copied after the work.
+    if recipe.base.is_dir() {
+        problems.extend(
+            checkpoint::side::scan(&recipe.base)
+                .err()
+                .unwrap_or_default(),
+        );
+    }
+    let built = Plan::build(recipe, opts.out_shard_size);
+    match built {
+        Ok(mut p) if problems.is_empty() => {
+            let notes: Vec<String> = p
+                .inputs
+                .checkpoints()
+                .flat_map(|c| c.notes.clone())
+                .collect();
+            p.notes.extend(notes);
+            Ok(p)
+        }
         Ok(_) => Err(Error::Plan(problems)),
         Err(ps) => {
             problems.extend(ps);
@@ -130,58 +147,8 @@ pub fn plan(recipe: &Recipe, out_dir: Option<&Path>, opts: &Options) -> Result<P
     }
 }
 
-/// Files copied from the base folder beside the merged weights.
-const COPIED_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "preprocessor_config.json",
-];
-
 pub const RECIPE_NAME: &str = "stamerge_recipe.yml";
 pub const REPORT_NAME: &str = "stamerge_report.json";
-
-fn write_side_files(plan: &Plan, dir: &Path) -> Result<()> {
-    use error::IoContext;
-    let Some(base_dir) = plan.inputs.base.folder.as_ref() else {
-        return Ok(());
-    };
-    if let Some(cfg) = &plan.inputs.base.config {
-        let mut cfg = cfg.clone();
-        if let (Some(d), Some(obj)) = (
-            plan.recipe.out_dtype.or(plan.recipe.dtype),
-            cfg.as_object_mut(),
-        ) {
-            obj.insert(
-                "torch_dtype".into(),
-                serde_json::Value::String(d.torch_name().into()),
-            );
-        }
-        let text = serde_json::to_vec_pretty(&cfg).expect("json value");
-        std::fs::write(dir.join("config.json"), text).ctx(|| "writing config.json".into())?;
-    } else if base_dir.join("config.json").is_file() {
-        tracing::warn!(
-            "{}: not valid JSON, not copied",
-            base_dir.join("config.json").display()
-        );
-    }
-    for name in COPIED_FILES {
-        let src = base_dir.join(name);
-        if src.is_file() {
-            std::fs::copy(&src, dir.join(name)).ctx(|| format!("copying {}", src.display()))?;
-        }
-    }
-    Ok(())
-}
 
 /// Re-reads every tensor of the output shards and compares it with the checksum taken while it
 /// was written: a disk or filesystem that corrupts data is caught before the rename.
@@ -255,7 +222,12 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
         "tensors merged and written in {:.3} s",
         t0.elapsed().as_secs_f64()
     );
-    write_side_files(plan, out.path())?;
+    let torch_dtype = plan.recipe.out_dtype.or(plan.recipe.dtype);
+    checkpoint::side::write(
+        &plan.inputs.base,
+        torch_dtype.map(|d| d.torch_name()),
+        out.path(),
+    )?;
     if opts.verify {
         let tv = Instant::now();
         verify_output(plan, &outcome, out.path())?;
@@ -323,3 +295,4 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     }
     Ok(rep)
 }
+

@@ -260,3 +260,44 @@ fn output_paths_that_cannot_be_committed_are_refused_at_plan_time() {
     assert_eq!(code, Some(0), "{err}");
 }
 
+/// Side files and config.json that are broken in the base: plan-time errors naming the file, no
+/// longer a warning after the merge (or an output silently without config.json).
+#[test]
+fn broken_config_and_side_files_are_plan_time_errors() {
+    let cases: &[(&str, &str)] = &[
+        ("base/config.json", "not valid JSON"),
+        ("task_1/config.json", "not valid JSON"),
+        ("base/config.json/", "not a regular file"),
+        ("base/tokenizer.json/", "not a regular file"),
+        ("base/vocab.txt@", "dangling symlink"),
+        ("base/merges.txt|", "not a regular file"),
+    ];
+    for (what, needle) in cases {
+        let d = tempfile::tempdir().unwrap();
+        synth(d.path());
+        let p = d.path();
+        let name = what.trim_end_matches(['/', '@', '|']);
+        let _ = std::fs::remove_file(p.join(name));
+        match what.chars().last().unwrap() {
+            '/' => std::fs::create_dir(p.join(name)).unwrap(),
+            '@' => std::os::unix::fs::symlink("gone.txt", p.join(name)).unwrap(),
+            '|' => assert!(Command::new("mkfifo")
+                .arg(p.join(name))
+                .status()
+                .unwrap()
+                .success()),
+            _ => std::fs::write(p.join(name), b"{\"vocab_size\": 64,").unwrap(),
+        }
+        let (code, err) = stamerge(p, &["plan", "ties.yml"]);
+        assert_eq!(code, Some(1), "{what}: {err}");
+        // Recipe paths are relative to the recipe's folder, the working directory here.
+        let named = name.to_string();
+        assert!(
+            err.contains(&named) && err.contains(needle),
+            "{what}: expected {named} and `{needle}` in: {err}"
+        );
+        let (code, err) = stamerge(p, &["merge", "ties.yml", "out"]);
+        assert_eq!(code, Some(1), "{what}: {err}");
+        assert!(!p.join("out").exists());
+    }
+}

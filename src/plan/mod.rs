@@ -26,15 +26,17 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// Every input checkpoint: base, start, then each task's model and statistic.
+    pub fn checkpoints(&self) -> impl Iterator<Item = &Checkpoint> {
+        std::iter::once(&self.base).chain(self.start.iter()).chain(
+            self.tasks
+                .iter()
+                .flat_map(|t| std::iter::once(&t.model).chain(t.grads.iter())),
+        )
+    }
+
     fn files(&self) -> impl Iterator<Item = &SafetensorsFile> {
-        std::iter::once(&self.base)
-            .chain(self.start.iter())
-            .chain(
-                self.tasks
-                    .iter()
-                    .flat_map(|t| std::iter::once(&t.model).chain(t.grads.iter())),
-            )
-            .flat_map(|ck| ck.files.iter())
+        self.checkpoints().flat_map(|ck| ck.files.iter())
     }
 
     /// Between tensors (no system call): stops the merge as soon as a read of an input failed,
