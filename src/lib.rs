@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod inspect;
+pub mod interrupt;
 pub mod memory;
 pub mod method;
 pub mod pipeline;

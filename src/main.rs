@@ -664,18 +664,12 @@ fn main() -> ExitCode {
     for n in &mergekit_notes {
         tracing::info!("{n}");
     }
-    let _ = ctrlc::set_handler(|| {
-        if stamerge::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            // A second Ctrl-C: stop now; the temporary folder is removed by the next run.
-            std::process::exit(130);
-        }
-        eprintln!("interrupted: stopping after the current tensor and removing the partial output");
-    });
+    stamerge::interrupt::install();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Error::Interrupted) => {
             eprintln!("error: {}", Error::Interrupted);
-            ExitCode::from(130)
+            ExitCode::from(stamerge::interrupt::exit_code())
         }
         Err(e) => {
             eprintln!("error: {e}");

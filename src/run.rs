@@ -129,6 +129,9 @@ pub fn plan(recipe: &Recipe, out_dir: Option<&Path>, opts: &Options) -> Result<P
         );
     }
     let built = Plan::build(recipe, opts.out_shard_size);
+    if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
     match built {
         Ok(mut p) if problems.is_empty() => {
             let notes: Vec<String> = p

@@ -503,6 +503,40 @@ fn kills_and_interrupts_at_random_points_never_leave_a_partial_output() {
     assert!(input_bytes(d.path()) == inputs, "an input changed");
 }
 
+fn signal(sig: &str, pid: u32) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// Issue 15 #10: SIGTERM (`kill`, systemd, docker stop) and SIGHUP (a closed terminal or SSH
+/// session) stop the run as SIGINT does: after the current tensor, the temporary folder and the
+/// lock removed, exit 128 + the signal's number.
+#[test]
+fn sigterm_and_sighup_stop_as_cleanly_as_sigint() {
+    let d = big_set();
+    for (sig, code) in [("-TERM", 143), ("-HUP", 129), ("-INT", 130)] {
+        let c = start_merge(d.path(), "sta_model.yml", "out");
+        signal(sig, c.id());
+        let o = c.wait_with_output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{sig}: {:?} {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!d.path().join("out").exists(), "{sig}");
+        assert!(
+            leftovers(d.path()).is_empty(),
+            "{sig}: {:?}",
+            leftovers(d.path())
+        );
+    }
+}
+
 /// A pid no process has: a child that has exited and been reaped.
 fn dead_pid() -> u32 {
     let mut c = Command::new("true").spawn().unwrap();
@@ -695,4 +729,67 @@ fn an_output_that_appears_during_the_merge_is_not_replaced_without_overwrite() {
     std::fs::remove_file(out.join("theirs.txt")).unwrap();
     stamerge::merge_planned(&plan, &out, &opts).unwrap();
     assert!(out.join(stamerge::REPORT_NAME).is_file());
+}
+
+/// A set of `n` single-tensor shards per checkpoint (three checkpoints): planning it opens and
+/// maps 3n files.
+fn many_files(dir: &Path, n: usize) {
+    for m in ["base", "task_0", "task_1"] {
+        let ts: Vec<T> = (0..n)
+            .map(|i| {
+                T::float(
+                    &format!("w.{i:05}"),
+                    safetensors::Dtype::F32,
+                    &[2],
+                    &[0.5, 1.0],
+                )
+            })
+            .collect();
+        write_model(&dir.join(m), &ts, n, None);
+    }
+    std::fs::write(
+        dir.join("r.yml"),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: task_0\n  - model: task_1\n",
+    )
+    .unwrap();
+}
+
+/// Issue 15: Ctrl-C during a long plan (thousands of files) was honoured only once planning
+/// ended; `plan` then printed "ok" and exited 0. The interrupt is seen between files.
+#[test]
+fn ctrl_c_during_a_long_plan_stops_it() {
+    let d = tempfile::tempdir().unwrap();
+    many_files(d.path(), 3000);
+    let c = Command::new(stamerge_bin())
+        .args(["plan", "r.yml"])
+        .current_dir(d.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Planning has begun once the first shard is mapped.
+    let maps = format!("/proc/{}/maps", c.id());
+    let t0 = Instant::now();
+    loop {
+        let m = std::fs::read_to_string(&maps).unwrap_or_default();
+        if m.contains("model-00001-of-03000") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "planning never began"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    signal("-INT", c.id());
+    let o = c.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{:?}: {out}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!out.contains("ok:"), "{out}");
 }

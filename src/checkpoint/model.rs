@@ -161,6 +161,10 @@ impl Checkpoint {
             }
         }
         for name in &shard_names {
+            // Between files: Ctrl-C during the plan of a model of thousands of shards.
+            if crate::INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(vec![Problem::in_file(folder, "interrupted")]);
+            }
             match SafetensorsFile::open(&folder.join(name)) {
                 Ok(f) => files.push(f),
                 Err(p) => problems.push(p),
