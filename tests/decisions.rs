@@ -5,7 +5,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::*;
 use safetensors::Dtype;
@@ -33,6 +34,45 @@ fn small_models(dir: &Path) {
             None,
         );
     }
+}
+
+/// `normalize: true` divides by the sum of the weights. Where that sum cancels to (nearly) zero,
+/// mergekit either divides by 1 (|Σw| < 1e-8) or blows the task vectors up by 1/Σw; neither is
+/// what the recipe asked for, so the plan refuses it, naming the weights and the way out.
+#[test]
+fn normalize_over_weights_that_cancel_is_refused_at_plan_time() {
+    let d = tempfile::tempdir().unwrap();
+    small_models(d.path());
+    let recipe = |method: &str, w0: &str, w1: &str| {
+        format!(
+            "merge_method: {method}\nbase_model: base\nparameters:\n  normalize: true\n  density: 0.5\nmodels:\n  - model: task_0\n    parameters: {{weight: {w0}}}\n  - model: task_1\n    parameters: {{weight: {w1}}}\n"
+        )
+    };
+    for (method, w0, w1) in [
+        ("task_arithmetic", "1.0", "-1.0"),
+        ("task_arithmetic", "0.5", "-0.49999"),
+        ("ties", "1.0", "-1.0"),
+        ("ties", "1.0", "-0.3"),
+    ] {
+        std::fs::write(d.path().join("r.yml"), recipe(method, w0, w1)).unwrap();
+        let (code, _, err) = stamerge(d.path(), &["plan", "r.yml"]);
+        assert_eq!(code, Some(1), "{method} {w0} {w1}: {err}");
+        assert!(
+            err.contains("normalize") && err.contains("normalize: false"),
+            "{method} {w0} {w1}: {err}"
+        );
+    }
+    // Weights that do not cancel are fine, and so is the same recipe without normalize.
+    for (method, w0, w1) in [("task_arithmetic", "1.0", "-0.5"), ("ties", "0.3", "0.7")] {
+        std::fs::write(d.path().join("r.yml"), recipe(method, w0, w1)).unwrap();
+        let (code, _, err) = stamerge(d.path(), &["plan", "r.yml"]);
+        assert_eq!(code, Some(0), "{method} {w0} {w1}: {err}");
+    }
+    let text =
+        recipe("task_arithmetic", "1.0", "-1.0").replace("normalize: true", "normalize: false");
+    std::fs::write(d.path().join("r.yml"), text).unwrap();
+    let (code, _, err) = stamerge(d.path(), &["plan", "r.yml"]);
+    assert_eq!(code, Some(0), "{err}");
 }
 
 /// transformers' `from_pretrained` loads `model.safetensors` when a folder holds both it and
@@ -73,4 +113,72 @@ fn a_folder_with_both_a_single_file_and_an_index_is_read_as_transformers_reads_i
         out.contains("model.safetensors.index.json") && out.contains("transformers"),
         "no note on the ignored index: {out}"
     );
+}
+
+/// A recipe is read from a regular file or a pipe (`<(...)`, a FIFO with a writer), up to 1 MiB;
+/// a device (/dev/zero, /dev/urandom), a folder or an endless pipe is refused without reading
+/// it to the end.
+#[test]
+fn a_recipe_that_is_a_device_or_an_endless_pipe_is_refused_quickly() {
+    let d = tempfile::tempdir().unwrap();
+    small_models(d.path());
+    let run = |recipe: &str| {
+        // A cap on the address space: reading /dev/zero to its end must not be how this fails.
+        let mut c = Command::new("timeout");
+        c.args(["60", "prlimit", "--as=2000000000", "--"])
+            .arg(stamerge_bin())
+            .args(["plan", recipe])
+            .current_dir(d.path())
+            .stdout(Stdio::null());
+        let o = c.output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    for dev in ["/dev/zero", "/dev/urandom", "."] {
+        let t0 = Instant::now();
+        let (code, err) = run(dev);
+        assert_eq!(code, Some(1), "{dev}: {err}");
+        assert!(
+            err.contains(dev) && err.contains("not a regular file"),
+            "{dev}: {err}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{dev} took {:?}",
+            t0.elapsed()
+        );
+    }
+    // A FIFO with a writer is read like a file.
+    let fifo = d.path().join("r.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let text = "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: task_0\n  - model: task_1\n";
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::write(fifo, text))
+    };
+    let (code, err) = run("r.fifo");
+    assert_eq!(code, Some(0), "{err}");
+    writer.join().unwrap().unwrap();
+    // An endless pipe stops at the limit.
+    let endless = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+            let chunk = vec![b'#'; 1 << 16];
+            while f.write_all(&chunk).is_ok() {}
+        })
+    };
+    let t0 = Instant::now();
+    let (code, err) = run("r.fifo");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("1 MiB"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    endless.join().unwrap();
 }

@@ -51,8 +51,7 @@ pub struct Recipe {
 impl Recipe {
     /// Reads and validates a recipe file; paths inside it are relative to its folder.
     pub fn from_file(path: &Path) -> Result<Self, Vec<Problem>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| vec![Problem::in_file(path, format!("cannot read recipe: {e}"))])?;
+        let text = read_text(path).map_err(|m| vec![Problem::in_file(path, m)])?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut r = Self::parse(&text, dir).map_err(|ps| {
             ps.into_iter()
@@ -198,6 +197,9 @@ fn resolve(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem
             ),
         }
     }
+    if normalize {
+        problems.extend(normalize_problem(method, &tasks));
+    }
     if let Some(p) = raw.parameters.as_ref() {
         if p.density.is_some() && !method.uses_density() {
             notes.push(format!("`density` is not used by {}", method.name()));
@@ -224,6 +226,71 @@ fn resolve(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem
         dtype,
         out_dtype,
         notes,
+    })
+}
+
+/// The largest recipe read: real ones are a few KB; the cap ends an endless pipe.
+const MAX_RECIPE_BYTES: u64 = 1 << 20;
+
+/// A recipe's text, from a regular file or a pipe (a FIFO, `<(...)`), up to
+/// [`MAX_RECIPE_BYTES`]. A device (/dev/zero) or a folder is refused before it is read.
+fn read_text(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let md = std::fs::metadata(path).map_err(|e| format!("cannot read recipe: {e}"))?;
+    let ft = md.file_type();
+    if !(ft.is_file() || ft.is_fifo()) {
+        return Err(format!(
+            "not a regular file ({}): a recipe is read from a file or a pipe",
+            crate::checkpoint::paths::file_kind(ft)
+        ));
+    }
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_RECIPE_BYTES + 1).read_to_end(&mut buf))
+        .map_err(|e| format!("cannot read recipe: {e}"))?;
+    if buf.len() as u64 > MAX_RECIPE_BYTES {
+        return Err("longer than 1 MiB: not a recipe (a recipe is a few KB of YAML)".into());
+    }
+    String::from_utf8(buf).map_err(|e| format!("not UTF-8 text: {e}"))
+}
+
+/// `normalize: true` divides the task vectors by the sum of their weights. Where that sum can
+/// cancel, the result is not a normalised merge: the linear methods' `Σw` under 1% of `Σ|w|`
+/// would blow the task vectors up more than 100-fold (mergekit divides by 1 only under 1e-8),
+/// and TIES divides each entry by the weights of the tasks that agree on it, which with weights
+/// of both signs can be any signed partial sum, even flip the sign.
+fn normalize_problem(method: MethodKind, tasks: &[TaskSpec]) -> Option<Problem> {
+    let w: Vec<f32> = tasks
+        .iter()
+        .filter(|t| !t.forget)
+        .map(|t| t.weight)
+        .collect();
+    let listed = w
+        .iter()
+        .map(|w| w.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let fix = "set `normalize: false` (the task vectors are then added with their weights as \
+               given), or give weights that do not cancel";
+    if method.fuse() == crate::method::FuseRule::Ties {
+        let (pos, neg) = (w.iter().any(|&w| w > 0.0), w.iter().any(|&w| w < 0.0));
+        return (pos && neg).then(|| {
+            Problem::new(format!(
+                "`parameters.normalize`: {} divides each entry by the sum of the weights of the \
+                 tasks that agree on it, and with weights of both signs ({listed}) that sum can \
+                 cancel to zero or flip the sign: {fix}",
+                method.name()
+            ))
+        });
+    }
+    let sum: f64 = w.iter().map(|&w| w as f64).sum();
+    let abs: f64 = w.iter().map(|&w| (w as f64).abs()).sum();
+    (abs > 0.0 && sum.abs() < 0.01 * abs).then(|| {
+        Problem::new(format!(
+            "`parameters.normalize`: the weights ({listed}) sum to {sum:e}, so normalising would \
+             divide the task vectors by (nearly) zero: {fix}"
+        ))
     })
 }
 
