@@ -59,8 +59,8 @@ enum Cmd {
         /// Where to compute.
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
-        /// CPU worker threads (default: every core).
-        #[arg(long)]
+        /// CPU worker threads (default: every core; more than the cores are lowered to them).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         threads: Option<usize>,
         /// Largest output shard, e.g. 5GB, 500MB, 2GiB.
         #[arg(long, default_value = DEFAULT_OUT_SHARD_SIZE, value_parser = parse_size)]

@@ -200,7 +200,7 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     let pool = {
         let mut b = rayon::ThreadPoolBuilder::new();
         if let Some(t) = opts.threads {
-            b = b.num_threads(t);
+            b = b.num_threads(worker_threads(t)?);
         }
         b.build()
             .map_err(|e| Error::Other(format!("cannot start worker threads: {e}")))?
@@ -299,3 +299,19 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     Ok(rep)
 }
 
+/// `--threads`: at least 1, at most the cores this process may use (more only cost memory and
+/// time: the bytes are the same at any thread count).
+fn worker_threads(asked: usize) -> Result<usize> {
+    if asked == 0 {
+        return Err(Error::Other("--threads must be at least 1".into()));
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if asked > cores {
+        tracing::info!(
+            "note: --threads {asked} is more than the {cores} core(s) this process may use: \
+             running {cores} worker thread(s) (the result is the same at any thread count)"
+        );
+        return Ok(cores);
+    }
+    Ok(asked)
+}

@@ -115,6 +115,48 @@ fn a_folder_with_both_a_single_file_and_an_index_is_read_as_transformers_reads_i
     );
 }
 
+/// `--threads` beyond the cores this process may use is lowered to them, with a note: the result
+/// is the same bytes at any thread count, and thousands of threads only cost memory and time.
+/// `--threads 0` is refused.
+#[test]
+fn threads_far_beyond_the_cores_are_capped_and_zero_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    small_models(d.path());
+    std::fs::write(
+        d.path().join("r.yml"),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: task_0\n  - model: task_1\n",
+    )
+    .unwrap();
+    let (code, _, err) = stamerge(d.path(), &["merge", "r.yml", "one", "--threads", "1"]);
+    assert_eq!(code, Some(0), "{err}");
+    let t0 = Instant::now();
+    let (code, _, err) = stamerge(
+        d.path(),
+        &[
+            "merge",
+            "r.yml",
+            "many",
+            "--threads",
+            "1000000",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("--threads 1000000") && err.contains("core"),
+        "no note: {err}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    assert_eq!(
+        std::fs::read(d.path().join("one/model.safetensors")).unwrap(),
+        std::fs::read(d.path().join("many/model.safetensors")).unwrap()
+    );
+    let (code, _, err) = stamerge(d.path(), &["merge", "r.yml", "zero", "--threads", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!d.path().join("zero").exists());
+}
+
 /// A recipe is read from a regular file or a pipe (`<(...)`, a FIFO with a writer), up to 1 MiB;
 /// a device (/dev/zero, /dev/urandom), a folder or an endless pipe is refused without reading
 /// it to the end.
