@@ -11,19 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use safetensors::Dtype;
 
-fn stamerge(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let o = Command::new(stamerge_bin())
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    )
-}
-
 fn small_models(dir: &Path) {
     for (i, m) in ["base", "task_0", "task_1"].iter().enumerate() {
         let v: Vec<f32> = (0..8).map(|j| (j * (i + 1)) as f32 * 0.125).collect();
@@ -55,7 +42,7 @@ fn normalize_over_weights_that_cancel_is_refused_at_plan_time() {
         ("ties", "1.0", "-0.3"),
     ] {
         std::fs::write(d.path().join("r.yml"), recipe(method, w0, w1)).unwrap();
-        let (code, _, err) = stamerge(d.path(), &["plan", "r.yml"]);
+        let (code, _, err) = stamerge_in(d.path(), &["plan", "r.yml"]);
         assert_eq!(code, Some(1), "{method} {w0} {w1}: {err}");
         assert!(
             err.contains("normalize") && err.contains("normalize: false"),
@@ -65,13 +52,13 @@ fn normalize_over_weights_that_cancel_is_refused_at_plan_time() {
     // Weights that do not cancel are fine, and so is the same recipe without normalize.
     for (method, w0, w1) in [("task_arithmetic", "1.0", "-0.5"), ("ties", "0.3", "0.7")] {
         std::fs::write(d.path().join("r.yml"), recipe(method, w0, w1)).unwrap();
-        let (code, _, err) = stamerge(d.path(), &["plan", "r.yml"]);
+        let (code, _, err) = stamerge_in(d.path(), &["plan", "r.yml"]);
         assert_eq!(code, Some(0), "{method} {w0} {w1}: {err}");
     }
     let text =
         recipe("task_arithmetic", "1.0", "-1.0").replace("normalize: true", "normalize: false");
     std::fs::write(d.path().join("r.yml"), text).unwrap();
-    let (code, _, err) = stamerge(d.path(), &["plan", "r.yml"]);
+    let (code, _, err) = stamerge_in(d.path(), &["plan", "r.yml"]);
     assert_eq!(code, Some(0), "{err}");
 }
 
@@ -107,7 +94,7 @@ fn a_folder_with_both_a_single_file_and_an_index_is_read_as_transformers_reads_i
         "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: task_0\n  - model: task_1\n",
     )
     .unwrap();
-    let (code, out, err) = stamerge(d.path(), &["plan", "r.yml"]);
+    let (code, out, err) = stamerge_in(d.path(), &["plan", "r.yml"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(
         out.contains("model.safetensors.index.json") && out.contains("transformers"),
@@ -127,10 +114,10 @@ fn threads_far_beyond_the_cores_are_capped_and_zero_is_refused() {
         "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: task_0\n  - model: task_1\n",
     )
     .unwrap();
-    let (code, _, err) = stamerge(d.path(), &["merge", "r.yml", "one", "--threads", "1"]);
+    let (code, _, err) = stamerge_in(d.path(), &["merge", "r.yml", "one", "--threads", "1"]);
     assert_eq!(code, Some(0), "{err}");
     let t0 = Instant::now();
-    let (code, _, err) = stamerge(
+    let (code, _, err) = stamerge_in(
         d.path(),
         &[
             "merge",
@@ -152,7 +139,7 @@ fn threads_far_beyond_the_cores_are_capped_and_zero_is_refused() {
         std::fs::read(d.path().join("one/model.safetensors")).unwrap(),
         std::fs::read(d.path().join("many/model.safetensors")).unwrap()
     );
-    let (code, _, err) = stamerge(d.path(), &["merge", "r.yml", "zero", "--threads", "0"]);
+    let (code, _, err) = stamerge_in(d.path(), &["merge", "r.yml", "zero", "--threads", "0"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(!d.path().join("zero").exists());
 }

@@ -491,17 +491,6 @@ fn a_flood_of_problems_is_capped_with_a_count() {
     );
 }
 
-/// A synthetic set, through the CLI.
-fn synth_set(dir: &Path) {
-    let o = Command::new(stamerge_bin())
-        .args(["-q", "synth"])
-        .arg(dir)
-        .args(["--tasks", "2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
 /// Issue 15 #6: `tokenizer.json -> /etc/shadow` in the base put a copy of /etc/shadow into the
 /// output. Side files, config.json and an unindexed model file follow the shards' rule: a
 /// symlink must stay inside the model folder (or be a Hugging Face cache blob of the same
@@ -510,7 +499,7 @@ fn synth_set(dir: &Path) {
 fn side_files_and_unindexed_weights_must_stay_inside_the_model_folder() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    synth_set(p);
+    synth(p, &["--tasks", "2"]);
     std::fs::write(p.join("secret.txt"), b"TOP SECRET").unwrap();
     let secret = p.join("secret.txt");
     for side in [
@@ -584,7 +573,7 @@ fn side_files_and_unindexed_weights_must_stay_inside_the_model_folder() {
 fn a_hugging_face_cache_snapshot_s_side_files_are_copied() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    synth_set(p);
+    synth(p, &["--tasks", "2"]);
     let repo = p.join("models--org--base");
     let blobs = repo.join("blobs");
     let snap = repo.join("snapshots/0123abcd");

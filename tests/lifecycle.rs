@@ -10,17 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn synth(dir: &Path, args: &[&str]) {
-    let o = Command::new(stamerge_bin())
-        .arg("-q")
-        .arg("synth")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
 fn tmp_dirs(parent: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(parent)
         .unwrap()
@@ -351,36 +340,15 @@ fn verify_rereads_the_output_and_the_report_checksums_match_the_files() {
     }
 }
 
-/// Unmounts the test's tmpfs when the test ends, however it ends.
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn disk_full_fails_cleanly_and_keeps_the_previous_output() {
     let d = tempfile::tempdir().unwrap();
     synth(d.path(), &["--tasks", "2"]);
     let small = tempfile::tempdir().unwrap();
     // A 32 KiB filesystem: the merged model (~50 KB) cannot fit. Needs root (CI runs as root).
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=32k", "tmpfs"])
-        .arg(small.path())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (cannot mount a tmpfs here): disk-full test"
-        );
+    let Some(_mount) = Tmpfs::mount(small.path(), "size=32k") else {
         return;
-    }
-    let _mount = Mount(small.path().to_path_buf());
+    };
     let out = small.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("previous.txt"), b"an earlier merge").unwrap();

@@ -9,30 +9,9 @@ use std::process::Command;
 
 use common::*;
 
-fn synth(dir: &Path) {
-    let o = Command::new(stamerge_bin())
-        .args(["-q", "synth"])
-        .arg(dir)
-        .args(["--tasks", "2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
 fn stamerge(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
-    let o = Command::new(stamerge_bin())
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        o.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+    let (code, out, err) = stamerge_in(dir, args);
+    (code, format!("{out}{err}"))
 }
 
 /// Every entry below `dir`: files with their bytes, symlinks with their target (not followed:
@@ -67,37 +46,12 @@ fn first_shard(model: &Path) -> PathBuf {
     v.remove(0)
 }
 
-/// Mounts a tmpfs (root only) and unmounts it when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, opts: &str) -> Option<Self> {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
-            .arg(at)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !ok {
-            eprintln!("SKIPPED (cannot mount a tmpfs here): {}", at.display());
-        }
-        ok.then(|| Self(at.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 /// Issue 15 #1: `--report` once overwrote a base shard with JSON, or the recipe. Each bad report
 /// path is refused before the merge, and nothing in the folder changes.
 #[test]
 fn report_paths_that_would_destroy_an_input_or_the_recipe_are_refused_at_plan_time() {
     let d = tempfile::tempdir().unwrap();
-    synth(d.path());
+    synth(d.path(), &["--tasks", "2"]);
     let shard = first_shard(&d.path().join("base"));
     let shard = shard.strip_prefix(d.path()).unwrap().to_str().unwrap();
     std::os::unix::fs::symlink(shard, d.path().join("link.json")).unwrap();
@@ -154,7 +108,7 @@ fn report_paths_that_would_destroy_an_input_or_the_recipe_are_refused_at_plan_ti
 #[test]
 fn a_report_that_cannot_be_written_leaves_the_old_one_and_no_output() {
     let d = tempfile::tempdir().unwrap();
-    synth(d.path());
+    synth(d.path(), &["--tasks", "2"]);
     let small = d.path().join("small");
     let Some(_m) = Tmpfs::mount(&small, "size=12k") else {
         return;
@@ -185,7 +139,7 @@ fn a_report_that_cannot_be_written_leaves_the_old_one_and_no_output() {
 #[test]
 fn unwritable_places_are_refused_at_plan_time() {
     let d = tempfile::tempdir().unwrap();
-    synth(d.path());
+    synth(d.path(), &["--tasks", "2"]);
     let ro = d.path().join("ro");
     let Some(_m) = Tmpfs::mount(&ro, "ro,size=64k") else {
         return;
@@ -207,7 +161,7 @@ fn unwritable_places_are_refused_at_plan_time() {
 #[test]
 fn output_paths_that_cannot_be_committed_are_refused_at_plan_time() {
     let d = tempfile::tempdir().unwrap();
-    synth(d.path());
+    synth(d.path(), &["--tasks", "2"]);
     let p = d.path();
     std::os::unix::fs::symlink("nowhere", p.join("dangling")).unwrap();
     std::os::unix::fs::symlink("nowhere", p.join("dangling-parent")).unwrap();
@@ -274,7 +228,7 @@ fn broken_config_and_side_files_are_plan_time_errors() {
     ];
     for (what, needle) in cases {
         let d = tempfile::tempdir().unwrap();
-        synth(d.path());
+        synth(d.path(), &["--tasks", "2"]);
         let p = d.path();
         let name = what.trim_end_matches(['/', '@', '|']);
         let _ = std::fs::remove_file(p.join(name));
