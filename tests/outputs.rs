@@ -255,3 +255,47 @@ fn broken_config_and_side_files_are_plan_time_errors() {
         assert!(!p.join("out").exists());
     }
 }
+
+/// The same for a side file or config.json that exists but cannot be read. Root reads every
+/// file, so the command runs as `nobody` (setpriv); skipped, saying so, where that is not
+/// possible.
+#[test]
+fn unreadable_config_and_side_files_are_plan_time_errors() {
+    use std::os::unix::fs::PermissionsExt;
+    let works = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        eprintln!("SKIPPED (cannot run as nobody with setpriv): unreadable side files");
+        return;
+    }
+    for name in ["base/tokenizer.json", "base/config.json"] {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        synth(p, &["--tasks", "2"]);
+        Command::new("chmod")
+            .args(["-R", "a+rwX"])
+            .arg(p)
+            .status()
+            .unwrap();
+        std::fs::write(p.join(name), b"{}").unwrap();
+        std::fs::set_permissions(p.join(name), std::fs::Permissions::from_mode(0o000)).unwrap();
+        for cmd in ["plan", "merge"] {
+            let o = Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(stamerge_bin())
+                .args([cmd, "ties.yml", "out"])
+                .current_dir(p)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{name} {cmd}: {err}");
+            assert!(
+                err.contains(name) && err.contains("Permission denied"),
+                "{name} {cmd}: {err}"
+            );
+            assert!(!p.join("out").exists());
+        }
+    }
+}
