@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// Slots come in chunks, allocated as needed and never freed, so that the handler can walk them
-/// without a lock while another thread adds one: no limit on the inputs a merge may map (18 000
-/// shard files are real), and a fixed cost when few are mapped.
+/// without a lock while another thread adds one: room for every input a merge may map (18 000
+/// shard files are real; the kernel's default limit is 65 530 maps), a small cost when few are.
 const CHUNK: usize = 4096;
-/// Up to 1 M mappings, far past the kernel's default limit of 65 530 maps per process.
+/// Up to 1 M mappings.
 const CHUNKS: usize = 256;
 
 /// `start == FREE`: unused; `start == CLAIMED`: being filled in; otherwise a live mapping.
