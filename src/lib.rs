@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod inspect;
+pub mod interrupt;
 pub mod memory;
 pub mod method;
 pub mod pipeline;
@@ -25,6 +26,7 @@ mod run;
 pub mod select;
 pub mod simd;
 pub mod synth;
+mod values;
 
 pub use error::{Error, Problem, Result};
 pub use plan::Plan;

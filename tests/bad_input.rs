@@ -290,12 +290,7 @@ fn nan_in_gradients_and_inf_in_weights_name_the_index() {
     assert_refused(
         &s,
         &r,
-        &[
-            "task_0",
-            "q_proj",
-            "infinite",
-            "flat index 17 (element [1, 1])",
-        ],
+        &["task_0", "q_proj", "+Inf", "flat index 17 (element [1, 1])"],
     );
 }
 

@@ -35,15 +35,17 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// Every input checkpoint: base, start, then each task's model and statistic.
+    pub fn checkpoints(&self) -> impl Iterator<Item = &Checkpoint> {
+        std::iter::once(&self.base).chain(self.start.iter()).chain(
+            self.tasks
+                .iter()
+                .flat_map(|t| std::iter::once(&t.model).chain(t.grads.iter())),
+        )
+    }
+
     fn files(&self) -> impl Iterator<Item = &SafetensorsFile> {
-        std::iter::once(&self.base)
-            .chain(self.start.iter())
-            .chain(
-                self.tasks
-                    .iter()
-                    .flat_map(|t| std::iter::once(&t.model).chain(t.grads.iter())),
-            )
-            .flat_map(|ck| ck.files.iter())
+        self.checkpoints().flat_map(|ck| ck.files.iter())
     }
 
     /// Between tensors (no system call): stops the merge as soon as a read of an input failed,
@@ -284,6 +286,9 @@ fn check_float(
 struct Tally {
     est: Estimate,
     missing_grad_fallbacks: usize,
+    /// Tensors whose `normalize` would divide by (nearly) zero: the first one's name and
+    /// reason, and how many.
+    bad_normalize: Option<(String, String, usize)>,
 }
 
 impl Plan {
@@ -306,6 +311,7 @@ impl Plan {
                 ..Default::default()
             },
             missing_grad_fallbacks: 0,
+            bad_normalize: None,
         };
         let mut items = Vec::new();
         for slot in layout.slots {
@@ -354,6 +360,17 @@ impl Plan {
                     }
                 }
             }
+        }
+        if let Some((first, why, count)) = tally.bad_normalize {
+            let others = match count {
+                1 => String::new(),
+                c => format!(" and {} other tensor(s)", c - 1),
+            };
+            problems.push(Problem::new(format!(
+                "`parameters.normalize`: in tensor `{first}`{others}, {why}: set `normalize: \
+                 false` (the task vectors are then added with their weights as given), or give \
+                 weights that do not cancel"
+            )));
         }
         if tally.missing_grad_fallbacks > 0 {
             notes.push(format!(
@@ -580,6 +597,12 @@ fn merge_item(
         .unwrap_or_else(|| base_float.expect("checked float"));
     let nbytes = (n * out.size()) as u64;
     let (work, params) = work::resolve_at(recipe, &slot.site(), n as u64, out, &has_grads);
+    if let Some(why) = work.fuse.normalize_problem() {
+        let b = tally
+            .bad_normalize
+            .get_or_insert_with(|| (slot.name.clone(), why, 0));
+        b.2 += 1;
+    }
     let nt = recipe.tasks.len() as u64;
     let peak = nbytes * OUT_BUFFERS_IN_FLIGHT
         + if work.ranks() { 4 * n as u64 } else { 0 }

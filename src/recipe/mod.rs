@@ -128,8 +128,7 @@ pub struct Recipe {
 impl Recipe {
     /// Reads and validates a recipe file; paths inside it are relative to its folder.
     pub fn from_file(path: &Path) -> Result<Self, Vec<Problem>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| vec![Problem::in_file(path, format!("cannot read recipe: {e}"))])?;
+        let text = read_text(path).map_err(|m| vec![Problem::in_file(path, m)])?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut r = Self::parse(&text, dir).map_err(|ps| {
             ps.into_iter()
@@ -478,6 +477,32 @@ fn check_model_values(
             ),
         );
     }
+}
+
+/// The largest recipe read: real ones are a few KB; the cap ends an endless pipe.
+const MAX_RECIPE_BYTES: u64 = 1 << 20;
+
+/// A recipe's text, from a regular file or a pipe (a FIFO, `<(...)`), up to
+/// [`MAX_RECIPE_BYTES`]. A device (/dev/zero) or a folder is refused before it is read.
+fn read_text(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let md = std::fs::metadata(path).map_err(|e| format!("cannot read recipe: {e}"))?;
+    let ft = md.file_type();
+    if !(ft.is_file() || ft.is_fifo()) {
+        return Err(format!(
+            "not a regular file ({}): a recipe is read from a file or a pipe",
+            crate::checkpoint::paths::file_kind(ft)
+        ));
+    }
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_RECIPE_BYTES + 1).read_to_end(&mut buf))
+        .map_err(|e| format!("cannot read recipe: {e}"))?;
+    if buf.len() as u64 > MAX_RECIPE_BYTES {
+        return Err("longer than 1 MiB: not a recipe (a recipe is a few KB of YAML)".into());
+    }
+    String::from_utf8(buf).map_err(|e| format!("not UTF-8 text: {e}"))
 }
 
 fn parse_dtype(rd: &mut Reader, s: Option<&str>, key: &str) -> Option<FloatType> {

@@ -469,3 +469,55 @@ pub fn file_names(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A synthetic set written by `stamerge synth DIR ARGS`.
+pub fn synth(dir: &Path, args: &[&str]) {
+    let o = std::process::Command::new(stamerge_bin())
+        .arg("-q")
+        .arg("synth")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// `stamerge ARGS` run in `dir`: (exit code, stdout, stderr).
+pub fn stamerge_in(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let o = std::process::Command::new(stamerge_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A tmpfs mounted for a test (root only), unmounted when dropped however the test ends.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// None, saying SKIPPED, where this process cannot mount.
+    pub fn mount(at: &Path, opts: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(at)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("SKIPPED (cannot mount a tmpfs here): {}", at.display());
+        }
+        ok.then(|| Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
