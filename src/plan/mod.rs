@@ -579,7 +579,17 @@ fn merge_item(
         .or(recipe.dtype)
         .unwrap_or_else(|| base_float.expect("checked float"));
     let nbytes = (n * out.size()) as u64;
-    let (work, params) = work::resolve_at(recipe, &slot.site(), n as u64, out, &has_grads);
+    let (work, params) = work::resolve_shaped(recipe, &slot.site(), &bt.shape, out, &has_grads);
+    // What filters give a tensor (the recipe checked the rest): one problem per message.
+    for msg in recipe.check_tensor(&slot.site(), &params) {
+        if !problems.iter().any(|p| p.message == msg) {
+            problems.push(Problem {
+                file: None,
+                tensor: Some(slot.name.clone()),
+                message: msg,
+            });
+        }
+    }
     let nt = recipe.tasks.len() as u64;
     let peak = nbytes * OUT_BUFFERS_IN_FLIGHT
         + if work.ranks() { 4 * n as u64 } else { 0 }
