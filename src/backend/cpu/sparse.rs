@@ -123,8 +123,9 @@ fn band(
 
 /// DELLA: in each row (`Rows`), the entries ordered by |τ| ascending (among equal keys the
 /// higher index first, so that the largest-first order is top-k's), entry of rank r kept where
-/// `dare::keep` falls below `della_probability(r)`. Rows of one slab (`[i, .., ..]`) are
-/// contiguous in memory, so slabs run in parallel and each writes its own flags.
+/// `dare::keep` falls below `della_probability(r)`. The rows of one slab (`[i, .., ..]`) are
+/// contiguous in memory; slabs are grouped so that each group starts on a mask word, and groups
+/// run in parallel, each writing its own words (no per-element scratch beyond one slab).
 fn della(g: &Group, t: usize, stream: u64, rows: Rows, lo: f32, eps: f32, words: &mut [u64]) {
     let n = g.n;
     let (len, stride) = (rows.len as usize, rows.stride as usize);
@@ -132,39 +133,51 @@ fn della(g: &Group, t: usize, stream: u64, rows: Rows, lo: f32, eps: f32, words:
     if n == 0 || slab == 0 {
         return;
     }
-    let mut flags = vec![0u8; n];
-    flags.par_chunks_mut(slab).enumerate().for_each(|(i, fl)| {
-        SPARSE_SCRATCH.with_borrow_mut(|sc| {
-            let off = i * slab;
-            load(g.base, off, slab, &mut sc.b);
-            load(g.tasks[t].theta, off, slab, &mut sc.th);
-            for r in 0..stride {
-                sc.order.clear();
-                for j in 0..len {
-                    let x = j * stride + r;
-                    let key = select::key((sc.th[x] - sc.b[x]).abs());
-                    sc.order.push((key as u64) << 32 | (!(j as u32)) as u64);
-                }
-                sc.order.sort_unstable();
-                for (rank, &c) in sc.order.iter().enumerate() {
-                    let j = !(c as u32) as usize;
-                    let x = j * stride + r;
-                    let p = sparse::della_probability(rank as u64, len as u64, lo, eps);
-                    let th = sparse::probability_threshold(p);
-                    fl[x] = dare::keep(stream, (off + x) as u64, th) as u8;
-                }
-            }
-        })
-    });
+    // Slabs per group: the fewest whose total is a multiple of 64 entries.
+    let per = 64 / gcd(slab, 64);
     words
-        .par_iter_mut()
-        .zip(flags.par_chunks(64))
-        .for_each(|(w, f)| {
-            *w = f
-                .iter()
-                .enumerate()
-                .fold(0u64, |b, (j, &k)| b | (k as u64) << j)
+        .par_chunks_mut(per * slab / 64)
+        .enumerate()
+        .for_each(|(gi, wc)| {
+            SPARSE_SCRATCH.with_borrow_mut(|sc| {
+                for s in 0..per {
+                    let off = (gi * per + s) * slab;
+                    if off >= n {
+                        break;
+                    }
+                    load(g.base, off, slab, &mut sc.b);
+                    load(g.tasks[t].theta, off, slab, &mut sc.th);
+                    for r in 0..stride {
+                        sc.order.clear();
+                        for j in 0..len {
+                            let x = j * stride + r;
+                            let key = select::key((sc.th[x] - sc.b[x]).abs());
+                            sc.order.push((key as u64) << 32 | (!(j as u32)) as u64);
+                        }
+                        sc.order.sort_unstable();
+                        for (rank, &c) in sc.order.iter().enumerate() {
+                            let x = (!(c as u32)) as usize * stride + r;
+                            let p = sparse::della_probability(rank as u64, len as u64, lo, eps);
+                            let keep = dare::keep(
+                                stream,
+                                (off + x) as u64,
+                                sparse::probability_threshold(p),
+                            );
+                            let local = s * slab + x;
+                            wc[local / 64] |= (keep as u64) << (local % 64);
+                        }
+                    }
+                }
+            })
         });
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// mergekit's L1 rescale: the fuse with `scale[t]` set for every `rescale_l1` task (None when
