@@ -23,6 +23,25 @@ fn method_md(m: MethodKind) -> String {
         MethodKind::Magnitude => ("Magnitude (top-k task-vector entries)", None),
         MethodKind::Sta => ("Selective Task Arithmetic (STA)", None),
         MethodKind::Passthrough => ("Passthrough", None),
+        MethodKind::Breadcrumbs => (
+            "Model Breadcrumbs",
+            Some("https://arxiv.org/abs/2312.06795"),
+        ),
+        MethodKind::BreadcrumbsTies => (
+            "Model Breadcrumbs with TIES",
+            Some("https://arxiv.org/abs/2312.06795"),
+        ),
+        MethodKind::Della => ("DELLA", Some("https://arxiv.org/abs/2406.11617")),
+        MethodKind::DellaLinear => ("Linear DELLA", Some("https://arxiv.org/abs/2406.11617")),
+        MethodKind::Sce => ("SCE", Some("https://arxiv.org/abs/2408.07990")),
+        MethodKind::Ram => (
+            "Reinforced Agent Merging",
+            Some("https://arxiv.org/abs/2601.13572"),
+        ),
+        MethodKind::RamplusTl => (
+            "Reinforced Agent Merging Plus (Tensor-Local)",
+            Some("https://arxiv.org/abs/2601.13572"),
+        ),
     };
     match url {
         Some(u) => format!("[{name}]({u})"),

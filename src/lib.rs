@@ -35,8 +35,9 @@ pub use report::Report;
 // `plan` the function sits beside `plan` the module: a function is in the value namespace, a
 // module in the type namespace.
 pub use run::{
-    merge, merge_planned, open_backend, plan, select_backend, CancelToken, Device, Options,
-    ProgressFn, ProgressHook, DEFAULT_OUT_SHARD_BYTES, INTERRUPTED, RECIPE_NAME, REPORT_NAME,
+    cuda_lacks, merge, merge_planned, open_backend, plan, select_backend, CancelToken, Device,
+    Options, ProgressFn, ProgressHook, DEFAULT_OUT_SHARD_BYTES, INTERRUPTED, RECIPE_NAME,
+    REPORT_NAME,
 };
 
 pub(crate) use simd::wide;

@@ -143,6 +143,37 @@ pub fn open_backend(device: Device, max_memory: Option<u64>) -> Result<Box<dyn B
     }
 }
 
+/// What of the plan's work the CUDA kernels lack (the method, or a setting such as
+/// `rescale_norm: l1`), if anything.
+pub fn cuda_lacks(plan: &Plan) -> Option<String> {
+    let method = plan.recipe.method;
+    if !method.has_cuda_kernels() {
+        return Some(format!("merge_method `{}`", method.name()));
+    }
+    plan.items.iter().find_map(|item| match &item.kind {
+        crate::plan::ItemKind::Merge { work, .. } => {
+            crate::method::sparse::cuda_lacks(&work.shape_jobs(), &work.fuse)
+        }
+        _ => None,
+    })
+}
+
+/// The device to open for `plan`: `--device cuda` refuses work without kernels before any work
+/// (no silent CPU fallback); `auto` merges it on the CPU and says why.
+fn kernels_for(plan: &Plan, device: Device) -> Result<Device> {
+    let Some(why) = (device != Device::Cpu).then(|| cuda_lacks(plan)).flatten() else {
+        return Ok(device);
+    };
+    if device == Device::Cuda {
+        return Err(Error::Other(format!(
+            "--device cuda: {why} has no CUDA kernels yet; merge with --device cpu (or auto, \
+             which picks the CPU for it)"
+        )));
+    }
+    tracing::info!("using the cpu backend ({why} has no CUDA kernels yet)");
+    Ok(Device::Cpu)
+}
+
 /// Every input path of a recipe (for the output-folder checks).
 fn input_paths(recipe: &Recipe) -> Vec<PathBuf> {
     let mut v = vec![recipe.base.clone()];
@@ -246,7 +277,7 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     for w in &plan.warnings {
         tracing::warn!("{w}");
     }
-    let backend = open_backend(opts.device, opts.max_memory)?;
+    let backend = open_backend(kernels_for(plan, opts.device)?, opts.max_memory)?;
     let pool = {
         let mut b = rayon::ThreadPoolBuilder::new();
         if let Some(t) = opts.threads {

@@ -370,15 +370,15 @@ fn mergekit_features_stamerge_lacks_are_named() {
         ],
     );
     assert!(!r.stderr.contains("unknown field"), "{}", r.stderr);
-    let della = TA.replace("task_arithmetic", "della").replace(
+    let karcher = TA.replace("task_arithmetic", "karcher").replace(
         "  - model: task_1\n",
-        "  - model: task_1\n    parameters:\n      epsilon: 0.1\n",
+        "  - model: task_1\n    parameters:\n      max_iter: 3\n",
     );
-    let r = merge(&s, &della);
+    let r = merge(&s, &karcher);
     assert_refused(
         &s,
         &r,
-        &["merge_method `della`", "`models[1].parameters.epsilon`"],
+        &["merge_method `karcher`", "`models[1].parameters.max_iter`"],
     );
     assert!(!r.stderr.contains("unknown field"), "{}", r.stderr);
     let modules = format!("{TA}modules:\n  text:\n    models:\n      - model: task_0\n");

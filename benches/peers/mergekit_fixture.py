@@ -227,6 +227,78 @@ parameters:
 merge_method: task_arithmetic
 base_model: m_bf16
 """,
+    # Issue 17's sparsifying methods: della's per-model epsilon by filter and gradient (checked
+    # with the density for every tensor), breadcrumbs' gamma, sce's and ram's shared values, and
+    # DARE's defaults (dare_ties: rescale true, normalize false).
+    "della_values": """models:
+  - model: m0
+    parameters:
+      weight: 1.0
+      density: [0.3, 0.6]
+      epsilon: 0.1
+  - model: m1
+    parameters:
+      weight: [0.5, 1.0]
+      density: 0.5
+merge_method: della
+base_model: base
+parameters:
+  epsilon:
+    - filter: mlp
+      value: 0.2
+    - value: 0.05
+  lambda: 0.9
+""",
+    "breadcrumbs_values": """models:
+  - model: m0
+    parameters:
+      weight: 0.6
+      density: 0.8
+      gamma: [0.0, 0.1]
+  - model: m1
+    parameters:
+      weight: 0.4
+merge_method: breadcrumbs_ties
+base_model: base
+parameters:
+  density: 0.7
+  gamma:
+    - filter: self_attn
+      value: 0.05
+    - value: 0.02
+  rescale: true
+""",
+    "sce_values": """models:
+  - model: m0
+  - model: m1
+  - model: m2
+merge_method: sce
+base_model: base
+parameters:
+  select_topk: [0.2, 0.8]
+""",
+    "ramplus_values": """models:
+  - model: m0
+  - model: m1
+merge_method: ramplus_tl
+base_model: base
+parameters:
+  epsilon: 0.001
+  r: [0.1, 0.5]
+  alpha: 0.3
+""",
+    "dare_defaults": """models:
+  - model: m0
+    parameters:
+      weight: 0.7
+      density: 0.5
+  - model: m1
+    parameters:
+      weight: 0.3
+      density: 0.4
+merge_method: dare_ties
+base_model: base
+""",
     "tokenizer_and_template": """models:
   - model: m0
     parameters:

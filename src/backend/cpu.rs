@@ -16,6 +16,8 @@ use crate::dtype::{narrow, widen};
 use crate::method::{FuseRule, ScoreKind};
 use crate::select::{self, dare, dsum, radix, Threshold};
 
+mod sparse;
+
 /// Elements per work item: a multiple of 64 (mask words) that divides the deterministic-sum chunk.
 const CH: usize = 1 << 14;
 const _: () = assert!(CH % 64 == 0 && dsum::CHUNK % CH == 0);
@@ -329,8 +331,17 @@ fn fuse_chunk(
         u.resize(len, 0.0);
         let w = f.weights[t];
         let mut bad = false;
-        match f.rescale[t] {
-            Some(d) => u
+        match (f.rescale[t], f.scale[t]) {
+            // mergekit's L1 rescale: (τ · s) · w, as `rescaled_masked_tensor` then the weight.
+            (None, Some(s)) => u
+                .iter_mut()
+                .zip(th.iter().zip(b))
+                .for_each(|(o, (&t, &b))| {
+                    let tau = t - b;
+                    bad |= !tau.is_finite();
+                    *o = w * (tau * s);
+                }),
+            (Some(d), _) => u
                 .iter_mut()
                 .zip(th.iter().zip(b))
                 .for_each(|(o, (&t, &b))| {
@@ -338,7 +349,7 @@ fn fuse_chunk(
                     bad |= !tau.is_finite();
                     *o = w * (tau / d);
                 }),
-            None => u
+            (None, None) => u
                 .iter_mut()
                 .zip(th.iter().zip(b))
                 .for_each(|(o, (&t, &b))| {
@@ -428,6 +439,7 @@ fn fuse_chunk(
                     .for_each(|(a, d)| *a /= if *d == 0.0 { 1.0 } else { *d });
             }
         }
+        FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus => unreachable!("cpu::sparse fuses"),
     }
     let start = if g.start.is_some() { &sc.st } else { &sc.b };
     // A NaN (finite inputs whose task vectors overflow) is written as the canonical NaN of
@@ -523,6 +535,9 @@ impl Compute for CpuBackend {
         f: &FuseSpec,
         out: &mut [u8],
     ) -> BResult<GroupStats> {
+        if sparse::owns_fuse(f) {
+            return self.merge_sparse(g, f, out);
+        }
         let n = g.n;
         let mut masks: Vec<Option<Vec<u64>>> = Vec::with_capacity(jobs.len());
         let mut stats = Vec::with_capacity(jobs.len());
@@ -588,6 +603,9 @@ impl Compute for CpuBackend {
                         },
                     )
                 }
+                MaskJob::Band { .. } | MaskJob::Della { .. } => {
+                    sparse::mask(g, t, job, &mut keys, self.spare_mask())?
+                }
                 MaskJob::Random { stream, threshold } => {
                     let m = dare_mask(n, stream, threshold, self.spare_mask());
                     let kept = popcount(&m);
@@ -604,7 +622,8 @@ impl Compute for CpuBackend {
             stats.push(st);
         }
         drop(keys);
-        let combos = fuse(g, &masks, f, out);
+        let l1 = sparse::with_l1_scales(g, &masks, f);
+        let combos = fuse(g, &masks, l1.as_ref().unwrap_or(f), out);
         self.masks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -751,6 +770,9 @@ mod tests {
                 weights: vec![2.0, 2.0],
                 forget: vec![false, false],
                 rescale: vec![None, None],
+                rescale_l1: vec![false, false],
+                scale: vec![None, None],
+                sparse: Default::default(),
                 out: ty,
             };
             let mut out = vec![0u8; 2 * ty.size()];

@@ -3,8 +3,9 @@
 //! The bit-level definitions are in docs/SEMANTICS.md.
 
 mod job;
+pub mod sparse;
 
-pub use job::{FuseSpec, KeySpec, MaskJob};
+pub use job::{FuseSpec, KeySpec, MaskJob, Rows, SparseParams};
 
 /// STA's importance: what the gradient statistic multiplies (a recipe parameter, read here
 /// because it decides a tensor's score).
@@ -29,6 +30,18 @@ pub enum MethodKind {
     Sta,
     /// Copies one input per tensor (frankenmerges with `slices:`), optionally scaled.
     Passthrough,
+    /// Model Breadcrumbs: drops the largest γ·n and the smallest entries of each task vector.
+    Breadcrumbs,
+    BreadcrumbsTies,
+    /// DELLA: random keeps with probabilities d ± ε by magnitude rank within each row.
+    Della,
+    DellaLinear,
+    /// SCE: a variance mask shared by the tasks, TIES erase, τ²-energy weights.
+    Sce,
+    /// Reinforced Agent Merging: entries one task changes are kept, shared ones averaged.
+    Ram,
+    /// RAM+ (tensor-local): as `ram`, unique entries scaled by each task's overlap ratio.
+    RamplusTl,
 }
 
 /// How the kept entries of each task are chosen.
@@ -40,6 +53,10 @@ pub enum SelectKind {
     TopK,
     /// DARE: an independent random keep with probability `density`.
     Random,
+    /// Breadcrumbs: a band of ranks, the largest γ·n dropped, then the next floor(d·n) kept.
+    Band,
+    /// DELLA: a random keep whose probability rises with the magnitude rank in the row.
+    Della,
 }
 
 /// How kept entries combine.
@@ -50,6 +67,12 @@ pub enum FuseRule {
     Linear,
     /// TIES: sign election, disjoint (optionally normalised) mean.
     Ties,
+    /// SCE: variance mask, TIES erase, energy weights (docs/SEMANTICS.md, "sce").
+    Sce,
+    /// RAM: unique entries kept, overlapping ones averaged (docs/SEMANTICS.md, "ram").
+    Ram,
+    /// RAM+ tensor-local: `Ram` with unique entries scaled by λ_t.
+    RamPlus,
 }
 
 /// What one task's entries are ranked by, for one tensor.
@@ -71,7 +94,7 @@ impl ScoreKind {
 }
 
 impl MethodKind {
-    pub const ALL: [MethodKind; 7] = [
+    pub const ALL: [MethodKind; 14] = [
         Self::TaskArithmetic,
         Self::Magnitude,
         Self::Ties,
@@ -79,6 +102,13 @@ impl MethodKind {
         Self::DareTies,
         Self::Sta,
         Self::Passthrough,
+        Self::Breadcrumbs,
+        Self::BreadcrumbsTies,
+        Self::Della,
+        Self::DellaLinear,
+        Self::Sce,
+        Self::Ram,
+        Self::RamplusTl,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +120,13 @@ impl MethodKind {
             Self::DareTies => "dare_ties",
             Self::Sta => "sta",
             Self::Passthrough => "passthrough",
+            Self::Breadcrumbs => "breadcrumbs",
+            Self::BreadcrumbsTies => "breadcrumbs_ties",
+            Self::Della => "della",
+            Self::DellaLinear => "della_linear",
+            Self::Sce => "sce",
+            Self::Ram => "ram",
+            Self::RamplusTl => "ramplus_tl",
         }
     }
 
@@ -99,22 +136,78 @@ impl MethodKind {
 
     pub fn select(self) -> SelectKind {
         match self {
-            Self::TaskArithmetic | Self::Passthrough => SelectKind::All,
+            // sce's variance mask is shared by the tasks: its fuse rule makes it.
+            Self::TaskArithmetic | Self::Passthrough | Self::Sce | Self::Ram | Self::RamplusTl => {
+                SelectKind::All
+            }
             Self::Magnitude | Self::Ties | Self::Sta => SelectKind::TopK,
             Self::DareLinear | Self::DareTies => SelectKind::Random,
+            Self::Breadcrumbs | Self::BreadcrumbsTies => SelectKind::Band,
+            Self::Della | Self::DellaLinear => SelectKind::Della,
         }
     }
 
     pub fn fuse(self) -> FuseRule {
         match self {
-            Self::Ties | Self::DareTies => FuseRule::Ties,
+            Self::Ties | Self::DareTies | Self::BreadcrumbsTies | Self::Della => FuseRule::Ties,
+            Self::Sce => FuseRule::Sce,
+            Self::Ram => FuseRule::Ram,
+            Self::RamplusTl => FuseRule::RamPlus,
             _ => FuseRule::Linear,
         }
     }
 
-    /// mergekit's defaults: TIES-style methods normalise by the agreeing weights.
+    /// mergekit 0.1.5's `default_normalize` (merge_methods/registry.py): true for `ties` and
+    /// `della` only (`dare_ties` and `breadcrumbs_ties` elect signs but do not normalise).
     pub fn default_normalize(self) -> bool {
-        self.fuse() == FuseRule::Ties
+        matches!(self, Self::Ties | Self::Della)
+    }
+
+    /// Whether the method reads mergekit's task-arithmetic parameters (`weight`, `lambda`,
+    /// `normalize`): every method with a linear or TIES fuse (sce and ram weigh by rules of
+    /// their own; passthrough copies).
+    pub fn weighs_tasks(self) -> bool {
+        matches!(self.fuse(), FuseRule::Linear | FuseRule::Ties) && self != Self::Passthrough
+    }
+
+    /// Whether the method reads `rescale` (mergekit's generalized task arithmetic with a
+    /// sparsification: ties, dare, breadcrumbs, della).
+    pub fn rescales(self) -> bool {
+        matches!(
+            self,
+            Self::Ties
+                | Self::DareLinear
+                | Self::DareTies
+                | Self::Breadcrumbs
+                | Self::BreadcrumbsTies
+                | Self::Della
+                | Self::DellaLinear
+        )
+    }
+
+    /// mergekit 0.1.5's `default_rescale`: the random keeps (dare, della) rescale.
+    pub fn default_rescale(self) -> bool {
+        self.random_keeps()
+    }
+
+    /// Whether kept entries are drawn at random (counter-based, keyed by `seed`).
+    pub fn random_keeps(self) -> bool {
+        matches!(self.select(), SelectKind::Random | SelectKind::Della)
+    }
+
+    /// Whether `--device cuda` has kernels for this method. The methods without are refused
+    /// there before any work (`--device auto` runs them on the CPU and says why).
+    pub fn has_cuda_kernels(self) -> bool {
+        !matches!(
+            self,
+            Self::Breadcrumbs
+                | Self::BreadcrumbsTies
+                | Self::Della
+                | Self::DellaLinear
+                | Self::Sce
+                | Self::Ram
+                | Self::RamplusTl
+        )
     }
 
     pub fn is_dare(self) -> bool {

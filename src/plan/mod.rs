@@ -596,12 +596,22 @@ fn merge_item(
         .or(recipe.dtype)
         .unwrap_or_else(|| base_float.expect("checked float"));
     let nbytes = (n * out.size()) as u64;
-    let (work, params) = work::resolve_at(recipe, &slot.site(), n as u64, out, &has_grads);
+    let (work, params) = work::resolve_shaped(recipe, &slot.site(), &bt.shape, out, &has_grads);
     if let Some(why) = work.fuse.normalize_problem() {
         let b = tally
             .bad_normalize
             .get_or_insert_with(|| (slot.name.clone(), why, 0));
         b.2 += 1;
+    }
+    // What filters give a tensor (the recipe checked the rest): one problem per message.
+    for msg in recipe.check_tensor(&slot.site(), &params) {
+        if !problems.iter().any(|p| p.message == msg) {
+            problems.push(Problem {
+                file: None,
+                tensor: Some(slot.name.clone()),
+                message: msg,
+            });
+        }
     }
     let nt = recipe.tasks.len() as u64;
     let peak = nbytes * OUT_BUFFERS_IN_FLIGHT

@@ -16,13 +16,7 @@ const METHODS: &[&str] = &[
     "multislerp",
     "karcher",
     "model_stock",
-    "della",
-    "della_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "sce",
     "nearswap",
-    "ram",
     "arcee_fusion",
 ];
 
@@ -35,9 +29,6 @@ const PARAMETERS: &[(&str, &str)] = &[
     ("max_iter", "karcher"),
     ("tol", "karcher"),
     ("filter_wise", "model_stock"),
-    ("epsilon", "della and della_linear"),
-    ("gamma", "breadcrumbs and breadcrumbs_ties"),
-    ("select_topk", "sce"),
 ];
 
 /// Top-level recipe keys of mergekit that stamerge does not read.
@@ -128,19 +119,19 @@ mod tests {
     #[test]
     fn names_each_unsupported_feature_with_its_field() {
         let ps = problems(
-            "merge_method: della\nbase_model: b\nmodules: {}\nparameters:\n  epsilon: 0.1\n\
+            "merge_method: karcher\nbase_model: b\nmodules: {}\nparameters:\n  max_iter: 3\n\
              models:\n  - model: a\n  - model: c\n    parameters:\n      t: 0.5\n\
              slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n\
-             \x20       parameters: {gamma: 0.1}\n",
+             \x20       parameters: {eps: 0.1}\n",
         );
         assert_eq!(ps.len(), 5, "{ps:?}");
         assert!(
-            ps[0].contains("merge_method `della`") && ps[0].contains("ties"),
+            ps[0].contains("merge_method `karcher`") && ps[0].contains("ties"),
             "{ps:?}"
         );
         assert!(ps[1].contains("`modules:`"), "{ps:?}");
         assert!(
-            ps[2].contains("`parameters.epsilon`") && ps[2].contains("della"),
+            ps[2].contains("`parameters.max_iter`") && ps[2].contains("karcher"),
             "{ps:?}"
         );
         assert!(
@@ -148,7 +139,7 @@ mod tests {
             "{ps:?}"
         );
         assert!(
-            ps[4].contains("`slices[0].sources[0].parameters.gamma`"),
+            ps[4].contains("`slices[0].sources[0].parameters.eps`"),
             "{ps:?}"
         );
     }

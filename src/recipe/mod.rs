@@ -3,6 +3,7 @@
 //! tensor. Every problem is reported at once, with its recipe field and line.
 
 pub mod chat;
+mod crosscheck;
 mod locate;
 mod mergekit;
 pub mod params;
@@ -339,7 +340,7 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
         rd.problems.extend(missing_inputs(&raw, dir));
         return Err(rd.problems);
     }
-    Ok(Recipe {
+    let recipe = Recipe {
         path: None,
         text: text.to_string(),
         method,
@@ -364,7 +365,12 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
         pad_vocab_to,
         chat_template,
         notes: rd.notes,
-    })
+    };
+    let problems = crosscheck::check_recipe(&recipe);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(recipe)
 }
 
 /// A task's whole-model values and the checks that need the method.

@@ -105,7 +105,15 @@ fn seed(v: &Value) -> Result<(), String> {
 }
 
 fn task_vector_methods(m: MethodKind) -> bool {
-    m != MethodKind::Passthrough
+    m.weighs_tasks()
+}
+
+fn unit_interval(v: &Value) -> Result<(), String> {
+    if (0.0..=1.0).contains(&v.num()) {
+        Ok(())
+    } else {
+        Err("must be in [0, 1]".into())
+    }
 }
 
 /// The parameter table (mergekit's names and defaults where mergekit has the parameter).
@@ -151,9 +159,21 @@ pub const PARAMS: &[ParamSpec] = &[
         kind: Kind::Bool,
         scope: Scope::Shared,
         per_tensor: true,
-        default: |_| Some(Value::Bool(true)),
+        default: |m| Some(Value::Bool(m.default_rescale())),
         check: any,
-        methods: MethodKind::is_dare,
+        methods: MethodKind::rescales,
+    },
+    // stamerge: how `rescale` restores the kept entries' size. `l1` is mergekit's (the name and
+    // the word are `sparsify.py`'s `rescale_norm`), `inv_density` DARE's paper (and stamerge's
+    // before 0.2): kept τ / d.
+    ParamSpec {
+        name: "rescale_norm",
+        kind: Kind::Choice(&["l1", "inv_density"]),
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Str("l1".into())),
+        check: any,
+        methods: MethodKind::rescales,
     },
     // mergekit's memory-saving switch for TIES masks; it does not change results.
     ParamSpec {
@@ -163,7 +183,7 @@ pub const PARAMS: &[ParamSpec] = &[
         per_tensor: true,
         default: |_| Some(Value::Bool(false)),
         check: any,
-        methods: task_vector_methods,
+        methods: |m| task_vector_methods(m) || m == MethodKind::Sce,
     },
     ParamSpec {
         name: "seed",
@@ -172,7 +192,67 @@ pub const PARAMS: &[ParamSpec] = &[
         per_tensor: false,
         default: |_| Some(Value::Num(0.0)),
         check: seed,
-        methods: MethodKind::is_dare,
+        methods: MethodKind::random_keeps,
+    },
+    // breadcrumbs: the fraction of largest |τ| dropped.
+    ParamSpec {
+        name: "gamma",
+        kind: Kind::Float,
+        scope: Scope::PerModel,
+        per_tensor: true,
+        default: |_| Some(Value::Num(0.01)),
+        check: unit_interval,
+        methods: |m| m.select() == crate::method::SelectKind::Band,
+    },
+    // della: keep probabilities run from density − epsilon to density + epsilon (checked
+    // together with the density for every tensor, `method::sparse::della_bounds`).
+    ParamSpec {
+        name: "epsilon",
+        kind: Kind::Float,
+        scope: Scope::PerModel,
+        per_tensor: true,
+        default: |_| Some(Value::Num(0.15)),
+        check: finite_f32,
+        methods: |m| m.select() == crate::method::SelectKind::Della,
+    },
+    // ram and ramplus_tl: |τ| above it counts as a change. The same name as della's row, another
+    // scope and default: the reader takes the row of the recipe's method (`spec_for`).
+    ParamSpec {
+        name: "epsilon",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Num(1e-5)),
+        check: finite_f32,
+        methods: |m| matches!(m, MethodKind::Ram | MethodKind::RamplusTl),
+    },
+    ParamSpec {
+        name: "r",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Num(0.1)),
+        check: finite_f32,
+        methods: |m| m == MethodKind::RamplusTl,
+    },
+    ParamSpec {
+        name: "alpha",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Num(0.2)),
+        check: finite_f32,
+        methods: |m| m == MethodKind::RamplusTl,
+    },
+    // sce: the fraction of positions (by variance across the tasks) kept.
+    ParamSpec {
+        name: "select_topk",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Num(1.0)),
+        check: unit_interval,
+        methods: |m| m == MethodKind::Sce,
     },
     // Per task, for the whole model: `model` ranks every tensor together.
     ParamSpec {
@@ -237,6 +317,15 @@ pub const PARAMS: &[ParamSpec] = &[
 /// The row of parameter `name`.
 pub fn spec(name: &str) -> Option<&'static ParamSpec> {
     PARAMS.iter().find(|p| p.name == name)
+}
+
+/// The row of parameter `name` as `method` reads it: a name two methods use with different
+/// scopes or defaults (`epsilon`: della's per model, ram's shared) has a row for each.
+pub fn spec_for(name: &str, method: MethodKind) -> Option<&'static ParamSpec> {
+    PARAMS
+        .iter()
+        .find(|p| p.name == name && (p.methods)(method))
+        .or_else(|| spec(name))
 }
 
 /// The parameters `method` reads, in table order.

@@ -290,6 +290,9 @@ fn nans_from_finite_inputs_are_canonical_on_both_backends() {
                     weights: vec![2.0, 2.0],
                     forget: vec![false, false],
                     rescale: vec![None, None],
+                    rescale_l1: vec![false, false],
+                    scale: vec![None, None],
+                    sparse: Default::default(),
                     out: ty,
                 };
                 (vec![MaskJob::All, MaskJob::All], fuse)
