@@ -17,6 +17,7 @@ use crate::method::{FuseRule, ScoreKind};
 use crate::select::{self, dare, dsum, radix, Threshold};
 
 mod sparse;
+mod sta;
 
 /// Elements per work item: a multiple of 64 (mask words) that divides the deterministic-sum chunk.
 const CH: usize = 1 << 14;
@@ -539,6 +540,9 @@ impl Compute for CpuBackend {
             return self.merge_sparse(g, f, out);
         }
         let n = g.n;
+        // sta's `normalize_importance`: each task's divisor found before its keys are made.
+        let normalized = sta::normalized(self, g, jobs, f)?;
+        let jobs = normalized.as_deref().unwrap_or(jobs);
         let mut masks: Vec<Option<Vec<u64>>> = Vec::with_capacity(jobs.len());
         let mut stats = Vec::with_capacity(jobs.len());
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
@@ -622,6 +626,7 @@ impl Compute for CpuBackend {
             stats.push(st);
         }
         drop(keys);
+        sta::overlap(g, jobs, f, &mut masks, &mut stats);
         let l1 = sparse::with_l1_scales(g, &masks, f);
         let combos = fuse(g, &masks, l1.as_ref().unwrap_or(f), out);
         self.masks
@@ -773,6 +778,7 @@ mod tests {
                 rescale_l1: vec![false, false],
                 scale: vec![None, None],
                 sparse: Default::default(),
+                sta: Default::default(),
                 out: ty,
             };
             let mut out = vec![0u8; 2 * ty.size()];

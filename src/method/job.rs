@@ -99,7 +99,58 @@ pub struct FuseSpec {
     pub scale: Vec<Option<f32>>,
     /// What the sce and ram rules read.
     pub sparse: SparseParams,
+    /// sta's normalisation and cross-task mask rule (the defaults change nothing).
+    pub sta: StaSelect,
     pub out: FloatType,
+}
+
+/// How one task's importance is normalised in one tensor before it is compared with a
+/// threshold or with other tasks (`normalize_importance`, docs/SEMANTICS.md "sta's selection
+/// options"): ŝ = f32(s / c) for c > 0, else 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Norm {
+    /// ŝ = s.
+    #[default]
+    None,
+    /// c = f32(Σs / n) (Σ the deterministic sum): what `selection: model` divides by.
+    Mean,
+    /// c = max s.
+    Max,
+    /// c = f32(Σs).
+    Sum,
+}
+
+/// How the tasks' masks combine after each task selected its own (`overlap`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Overlap {
+    /// Each task keeps what it selected (masks may overlap).
+    #[default]
+    Sum,
+    /// An entry stays only in the mask of the task with the largest ŝ among those that
+    /// selected it (the lowest task index among equals): masks are disjoint.
+    Exclusive,
+    /// An entry stays (in every mask that has it) only where at least k tasks selected it.
+    Consensus(u32),
+}
+
+/// sta's selection options for one tensor. Only tasks that rank keys (`MaskJob::TopK` or
+/// `Fixed`) and are not `forget:` entries take part in the overlap rule.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct StaSelect {
+    /// Per task.
+    pub norm: Vec<Norm>,
+    /// Per task, the `threshold` its `Fixed` job keeps ŝ ≥ of (for reports and refusals).
+    pub threshold: Vec<Option<f32>>,
+    pub overlap: Overlap,
+}
+
+impl StaSelect {
+    /// Whether any option differs from today's selection (the CUDA kernels have none of them).
+    pub fn is_set(&self) -> bool {
+        self.overlap != Overlap::Sum
+            || self.norm.iter().any(|&n| n != Norm::None)
+            || self.threshold.iter().any(Option::is_some)
+    }
 }
 
 /// The parameters of the fuse rules of `method::sparse` (docs/SEMANTICS.md).

@@ -5,7 +5,7 @@
 mod job;
 pub mod sparse;
 
-pub use job::{FuseSpec, KeySpec, MaskJob, Rows, SparseParams};
+pub use job::{FuseSpec, KeySpec, MaskJob, Norm, Overlap, Rows, SparseParams, StaSelect};
 
 /// STA's importance: what the gradient statistic multiplies (a recipe parameter, read here
 /// because it decides a tensor's score).

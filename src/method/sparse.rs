@@ -23,7 +23,31 @@ pub fn cuda_lacks(jobs: &[MaskJob], f: &FuseSpec) -> Option<String> {
         "mergekit's L1 rescale (`rescale_norm: l1`, the default; `rescale_norm: inv_density` \
          runs on the GPU)",
     );
-    rule.or(job).or(l1).map(str::to_string)
+    rule.or(job)
+        .or(l1)
+        .map(str::to_string)
+        .or_else(|| sta_lacks(f))
+}
+
+/// sta's selection options, which the CUDA kernels lack, by the recipe field that sets them.
+fn sta_lacks(f: &FuseSpec) -> Option<String> {
+    use super::{Norm, Overlap};
+    if let Some(n) = f.sta.norm.iter().find(|&&n| n != Norm::None) {
+        let word = match n {
+            Norm::Mean => "mean",
+            Norm::Max => "max",
+            _ => "sum",
+        };
+        return Some(format!("sta's `normalize_importance: {word}`"));
+    }
+    if f.sta.threshold.iter().any(Option::is_some) {
+        return Some("sta's `threshold`".into());
+    }
+    match f.sta.overlap {
+        Overlap::Sum => None,
+        Overlap::Exclusive => Some("sta's `overlap: exclusive`".into()),
+        Overlap::Consensus(_) => Some("sta's `overlap: consensus`".into()),
+    }
 }
 
 /// Breadcrumbs (`sparsify.py::magnitude_outliers`): of `n` entries ranked by |τ|, the largest

@@ -9,7 +9,8 @@
 
 use crate::dtype::FloatType;
 use crate::method::{
-    keep_count, sparse, FuseSpec, KeySpec, MaskJob, Rows, SelectKind, SparseParams,
+    keep_count, sparse, FuseSpec, KeySpec, MaskJob, MethodKind, Norm, Overlap, Rows, SelectKind,
+    SparseParams, StaSelect,
 };
 use crate::recipe::{NonFinite, Recipe, Resolved, Selection, Site};
 use crate::select::dare;
@@ -45,6 +46,9 @@ pub enum MaskPlan {
     /// `selection: model`: ranked by `spec` (divided by the tensor's mean score); the
     /// threshold comes from the model-wide passes.
     ModelWide { spec: KeySpec },
+    /// sta's `threshold`: keys of normalised importance ≥ x (`MaskJob::Fixed` at key(x), every
+    /// tie kept).
+    Threshold { spec: KeySpec, x: f32 },
     /// DARE's counter-based keep.
     Random { stream: u64, threshold: u64 },
     /// Breadcrumbs' band of ranks (`MaskJob::Band`).
@@ -98,6 +102,11 @@ impl TensorWork {
                         tie_quota: c.tie_quota,
                     }
                 }
+                MaskPlan::Threshold { spec, x } => MaskJob::Fixed {
+                    spec,
+                    key: crate::select::key(x),
+                    tie_quota: u64::MAX,
+                },
                 MaskPlan::Random { stream, threshold } => MaskJob::Random { stream, threshold },
                 MaskPlan::Band { spec, drop, keep } => MaskJob::Band { spec, drop, keep },
                 MaskPlan::Della {
@@ -142,6 +151,7 @@ impl TensorWork {
         match self.masks[t] {
             MaskPlan::TopK { spec, .. }
             | MaskPlan::ModelWide { spec }
+            | MaskPlan::Threshold { spec, .. }
             | MaskPlan::Band { spec, .. } => Some(spec),
             _ => None,
         }
@@ -177,7 +187,14 @@ fn mask_plan(
         return MaskPlan::All;
     }
     let density = p.task_num(t, "density");
-    if !selects(density) {
+    // sta's `threshold` replaces the density; a cross-task rule needs every taking-part task's
+    // keys even where it keeps everything.
+    let threshold = (method == MethodKind::Sta)
+        .then(|| p.task(t, "threshold").map(|v| v.num() as f32))
+        .flatten();
+    let crosses =
+        method == MethodKind::Sta && overlap(p) != Overlap::Sum && !recipe.tasks[t].forget;
+    if !selects(density) && threshold.is_none() && !crosses {
         return MaskPlan::All;
     }
     match method.select() {
@@ -221,14 +238,52 @@ fn mask_plan(
                 mean: None,
                 nonfinite_zero: recipe.nonfinite_scores == NonFinite::Zero,
             };
-            match recipe.tasks[t].selection {
-                Selection::Tensor => MaskPlan::TopK {
+            match (threshold, recipe.tasks[t].selection) {
+                (Some(x), _) => MaskPlan::Threshold { spec, x },
+                (None, Selection::Model) if model_wide(recipe, t) => MaskPlan::ModelWide { spec },
+                // k = n keeps every entry (no mask); the keys serve the overlap rule.
+                _ => MaskPlan::TopK {
                     spec,
                     k: keep_count(density, n),
                 },
-                Selection::Model => MaskPlan::ModelWide { spec },
             }
         }
+    }
+}
+
+/// sta's `overlap` rule for a tensor (`sum` for every other method).
+fn overlap(p: &Resolved) -> Overlap {
+    match p.shared("overlap").map(|v| v.str()) {
+        Some("exclusive") => Overlap::Exclusive,
+        Some("consensus") => Overlap::Consensus(p.num("consensus") as u32),
+        _ => Overlap::Sum,
+    }
+}
+
+/// sta's selection options for a tensor: `normalize_importance` per task (left to the
+/// model-wide mean under `selection: model`), the thresholds, the overlap rule.
+fn sta_select(recipe: &Recipe, p: &Resolved) -> StaSelect {
+    let nt = recipe.tasks.len();
+    if recipe.method != MethodKind::Sta {
+        return StaSelect {
+            norm: vec![Norm::None; nt],
+            threshold: vec![None; nt],
+            overlap: Overlap::Sum,
+        };
+    }
+    let norm = |t: usize| match p.task(t, "normalize_importance").map(|v| v.str()) {
+        _ if recipe.tasks[t].selection == Selection::Model => Norm::None,
+        Some("mean") => Norm::Mean,
+        Some("max") => Norm::Max,
+        Some("sum") => Norm::Sum,
+        _ => Norm::None,
+    };
+    StaSelect {
+        norm: (0..nt).map(norm).collect(),
+        threshold: (0..nt)
+            .map(|t| p.task(t, "threshold").map(|v| v.num() as f32))
+            .collect(),
+        overlap: overlap(p),
     }
 }
 
@@ -276,6 +331,7 @@ fn fuse_spec(recipe: &Recipe, p: &Resolved, out: FloatType) -> FuseSpec {
             r: shared("r", 0.0) as f32,
             alpha: shared("alpha", 0.0) as f32,
         },
+        sta: sta_select(recipe, p),
         out,
     }
 }

@@ -6,12 +6,15 @@
 
 use super::{locate, Recipe, Resolved, Setting, Site};
 use crate::error::Problem;
-use crate::method::{sparse, SelectKind};
+use crate::method::{sparse, MethodKind, SelectKind};
 
 impl Recipe {
     /// The problems of the values resolved for the tensor at `at`, one message per task.
     pub fn check_tensor(&self, at: &Site, p: &Resolved) -> Vec<String> {
         let mut out = Vec::new();
+        if self.method == MethodKind::Sta {
+            out.extend(self.check_sta(at, p));
+        }
         if self.method.select() != SelectKind::Della {
             return out;
         }
@@ -30,6 +33,74 @@ impl Recipe {
                     "{} with {}: {msg}",
                     from("density"),
                     from("epsilon")
+                ));
+            }
+        }
+        out
+    }
+}
+
+impl Recipe {
+    /// sta's selection options (docs/SEMANTICS.md, "sta's selection options"): a threshold
+    /// selects instead of a density, not with one, and not with `selection: model`, which
+    /// divides by the tensor's mean itself; a consensus no set of tasks can reach keeps nothing.
+    fn check_sta(&self, at: &Site, p: &Resolved) -> Vec<String> {
+        let mut out = Vec::new();
+        let field = |t: usize, name: &str| {
+            let input = at.inputs[t].as_deref().unwrap_or("");
+            self.source_of(at, t, name)
+                .map(|p| locate::field_at(&self.text, &entry(&p.setting, &p.field, input)))
+        };
+        for t in 0..self.tasks.len() {
+            if !p.has_task(t) {
+                continue;
+            }
+            let model = self.tasks[t].selection == super::Selection::Model;
+            if let Some(th) = field(t, "threshold").filter(|_| p.task(t, "threshold").is_some()) {
+                if let Some(d) = field(t, "density") {
+                    out.push(format!(
+                        "{th} and {d}: give one of them (for {}): a threshold selects the entries \
+                         instead of a density",
+                        self.tasks[t].field
+                    ));
+                } else if model {
+                    out.push(format!(
+                        "{th}: `threshold` does not work with `selection: model` ({}), which \
+                         finds one threshold for a density of the whole model",
+                        self.tasks[t].field
+                    ));
+                }
+            }
+            let norm = p
+                .task(t, "normalize_importance")
+                .map(|v| v.str().to_string());
+            if let (true, Some(word)) = (model, norm.filter(|w| w != "mean")) {
+                let f = field(t, "normalize_importance").unwrap_or_default();
+                out.push(format!(
+                    "{f}: `normalize_importance: {word}` does not work with `selection: model` \
+                     ({}), which ranks each tensor's importance divided by its mean (`mean`)",
+                    self.tasks[t].field
+                ));
+            }
+        }
+        if p.shared("overlap").map(|v| v.str()) == Some("consensus") {
+            let k = p.num("consensus");
+            let taking_part = (0..self.tasks.len())
+                .filter(|&t| p.has_task(t) && !self.tasks[t].forget)
+                .count();
+            if k > taking_part as f64 {
+                let slice = at.slice.and_then(|s| self.slices.get(s)).map(|s| &s.params);
+                let from = slice
+                    .into_iter()
+                    .chain(std::iter::once(&self.params))
+                    .find_map(|s| s.get("consensus"))
+                    .map_or("the default consensus (2)".to_string(), |q| {
+                        locate::field_at(&self.text, &entry(&q.setting, &q.field, at.name))
+                    });
+                out.push(format!(
+                    "{from}: `overlap: consensus` keeps entries that at least {k} tasks select, \
+                     but only {taking_part} models (not `forget:` entries) are merged here, so \
+                     nothing would be kept"
                 ));
             }
         }

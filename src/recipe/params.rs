@@ -108,6 +108,24 @@ fn task_vector_methods(m: MethodKind) -> bool {
     m.weighs_tasks()
 }
 
+fn non_negative(v: &Value) -> Result<(), String> {
+    let x = v.num();
+    if x >= 0.0 && (x as f32).is_finite() {
+        Ok(())
+    } else {
+        Err("must be a finite number ≥ 0".into())
+    }
+}
+
+fn at_least_one(v: &Value) -> Result<(), String> {
+    let k = v.num();
+    if k >= 1.0 && k <= u32::MAX as f64 && k.fract() == 0.0 {
+        Ok(())
+    } else {
+        Err("must be a whole number ≥ 1".into())
+    }
+}
+
 fn unit_interval(v: &Value) -> Result<(), String> {
     if (0.0..=1.0).contains(&v.num()) {
         Ok(())
@@ -271,6 +289,46 @@ pub const PARAMS: &[ParamSpec] = &[
         per_tensor: true,
         default: |_| Some(Value::Str("finetuned".into())),
         check: any,
+        methods: |m| m == MethodKind::Sta,
+    },
+    // sta's selection options (docs/SEMANTICS.md, "sta's selection options"). Unset: `none`,
+    // except under `selection: model`, whose ranking divides by the tensor's mean already.
+    ParamSpec {
+        name: "normalize_importance",
+        kind: Kind::Choice(&["none", "mean", "max", "sum"]),
+        scope: Scope::PerModel,
+        per_tensor: true,
+        default: |_| None,
+        check: any,
+        methods: |m| m == MethodKind::Sta,
+    },
+    // Keep entries whose normalised importance is ≥ it: instead of `density`.
+    ParamSpec {
+        name: "threshold",
+        kind: Kind::Float,
+        scope: Scope::PerModel,
+        per_tensor: true,
+        default: |_| None,
+        check: non_negative,
+        methods: |m| m == MethodKind::Sta,
+    },
+    ParamSpec {
+        name: "overlap",
+        kind: Kind::Choice(&["sum", "exclusive", "consensus"]),
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Str("sum".into())),
+        check: any,
+        methods: |m| m == MethodKind::Sta,
+    },
+    // `overlap: consensus`: how many tasks must select an entry (TALL masks' k).
+    ParamSpec {
+        name: "consensus",
+        kind: Kind::Int,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Num(2.0)),
+        check: at_least_one,
         methods: |m| m == MethodKind::Sta,
     },
     ParamSpec {

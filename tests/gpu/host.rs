@@ -293,6 +293,7 @@ fn nans_from_finite_inputs_are_canonical_on_both_backends() {
                     rescale_l1: vec![false, false],
                     scale: vec![None, None],
                     sparse: Default::default(),
+                    sta: Default::default(),
                     out: ty,
                 };
                 (vec![MaskJob::All, MaskJob::All], fuse)
