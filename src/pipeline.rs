@@ -17,7 +17,9 @@ use crate::error::{Error, Result};
 use crate::method::keep_count;
 use crate::plan::work::model_wide_tasks;
 use crate::plan::{Convert, CopyFrom, Item, ItemKind, ModelCut, Plan};
-use crate::report::{overlaps, ModelSelectionRecord, TaskRecord, TensorRecord};
+use crate::report::{
+    overlaps, ModelSelectionRecord, TaskRecord, TensorRecord, ThresholdDensityRecord,
+};
 use crate::run::ProgressFn;
 use crate::select::{key_value, DigitSearch};
 use crate::values::{fault_problem, first_nonfinite, overflow_problem};
@@ -332,6 +334,8 @@ pub struct Outcome {
     /// Checksum of each output tensor, in plan order.
     pub checksums: Vec<u64>,
     pub model_selection: Vec<ModelSelectionRecord>,
+    /// Per task that set sta's `threshold` somewhere: the density it produced.
+    pub threshold_density: Vec<ThresholdDensityRecord>,
     pub bytes_read: u64,
 }
 
@@ -351,6 +355,8 @@ pub fn execute(
     progress.message("merging");
     let outs = plan.items.iter().map(|i| i.out.clone()).collect();
     let mut records = Vec::with_capacity(plan.items.len());
+    // Per task: entries sta's `threshold` selected, and the entries it looked at.
+    let mut selected = vec![(0u64, 0u64); plan.recipe.tasks.len()];
     let result: Result<(ShardPlan, Vec<u64>)> = std::thread::scope(|s| {
         let (tx, rx) = sync_channel::<Payload>(crate::plan::OUT_BUFFERS_IN_FLIGHT as usize - 1);
         let (ret_tx, ret_rx) = channel::<Vec<u8>>();
@@ -503,6 +509,14 @@ pub fn execute(
                         release(plan, item);
                         let mut tasks = Vec::with_capacity(nt);
                         for (t, st) in stats.tasks.iter().enumerate() {
+                            // Before `overlap`: every entry at or above the threshold.
+                            if let (Some(_), Some(th)) = (
+                                work.fuse.sta.threshold.get(t).copied().flatten(),
+                                st.threshold,
+                            ) {
+                                selected[t].0 += th.count_gt + st.ties_kept;
+                                selected[t].1 += g.n as u64;
+                            }
                             if let (MaskJob::Fixed { .. }, Some(m)) = (&jobs[t], ms.as_mut()) {
                                 let th = m.thresholds[t].as_mut().expect("fixed has a threshold");
                                 th.quota -= st.ties_kept;
@@ -579,11 +593,32 @@ pub fn execute(
                 .collect()
         })
         .unwrap_or_default();
+    let threshold_density = selected
+        .iter()
+        .enumerate()
+        .filter(|(_, &(_, total))| total > 0)
+        .map(|(task, &(selected, total))| ThresholdDensityRecord {
+            task,
+            selected,
+            total,
+            density: selected as f64 / total as f64,
+        })
+        .inspect(|r: &ThresholdDensityRecord| {
+            tracing::info!(
+                "models[{}]: its threshold selected {} of {} entries (density {:.4})",
+                r.task,
+                r.selected,
+                r.total,
+                r.density
+            )
+        })
+        .collect();
     Ok(Outcome {
         tensors: records,
         shards,
         checksums,
         model_selection,
+        threshold_density,
         bytes_read: progress.done,
     })
 }

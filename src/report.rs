@@ -76,6 +76,18 @@ pub struct ModelSelectionRecord {
     pub threshold: f32,
 }
 
+/// What sta's `threshold` selected for one task over the tensors it set one in, before the
+/// `overlap` rule: the density the threshold produced.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ThresholdDensityRecord {
+    pub task: usize,
+    /// Entries with normalised importance ≥ the threshold.
+    pub selected: u64,
+    /// Entries of those tensors.
+    pub total: u64,
+    pub density: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub stamerge_version: &'static str,
@@ -95,6 +107,8 @@ pub struct Report {
     pub notes: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub model_selection: Vec<ModelSelectionRecord>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub threshold_density: Vec<ThresholdDensityRecord>,
     pub tensors: Vec<TensorRecord>,
 }
 

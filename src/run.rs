@@ -365,6 +365,7 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
         peak_rss_anon_bytes: sampler.peak(),
         notes: plan.notes.clone(),
         model_selection: outcome.model_selection,
+        threshold_density: outcome.threshold_density,
         tensors: outcome.tensors,
     };
     {

@@ -123,15 +123,16 @@ fn normalised(cfg: &Cfg, th: &[Vec<f32>], g: &[Vec<f32>]) -> Vec<Vec<f32>> {
 }
 
 /// Each task's own selection, then the overlap rule.
-fn masks(cfg: &Cfg, shat: &[Vec<f32>]) -> Vec<Vec<bool>> {
+fn masks(cfg: &Cfg, shat: &[Vec<f32>]) -> (Vec<Vec<bool>>, Vec<Vec<bool>>) {
     let nt = cfg.tasks.len();
     let n = shat[0].len();
-    let mut m: Vec<Vec<bool>> = (0..nt)
+    let own: Vec<Vec<bool>> = (0..nt)
         .map(|t| match cfg.tasks[t].2 {
             Select::Density(d) => topk_mask(&shat[t], k_of(d, n)),
             Select::Threshold(x) => shat[t].iter().map(|&v| v >= x).collect(),
         })
         .collect();
+    let mut m = own.clone();
     match cfg.overlap {
         Overlap::Sum => {}
         Overlap::Consensus(k) => {
@@ -154,13 +155,21 @@ fn masks(cfg: &Cfg, shat: &[Vec<f32>]) -> Vec<Vec<bool>> {
             }
         }
     }
-    m
+    (own, m)
 }
 
-/// Expected values of every merged tensor, and each task's kept count per tensor.
-fn reference(cfg: &Cfg, l: &Loaded) -> (HashMap<String, Vec<f32>>, HashMap<String, Vec<u64>>) {
+fn count(m: &[bool]) -> u64 {
+    m.iter().filter(|&&x| x).count() as u64
+}
+
+type Kept = HashMap<String, Vec<u64>>;
+
+/// Expected values of every merged tensor, each task's kept count per tensor, and per task the
+/// entries its own selection took and the entries it ranked.
+fn reference(cfg: &Cfg, l: &Loaded) -> (HashMap<String, Vec<f32>>, Kept, Vec<(u64, u64)>) {
     let nt = cfg.tasks.len();
     let (mut out, mut kept) = (HashMap::new(), HashMap::new());
+    let mut selected = vec![(0u64, 0u64); nt];
     for (name, bt) in &l.base {
         if !l.models[0].contains_key(name) || bt.dtype == Dtype::I64 {
             continue;
@@ -168,7 +177,11 @@ fn reference(cfg: &Cfg, l: &Loaded) -> (HashMap<String, Vec<f32>>, HashMap<Strin
         let b = bt.values();
         let th: Vec<Vec<f32>> = l.models.iter().map(|m| m[name].values()).collect();
         let g: Vec<Vec<f32>> = l.grads.iter().map(|m| m[name].values()).collect();
-        let m = masks(cfg, &normalised(cfg, &th, &g));
+        let (own, m) = masks(cfg, &normalised(cfg, &th, &g));
+        for t in 0..nt {
+            selected[t].0 += count(&own[t]);
+            selected[t].1 += b.len() as u64;
+        }
         let v = (0..b.len())
             .map(|i| {
                 let mut acc = 0f32;
@@ -181,20 +194,15 @@ fn reference(cfg: &Cfg, l: &Loaded) -> (HashMap<String, Vec<f32>>, HashMap<Strin
             })
             .collect();
         out.insert(name.clone(), v);
-        kept.insert(
-            name.clone(),
-            m.iter()
-                .map(|mt| mt.iter().filter(|&&x| x).count() as u64)
-                .collect(),
-        );
+        kept.insert(name.clone(), m.iter().map(|mt| count(mt)).collect());
     }
-    (out, kept)
+    (out, kept, selected)
 }
 
 fn check(s: &Scenario, cfg: &Cfg) {
     let text = recipe_text(cfg);
     let l = s.load();
-    let (expected, kept) = reference(cfg, &l);
+    let (expected, kept, selected) = reference(cfg, &l);
     let out = s.path("out");
     let rep = run_recipe(s.dir.path(), &text, &out, None).unwrap_or_else(|e| panic!("{text}\n{e}"));
     assert_matches(&out, &expected, &l, None);
@@ -202,6 +210,17 @@ fn check(s: &Scenario, cfg: &Cfg) {
         let got: Vec<u64> = tr.tasks.iter().map(|t| t.kept).collect();
         assert_eq!(got, kept[&tr.name], "kept per task in {}\n{text}", tr.name);
     }
+    // The density each threshold produced (before the overlap rule), for those tasks only.
+    let want: Vec<(usize, u64, u64)> = (0..cfg.tasks.len())
+        .filter(|&t| matches!(cfg.tasks[t].2, Select::Threshold(_)))
+        .map(|t| (t, selected[t].0, selected[t].1))
+        .collect();
+    let got: Vec<(usize, u64, u64)> = rep
+        .threshold_density
+        .iter()
+        .map(|r| (r.task, r.selected, r.total))
+        .collect();
+    assert_eq!(got, want, "{text}");
 }
 
 /// Each dtype, single files with random values and three shards with grid values (ties).
