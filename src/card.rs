@@ -38,6 +38,7 @@ fn method_md(m: MethodKind) -> String {
             "Reinforced Agent Merging",
             Some("https://arxiv.org/abs/2601.13572"),
         ),
+        MethodKind::Fisher => ("Fisher merging", Some("https://arxiv.org/abs/2111.09832")),
         MethodKind::RamplusTl => (
             "Reinforced Agent Merging Plus (Tensor-Local)",
             Some("https://arxiv.org/abs/2601.13572"),

@@ -213,6 +213,46 @@ struct ModelSelection {
     thresholds: Vec<Option<ModelThreshold>>,
 }
 
+/// fisher with `normalize_fisher_weight`: one pass over the statistics for each model's Fisher
+/// norm over the whole model, then each model's scale (`backend::cpu::fisher::norm_scales`).
+/// On the host: `--device cuda` refuses fisher before any work.
+fn fisher_scales(
+    plan: &Plan,
+    progress: &mut Progress,
+    stop: &[&AtomicBool],
+) -> Result<Option<Vec<f32>>> {
+    use crate::backend::cpu::fisher;
+    let normalised = plan.items.iter().any(|item| match &item.kind {
+        ItemKind::Merge { work, .. } => {
+            work.fuse.rule == crate::method::FuseRule::Fisher && work.fuse.normalize
+        }
+        ItemKind::Copy { .. } => false,
+    });
+    if !normalised {
+        return Ok(None);
+    }
+    progress.message("fisher — the Fisher norm of each model");
+    let mut sums = vec![0f64; plan.recipe.tasks.len()];
+    for item in &plan.items {
+        check_interrupt(plan, stop)?;
+        if !matches!(item.kind, ItemKind::Merge { .. }) {
+            continue;
+        }
+        let g = plan.group(item);
+        for (t, s) in sums.iter_mut().enumerate() {
+            *s += fisher::sq_sum(&g, t)
+                .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
+        }
+        release(plan, item);
+    }
+    let scales = fisher::norm_scales(&sums);
+    tracing::info!(
+        "fisher: the models' Fisher norms {:?}, scales {scales:?}",
+        { sums.iter().map(|s| s.sqrt()).collect::<Vec<_>>() }
+    );
+    Ok(Some(scales))
+}
+
 /// `selection: model`: a pass for the per-tensor means, then one histogram pass per digit over
 /// every tensor of the model, then the threshold of each task is known.
 fn model_selection(
@@ -351,6 +391,7 @@ pub fn execute(
     let total = plan.estimate.read_bytes_with(backend.model_digits().len());
     let mut progress = Progress::new(total, control.show, control.progress);
     let mut ms = model_selection(plan, backend, &mut progress, stop)?;
+    let fisher = fisher_scales(plan, &mut progress, stop)?;
     let nt = plan.recipe.tasks.len();
     progress.message("merging");
     let outs = plan.items.iter().map(|i| i.out.clone()).collect();
@@ -455,6 +496,16 @@ pub fn execute(
                             }
                         });
                         let k = work.k();
+                        // fisher's norm scales, found by the pass before the merge.
+                        let fuse = match &fisher {
+                            Some(sc) if work.fuse.rule == crate::method::FuseRule::Fisher => {
+                                std::borrow::Cow::Owned(crate::method::FuseSpec {
+                                    scale: sc.iter().map(|&s| Some(s)).collect(),
+                                    ..work.fuse.clone()
+                                })
+                            }
+                            _ => std::borrow::Cow::Borrowed(&work.fuse),
+                        };
                         // A fixed set of output buffers circulates between here and the writer.
                         // A backend that returns outputs late may hold every buffer: then it
                         // hands them over first, or waiting for the writer would never end.
@@ -503,7 +554,7 @@ pub fn execute(
                         // The output may come back one call later (while the next tensor
                         // computes); the statistics come now.
                         let (stats, done) = backend
-                            .submit(&g, &jobs, &work.fuse, buf, next.as_ref())
+                            .submit(&g, &jobs, &fuse, buf, next.as_ref())
                             .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
                         payloads.extend(done.into_iter().map(Payload::Owned));
                         release(plan, item);

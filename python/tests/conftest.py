@@ -26,7 +26,7 @@ def reference_statistic(model: nn.Module, per_sample_losses, mode: str):
         for pid, p in by_id.items():
             if p.grad is not None:
                 g = p.grad.double()
-                acc[pid] += g.abs() if mode == "abs" else g
+                acc[pid] += {"abs": g.abs(), "sq": g * g}.get(mode, g)
         n += 1
         total += loss.item()
     out = {

@@ -69,7 +69,7 @@ def reference(model, data, mode):
     )
 
 
-@pytest.mark.parametrize("mode", ["abs", "sum"])
+@pytest.mark.parametrize("mode", ["abs", "sum", "sq"])
 @pytest.mark.parametrize("per_sample", ["vmap", "loop", "auto"])
 def test_matches_per_sample_loop(model, mode, per_sample):
     data = make_data()
@@ -99,6 +99,18 @@ def test_matches_per_sample_loop(model, mode, per_sample):
         "frozen_scale": "frozen (requires_grad is False)",
         "steps": "not a float tensor (torch.int64)",
     }
+
+
+def test_sq_is_the_sum_of_squares_not_the_square_of_the_sum(model):
+    # Fisher merging's statistic: Σ_j g_j², which per-sample gradients give and Σ_j g_j does not.
+    data = make_data()
+    q = gradient_statistic(model, lm_loss, data, mode="sq")
+    s = gradient_statistic(model, lm_loss, data, mode="sum")
+    a = gradient_statistic(model, lm_loss, data, mode="abs")
+    assert q.mode == "sq" and q.per_sample == "vmap"
+    # Σ g² ≤ (Σ |g|)² entrywise, and well apart from (Σ g)² somewhere.
+    assert (q["mix.weight"] - a["mix.weight"] ** 2).max() <= 1e-6
+    assert (q["mix.weight"] - s["mix.weight"] ** 2).abs().max() > 1e-6
 
 
 def test_abs_differs_from_abs_of_sum(model):

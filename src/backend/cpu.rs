@@ -16,6 +16,7 @@ use crate::dtype::{narrow, widen};
 use crate::method::{FuseRule, ScoreKind};
 use crate::select::{self, dare, dsum, radix, Threshold};
 
+pub mod fisher;
 mod sparse;
 mod sta;
 
@@ -440,7 +441,9 @@ fn fuse_chunk(
                     .for_each(|(a, d)| *a /= if *d == 0.0 { 1.0 } else { *d });
             }
         }
-        FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus => unreachable!("cpu::sparse fuses"),
+        FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus | FuseRule::Fisher => {
+            unreachable!("cpu::sparse and cpu::fisher fuse")
+        }
     }
     let start = if g.start.is_some() { &sc.st } else { &sc.b };
     // A NaN (finite inputs whose task vectors overflow) is written as the canonical NaN of
@@ -538,6 +541,9 @@ impl Compute for CpuBackend {
     ) -> BResult<GroupStats> {
         if sparse::owns_fuse(f) {
             return self.merge_sparse(g, f, out);
+        }
+        if f.rule == FuseRule::Fisher {
+            return fisher::merge(g, f, out);
         }
         let n = g.n;
         // sta's `normalize_importance`: each task's divisor found before its keys are made.

@@ -85,6 +85,7 @@ impl Rows {
 pub struct FuseSpec {
     pub rule: FuseRule,
     pub lambda: f32,
+    /// `normalize` (fisher: `normalize_fisher_weight`).
     pub normalize: bool,
     pub weights: Vec<f32>,
     /// True for `forget:` entries (subtracted).
@@ -215,7 +216,7 @@ impl FuseSpec {
                 })
             }
             // Their weights come from their own rules, never from a division by Σw.
-            FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus => None,
+            FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus | FuseRule::Fisher => None,
             FuseRule::Linear => {
                 let sum: f64 = w.iter().map(|&w| w as f64).sum();
                 let abs: f64 = w.iter().map(|&w| (w as f64).abs()).sum();

@@ -42,6 +42,9 @@ pub enum MethodKind {
     Ram,
     /// RAM+ (tensor-local): as `ram`, unique entries scaled by each task's overlap ratio.
     RamplusTl,
+    /// Fisher merging: the models averaged entry by entry, weighted by w_t · F_t (the squared
+    /// gradient statistic).
+    Fisher,
 }
 
 /// How the kept entries of each task are chosen.
@@ -73,6 +76,8 @@ pub enum FuseRule {
     Ram,
     /// RAM+ tensor-local: `Ram` with unique entries scaled by λ_t.
     RamPlus,
+    /// Fisher merging: Σ c_t F'_t θ_t / Σ c_t F'_t (docs/SEMANTICS.md, "fisher").
+    Fisher,
 }
 
 /// What one task's entries are ranked by, for one tensor.
@@ -94,7 +99,7 @@ impl ScoreKind {
 }
 
 impl MethodKind {
-    pub const ALL: [MethodKind; 14] = [
+    pub const ALL: [MethodKind; 15] = [
         Self::TaskArithmetic,
         Self::Magnitude,
         Self::Ties,
@@ -109,6 +114,7 @@ impl MethodKind {
         Self::Sce,
         Self::Ram,
         Self::RamplusTl,
+        Self::Fisher,
     ];
 
     pub fn name(self) -> &'static str {
@@ -127,6 +133,7 @@ impl MethodKind {
             Self::Sce => "sce",
             Self::Ram => "ram",
             Self::RamplusTl => "ramplus_tl",
+            Self::Fisher => "fisher",
         }
     }
 
@@ -137,9 +144,12 @@ impl MethodKind {
     pub fn select(self) -> SelectKind {
         match self {
             // sce's variance mask is shared by the tasks: its fuse rule makes it.
-            Self::TaskArithmetic | Self::Passthrough | Self::Sce | Self::Ram | Self::RamplusTl => {
-                SelectKind::All
-            }
+            Self::TaskArithmetic
+            | Self::Passthrough
+            | Self::Sce
+            | Self::Ram
+            | Self::RamplusTl
+            | Self::Fisher => SelectKind::All,
             Self::Magnitude | Self::Ties | Self::Sta => SelectKind::TopK,
             Self::DareLinear | Self::DareTies => SelectKind::Random,
             Self::Breadcrumbs | Self::BreadcrumbsTies => SelectKind::Band,
@@ -153,6 +163,7 @@ impl MethodKind {
             Self::Sce => FuseRule::Sce,
             Self::Ram => FuseRule::Ram,
             Self::RamplusTl => FuseRule::RamPlus,
+            Self::Fisher => FuseRule::Fisher,
             _ => FuseRule::Linear,
         }
     }
@@ -207,7 +218,20 @@ impl MethodKind {
                 | Self::Sce
                 | Self::Ram
                 | Self::RamplusTl
+                | Self::Fisher
         )
+    }
+
+    /// Whether each model needs a gradient statistic (`gradients:`): sta ranks by it, fisher
+    /// weighs by it.
+    pub fn reads_gradients(self) -> bool {
+        matches!(self, Self::Sta | Self::Fisher)
+    }
+
+    /// Whether the method reads `weight` per model: the task-vector methods, and fisher (its
+    /// scaling coefficients).
+    pub fn reads_weight(self) -> bool {
+        self.weighs_tasks() || self == Self::Fisher
     }
 
     pub fn is_dare(self) -> bool {

@@ -12,6 +12,7 @@ pub fn cuda_lacks(jobs: &[MaskJob], f: &FuseSpec) -> Option<String> {
     let rule = match f.rule {
         FuseRule::Sce => Some("sce's fuse"),
         FuseRule::Ram | FuseRule::RamPlus => Some("ram's fuse"),
+        FuseRule::Fisher => Some("fisher's fuse"),
         FuseRule::Linear | FuseRule::Ties => None,
     };
     let job = jobs.iter().find_map(|j| match j {

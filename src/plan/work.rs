@@ -297,7 +297,7 @@ fn fuse_spec(recipe: &Recipe, p: &Resolved, out: FloatType) -> FuseSpec {
     let method = recipe.method;
     let nt = recipe.tasks.len();
     let weighs = method.weighs_tasks();
-    let weight = |t: usize| match (p.has_task(t), weighs) {
+    let weight = |t: usize| match (p.has_task(t), method.reads_weight()) {
         (false, _) => 0.0,
         (true, true) => p.task_num(t, "weight") as f32,
         (true, false) => 1.0,
@@ -314,7 +314,12 @@ fn fuse_spec(recipe: &Recipe, p: &Resolved, out: FloatType) -> FuseSpec {
     FuseSpec {
         rule: method.fuse(),
         lambda: if weighs { p.num("lambda") as f32 } else { 1.0 },
-        normalize: p.flag("normalize"),
+        // fisher: `normalize_fisher_weight` (the pipeline's norm pass fills `scale`).
+        normalize: if method == MethodKind::Fisher {
+            p.flag("normalize_fisher_weight")
+        } else {
+            p.flag("normalize")
+        },
         weights: (0..nt).map(weight).collect(),
         forget: recipe.tasks.iter().map(|t| t.forget).collect(),
         rescale: (0..nt)

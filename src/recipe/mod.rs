@@ -421,18 +421,27 @@ fn check_task(
             }
         }
     }
-    match (&spec.gradients, method == MethodKind::Sta) {
+    match (&spec.gradients, method.reads_gradients()) {
         (None, true) => rd.problem(
             &field,
             format!(
-                "sta needs the gradient statistic of `{}`: add `gradients: PATH` (made by the \
-                 stamerge-grads tool, see python/)",
-                spec.spelled
+                "{} needs the gradient statistic of `{}`: add `gradients: PATH` (made by the \
+                 stamerge-grads tool, see python/{})",
+                method.name(),
+                spec.spelled,
+                if method == MethodKind::Fisher {
+                    "; fisher weighs by `--mode sq`"
+                } else {
+                    ""
+                }
             ),
         ),
         (Some(_), false) => rd.problem(
             &format!("{field}.gradients"),
-            format!("`gradients` is only used by sta, not {}", method.name()),
+            format!(
+                "`gradients` is only used by sta and fisher, not {}",
+                method.name()
+            ),
         ),
         _ => {}
     }

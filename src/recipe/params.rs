@@ -143,7 +143,7 @@ pub const PARAMS: &[ParamSpec] = &[
         per_tensor: true,
         default: |_| Some(Value::Num(1.0)),
         check: finite_f32,
-        methods: task_vector_methods,
+        methods: MethodKind::reads_weight,
     },
     ParamSpec {
         name: "density",
@@ -330,6 +330,17 @@ pub const PARAMS: &[ParamSpec] = &[
         default: |_| Some(Value::Num(2.0)),
         check: at_least_one,
         methods: |m| m == MethodKind::Sta,
+    },
+    // fisher: divide each model's Fisher weights by their L2 norm over the whole model
+    // (FusionBench's `normalize_fisher_weight`, default true there too).
+    ParamSpec {
+        name: "normalize_fisher_weight",
+        kind: Kind::Bool,
+        scope: Scope::Shared,
+        per_tensor: false,
+        default: |_| Some(Value::Bool(true)),
+        check: any,
+        methods: |m| m == MethodKind::Fisher,
     },
     ParamSpec {
         name: "missing_gradients",

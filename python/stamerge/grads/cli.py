@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
         "--mode",
         default="abs",
         choices=MODES,
-        help="abs: sum of |per-sample grad| (default); sum: summed grad",
+        help="abs: sum of |per-sample grad| (default, for sta); sq: sum of squared per-sample "
+        "grads (the empirical Fisher, for merge_method: fisher); sum: summed grad",
     )
     p.add_argument(
         "--dtype",

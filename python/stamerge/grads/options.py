@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-MODES = ("abs", "sum")
+MODES = ("abs", "sum", "sq")
 PER_SAMPLE = ("auto", "vmap", "loop")
 TASKS = ("causal-lm", "seq-cls")
 

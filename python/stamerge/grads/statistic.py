@@ -1,7 +1,9 @@
-"""The gradient statistic of a task: per-sample absolute gradients or the summed gradient.
+"""The gradient statistic of a task: per-sample absolute or squared gradients, or the summed
+gradient.
 
 STA ranks a weight by |θ · G| where G = Σ_j |∂L_j/∂θ| over a task's calibration samples (mode
-``abs``) or G = Σ_j ∂L_j/∂θ (mode ``sum``). The absolute value must be taken per sample, before
+``abs``) or G = Σ_j ∂L_j/∂θ (mode ``sum``); Fisher merging weighs by the empirical Fisher
+F = Σ_j (∂L_j/∂θ)² (mode ``sq``). The absolute value must be taken per sample, before
 summing, so ``abs`` needs per-sample gradients: ``torch.func`` computes them for a whole batch at
 once (``vmap`` over ``grad`` of a ``functional_call``); models that ``vmap`` cannot trace (data-
 dependent control flow, ops without batching rules) fall back to one backward pass per sample.
@@ -191,7 +193,8 @@ def gradient_statistic(
     *,
     vmap_bytes: int = 1 << 30,
 ) -> Statistic:
-    """Σ over samples of |per-sample gradient| (``mode="abs"``) or of the gradient (``"sum"``).
+    """Σ over samples of |per-sample gradient| (``mode="abs"``), of its square (``"sq"``, the
+    empirical Fisher that ``merge_method: fisher`` weighs by) or of the gradient (``"sum"``).
 
     ``loss_fn(model, batch)`` returns the per-sample losses, shape ``[B]``; ``batches`` yields
     tensors, tuples/lists or dicts of tensors with the sample dim first (other leaves are passed
@@ -233,7 +236,7 @@ def gradient_statistic(
                 randomness="error",
             )(ps, batch)
         for a, n in zip(acc, fnames):
-            a.add_(grads[n].float().abs().sum(0))
+            a.add_(per_sample_value(grads[n].float()).sum(0))
         return losses.detach().double().sum().item()
 
     def loop_sample(sample):
@@ -241,8 +244,11 @@ def gradient_statistic(
         gs = torch.autograd.grad(losses.sum(), params, allow_unused=True)
         for a, g in zip(acc, gs):
             if g is not None:
-                a.add_(g.float().abs())
+                a.add_(per_sample_value(g.float()))
         return losses.detach().double().sum().item()
+
+    # The per-sample value summed: |g| (abs) or g² (sq), taken before the sum over samples.
+    per_sample_value = torch.square if mode == "sq" else torch.abs
 
     # Per sample, vmap holds each gradient in the parameter's dtype and its fp32 copy.
     per_sample_bytes = sum(p.numel() * (p.element_size() + 4) for p in params)

@@ -544,9 +544,9 @@ impl Gpu {
                     base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
                     linear_div, lambda, out, out_dtype, kept, combo_hist, bad)
             }
-            FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus => Err(DeviceError::Unsupported(
-                "the sce and ram fuses have no CUDA kernels yet".into(),
-            )),
+            FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus | FuseRule::Fisher => Err(
+                DeviceError::Unsupported("the sce and ram fuses have no CUDA kernels yet".into()),
+            ),
         }
     }
 }

@@ -1,0 +1,209 @@
+//! `merge_method: fisher` against a reference restated from docs/SEMANTICS.md ("fisher") with
+//! plain loops: fp32/fp16/bf16, single and sharded checkpoints, odd sizes, grid values (Fisher
+//! weights of 0, where only the 1e-6 floor weighs), with and without `normalize_fisher_weight`;
+//! the recipe errors and the CUDA refusal.
+
+#![allow(clippy::needless_range_loop)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::scenario::{assert_matches, run_recipe, Loaded, Scenario};
+use common::*;
+use safetensors::Dtype;
+
+/// The sum of docs/SEMANTICS.md ("Deterministic sum").
+fn tree_sum(s: &[f32]) -> f64 {
+    let mut total = 0f64;
+    for chunk in s.chunks(65536) {
+        let mut lanes = vec![0f64; 256];
+        for (i, v) in chunk.iter().enumerate() {
+            lanes[i % 256] += *v as f64;
+        }
+        let mut stride = 128;
+        while stride > 0 {
+            for l in 0..stride {
+                lanes[l] += lanes[l + stride];
+            }
+            stride /= 2;
+        }
+        total += lanes[0];
+    }
+    total
+}
+
+fn merged(l: &Loaded) -> Vec<String> {
+    l.order
+        .iter()
+        .filter(|n| l.models[0].contains_key(*n) && l.base[*n].dtype != Dtype::I64)
+        .cloned()
+        .collect()
+}
+
+fn reference(l: &Loaded, w: &[f32], normalize: bool) -> HashMap<String, Vec<f32>> {
+    let nt = w.len();
+    let names = merged(l);
+    // r̂_t = r_t / Σ r, r_t = 1 / (sqrt(Σ F²) + 1e-6), the sum over every merged tensor.
+    let scale: Vec<f32> = if normalize {
+        let r: Vec<f64> = (0..nt)
+            .map(|t| {
+                let sq: f64 = names.iter().fold(0.0, |a, n| {
+                    let f: Vec<f32> = l.grads[t][n].values().iter().map(|x| x * x).collect();
+                    a + tree_sum(&f)
+                });
+                1.0 / (sq.sqrt() + 1e-6)
+            })
+            .collect();
+        let total: f64 = r.iter().sum();
+        r.iter().map(|x| (x / total) as f32).collect()
+    } else {
+        vec![1.0; nt]
+    };
+    let c: Vec<f32> = (0..nt).map(|t| w[t] * scale[t]).collect();
+    names
+        .iter()
+        .map(|n| {
+            let th: Vec<Vec<f32>> = l.models.iter().map(|m| m[n].values()).collect();
+            let f: Vec<Vec<f32>> = l.grads.iter().map(|m| m[n].values()).collect();
+            let v = (0..th[0].len())
+                .map(|i| {
+                    let (mut num, mut den) = (0f32, 0f32);
+                    for t in 0..nt {
+                        let p = c[t] * (f[t][i] + 1e-6f32);
+                        num += p * th[t][i];
+                        den += p;
+                    }
+                    num / den
+                })
+                .collect();
+            (n.clone(), v)
+        })
+        .collect()
+}
+
+fn recipe(w: &[f32], global: &str) -> String {
+    let mut y = format!("merge_method: fisher\nbase_model: base\n{global}models:\n");
+    for (t, w) in w.iter().enumerate() {
+        y += &format!(
+            "  - model: task_{t}\n    gradients: grads_{t}\n    parameters:\n      weight: {w}\n"
+        );
+    }
+    y
+}
+
+#[test]
+fn fisher_matches_reference() {
+    let w = [1.0f32, 0.5, 0.75];
+    for dt in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+        for (shards, grid) in [(1, false), (3, true)] {
+            let s = Scenario::new(dt, 3, shards, grid, 60 + shards as u64);
+            let l = s.load();
+            for (global, normalize) in [
+                ("", true),
+                ("parameters:\n  normalize_fisher_weight: false\n", false),
+            ] {
+                let text = recipe(&w, global);
+                let out = s.path("out");
+                run_recipe(s.dir.path(), &text, &out, None)
+                    .unwrap_or_else(|e| panic!("{text}\n{e}"));
+                assert_matches(&out, &reference(&l, &w, normalize), &l, None);
+            }
+        }
+    }
+}
+
+/// Equal weights and equal statistics give the plain average; a model whose Fisher weights
+/// dwarf the others' takes over.
+#[test]
+fn fisher_weights_decide_between_the_models() {
+    let s = Scenario::new(Dtype::F32, 2, 1, false, 70);
+    let l = s.load();
+    let names = merged(&l);
+    // Task 1's statistic 1e4 times task 0's: the merge is (nearly) task 1.
+    let dir = s.path("grads_1");
+    let scaled: Vec<T> = names
+        .iter()
+        .map(|n| {
+            let g = &l.grads[1][n];
+            let v: Vec<f32> = l.grads[0][n].values().iter().map(|x| x * 1e4).collect();
+            T::float(n, Dtype::F32, &g.shape, &v)
+        })
+        .collect();
+    std::fs::remove_dir_all(&dir).unwrap();
+    write_model(&dir, &scaled, 1, None);
+    let text = recipe(
+        &[1.0, 1.0],
+        "parameters:\n  normalize_fisher_weight: false\n",
+    );
+    run_recipe(s.dir.path(), &text, &s.path("out"), None).unwrap();
+    let (got, _) = read_model(&s.path("out"));
+    for n in &names {
+        let (a, b, m) = (
+            l.models[0][n].values(),
+            l.models[1][n].values(),
+            got[n].values(),
+        );
+        for i in 0..m.len() {
+            let (lo, hi) = (a[i].min(b[i]), a[i].max(b[i]));
+            assert!(
+                m[i] >= lo - 1e-6 && m[i] <= hi + 1e-6,
+                "{n}[{i}] outside the models"
+            );
+            if l.grads[0][n].values()[i] > 1e-3 {
+                assert!(
+                    (m[i] - b[i]).abs() <= 1e-3 * (a[i] - b[i]).abs() + 1e-7,
+                    "{n}[{i}]"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fisher_recipe_errors_and_cuda_refusal() {
+    let s = Scenario::new(Dtype::F32, 2, 1, false, 71);
+    std::fs::write(
+        s.path("r.yml"),
+        "merge_method: fisher\nbase_model: base\nmodels:\n  - model: task_0\n  - model: task_1\n    gradients: grads_1\n",
+    )
+    .unwrap();
+    let ps: Vec<String> = stamerge::Recipe::from_file(&s.path("r.yml"))
+        .unwrap_err()
+        .into_iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert!(
+        ps.len() == 1
+            && ps[0].contains("`models[0]` (line 4)")
+            && ps[0].contains("fisher needs the gradient statistic")
+            && ps[0].contains("--mode sq"),
+        "{ps:?}"
+    );
+    // sta's and the task-vector methods' parameters are not fisher's.
+    std::fs::write(
+        s.path("r.yml"),
+        recipe(&[1.0, 1.0], "parameters:\n  density: 0.5\n"),
+    )
+    .unwrap();
+    let r = stamerge::Recipe::from_file(&s.path("r.yml")).unwrap();
+    assert!(
+        r.notes.iter().any(|n| n.contains("density")),
+        "{:?}",
+        r.notes
+    );
+    std::fs::write(s.path("r.yml"), recipe(&[1.0, 1.0], "")).unwrap();
+    let recipe = stamerge::Recipe::from_file(&s.path("r.yml")).unwrap();
+    let opts = stamerge::Options {
+        device: stamerge::Device::Cuda,
+        ..Default::default()
+    };
+    let e = stamerge::merge(&recipe, &s.path("out"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("merge_method `fisher`") && e.contains("no CUDA kernels"),
+        "{e}"
+    );
+    assert!(!s.path("out").exists());
+}
