@@ -41,6 +41,15 @@ fn merged(l: &Loaded) -> Vec<String> {
         .collect()
 }
 
+/// Task t's statistic of tensor n; a tensor the statistic lacks is F = 0
+/// (`missing_gradients: magnitude`).
+fn stat(l: &Loaded, t: usize, n: &str) -> Vec<f32> {
+    match l.grads[t].get(n) {
+        Some(g) => g.values(),
+        None => vec![0.0; l.models[t][n].values().len()],
+    }
+}
+
 fn reference(l: &Loaded, w: &[f32], normalize: bool) -> HashMap<String, Vec<f32>> {
     let nt = w.len();
     let names = merged(l);
@@ -49,7 +58,7 @@ fn reference(l: &Loaded, w: &[f32], normalize: bool) -> HashMap<String, Vec<f32>
         let r: Vec<f64> = (0..nt)
             .map(|t| {
                 let sq: f64 = names.iter().fold(0.0, |a, n| {
-                    let f: Vec<f32> = l.grads[t][n].values().iter().map(|x| x * x).collect();
+                    let f: Vec<f32> = stat(l, t, n).iter().map(|x| x * x).collect();
                     a + tree_sum(&f)
                 });
                 1.0 / (sq.sqrt() + 1e-6)
@@ -65,7 +74,7 @@ fn reference(l: &Loaded, w: &[f32], normalize: bool) -> HashMap<String, Vec<f32>
         .iter()
         .map(|n| {
             let th: Vec<Vec<f32>> = l.models.iter().map(|m| m[n].values()).collect();
-            let f: Vec<Vec<f32>> = l.grads.iter().map(|m| m[n].values()).collect();
+            let f: Vec<Vec<f32>> = (0..nt).map(|t| stat(l, t, n)).collect();
             let v = (0..th[0].len())
                 .map(|i| {
                     let (mut num, mut den) = (0f32, 0f32);
@@ -111,6 +120,31 @@ fn fisher_matches_reference() {
             }
         }
     }
+}
+
+/// A tensor missing from a statistic: an error naming it, or F = 0 with
+/// `missing_gradients: magnitude`.
+#[test]
+fn missing_statistic_tensors_are_an_error_or_zero() {
+    let s = Scenario::new(Dtype::BF16, 2, 1, false, 72);
+    let l0 = s.load();
+    let gone = "model.layers.0.mlp.up_proj.weight";
+    let kept: Vec<T> = l0.grads[0]
+        .values()
+        .filter(|g| g.name != gone)
+        .cloned()
+        .collect();
+    std::fs::remove_dir_all(s.path("grads_0")).unwrap();
+    write_model(&s.path("grads_0"), &kept, 1, None);
+    let l = s.load();
+    let w = [1.0f32, 0.5];
+    let e = run_recipe(s.dir.path(), &recipe(&w, ""), &s.path("out"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(gone) && e.contains("missing_gradients"), "{e}");
+    let text = recipe(&w, "parameters:\n  missing_gradients: magnitude\n");
+    run_recipe(s.dir.path(), &text, &s.path("out"), None).unwrap();
+    assert_matches(&s.path("out"), &reference(&l, &w, true), &l, None);
 }
 
 /// Equal weights and equal statistics give the plain average; a model whose Fisher weights

@@ -23,8 +23,20 @@ METHODS = {
     "sta": ("sta", {"selection": "tensor", "importance": "finetuned"}, [0.05, 0.1, 0.2], SPARSE_LAMBDAS),
     "sta_model": ("sta", {"selection": "model", "importance": "finetuned"}, [0.1], SPARSE_LAMBDAS),
     "sta_task_vector": ("sta", {"selection": "tensor", "importance": "task_vector"}, [0.1], SPARSE_LAMBDAS),
+    # Issue 22: the paper's selection as stamerge's options (docs/SEMANTICS.md, "sta's selection
+    # options"): per-tensor normalisation, a threshold instead of a density (its grid axis is the
+    # threshold), disjoint masks, and TALL-style consensus.
+    "sta_max_exclusive": ("sta", {"normalize_importance": "max", "overlap": "exclusive"}, [0.1], SPARSE_LAMBDAS),
+    "sta_threshold": ("sta", {"normalize_importance": "mean"}, [2.0, 4.0], SPARSE_LAMBDAS),
+    "sta_consensus": ("sta", {"overlap": "consensus", "consensus": 2}, [0.2], SPARSE_LAMBDAS),
+    # Fisher-weighted averaging of the models (no λ), with the `--mode sq` statistic.
+    "fisher": ("fisher", {}, [None], [1.0]),
 }
-NEEDS_GRADIENTS = {k for k, v in METHODS.items() if v[0] == "sta"}
+NEEDS_GRADIENTS = {k for k, v in METHODS.items() if v[0] in ("sta", "fisher")}
+# The statistic each method reads: sq (Σ g²) for fisher, abs (Σ |g|) for sta.
+SQ_GRADIENTS = {k for k, v in METHODS.items() if v[0] == "fisher"}
+# The grid's first axis: the density, or sta's threshold.
+AXIS = {"sta_threshold": "threshold"}
 
 
 def grid(method):
@@ -33,7 +45,7 @@ def grid(method):
 
 
 def config_name(method, density, lam):
-    d = "" if density is None else f"-d{density:g}"
+    d = "" if density is None else f"-{'t' if method in AXIS else 'd'}{density:g}"
     return f"{method}{d}-l{lam:g}"
 
 
@@ -56,25 +68,28 @@ def _yaml(doc, indent=0):
     return "\n".join(lines)
 
 
-def recipe(method, density, lam, base, tasks, grads=None, forget=None, start=None):
-    """A stamerge recipe. tasks/forget: lists of checkpoint folders; grads: task -> gradient file."""
+def recipe(method, density, lam, base, tasks, grads=None, forget=None, start=None, weights=None):
+    """A stamerge recipe. tasks/forget: lists of checkpoint folders; grads: task -> gradient file;
+    weights: one per task (default: mergekit's 1)."""
     merge_method, fixed, _, _ = METHODS[method]
-    params = dict(fixed, **{"lambda": lam})
+    params = dict(fixed) if merge_method == "fisher" else dict(fixed, **{"lambda": lam})
     if density is not None:
-        params["density"] = density
+        params[AXIS.get(method, "density")] = density
     if merge_method == "sta":
         # Only the frozen, unused pooler lacks a gradient; its task vector is exactly zero.
         params["missing_gradients"] = "magnitude"
 
-    def entry(path):
+    def entry(path, w=None):
         e = {"model": path}
-        if merge_method == "sta":
+        if merge_method in ("sta", "fisher"):
             e["gradients"] = grads[path]
+        if w is not None:
+            e["parameters"] = {"weight": w}
         return e
 
     doc = {"merge_method": merge_method, "base_model": base, "parameters": params}
     if tasks:
-        doc["models"] = [entry(p) for p in tasks]
+        doc["models"] = [entry(p, None if weights is None else weights[i]) for i, p in enumerate(tasks)]
     if forget:
         doc["forget"] = [entry(p) for p in forget]
         if start:

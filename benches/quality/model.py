@@ -178,10 +178,16 @@ def logits(z, w):
     return LOGIT_SCALE * z @ w.T
 
 
-def accuracy(model, id_lists, labels, w):
+def correct(model, id_lists, labels, w):
+    """Per example, 1 where the prediction is right (for paired comparisons of two models)."""
     z = embed(model, id_lists)
     pred = logits(z, w).argmax(-1)
-    return 100.0 * (pred == torch.as_tensor(labels)).float().mean().item()
+    return (pred == torch.as_tensor(labels)).int().tolist()
+
+
+def accuracy(model, id_lists, labels, w):
+    c = correct(model, id_lists, labels, w)
+    return 100.0 * sum(c) / len(c)
 
 
 def lr_lambda(total, warmup_frac=0.1):

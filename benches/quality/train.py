@@ -46,8 +46,9 @@ def finetune(model, ids, labels, w, seed, log=print):
     return model
 
 
-def gradients(model, ids, labels, w, path):
-    """Σ_j |∂L_j/∂θ| over the first 256 training examples, through the project's gradient tool."""
+def gradients(model, ids, labels, w, path, mode="abs"):
+    """Σ_j |∂L_j/∂θ| (mode abs; sq: Σ_j (∂L_j/∂θ)², fisher's) over the first 256 training
+    examples, through the project's gradient tool."""
     from stamerge.grads import write_gradients
 
     n = min(CALIBRATION, len(ids))
@@ -64,4 +65,4 @@ def gradients(model, ids, labels, w, path):
 
     # Dropout off: the statistic is taken at the fine-tuned weights, deterministically.
     model.eval()
-    return write_gradients(model, loss_fn, list(batches()), path, mode="abs", dtype="float32")
+    return write_gradients(model, loss_fn, list(batches()), path, mode=mode, dtype="float32")

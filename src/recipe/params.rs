@@ -349,7 +349,8 @@ pub const PARAMS: &[ParamSpec] = &[
         per_tensor: false,
         default: |_| Some(Value::Str("error".into())),
         check: any,
-        methods: |m| m == MethodKind::Sta,
+        // fisher: `magnitude` takes F = 0 for such a tensor (a frozen parameter's).
+        methods: MethodKind::reads_gradients,
     },
     ParamSpec {
         name: "nonfinite_scores",

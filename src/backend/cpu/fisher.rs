@@ -72,12 +72,16 @@ pub(super) fn merge(g: &Group, f: &FuseSpec, out: &mut [u8]) -> BResult<GroupSta
             let mut den = vec![0f32; len];
             let mut fault = None;
             for t in 0..nt {
-                // A task that is not an input of this tensor has no statistic and weight 0.
-                let Some(grad) = g.tasks[t].grad else {
-                    continue;
-                };
+                // No statistic: F = 0 (`missing_gradients: magnitude`; a task that is not an
+                // input of this tensor has weight 0 too, and adds nothing).
                 load(g.tasks[t].theta, off, len, &mut th);
-                load(grad, off, len, &mut gr);
+                match g.tasks[t].grad {
+                    Some(grad) => load(grad, off, len, &mut gr),
+                    None => {
+                        gr.clear();
+                        gr.resize(len, 0.0);
+                    }
+                }
                 let bad = |v: &[f32], source| {
                     v.iter().position(|x| !x.is_finite()).map(|i| Fault {
                         source,
