@@ -75,8 +75,9 @@ def recipe(method, density, lam, base, tasks, grads=None, forget=None, start=Non
     params = dict(fixed) if merge_method == "fisher" else dict(fixed, **{"lambda": lam})
     if density is not None:
         params[AXIS.get(method, "density")] = density
-    if merge_method == "sta":
-        # Only the frozen, unused pooler lacks a gradient; its task vector is exactly zero.
+    if merge_method in ("sta", "fisher"):
+        # Only the frozen, unused pooler lacks a gradient; its task vector is exactly zero (fisher
+        # takes F = 0 there: the models' average, which is the base).
         params["missing_gradients"] = "magnitude"
 
     def entry(path, w=None):

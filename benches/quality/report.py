@@ -14,6 +14,39 @@ def _mean_spread(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def paired_difference(runs, tasks, method, against="task_arithmetic"):
+    """The 7-task mean test accuracy of `method` minus `against`'s, in points, with a paired 95 %
+    interval over test examples: per seed and task, d_i = correct_method(i) − correct_against(i)
+    on the same test items of the same fine-tuned checkpoints; D = mean over seeds of the mean
+    over tasks of mean(d); Var(D) = Σ_s Σ_t var(d_st) / n_st / (S² T²) (normal approximation).
+    Conditional on the seeds' checkpoints: it says whether the two merges differ on these
+    checkpoints, not how much fine-tuning noise moves them. None without per-example results."""
+    ds, var = [], 0.0
+    for r in runs:
+        a = r["methods"].get(method, {}).get("test_items")
+        b = r["methods"].get(against, {}).get("test_items")
+        if not a or not b:
+            return None
+        per_task = []
+        for t in tasks:
+            d = [x - y for x, y in zip(a[t], b[t])]
+            n = len(d)
+            mu = statistics.fmean(d)
+            per_task.append(mu)
+            var += (statistics.variance(d) if n > 1 else 0.0) / n / (len(tasks) ** 2)
+        ds.append(statistics.fmean(per_task))
+    s = len(ds)
+    diff = 100.0 * statistics.fmean(ds)
+    half = 100.0 * 1.96 * (var / s**2) ** 0.5
+    lo, hi = diff - half, diff + half
+    return {
+        "against": against,
+        "difference": round(diff, 2),
+        "interval_95": [round(lo, 2), round(hi, 2)],
+        "verdict": "higher" if lo > 0 else ("lower" if hi < 0 else "no difference shown"),
+    }
+
+
 def summarise(runs, tasks):
     out = {"seeds": [r["seed"] for r in runs], "spread": "sample standard deviation over seeds", "methods": {}}
     for m in ORDER:
@@ -43,6 +76,17 @@ def summarise(runs, tasks):
         chosen = [{k: r["methods"][m][k] for k in ("density", "lambda")} for r in per_seed if "lambda" in r["methods"][m]]
         if chosen:
             entry["chosen_on_validation"] = chosen
+        if m not in ("zero_shot", "fine_tuned", "task_arithmetic"):
+            paired = paired_difference(per_seed, tasks, m)
+            if paired:
+                entry["vs_task_arithmetic"] = paired
+        masks = [r["mask_stats"][m] for r in per_seed if m in r.get("mask_stats", {})]
+        if m == "task_arithmetic":
+            entry["mask"] = {"mean_energy_kept": 1.0, "mean_pairwise_overlap": 1.0, "note": "every entry kept"}
+        elif masks:
+            entry["mask"] = {
+                k: round(statistics.fmean(x[k] for x in masks), 4) for k in ("mean_energy_kept", "mean_pairwise_overlap")
+            }
         out["methods"][m] = entry
     forget = [row | {"seed": r["seed"]} for r in runs for row in r.get("forgetting", [])]
     if forget:
@@ -91,6 +135,20 @@ def markdown(summary, tasks):
         lines.append(
             f"| {m} | " + " | ".join(cells) + f" | {e['avg']:.1f} ± {e['spread']:.1f} | {e['normalized_avg']:.1f} ± {e['normalized_spread']:.1f} |"
         )
+    lines += [
+        "",
+        "Against task arithmetic (test, paired 95 % interval over test examples; a difference only where it excludes 0), and the masks of the chosen configuration (energy kept ‖m⊙τ‖²/‖τ‖², mean pairwise overlap |m_i∧m_j|/|m_i|):",
+        "",
+        "| method | − task arithmetic (points) | 95 % interval | verdict | energy kept | overlap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, e in summary["methods"].items():
+        p, mk = e.get("vs_task_arithmetic"), e.get("mask")
+        if not p and not mk:
+            continue
+        cells = [f"{p['difference']:+.2f}", f"[{p['interval_95'][0]:+.2f}, {p['interval_95'][1]:+.2f}]", p["verdict"]] if p else ["", "", ""]
+        cells += [f"{mk['mean_energy_kept']:.3f}", f"{mk['mean_pairwise_overlap']:.3f}"] if mk else ["", ""]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Normalised (merged ÷ the task's fine-tuned accuracy, %):", ""]
     lines += lines[:2]
     for m, e in summary["methods"].items():

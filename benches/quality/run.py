@@ -16,7 +16,7 @@ import torch
 
 import data
 import merges
-from model import accuracy, backbone_dir, head, load_model, save_model, tokenize, tokenizer
+from model import backbone_dir, correct, head, load_model, save_model, tokenize, tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -52,6 +52,8 @@ class Bench:
         self.seeds = seeds
         self.forget_scales = forget_scales
         self.forget_tasks = forget_tasks
+        # Mask statistics cost one merge per task for each method's chosen configuration.
+        self.mask_stats_on = True
         self.tok = tokenizer()
         self.tasks = {}
         for task, path in data.prepare(work).items():
@@ -103,18 +105,30 @@ class Bench:
         os.replace(p + ".tmp", p)
 
     def evaluate(self, seed, name, weights, split, tasks=None):
-        """Accuracy (%) of the encoder at `weights` on `split` of each task (cached by name)."""
-        cached = self.evals(seed).get(name, {}).get(split)
+        """Accuracy (%) of the encoder at `weights` on `split` of each task (cached by name). On
+        the test split each example's correctness is kept too (`test_items`), for the paired
+        intervals of report.py."""
+        ev = self.evals(seed).get(name, {})
+        cached = ev.get(split)
         tasks = tasks or list(self.tasks)
-        if cached and all(t in cached for t in tasks):
+        items_ok = split != "test" or all(t in ev.get("test_items", {}) for t in tasks)
+        if cached and all(t in cached for t in tasks) and items_ok:
             return cached
         self.model.load_state_dict(_load(weights))
         accs = dict(cached or {})
+        items = dict(ev.get("test_items", {}))
         for t in tasks:
             d = self.tasks[t][split]
-            accs[t] = accuracy(self.model, d["ids"], d["label"], self.heads[t])
+            c = correct(self.model, d["ids"], d["label"], self.heads[t])
+            accs[t] = 100.0 * sum(c) / len(c)
+            items[t] = c
         self._store(seed, name, split, accs)
+        if split == "test":
+            self._store(seed, name, "test_items", items)
         return accs
+
+    def test_items(self, seed, name):
+        return self.evals(seed).get(name, {}).get("test_items")
 
     # ---- fine-tuning and gradients ----------------------------------------------------------
 
@@ -133,16 +147,17 @@ class Bench:
             save_model(model, path)
         return folder
 
-    def gradients(self, seed, task):
-        path = os.path.join(self.runs, f"seed{seed}", "grads", f"{task}.safetensors")
+    def gradients(self, seed, task, mode="abs"):
+        folder = "grads" if mode == "abs" else f"grads-{mode}"
+        path = os.path.join(self.runs, f"seed{seed}", folder, f"{task}.safetensors")
         if not os.path.exists(path):
             from train import gradients
 
-            log(f"seed {seed}: gradient statistic for {task}")
+            log(f"seed {seed}: gradient statistic ({mode}) for {task}")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             model = load_model(os.path.join(self.finetuned(seed, task), "model.safetensors"))
             tr = self.tasks[task]["train"]
-            gradients(model, tr["ids"], tr["label"], self.heads[task], path + ".tmp.safetensors")
+            gradients(model, tr["ids"], tr["label"], self.heads[task], path + ".tmp.safetensors", mode=mode)
             os.replace(path + ".tmp.safetensors", path)
         return path
 
@@ -154,7 +169,7 @@ class Bench:
         if cached and len(cached) == len(self.tasks):
             return cached
         fts = [self.finetuned(seed, t) for t in self.tasks]
-        grads = {self.finetuned(seed, t): self.gradients(seed, t) for t in self.tasks} if method in merges.NEEDS_GRADIENTS else None
+        grads = self._grads(seed, method)
         out = os.path.join(self.runs, f"seed{seed}", "merged", name)
         weights = os.path.join(out, "model.safetensors")
         if not os.path.exists(weights):
@@ -163,6 +178,58 @@ class Bench:
         if not keep:
             merges.remove(out)
         return accs
+
+    def _grads(self, seed, method):
+        if method not in merges.NEEDS_GRADIENTS:
+            return None
+        mode = "sq" if method in merges.SQ_GRADIENTS else "abs"
+        return {self.finetuned(seed, t): self.gradients(seed, t, mode) for t in self.tasks}
+
+    def mask_stats(self, seed, method, density, lam):
+        """Each task's mask at a configuration, read from a merge that keeps only that task
+        (weight 1, the others 0, λ 1: the same masks, which never depend on the weights): the
+        entries where it differs from the base. Energy kept ‖m⊙τ‖²/‖τ‖² per task, and the
+        pairwise overlap |m_i ∧ m_j| / |m_i| (mean over ordered pairs)."""
+        name = merges.config_name(method, density, lam)
+        p = os.path.join(self.runs, f"seed{seed}", "masks.json")
+        cache = json.load(open(p)) if os.path.exists(p) else {}
+        if name in cache:
+            return cache[name]
+        tasks = list(self.tasks)
+        fts = [self.finetuned(seed, t) for t in tasks]
+        base = _load(os.path.join(self.base, "model.safetensors"))
+        masks, energy = [], {}
+        for i, t in enumerate(tasks):
+            out = os.path.join(self.runs, f"seed{seed}", "merged", f"mask-{name}-{t}")
+            weights = [1.0 if j == i else 0.0 for j in range(len(tasks))]
+            merges.run_stamerge(self.binary, merges.recipe(method, density, 1.0, self.base, fts, self._grads(seed, method), weights=weights), out)
+            merged = _load(os.path.join(out, "model.safetensors"))
+            theta = _load(os.path.join(fts[i], "model.safetensors"))
+            m, kept, total = {}, 0.0, 0.0
+            for k, b in base.items():
+                if not b.is_floating_point() or k not in merged:
+                    continue
+                m[k] = merged[k] != b
+                tau = (theta[k].double() - b.double())
+                total += float((tau * tau).sum())
+                kept += float((tau * tau)[m[k]].sum())
+            masks.append(m)
+            energy[t] = kept / total if total > 0 else 0.0
+            merges.remove(out)
+        overlaps = []
+        for i in range(len(tasks)):
+            ni = sum(int(v.sum()) for v in masks[i].values())
+            for j in range(len(tasks)):
+                if i != j and ni:
+                    both = sum(int((masks[i][k] & masks[j][k]).sum()) for k in masks[i])
+                    overlaps.append(both / ni)
+        kept_frac = {t: sum(int(v.sum()) for v in masks[i].values()) / sum(v.numel() for v in masks[i].values()) for i, t in enumerate(tasks)}
+        res = {"energy_kept": energy, "kept": kept_frac, "mean_energy_kept": sum(energy.values()) / len(energy), "mean_pairwise_overlap": sum(overlaps) / max(1, len(overlaps))}
+        cache[name] = res
+        with open(p + ".tmp", "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(p + ".tmp", p)
+        return res
 
     def select(self, seed, method):
         """The grid point with the best mean validation accuracy (ties: the earlier grid point),
@@ -239,7 +306,10 @@ class Bench:
             grid_val[method] = [{"density": d, "lambda": lm, "val": ev[merges.config_name(method, d, lm)]["val"]} for d, lm in points]
             keep = method == "sta" and self.forget_scales
             test = self.merge_eval(seed, method, density, lam, "test", keep=keep)
-            out["methods"][method] = {"density": density, "lambda": lam, "test": test}
+            items = self.test_items(seed, merges.config_name(method, density, lam))
+            out["methods"][method] = {"density": density, "lambda": lam, "test": test, "test_items": items}
+            if method != "task_arithmetic" and merges.METHODS[method][0] != "fisher" and self.mask_stats_on:
+                out.setdefault("mask_stats", {})[method] = self.mask_stats(seed, method, density, lam)
             log(f"seed {seed}: {method}: chosen density={density} λ={lam}: test avg {sum(test.values()) / len(test):.2f}")
             self._save_run(seed, out)
         if "sta" in methods and self.forget_scales:
@@ -271,6 +341,7 @@ def main():
     ap.add_argument("--forget-tasks", default="", help="tasks to forget (default: all)")
     ap.add_argument("--stamerge", default=os.path.join(REPO, "target", "release", "stamerge"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-mask-stats", action="store_true", help="skip the per-method mask statistics (7 merges each)")
     ap.add_argument("--report-only", action="store_true", help="report the saved WORK/PROFILE/seedN/run.json files")
     ap.add_argument("--results", help="default: benches/quality/results.json (full), results-quick.json (quick)")
     args = ap.parse_args()
@@ -298,6 +369,7 @@ def main():
         log(f"wrote {args.results} and {os.path.join(out_dir, 'results.md')}")
         return
     bench = Bench(args.work, args.profile, args.stamerge, seeds, scales, forget_tasks)
+    bench.mask_stats_on = not args.no_mask_stats
     runs = [bench.run_seed(seed, methods) for seed in seeds]
     report.write(runs, list(bench.tasks), out_dir, args.results, args.profile)
     log(f"wrote {args.results} and {os.path.join(out_dir, 'results.md')}")
