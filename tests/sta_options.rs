@@ -162,11 +162,11 @@ fn count(m: &[bool]) -> u64 {
     m.iter().filter(|&&x| x).count() as u64
 }
 
-type Kept = HashMap<String, Vec<u64>>;
+/// The expected values of each merged tensor, each task's kept count per tensor, and per task
+/// (entries its own selection took, entries it ranked).
+type Expected = (HashMap<String, Vec<f32>>, HashMap<String, Vec<u64>>, Vec<(u64, u64)>);
 
-/// Expected values of every merged tensor, each task's kept count per tensor, and per task the
-/// entries its own selection took and the entries it ranked.
-fn reference(cfg: &Cfg, l: &Loaded) -> (HashMap<String, Vec<f32>>, Kept, Vec<(u64, u64)>) {
+fn reference(cfg: &Cfg, l: &Loaded) -> Expected {
     let nt = cfg.tasks.len();
     let (mut out, mut kept) = (HashMap::new(), HashMap::new());
     let mut selected = vec![(0u64, 0u64); nt];
