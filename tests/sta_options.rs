@@ -164,7 +164,11 @@ fn count(m: &[bool]) -> u64 {
 
 /// The expected values of each merged tensor, each task's kept count per tensor, and per task
 /// (entries its own selection took, entries it ranked).
-type Expected = (HashMap<String, Vec<f32>>, HashMap<String, Vec<u64>>, Vec<(u64, u64)>);
+type Expected = (
+    HashMap<String, Vec<f32>>,
+    HashMap<String, Vec<u64>>,
+    Vec<(u64, u64)>,
+);
 
 fn reference(cfg: &Cfg, l: &Loaded) -> Expected {
     let nt = cfg.tasks.len();
