@@ -13,26 +13,6 @@ use common::scenario::{assert_matches, run_recipe, Loaded, Scenario};
 use common::*;
 use safetensors::Dtype;
 
-/// The sum of docs/SEMANTICS.md ("Deterministic sum").
-fn tree_sum(s: &[f32]) -> f64 {
-    let mut total = 0f64;
-    for chunk in s.chunks(65536) {
-        let mut lanes = vec![0f64; 256];
-        for (i, v) in chunk.iter().enumerate() {
-            lanes[i % 256] += *v as f64;
-        }
-        let mut stride = 128;
-        while stride > 0 {
-            for l in 0..stride {
-                lanes[l] += lanes[l + stride];
-            }
-            stride /= 2;
-        }
-        total += lanes[0];
-    }
-    total
-}
-
 fn merged(l: &Loaded) -> Vec<String> {
     l.order
         .iter()
@@ -59,7 +39,7 @@ fn reference(l: &Loaded, w: &[f32], normalize: bool) -> HashMap<String, Vec<f32>
             .map(|t| {
                 let sq: f64 = names.iter().fold(0.0, |a, n| {
                     let f: Vec<f32> = stat(l, t, n).iter().map(|x| x * x).collect();
-                    a + tree_sum(&f)
+                    a + det_sum(&f)
                 });
                 1.0 / (sq.sqrt() + 1e-6)
             })

@@ -17,27 +17,6 @@ use safetensors::Dtype;
 
 const DTYPES: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::BF16];
 
-/// The sum of docs/SEMANTICS.md ("Deterministic sum"): 65 536-entry chunks, 256 f64 lanes by
-/// index mod 256, folded pairwise, the chunks added in order.
-fn tree_sum(s: &[f32]) -> f64 {
-    let mut total = 0f64;
-    for chunk in s.chunks(65536) {
-        let mut lanes = vec![0f64; 256];
-        for (i, v) in chunk.iter().enumerate() {
-            lanes[i % 256] += *v as f64;
-        }
-        let mut stride = 128;
-        while stride > 0 {
-            for l in 0..stride {
-                lanes[l] += lanes[l + stride];
-            }
-            stride /= 2;
-        }
-        total += lanes[0];
-    }
-    total
-}
-
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Norm {
     None,
@@ -111,8 +90,8 @@ fn normalised(cfg: &Cfg, th: &[Vec<f32>], g: &[Vec<f32>]) -> Vec<Vec<f32>> {
                 .collect();
             let c = match cfg.tasks[t].1 {
                 Norm::None => return s,
-                Norm::Mean => (tree_sum(&s) / s.len() as f64) as f32,
-                Norm::Sum => tree_sum(&s) as f32,
+                Norm::Mean => (det_sum(&s) / s.len() as f64) as f32,
+                Norm::Sum => det_sum(&s) as f32,
                 Norm::Max => s.iter().cloned().fold(0f32, f32::max),
             };
             s.iter()

@@ -272,7 +272,7 @@ pub fn dare_keep(seed: u64, task: usize, name: &str, i: u64, d: f64) -> bool {
 }
 
 /// The spec's deterministic sum, restated with plain loops.
-fn det_sum(s: &[f32]) -> f64 {
+pub fn det_sum(s: &[f32]) -> f64 {
     let mut total = 0f64;
     for chunk in s.chunks(65536) {
         let mut lanes = vec![0f64; 256];
