@@ -92,6 +92,17 @@ def test_causal_lm_sum_bf16_loop_max_samples(tiny_gpt2, jsonl, tmp_path, capsys)
     assert_close_stats({k: v.float() for k, v in got.items()}, want, rtol=2**-8)
 
 
+def test_causal_lm_sq_is_the_fisher_statistic(tiny_gpt2, jsonl, tmp_path, capsys):
+    # `--mode sq` (merge_method: fisher's statistic): Σ_j (∂L_j/∂θ)² over the samples.
+    out = tmp_path / "g.safetensors"
+    rc = main(cli_args(tiny_gpt2, jsonl, "causal-lm", out, mode="sq", batch_size=4))
+    assert rc == 0, capsys.readouterr().err
+    got, md = read(out)
+    want, n, _ = reference(tiny_gpt2, "causal-lm", records(jsonl), "sq")
+    assert md["mode"] == "sq" and md["samples"] == str(n)
+    assert_close_stats(got, want)
+
+
 @pytest.mark.parametrize("labels", ["ids", "names"])
 @pytest.mark.parametrize("per_sample", ["auto", "loop"])
 def test_seq_cls(tiny_bert, jsonl, tmp_path, capsys, labels, per_sample):
