@@ -73,7 +73,8 @@ def summarise(runs, tasks):
             "normalized_tasks": {t: round(statistics.fmean(v), 2) for t, v in task_norms.items()},
             "per_seed_avg": [round(a, 2) for a in avgs],
         }
-        chosen = [{k: r["methods"][m][k] for k in ("density", "lambda")} for r in per_seed if "lambda" in r["methods"][m]]
+        axis = merges.AXIS.get(m, "density")
+        chosen = [{axis: r["methods"][m]["density"], "lambda": r["methods"][m]["lambda"]} for r in per_seed if "lambda" in r["methods"][m]]
         if chosen:
             entry["chosen_on_validation"] = chosen
         if m not in ("zero_shot", "fine_tuned", "task_arithmetic"):
