@@ -46,9 +46,11 @@ fn end_to_end_merges_are_identical() {
                 max_memory,
                 ..Default::default()
             };
+            // The same folder name in each run (the model card is titled with it).
             let out = dir
                 .path()
-                .join(format!("out-{device:?}-{}", max_memory.unwrap_or(0)));
+                .join(format!("out-{device:?}-{}", max_memory.unwrap_or(0)))
+                .join("merged");
             let rep = stamerge::merge(&recipe, &out, &opts)
                 .unwrap_or_else(|e| panic!("{name} on {device:?}: {e}"));
             assert_eq!(
@@ -57,11 +59,11 @@ fn end_to_end_merges_are_identical() {
             );
             reports.push(rep);
         }
-        let a = dir.path().join("out-Cpu-0");
+        let a = dir.path().join("out-Cpu-0/merged");
         for (b, rep) in [
-            (dir.path().join("out-Cuda-0"), &reports[1]),
+            (dir.path().join("out-Cuda-0/merged"), &reports[1]),
             (
-                dir.path().join(format!("out-Cuda-{E2E_BUDGET}")),
+                dir.path().join(format!("out-Cuda-{E2E_BUDGET}/merged")),
                 &reports[2],
             ),
         ] {

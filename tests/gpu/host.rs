@@ -118,7 +118,8 @@ fn cli_merges_on_cuda_match_cpu() {
     assert!(recipes.len() >= 5, "synth wrote {recipes:?}");
     for recipe in &recipes {
         let name = recipe.file_stem().unwrap().to_string_lossy().into_owned();
-        let out = |dev: &str| dir.path().join(format!("{name}-{dev}"));
+        // The same folder name on both devices (the model card is titled with it).
+        let out = |dev: &str| dir.path().join(dev).join(&name);
         for dev in ["cpu", "cuda"] {
             run(Command::new(&bin)
                 .args(["--quiet", "merge"])
