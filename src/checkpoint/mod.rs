@@ -4,6 +4,7 @@ pub mod file;
 pub mod guard;
 pub mod model;
 pub mod outdir;
+pub mod prefault;
 pub mod writer;
 
 pub use file::{SafetensorsFile, TensorEntry};

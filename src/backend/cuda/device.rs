@@ -727,6 +727,7 @@ impl Arena {
             return Ok(());
         }
         self.slice_bounds(off, data.len())?;
+        super::fill::count_to_device(data.len());
         let buf = self.buf.as_mut().expect("checked by slice_bounds");
         let mut dst = buf.slice_mut(off..off + data.len());
         gpu.stream
@@ -740,6 +741,7 @@ impl Arena {
             return Ok(());
         }
         self.slice_bounds(off, dst.len())?;
+        super::fill::count_to_host(dst.len());
         let buf = self.buf.as_ref().expect("checked by slice_bounds");
         let src = buf.slice(off..off + dst.len());
         gpu.stream

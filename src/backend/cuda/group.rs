@@ -326,7 +326,7 @@ impl CudaBackend {
         let out_dev = w.arena.at(l.lay.out);
         match sink {
             Sink::Now(out) => {
-                let download = dev(w.down.download(&gpu.stream, out_dev, out.len()))?;
+                let download = dev(w.down.download_into(&gpu.stream, out_dev, out, w.outputs))?;
                 dev(w.down.finish(&gpu.stream, download, out))
             }
             Sink::Later(slot, next) => {
