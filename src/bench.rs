@@ -141,6 +141,19 @@ pub struct StagingRow {
     pub threads: usize,
     /// Median seconds to stage the whole file.
     pub seconds: f64,
+    /// Median CPU seconds (user + system, all threads) to stage it: unlike the wall time, not
+    /// stretched by other processes on a loaded machine, so bytes ÷ this is the rate per busy
+    /// core that a quiet machine with enough cores would scale (until memory bandwidth binds).
+    pub cpu_seconds: f64,
+}
+
+/// User + system CPU seconds of this process so far (every thread).
+fn cpu_time() -> f64 {
+    // SAFETY: getrusage writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 /// The host side of the CUDA backend's input staging, without a GPU: a memory-mapped file in the
@@ -189,11 +202,12 @@ pub fn bench_staging(
             .build()
             .map_err(|e| Error::Other(format!("cannot start worker threads: {e}")))?;
         let mut times = Vec::new();
+        let mut cpu = Vec::new();
         for _ in 0..runs.max(1) {
             // SAFETY: a read-only shared file mapping: MADV_DONTNEED only drops this process's
             // page table entries; the next access maps the same bytes from the page cache.
             let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
-            let t0 = Instant::now();
+            let (t0, c0) = (Instant::now(), cpu_time());
             pool.install(|| {
                 for (j, piece) in map.chunks(slot).enumerate() {
                     let dst = &mut slots[j % 4][..piece.len()];
@@ -205,11 +219,13 @@ pub fn bench_staging(
                 }
             });
             times.push(t0.elapsed().as_secs_f64());
+            cpu.push(cpu_time() - c0);
         }
         std::hint::black_box(&slots);
         rows.push(StagingRow {
             threads: t,
             seconds: median(times),
+            cpu_seconds: median(cpu),
         });
     }
     Ok(rows)

@@ -512,9 +512,11 @@ fn run(cli: Cli) -> Result<(), Error> {
                     t => format!("{t} thread(s), fill::copy_in"),
                 };
                 println!(
-                    "  {what:<36} {:.3} s  {:.2} GB/s",
+                    "  {what:<36} {:.3} s  {:.2} GB/s   {:.3} CPU s  {:.2} GB per CPU s",
                     r.seconds,
-                    bytes as f64 / 1e9 / r.seconds
+                    bytes as f64 / 1e9 / r.seconds,
+                    r.cpu_seconds,
+                    bytes as f64 / 1e9 / r.cpu_seconds
                 );
             }
             Ok(())
