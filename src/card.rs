@@ -24,6 +24,20 @@ fn method_md(m: MethodKind) -> String {
         MethodKind::Magnitude => ("Magnitude (top-k task-vector entries)", None),
         MethodKind::Sta => ("Selective Task Arithmetic (STA)", None),
         MethodKind::Passthrough => ("Passthrough", None),
+        MethodKind::Linear => ("Linear", Some("https://arxiv.org/abs/2203.05482")),
+        MethodKind::Slerp => ("SLERP", Some("https://en.wikipedia.org/wiki/Slerp")),
+        MethodKind::Nuslerp => ("NuSLERP", None),
+        MethodKind::Multislerp => (
+            "Multi-SLERP",
+            Some("https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
+        ),
+        MethodKind::Karcher => ("Karcher Mean", Some("https://arxiv.org/abs/2603.04972")),
+        MethodKind::ModelStock => ("Model Stock", Some("https://arxiv.org/abs/2403.19522")),
+        MethodKind::Nearswap => (
+            "NearSwap",
+            Some("https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
+        ),
+        MethodKind::ArceeFusion => ("Arcee Fusion", Some("https://arcee.ai")),
     };
     match url {
         Some(u) => format!("[{name}]({u})"),

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use crate::backend::{self, Backend};
 use crate::checkpoint::outdir::{check_target, OutputDir};
+use crate::method::MethodKind;
 use crate::{checkpoint, error, memory, pipeline, report};
 use crate::{Error, Plan, Recipe, Report, Result};
 
@@ -142,6 +143,32 @@ pub fn open_backend(device: Device, max_memory: Option<u64>) -> Result<Box<dyn B
     }
 }
 
+/// The one check that a method can run on the device asked for, before any work: the CUDA
+/// backend has kernels for the task-vector methods only (`MethodKind::has_cuda_kernels`), so
+/// `--device cuda` refuses the others by name (no silent CPU fallback) and `--device auto` runs
+/// them on the CPU, saying why. Returns the device to open.
+pub fn device_for(method: MethodKind, device: Device) -> Result<Device> {
+    if method.has_cuda_kernels() {
+        return Ok(device);
+    }
+    match device {
+        Device::Cuda => Err(Error::Other(format!(
+            "--device cuda: `{}` has no CUDA kernels yet (the CUDA backend runs task_arithmetic, \
+             magnitude, ties, dare_linear, dare_ties and sta); run it with --device cpu, or \
+             --device auto",
+            method.name()
+        ))),
+        Device::Auto => {
+            tracing::info!(
+                "using the cpu backend (`{}` has no CUDA kernels yet)",
+                method.name()
+            );
+            Ok(Device::Cpu)
+        }
+        Device::Cpu => Ok(Device::Cpu),
+    }
+}
+
 /// Every input path of a recipe (for the output-folder checks).
 fn input_paths(recipe: &Recipe) -> Vec<PathBuf> {
     let mut v = vec![recipe.base.clone()];
@@ -259,6 +286,7 @@ fn verify_output(plan: &Plan, outcome: &pipeline::Outcome, dir: &Path) -> Result
 
 /// Runs a whole merge: plan, compute, write into a temporary folder, rename into `out_dir`.
 pub fn merge(recipe: &Recipe, out_dir: &Path, opts: &Options) -> Result<Report> {
+    device_for(recipe.method, opts.device)?;
     let plan = plan(recipe, Some(out_dir), opts)?;
     merge_planned(&plan, out_dir, opts)
 }
@@ -271,7 +299,8 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     for w in &plan.warnings {
         tracing::warn!("{w}");
     }
-    let backend = open_backend(opts.device, opts.max_memory)?;
+    let device = device_for(plan.recipe.method, opts.device)?;
+    let backend = open_backend(device, opts.max_memory)?;
     let pool = {
         let mut b = rayon::ThreadPoolBuilder::new();
         if let Some(t) = opts.threads {

@@ -3,6 +3,8 @@
 //! on the split because every element is computed on its own (docs/SEMANTICS.md) and reductions
 //! are exact counts or the fixed-order deterministic sum.
 
+mod interp;
+
 use std::cell::RefCell;
 use std::sync::Mutex;
 
@@ -395,6 +397,7 @@ fn fuse_chunk(
                 acc.iter_mut().for_each(|a| *a /= d);
             }
         }
+        FuseRule::Interp => unreachable!("merge_group hands these to cpu::interp"),
         FuseRule::Ties => {
             // The elected sign is the sign of the sum of every kept term.
             let sum = &mut sc.sum;
@@ -515,6 +518,9 @@ impl Compute for CpuBackend {
         f: &FuseSpec,
         out: &mut [u8],
     ) -> BResult<GroupStats> {
+        if let Some(spec) = &f.interp {
+            return interp::merge(g, spec, f.out, out);
+        }
         let n = g.n;
         let mut masks: Vec<Option<Vec<u64>>> = Vec::with_capacity(jobs.len());
         let mut stats = Vec::with_capacity(jobs.len());

@@ -2,7 +2,7 @@
 //! Plain data with the meaning of docs/SEMANTICS.md; `plan::work` is the one place that builds
 //! them from a recipe, and every backend interprets them the same way.
 
-use super::{FuseRule, ScoreKind};
+use super::{FuseRule, InterpSpec, ScoreKind};
 use crate::dtype::FloatType;
 
 /// How one task's keys are computed for one tensor.
@@ -45,6 +45,9 @@ pub struct FuseSpec {
     /// Per task, DARE's rescale: kept τ is divided by this density.
     pub rescale: Vec<Option<f32>>,
     pub out: FloatType,
+    /// `FuseRule::Interp`: the method and its inputs. The fields above keep one entry per task
+    /// then, but only `out` and this decide the result.
+    pub interp: Option<InterpSpec>,
 }
 
 impl FuseSpec {

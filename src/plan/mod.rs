@@ -3,6 +3,7 @@
 //! plan that fails costs seconds, not the hour a merge would.
 
 mod checks;
+mod interp;
 pub mod layers;
 pub mod layout;
 pub mod show;
@@ -284,6 +285,8 @@ fn check_float(
 struct Tally {
     est: Estimate,
     missing_grad_fallbacks: usize,
+    /// Tensors of slerp and nearswap that no setting of `t` applies to.
+    missing_t: Vec<String>,
 }
 
 impl Plan {
@@ -306,11 +309,14 @@ impl Plan {
                 ..Default::default()
             },
             missing_grad_fallbacks: 0,
+            missing_t: Vec::new(),
         };
         let mut items = Vec::new();
         for slot in layout.slots {
             let item = if recipe.method == MethodKind::Passthrough {
                 passthrough_item(recipe, &inputs, slot, &mut problems)
+            } else if recipe.method.is_interp() {
+                interp::item(recipe, &inputs, slot, &mut tally, &mut problems)
             } else {
                 merge_item(recipe, &inputs, slot, &mut tally, &mut problems)
             };
@@ -354,6 +360,14 @@ impl Plan {
                     }
                 }
             }
+        }
+        if let Some(first) = tally.missing_t.first() {
+            problems.push(Problem::new(format!(
+                "`parameters.t`: no setting of `t` applies to {} tensor(s), e.g. `{first}` (its \
+                 filters match none of them): add a last entry without a filter (`- value: …`) \
+                 as a fallback",
+                tally.missing_t.len()
+            )));
         }
         if tally.missing_grad_fallbacks > 0 {
             notes.push(format!(
@@ -621,8 +635,18 @@ impl Plan {
     /// its weight 0 (`work::fuse_spec`).
     pub fn group<'a>(&'a self, item: &'a Item) -> Group<'a> {
         let name = item.name.as_str();
-        let base_name = item.slot.base.as_deref().unwrap_or(name);
-        let base = raw(&self.inputs.base, base_name);
+        // A slice of a method without a base has none: its first input stands in (unread).
+        let first_task = || {
+            item.slot
+                .tasks
+                .iter()
+                .enumerate()
+                .find_map(|(t, n)| Some(raw(&self.inputs.tasks[t].model, n.as_deref()?)))
+        };
+        let base = match item.slot.base.as_deref() {
+            Some(b) => raw(&self.inputs.base, b),
+            None => first_task().unwrap_or_else(|| raw(&self.inputs.base, name)),
+        };
         Group {
             name,
             n: item.shape.iter().product(),

@@ -10,31 +10,16 @@ use crate::method::MethodKind;
 
 /// mergekit 0.1.5's methods that stamerge lacks.
 const METHODS: &[&str] = &[
-    "linear",
-    "slerp",
-    "nuslerp",
-    "multislerp",
-    "karcher",
-    "model_stock",
     "della",
     "della_linear",
     "breadcrumbs",
     "breadcrumbs_ties",
     "sce",
-    "nearswap",
     "ram",
-    "arcee_fusion",
 ];
 
 /// Parameters of those methods, with the methods that take them.
 const PARAMETERS: &[(&str, &str)] = &[
-    ("t", "slerp, nuslerp and nearswap"),
-    ("nuslerp_flatten", "nuslerp"),
-    ("nuslerp_row_wise", "nuslerp"),
-    ("eps", "multislerp"),
-    ("max_iter", "karcher"),
-    ("tol", "karcher"),
-    ("filter_wise", "model_stock"),
     ("epsilon", "della and della_linear"),
     ("gamma", "breadcrumbs and breadcrumbs_ties"),
     ("select_topk", "sce"),
@@ -129,7 +114,7 @@ mod tests {
     fn names_each_unsupported_feature_with_its_field() {
         let ps = problems(
             "merge_method: della\nbase_model: b\nmodules: {}\nparameters:\n  epsilon: 0.1\n\
-             models:\n  - model: a\n  - model: c\n    parameters:\n      t: 0.5\n\
+             models:\n  - model: a\n  - model: c\n    parameters:\n      select_topk: 0.5\n\
              slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n\
              \x20       parameters: {gamma: 0.1}\n",
         );
@@ -144,7 +129,7 @@ mod tests {
             "{ps:?}"
         );
         assert!(
-            ps[3].contains("`models[1].parameters.t`") && ps[3].contains("slerp"),
+            ps[3].contains("`models[1].parameters.select_topk`") && ps[3].contains("sce"),
             "{ps:?}"
         );
         assert!(

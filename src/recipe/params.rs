@@ -105,11 +105,29 @@ fn seed(v: &Value) -> Result<(), String> {
 }
 
 fn task_vector_methods(m: MethodKind) -> bool {
-    m != MethodKind::Passthrough
+    m.uses_task_vectors()
+}
+
+fn unit_interval(v: &Value) -> Result<(), String> {
+    let t = v.num();
+    if (0.0..=1.0).contains(&t) {
+        Ok(())
+    } else {
+        Err("must be in [0, 1]".into())
+    }
+}
+
+fn iterations(v: &Value) -> Result<(), String> {
+    if (0.0..=1e6).contains(&v.num()) {
+        Ok(())
+    } else {
+        Err("must be a whole number from 0 to 1000000".into())
+    }
 }
 
 /// The parameter table (mergekit's names and defaults where mergekit has the parameter).
 pub const PARAMS: &[ParamSpec] = &[
+    // Per model besides the base (mergekit requires it; stamerge's default is 1).
     ParamSpec {
         name: "weight",
         kind: Kind::Float,
@@ -117,7 +135,19 @@ pub const PARAMS: &[ParamSpec] = &[
         per_tensor: true,
         default: |_| Some(Value::Num(1.0)),
         check: finite_f32,
-        methods: task_vector_methods,
+        methods: |m| {
+            task_vector_methods(m) || matches!(m, MethodKind::Nuslerp | MethodKind::Multislerp)
+        },
+    },
+    // linear weighs every input, the base too where it is one (mergekit's INPUT scope).
+    ParamSpec {
+        name: "weight",
+        kind: Kind::Float,
+        scope: Scope::Input,
+        per_tensor: true,
+        default: |_| Some(Value::Num(1.0)),
+        check: finite_f32,
+        methods: |m| m == MethodKind::Linear,
     },
     ParamSpec {
         name: "density",
@@ -144,7 +174,7 @@ pub const PARAMS: &[ParamSpec] = &[
         per_tensor: true,
         default: |m| Some(Value::Bool(m.default_normalize())),
         check: any,
-        methods: task_vector_methods,
+        methods: |m| task_vector_methods(m) || m == MethodKind::Linear,
     },
     ParamSpec {
         name: "rescale",
@@ -221,6 +251,89 @@ pub const PARAMS: &[ParamSpec] = &[
         check: finite_f32,
         methods: |m| m == MethodKind::Passthrough,
     },
+    // slerp's interpolation point: 0 gives the base, 1 the model (mergekit requires it).
+    ParamSpec {
+        name: "t",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| None,
+        check: unit_interval,
+        methods: |m| m == MethodKind::Slerp,
+    },
+    // nearswap's distance: the model's value is taken where |model − base| ≤ t.
+    ParamSpec {
+        name: "t",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| None,
+        check: finite_f32,
+        methods: |m| m == MethodKind::Nearswap,
+    },
+    ParamSpec {
+        name: "nuslerp_flatten",
+        kind: Kind::Bool,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Bool(true)),
+        check: any,
+        methods: |m| m == MethodKind::Nuslerp,
+    },
+    ParamSpec {
+        name: "nuslerp_row_wise",
+        kind: Kind::Bool,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Bool(false)),
+        check: any,
+        methods: |m| m == MethodKind::Nuslerp,
+    },
+    ParamSpec {
+        name: "normalize_weights",
+        kind: Kind::Bool,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Bool(true)),
+        check: any,
+        methods: |m| m == MethodKind::Multislerp,
+    },
+    ParamSpec {
+        name: "eps",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Num(1e-8)),
+        check: finite_f32,
+        methods: |m| m == MethodKind::Multislerp,
+    },
+    ParamSpec {
+        name: "max_iter",
+        kind: Kind::Int,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Num(10.0)),
+        check: iterations,
+        methods: |m| m == MethodKind::Karcher,
+    },
+    ParamSpec {
+        name: "tol",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Num(1e-5)),
+        check: finite_f32,
+        methods: |m| m == MethodKind::Karcher,
+    },
+    ParamSpec {
+        name: "filter_wise",
+        kind: Kind::Bool,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Bool(false)),
+        check: any,
+        methods: |m| m == MethodKind::ModelStock,
+    },
     // stamerge: where a non-float tensor (position ids, …) that differs between the inputs is
     // taken from. mergekit refuses such tensors.
     ParamSpec {
@@ -234,9 +347,13 @@ pub const PARAMS: &[ParamSpec] = &[
     },
 ];
 
-/// The row of parameter `name`.
-pub fn spec(name: &str) -> Option<&'static ParamSpec> {
-    PARAMS.iter().find(|p| p.name == name)
+/// The row of parameter `name` as `method` reads it (a name can have a row per method family,
+/// e.g. `weight` per model for task vectors and per input for linear), else its first row.
+pub fn spec(method: MethodKind, name: &str) -> Option<&'static ParamSpec> {
+    PARAMS
+        .iter()
+        .find(|p| p.name == name && (p.methods)(method))
+        .or_else(|| PARAMS.iter().find(|p| p.name == name))
 }
 
 /// The parameters `method` reads, in table order.
