@@ -113,7 +113,12 @@ pub fn render(plan: &Plan, name: &str) -> String {
         .and_then(Path::parent)
         .unwrap_or(Path::new("."));
     let base = model_name(&r.base, dir);
-    let mut models = vec![base.clone()];
+    // Without a base, `base` is the first model, listed with the others.
+    let mut models = if r.baseless {
+        vec![]
+    } else {
+        vec![base.clone()]
+    };
     models.extend(r.start.iter().map(|s| model_name(s, dir)));
     models.extend(r.tasks.iter().map(|t| model_name(&t.model, dir)));
 
@@ -141,9 +146,13 @@ pub fn render(plan: &Plan, name: &str) -> String {
     let _ = writeln!(s, "## Merge Details\n### Merge Method\n");
     let _ = write!(
         s,
-        "This model was merged using the {} merge method using `{base}` as a base",
+        "This model was merged using the {} merge method",
         method_md(r.method)
     );
+    // As mergekit's card: slerp's base is one end of the path, not a base.
+    if !r.baseless && r.method != MethodKind::Slerp {
+        let _ = write!(s, " using `{base}` as a base");
+    }
     if let Some(st) = &r.start {
         let _ = write!(s, ", added to `{}`", model_name(st, dir));
     }
