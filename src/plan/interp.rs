@@ -75,22 +75,30 @@ pub(super) fn item(
     };
     let params = recipe.resolve(&site);
     let mut present = Vec::new();
+    let mut missing = Vec::new();
     for &o in &all {
         match entry(inputs, &slot, o) {
             Some(x) => present.push((o, x)),
-            None => {
-                let path = match o {
-                    Operand::Base => &recipe.base,
-                    Operand::Task(t) => &recipe.tasks[t].model,
-                };
-                problems.push(Problem::in_tensor(
-                    path,
-                    &slot.name,
-                    "missing tensor: the other inputs have it, this model does not",
-                ));
-                return None;
-            }
+            None => missing.push(o),
         }
+    }
+    // A tensor that only the first input has (the base, or the first model without one) is
+    // copied from it, as the task-vector methods copy tensors only the base has; a tensor that
+    // some models have and others lack is an error.
+    let lead = |o: Operand| o == Operand::Base || (recipe.baseless && Some(&o) == all.first());
+    if !missing.is_empty() && !(present.len() == 1 && lead(present[0].0)) {
+        for o in missing {
+            let path = match o {
+                Operand::Base => &recipe.base,
+                Operand::Task(t) => &recipe.tasks[t].model,
+            };
+            problems.push(Problem::in_tensor(
+                path,
+                &slot.name,
+                "missing tensor: the other inputs have it, this model does not",
+            ));
+        }
+        return None;
     }
     let (first, (first_ck, first_f, first_e)) = *present.first()?;
     let own = FloatType::from_safetensors(first_e.dtype);

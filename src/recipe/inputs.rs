@@ -64,7 +64,8 @@ fn count(rd: &mut Reader, field: &str, inputs: &[InputRef]) {
 }
 
 /// The contract of an interpolating method over `order` (a `models:` recipe) or each slice, and
-/// its required parameters. `base_given`: the recipe names `base_model`.
+/// its required parameters. `base_given`: the recipe names `base_model`; `writes_t`: the recipe
+/// writes `t` where every tensor can find it (a bad value is reported where it is written).
 pub fn check(
     rd: &mut Reader,
     global: &Params,
@@ -72,6 +73,7 @@ pub fn check(
     order: &[InputRef],
     slices: &[SliceSpec],
     base_given: bool,
+    writes_t: bool,
 ) {
     let method = rd.method;
     if slices.is_empty() {
@@ -89,10 +91,7 @@ pub fn check(
         method,
         crate::method::MethodKind::Slerp | crate::method::MethodKind::Nearswap
     );
-    if needs_t
-        && global.get("t").is_none()
-        && (slices.is_empty() || slices.iter().any(|s| s.params.get("t").is_none()))
-    {
+    if needs_t && !writes_t {
         let what = if method == crate::method::MethodKind::Slerp {
             "the interpolation point, 0 for the base and 1 for the model"
         } else {

@@ -311,7 +311,19 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
         order.push(InputRef::Base);
     }
     if method.is_interp() {
-        inputs::check(&mut rd, &params, &base_params, &order, &slices, !baseless);
+        let has_t =
+            |m: &Option<serde_yaml_ng::Mapping>| m.as_ref().is_some_and(|m| m.contains_key("t"));
+        let writes_t =
+            has_t(&raw.parameters) || (sliced && raw.slices.iter().all(|s| has_t(&s.parameters)));
+        inputs::check(
+            &mut rd,
+            &params,
+            &base_params,
+            &order,
+            &slices,
+            !baseless,
+            writes_t,
+        );
     }
     if !raw.forget.is_empty() && !method.allows_forget() {
         rd.problems.push(Problem::new(format!(
