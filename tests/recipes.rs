@@ -311,8 +311,8 @@ fn hub_models(dir: &Path, layers: usize, names: &[&str]) {
 fn values(line: &str, name: &str) -> Vec<f64> {
     let v = line
         .split_whitespace()
-        .filter_map(|w| w.strip_prefix(&format!("{name}=")))
-        .last()
+        .rev()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
         .unwrap_or_else(|| panic!("no {name}= in {line}"));
     v.split(',').map(|x| x.parse().unwrap()).collect()
 }

@@ -86,7 +86,8 @@ pub(super) fn item(
     // copied from it, as the task-vector methods copy tensors only the base has; a tensor that
     // some models have and others lack is an error.
     let lead = |o: Operand| o == Operand::Base || (recipe.baseless && Some(&o) == all.first());
-    if !missing.is_empty() && !(present.len() == 1 && lead(present[0].0)) {
+    let copied_from_lead = present.len() == 1 && lead(present[0].0);
+    if !missing.is_empty() && !copied_from_lead {
         for o in missing {
             let path = match o {
                 Operand::Base => &recipe.base,
