@@ -354,8 +354,8 @@ fn unknown_keys_and_wrong_types_give_the_line() {
         &r,
         &["`parameters.density[1]` (line 4)", "a number", "\"x\""],
     );
-    let r = merge(&s, &TA.replace("task_arithmetic", "slerp"));
-    assert_refused(&s, &r, &["unknown merge_method `slerp`", "ties"]);
+    let r = merge(&s, &TA.replace("task_arithmetic", "slerpp"));
+    assert_refused(&s, &r, &["unknown merge_method `slerpp`", "ties", "slerp"]);
 }
 
 /// mergekit features stamerge lacks are named as unsupported, each with its recipe field, never
@@ -363,15 +363,15 @@ fn unknown_keys_and_wrong_types_give_the_line() {
 #[test]
 fn mergekit_features_stamerge_lacks_are_named() {
     let s = scenario();
-    let slerp = "merge_method: slerp\nbase_model: base\nparameters:\n  t: 0.5\nmodels:\n  - model: task_0\n";
-    let r = merge(&s, slerp);
+    let sce = "merge_method: sce\nbase_model: base\nparameters:\n  select_topk: 0.5\nmodels:\n  - model: task_0\n";
+    let r = merge(&s, sce);
     assert_refused(
         &s,
         &r,
         &[
-            "merge_method `slerp`",
+            "merge_method `sce`",
             "does not support yet",
-            "`parameters.t`",
+            "`parameters.select_topk`",
         ],
     );
     assert!(!r.stderr.contains("unknown field"), "{}", r.stderr);
