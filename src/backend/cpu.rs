@@ -3,6 +3,8 @@
 //! on the split because every element is computed on its own (docs/SEMANTICS.md) and reductions
 //! are exact counts or the fixed-order deterministic sum.
 
+mod interp;
+
 use std::cell::RefCell;
 use std::sync::Mutex;
 
@@ -410,6 +412,7 @@ fn fuse_chunk(
                 acc.iter_mut().for_each(|a| *a /= d);
             }
         }
+        FuseRule::Interp => unreachable!("merge_group hands these to cpu::interp"),
         FuseRule::Ties => {
             // The elected sign is the sign of the sum of every kept term.
             let sum = &mut sc.sum;
@@ -535,6 +538,9 @@ impl Compute for CpuBackend {
         f: &FuseSpec,
         out: &mut [u8],
     ) -> BResult<GroupStats> {
+        if let Some(spec) = &f.interp {
+            return interp::merge(g, spec, f.out, out);
+        }
         if sparse::owns_fuse(f) {
             return self.merge_sparse(g, f, out);
         }
@@ -774,6 +780,7 @@ mod tests {
                 scale: vec![None, None],
                 sparse: Default::default(),
                 out: ty,
+                interp: None,
             };
             let mut out = vec![0u8; 2 * ty.size()];
             CpuBackend::new()

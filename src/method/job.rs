@@ -2,7 +2,7 @@
 //! Plain data with the meaning of docs/SEMANTICS.md; `plan::work` is the one place that builds
 //! them from a recipe, and every backend interprets them the same way.
 
-use super::{FuseRule, ScoreKind};
+use super::{FuseRule, InterpSpec, ScoreKind};
 use crate::dtype::FloatType;
 
 /// How one task's keys are computed for one tensor.
@@ -100,6 +100,9 @@ pub struct FuseSpec {
     /// What the sce and ram rules read.
     pub sparse: SparseParams,
     pub out: FloatType,
+    /// `FuseRule::Interp`: the method and its inputs. The fields above keep one entry per task
+    /// then, but only `out` and this decide the result.
+    pub interp: Option<Box<InterpSpec>>,
 }
 
 /// The parameters of the fuse rules of `method::sparse` (docs/SEMANTICS.md).
@@ -163,8 +166,9 @@ impl FuseSpec {
                     )
                 })
             }
-            // Their weights come from their own rules, never from a division by Σw.
-            FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus => None,
+            // Their weights come from their own rules, never from a division by Σw; linear's
+            // zero sum of weights is refused by plan/interp.rs, which sees the base's weight.
+            FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus | FuseRule::Interp => None,
             FuseRule::Linear => {
                 let sum: f64 = w.iter().map(|&w| w as f64).sum();
                 let abs: f64 = w.iter().map(|&w| (w as f64).abs()).sum();

@@ -294,6 +294,7 @@ fn nans_from_finite_inputs_are_canonical_on_both_backends() {
                     scale: vec![None, None],
                     sparse: Default::default(),
                     out: ty,
+                    interp: None,
                 };
                 (vec![MaskJob::All, MaskJob::All], fuse)
             } else {

@@ -538,6 +538,10 @@ impl Gpu {
                     base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
                     linear_div, lambda, out, out_dtype, kept, combo_hist, bad)
             }
+            // run.rs refuses these methods on this backend before any work; no kernels yet.
+            FuseRule::Interp => Err(DeviceError::Unsupported(
+                "the interpolating methods (linear, slerp, …) have no CUDA kernels yet".into(),
+            )),
             FuseRule::Ties => {
                 let grid = self.grid(n.div_ceil(8), per_sm::FUSE_TIES);
                 launch!(self, fuse_ties, grid, BLOCK;
