@@ -23,6 +23,39 @@ fn method_md(m: MethodKind) -> String {
         MethodKind::Magnitude => ("Magnitude (top-k task-vector entries)", None),
         MethodKind::Sta => ("Selective Task Arithmetic (STA)", None),
         MethodKind::Passthrough => ("Passthrough", None),
+        MethodKind::Breadcrumbs => (
+            "Model Breadcrumbs",
+            Some("https://arxiv.org/abs/2312.06795"),
+        ),
+        MethodKind::BreadcrumbsTies => (
+            "Model Breadcrumbs with TIES",
+            Some("https://arxiv.org/abs/2312.06795"),
+        ),
+        MethodKind::Della => ("DELLA", Some("https://arxiv.org/abs/2406.11617")),
+        MethodKind::DellaLinear => ("Linear DELLA", Some("https://arxiv.org/abs/2406.11617")),
+        MethodKind::Sce => ("SCE", Some("https://arxiv.org/abs/2408.07990")),
+        MethodKind::Ram => (
+            "Reinforced Agent Merging",
+            Some("https://arxiv.org/abs/2601.13572"),
+        ),
+        MethodKind::RamplusTl => (
+            "Reinforced Agent Merging Plus (Tensor-Local)",
+            Some("https://arxiv.org/abs/2601.13572"),
+        ),
+        MethodKind::Linear => ("Linear", Some("https://arxiv.org/abs/2203.05482")),
+        MethodKind::Slerp => ("SLERP", Some("https://en.wikipedia.org/wiki/Slerp")),
+        MethodKind::Nuslerp => ("NuSLERP", None),
+        MethodKind::Multislerp => (
+            "Multi-SLERP",
+            Some("https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
+        ),
+        MethodKind::Karcher => ("Karcher Mean", Some("https://arxiv.org/abs/2603.04972")),
+        MethodKind::ModelStock => ("Model Stock", Some("https://arxiv.org/abs/2403.19522")),
+        MethodKind::Nearswap => (
+            "NearSwap",
+            Some("https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
+        ),
+        MethodKind::ArceeFusion => ("Arcee Fusion", Some("https://arcee.ai")),
     };
     match url {
         Some(u) => format!("[{name}]({u})"),
@@ -59,7 +92,12 @@ pub fn render(plan: &Plan, name: &str) -> String {
         .and_then(Path::parent)
         .unwrap_or(Path::new("."));
     let base = model_name(&r.base, dir);
-    let mut models = vec![base.clone()];
+    // Without a base, `base` is the first model, listed with the others.
+    let mut models = if r.baseless {
+        vec![]
+    } else {
+        vec![base.clone()]
+    };
     models.extend(r.start.iter().map(|s| model_name(s, dir)));
     models.extend(r.tasks.iter().map(|t| model_name(&t.model, dir)));
 
@@ -87,9 +125,13 @@ pub fn render(plan: &Plan, name: &str) -> String {
     let _ = writeln!(s, "## Merge Details\n### Merge Method\n");
     let _ = write!(
         s,
-        "This model was merged using the {} merge method using `{base}` as a base",
+        "This model was merged using the {} merge method",
         method_md(r.method)
     );
+    // As mergekit's card: slerp's base is one end of the path, not a base.
+    if !r.baseless && r.method != MethodKind::Slerp {
+        let _ = write!(s, " using `{base}` as a base");
+    }
     if let Some(st) = &r.start {
         let _ = write!(s, ", added to `{}`", model_name(st, dir));
     }

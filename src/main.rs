@@ -62,8 +62,8 @@ enum Cmd {
         /// Where to compute.
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
-        /// CPU worker threads (default: every core).
-        #[arg(long)]
+        /// CPU worker threads (default: every core; more than the cores are lowered to them).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         threads: Option<usize>,
         /// Largest output shard, e.g. 5GB, 500MB, 2GiB.
         #[arg(long, default_value = DEFAULT_OUT_SHARD_SIZE, value_parser = parse_size)]
@@ -98,6 +98,9 @@ enum Cmd {
         /// The cuda backend's GPU memory budget to plan for (as `merge --max-memory`).
         #[arg(long, value_parser = parse_size)]
         max_memory: Option<u64>,
+        /// Also check this `merge --report` path.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// List the tensors of a checkpoint folder or safetensors file.
     Inspect {
@@ -397,11 +400,13 @@ fn run(cli: Cli) -> Result<(), Error> {
             out_shard_size,
             overwrite,
             max_memory,
+            report,
         } => {
             let r = load_recipe(&recipe)?;
             let opts = Options {
                 out_shard_size,
                 overwrite,
+                report,
                 ..Options::default()
             };
             let plan = stamerge::plan(&r, out_dir.as_deref(), &opts)?;
@@ -632,18 +637,12 @@ pub fn cli_main(args: Vec<std::ffi::OsString>) -> u8 {
     for n in &mergekit_notes {
         tracing::info!("{n}");
     }
-    let _ = ctrlc::set_handler(|| {
-        if stamerge::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            // A second Ctrl-C: stop now; the temporary folder is removed by the next run.
-            std::process::exit(130);
-        }
-        eprintln!("interrupted: stopping after the current tensor and removing the partial output");
-    });
+    stamerge::interrupt::install();
     match run(cli) {
         Ok(()) => 0,
         Err(Error::Interrupted) => {
             eprintln!("error: {}", Error::Interrupted);
-            130
+            stamerge::interrupt::exit_code()
         }
         Err(e) => {
             eprintln!("error: {e}");

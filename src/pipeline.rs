@@ -10,16 +10,17 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use memmap2::Mmap;
 
-use crate::backend::{Backend, BackendError, MaskJob, Source};
+use crate::backend::{Backend, MaskJob};
 use crate::checkpoint::writer::{ShardPlan, ShardWriter};
 use crate::checkpoint::Checkpoint;
-use crate::error::{Error, Problem, Result};
+use crate::error::{Error, Result};
 use crate::method::keep_count;
 use crate::plan::work::model_wide_tasks;
 use crate::plan::{Convert, CopyFrom, Item, ItemKind, ModelCut, Plan};
 use crate::report::{overlaps, ModelSelectionRecord, TaskRecord, TensorRecord};
 use crate::run::ProgressFn;
 use crate::select::{key_value, DigitSearch};
+use crate::values::{fault_problem, first_nonfinite, overflow_problem};
 
 /// The mapped input tensors an item reads: its source for a copy, every input for a merge.
 fn inputs_of<'a>(plan: &'a Plan, item: &Item) -> Vec<(&'a Mmap, usize, usize)> {
@@ -95,61 +96,6 @@ fn release(plan: &Plan, item: &Item) {
         let _ =
             unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
     }
-}
-
-/// Turns a value fault into a problem naming the file, the tensor and the element.
-fn fault_problem(plan: &Plan, name: &str, shape: &[usize], e: BackendError) -> Error {
-    let f = match e {
-        BackendError::Fault(f) => f,
-        BackendError::Device(m) => {
-            return Error::Other(format!("backend failed on tensor `{name}`: {m}"))
-        }
-    };
-    let path_of = |ck: &Checkpoint| {
-        ck.get(name)
-            .map(|(f, _)| f.path.clone())
-            .unwrap_or(ck.root.clone())
-    };
-    let what = if f.value_is_nan {
-        "NaN"
-    } else {
-        "an infinite value"
-    };
-    let mut coords = Vec::new();
-    let mut rest = f.index as usize;
-    for &d in shape.iter().rev() {
-        coords.push(rest % d.max(1));
-        rest /= d.max(1);
-    }
-    coords.reverse();
-    let at = format!("flat index {} (element {:?})", f.index, coords);
-    let hint =
-        " (set `nonfinite_scores: zero` in the recipe's parameters to treat such scores as 0)";
-    let (path, msg) = match f.source {
-        Source::Base => (path_of(&plan.inputs.base), format!("{what} at {at}")),
-        Source::Start => (
-            path_of(plan.inputs.start.as_ref().expect("start")),
-            format!("{what} at {at}"),
-        ),
-        Source::Theta(t) => (
-            path_of(&plan.inputs.tasks[t].model),
-            format!("{what} at {at}"),
-        ),
-        Source::Grad(t) => (
-            path_of(plan.inputs.tasks[t].grads.as_ref().expect("grads")),
-            format!("{what} in the gradient statistic at {at}{hint}"),
-        ),
-        Source::Score(t) => (
-            path_of(
-                plan.inputs.tasks[t]
-                    .grads
-                    .as_ref()
-                    .unwrap_or(&plan.inputs.tasks[t].model),
-            ),
-            format!("the score abs(w·g) overflows to {what} at {at}{hint}"),
-        ),
-    };
-    Error::Input(Problem::in_tensor(&path, name, msg))
 }
 
 /// How a caller follows and stops a running [`execute`].
@@ -303,6 +249,20 @@ fn model_selection(
         release(plan, item);
         progress.inc(item.read_bytes, &item.name);
     }
+    if total == 0 {
+        // Only tensors without elements: nothing to rank, nothing kept, no threshold to find.
+        let thresholds = (0..nt)
+            .map(|t| {
+                tasks.contains(&t).then_some(ModelThreshold {
+                    key: 0,
+                    quota: 0,
+                    k: 0,
+                    total: 0,
+                })
+            })
+            .collect();
+        return Ok(Some(ModelSelection { means, thresholds }));
+    }
     let ks: Vec<u64> = (0..nt)
         .map(|t| keep_count(plan.recipe.tasks[t].model_density, total))
         .collect();
@@ -396,9 +356,22 @@ pub fn execute(
         let (ret_tx, ret_rx) = channel::<Vec<u8>>();
         let writer = s.spawn(move || -> Result<(ShardPlan, Vec<u64>)> {
             let mut w = ShardWriter::new(dir, outs, out_shard_bytes);
-            for p in rx {
+            for (i, p) in rx.into_iter().enumerate() {
                 match p {
                     Payload::Owned(v) => {
+                        // Merged (copies are Borrowed): finite inputs can still overflow here.
+                        let item = &plan.items[i];
+                        if let ItemKind::Merge { out, .. } = item.kind {
+                            if let Some(at) = first_nonfinite(out, &v) {
+                                return Err(overflow_problem(
+                                    plan,
+                                    &item.name,
+                                    &item.shape,
+                                    out,
+                                    at,
+                                ));
+                            }
+                        }
                         w.write_next(&v)?;
                         let _ = ret_tx.send(v);
                     }

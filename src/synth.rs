@@ -200,6 +200,13 @@ pub fn recipes(tasks: usize) -> Vec<(String, String)> {
         // mergekit's per-layer values: a gradient from the first layer to the last, and a filter
         // list (the first entry whose filter is a piece of the tensor's name applies).
         ("ties_layers.yml".to_string(), format!("merge_method: ties\nbase_model: base\nparameters:\n  weight: [0.5, 1.0]\n  density:\n    - filter: mlp\n      value: [0.2, 0.5]\n    - value: 0.3\nmodels:\n{}", models(&plain))),
+        // mergekit's sparsifying methods (CPU only for now): della's keep probabilities run from
+        // density − epsilon to density + epsilon by magnitude rank within each row; breadcrumbs
+        // drops the largest gamma and the smallest entries; sce and ram weigh the tasks themselves.
+        ("della.yml".to_string(), format!("merge_method: della\nbase_model: base\nparameters:\n  density: 0.5\n  epsilon: 0.1\n  lambda: 1.0\nmodels:\n{}", models(&plain))),
+        ("breadcrumbs.yml".to_string(), format!("merge_method: breadcrumbs\nbase_model: base\nparameters:\n  density: 0.9\n  gamma: 0.01\nmodels:\n{}", models(&plain))),
+        ("sce.yml".to_string(), format!("merge_method: sce\nbase_model: base\nparameters:\n  select_topk: 0.5\nmodels:\n{}", models(&plain))),
+        ("ram.yml".to_string(), format!("merge_method: ram\nbase_model: base\nmodels:\n{}", models(&plain))),
         // A frankenmerge: layer 0 of the first task, then layer 0 of the last, stacked.
         ("frankenmerge.yml".to_string(), format!("merge_method: passthrough\nslices:\n  - sources:\n      - model: task_0\n        layer_range: [0, 1]\n  - sources:\n      - model: task_{}\n        layer_range: [0, 1]\n", tasks.saturating_sub(1))),
     ];

@@ -3,6 +3,8 @@
 //! on the split because every element is computed on its own (docs/SEMANTICS.md) and reductions
 //! are exact counts or the fixed-order deterministic sum.
 
+mod interp;
+
 use std::cell::RefCell;
 use std::sync::Mutex;
 
@@ -15,6 +17,8 @@ use super::{
 use crate::dtype::{narrow, widen};
 use crate::method::{FuseRule, ScoreKind};
 use crate::select::{self, dare, dsum, radix, Threshold};
+
+mod sparse;
 
 /// Elements per work item: a multiple of 64 (mask words) that divides the deterministic-sum chunk.
 const CH: usize = 1 << 14;
@@ -329,8 +333,17 @@ fn fuse_chunk(
         u.resize(len, 0.0);
         let w = f.weights[t];
         let mut bad = false;
-        match f.rescale[t] {
-            Some(d) => u
+        match (f.rescale[t], f.scale[t]) {
+            // mergekit's L1 rescale: (τ · s) · w, as `rescaled_masked_tensor` then the weight.
+            (None, Some(s)) => u
+                .iter_mut()
+                .zip(th.iter().zip(b))
+                .for_each(|(o, (&t, &b))| {
+                    let tau = t - b;
+                    bad |= !tau.is_finite();
+                    *o = w * (tau * s);
+                }),
+            (Some(d), _) => u
                 .iter_mut()
                 .zip(th.iter().zip(b))
                 .for_each(|(o, (&t, &b))| {
@@ -338,7 +351,7 @@ fn fuse_chunk(
                     bad |= !tau.is_finite();
                     *o = w * (tau / d);
                 }),
-            None => u
+            (None, None) => u
                 .iter_mut()
                 .zip(th.iter().zip(b))
                 .for_each(|(o, (&t, &b))| {
@@ -399,6 +412,7 @@ fn fuse_chunk(
                 acc.iter_mut().for_each(|a| *a /= d);
             }
         }
+        FuseRule::Interp => unreachable!("merge_group hands these to cpu::interp"),
         FuseRule::Ties => {
             // The elected sign is the sign of the sum of every kept term.
             let sum = &mut sc.sum;
@@ -428,6 +442,7 @@ fn fuse_chunk(
                     .for_each(|(a, d)| *a /= if *d == 0.0 { 1.0 } else { *d });
             }
         }
+        FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus => unreachable!("cpu::sparse fuses"),
     }
     let start = if g.start.is_some() { &sc.st } else { &sc.b };
     // A NaN (finite inputs whose task vectors overflow) is written as the canonical NaN of
@@ -523,6 +538,12 @@ impl Compute for CpuBackend {
         f: &FuseSpec,
         out: &mut [u8],
     ) -> BResult<GroupStats> {
+        if let Some(spec) = &f.interp {
+            return interp::merge(g, spec, f.out, out);
+        }
+        if sparse::owns_fuse(f) {
+            return self.merge_sparse(g, f, out);
+        }
         let n = g.n;
         let mut masks: Vec<Option<Vec<u64>>> = Vec::with_capacity(jobs.len());
         let mut stats = Vec::with_capacity(jobs.len());
@@ -588,6 +609,9 @@ impl Compute for CpuBackend {
                         },
                     )
                 }
+                MaskJob::Band { .. } | MaskJob::Della { .. } => {
+                    sparse::mask(g, t, job, &mut keys, self.spare_mask())?
+                }
                 MaskJob::Random { stream, threshold } => {
                     let m = dare_mask(n, stream, threshold, self.spare_mask());
                     let kept = popcount(&m);
@@ -604,7 +628,8 @@ impl Compute for CpuBackend {
             stats.push(st);
         }
         drop(keys);
-        let combos = fuse(g, &masks, f, out);
+        let l1 = sparse::with_l1_scales(g, &masks, f);
+        let combos = fuse(g, &masks, l1.as_ref().unwrap_or(f), out);
         self.masks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -751,7 +776,11 @@ mod tests {
                 weights: vec![2.0, 2.0],
                 forget: vec![false, false],
                 rescale: vec![None, None],
+                rescale_l1: vec![false, false],
+                scale: vec![None, None],
+                sparse: Default::default(),
                 out: ty,
+                interp: None,
             };
             let mut out = vec![0u8; 2 * ty.size()];
             CpuBackend::new()

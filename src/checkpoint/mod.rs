@@ -4,7 +4,9 @@ pub mod file;
 pub mod guard;
 pub mod model;
 pub mod outdir;
+pub mod paths;
 pub mod prefault;
+pub mod side;
 pub mod writer;
 
 pub use file::{SafetensorsFile, TensorEntry};

@@ -3,6 +3,7 @@
 //! plan that fails costs seconds, not the hour a merge would.
 
 mod checks;
+mod interp;
 pub mod layers;
 pub mod layout;
 pub mod show;
@@ -35,15 +36,17 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// Every input checkpoint: base, start, then each task's model and statistic.
+    pub fn checkpoints(&self) -> impl Iterator<Item = &Checkpoint> {
+        std::iter::once(&self.base).chain(self.start.iter()).chain(
+            self.tasks
+                .iter()
+                .flat_map(|t| std::iter::once(&t.model).chain(t.grads.iter())),
+        )
+    }
+
     fn files(&self) -> impl Iterator<Item = &SafetensorsFile> {
-        std::iter::once(&self.base)
-            .chain(self.start.iter())
-            .chain(
-                self.tasks
-                    .iter()
-                    .flat_map(|t| std::iter::once(&t.model).chain(t.grads.iter())),
-            )
-            .flat_map(|ck| ck.files.iter())
+        self.checkpoints().flat_map(|ck| ck.files.iter())
     }
 
     /// Between tensors (no system call): stops the merge as soon as a read of an input failed,
@@ -284,6 +287,11 @@ fn check_float(
 struct Tally {
     est: Estimate,
     missing_grad_fallbacks: usize,
+    /// Tensors whose `normalize` would divide by (nearly) zero: the first one's name and
+    /// reason, and how many.
+    bad_normalize: Option<(String, String, usize)>,
+    /// Tensors of slerp and nearswap that no setting of `t` applies to.
+    missing_t: Vec<String>,
 }
 
 impl Plan {
@@ -306,11 +314,15 @@ impl Plan {
                 ..Default::default()
             },
             missing_grad_fallbacks: 0,
+            bad_normalize: None,
+            missing_t: Vec::new(),
         };
         let mut items = Vec::new();
         for slot in layout.slots {
             let item = if recipe.method == MethodKind::Passthrough {
                 passthrough_item(recipe, &inputs, slot, &mut problems)
+            } else if recipe.method.is_interp() {
+                interp::item(recipe, &inputs, slot, &mut tally, &mut problems)
             } else {
                 merge_item(recipe, &inputs, slot, &mut tally, &mut problems)
             };
@@ -354,6 +366,25 @@ impl Plan {
                     }
                 }
             }
+        }
+        if let Some((first, why, count)) = tally.bad_normalize {
+            let others = match count {
+                1 => String::new(),
+                c => format!(" and {} other tensor(s)", c - 1),
+            };
+            problems.push(Problem::new(format!(
+                "`parameters.normalize`: in tensor `{first}`{others}, {why}: set `normalize: \
+                 false` (the task vectors are then added with their weights as given), or give \
+                 weights that do not cancel"
+            )));
+        }
+        if let Some(first) = tally.missing_t.first() {
+            problems.push(Problem::new(format!(
+                "`parameters.t`: no setting of `t` applies to {} tensor(s), e.g. `{first}` (its \
+                 filters match none of them): add a last entry without a filter (`- value: …`) \
+                 as a fallback",
+                tally.missing_t.len()
+            )));
         }
         if tally.missing_grad_fallbacks > 0 {
             notes.push(format!(
@@ -579,7 +610,23 @@ fn merge_item(
         .or(recipe.dtype)
         .unwrap_or_else(|| base_float.expect("checked float"));
     let nbytes = (n * out.size()) as u64;
-    let (work, params) = work::resolve_at(recipe, &slot.site(), n as u64, out, &has_grads);
+    let (work, params) = work::resolve_shaped(recipe, &slot.site(), &bt.shape, out, &has_grads);
+    if let Some(why) = work.fuse.normalize_problem() {
+        let b = tally
+            .bad_normalize
+            .get_or_insert_with(|| (slot.name.clone(), why, 0));
+        b.2 += 1;
+    }
+    // What filters give a tensor (the recipe checked the rest): one problem per message.
+    for msg in recipe.check_tensor(&slot.site(), &params) {
+        if !problems.iter().any(|p| p.message == msg) {
+            problems.push(Problem {
+                file: None,
+                tensor: Some(slot.name.clone()),
+                message: msg,
+            });
+        }
+    }
     let nt = recipe.tasks.len() as u64;
     let peak = nbytes * OUT_BUFFERS_IN_FLIGHT
         + if work.ranks() { 4 * n as u64 } else { 0 }
@@ -623,8 +670,18 @@ impl Plan {
         let name = item.name.as_str();
         let at = (item as *const Item as usize).wrapping_sub(self.items.as_ptr() as usize);
         debug_assert!(at / std::mem::size_of::<Item>() < self.items.len());
-        let base_name = item.slot.base.as_deref().unwrap_or(name);
-        let base = raw(&self.inputs.base, base_name);
+        // A slice of a method without a base has none: its first input stands in (unread).
+        let first_task = || {
+            item.slot
+                .tasks
+                .iter()
+                .enumerate()
+                .find_map(|(t, n)| Some(raw(&self.inputs.tasks[t].model, n.as_deref()?)))
+        };
+        let base = match item.slot.base.as_deref() {
+            Some(b) => raw(&self.inputs.base, b),
+            None => first_task().unwrap_or_else(|| raw(&self.inputs.base, name)),
+        };
         Group {
             name,
             seq: (at / std::mem::size_of::<Item>()) as u64,

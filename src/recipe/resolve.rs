@@ -185,6 +185,18 @@ impl Recipe {
         }
     }
 
+    /// The setting that gives task `t`'s value of per-model parameter `name` at `at` (None: the
+    /// default), for messages that name the field.
+    pub(super) fn source_of(&self, at: &Site, t: usize, name: &str) -> Option<&Param> {
+        let input = at.inputs.get(t)?.as_deref()?;
+        let mut scopes = self.input_scopes(InputRef::Task(t), at.slice);
+        scopes.push(&self.params);
+        scopes
+            .into_iter()
+            .filter_map(|s| s.get(name))
+            .find(|p| p.setting.evaluate(input, at.t, p.spec.kind).is_some())
+    }
+
     /// Every setting of parameter `name` that can apply to task `t` (its own scopes and the top
     /// level), for checks that need one value for the whole model.
     pub fn settings_of(&self, t: usize, name: &str) -> Vec<&Param> {

@@ -118,7 +118,7 @@ fn cli_merges_on_cuda_match_cpu() {
     assert!(recipes.len() >= 5, "synth wrote {recipes:?}");
     for recipe in &recipes {
         let name = recipe.file_stem().unwrap().to_string_lossy().into_owned();
-        // The same folder name on both devices (the model card is titled with it).
+        // One folder name for both: the model card is titled with it.
         let out = |dev: &str| dir.path().join(dev).join(&name);
         for dev in ["cpu", "cuda"] {
             run(Command::new(&bin)
@@ -290,7 +290,11 @@ fn nans_from_finite_inputs_are_canonical_on_both_backends() {
                     weights: vec![2.0, 2.0],
                     forget: vec![false, false],
                     rescale: vec![None, None],
+                    rescale_l1: vec![false, false],
+                    scale: vec![None, None],
+                    sparse: Default::default(),
                     out: ty,
+                    interp: None,
                 };
                 (vec![MaskJob::All, MaskJob::All], fuse)
             } else {

@@ -567,6 +567,17 @@ impl Gpu {
                 ["fuse_ties_f32", "fuse_ties_f16", "fuse_ties_bf16"][d],
                 per_sm::FUSE_TYPED,
             ),
+            // run.rs refuses these methods on this backend before any work; no kernels yet.
+            (FuseRule::Interp, _) => {
+                return Err(DeviceError::Unsupported(
+                    "the interpolating methods (linear, slerp, …) have no CUDA kernels yet".into(),
+                ))
+            }
+            (FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus, _) => {
+                return Err(DeviceError::Unsupported(
+                    "the sce and ram fuses have no CUDA kernels yet".into(),
+                ))
+            }
         };
         let grid = self.grid(n.div_ceil(8), per_sm);
         launch!(self, [func] name, grid, BLOCK;

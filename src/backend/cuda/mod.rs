@@ -289,6 +289,16 @@ fn dev<T>(r: DResult<T>) -> BResult<T> {
     r.map_err(BackendError::Device)
 }
 
+/// Work the kernels do not compute yet is refused, not handed to the CPU (`method::sparse`).
+fn lacks(jobs: &[MaskJob], f: &FuseSpec) -> BResult<()> {
+    match crate::method::sparse::cuda_lacks(jobs, f) {
+        Some(what) => Err(BackendError::Device(DeviceError::Unsupported(format!(
+            "{what} has no CUDA kernels yet: merge with --device cpu"
+        )))),
+        None => Ok(()),
+    }
+}
+
 /// A failed check between the host code and the kernels (a bug, never the user's input).
 fn internal(msg: String) -> BackendError {
     BackendError::Device(DeviceError::Internal(msg))
@@ -313,6 +323,7 @@ impl Compute for CudaBackend {
         f: &FuseSpec,
         out: &mut [u8],
     ) -> BResult<GroupStats> {
+        lacks(jobs, f)?;
         if !takes(g) {
             return self.cpu.merge_group(g, jobs, f, out);
         }
@@ -402,6 +413,7 @@ impl Backend for CudaBackend {
         out: Vec<u8>,
         next: Option<&Group>,
     ) -> BResult<(GroupStats, Vec<Vec<u8>>)> {
+        lacks(jobs, f)?;
         let mut w = dev(self.enter())?;
         let r = guarded(|| {
             let mut slot = Some(out);
