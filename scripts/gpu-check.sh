@@ -266,15 +266,31 @@ tiny() {
     for recipe in "$dir"/*.yml; do
         local name
         name="$(basename "$recipe" .yml)"
+        # One folder name on both devices: the model card (README.md) is titled with it.
+        local refused=""
         for dev in cpu cuda; do
-            "$BIN" --quiet merge "$recipe" "$dir/out-$name-$dev" --device "$dev" --overwrite || return 1
+            mkdir -p "$dir/$dev"
+            if ! "$BIN" --quiet merge "$recipe" "$dir/$dev/$name" --device "$dev" --overwrite 2> "$dir/err"; then
+                cat "$dir/err"
+                # Methods and settings without kernels (della, sce, DARE's L1 rescale, ...) must
+                # be refused clearly on cuda, with nothing written.
+                if [ "$dev" = cuda ] && grep -q 'no CUDA kernels yet' "$dir/err" && [ ! -e "$dir/cuda/$name" ]; then
+                    refused=1
+                    break
+                fi
+                return 1
+            fi
         done
+        if [ -n "$refused" ]; then
+            echo "$name: refused on cuda (no kernels yet)"
+            continue
+        fi
         local diff=""
-        for f in "$dir/out-$name-cpu"/*; do
+        for f in "$dir/cpu/$name"/*; do
             local b
             b="$(basename "$f")"
             [ "$b" = stamerge_report.json ] && continue
-            cmp -s "$f" "$dir/out-$name-cuda/$b" || diff="$diff $b"
+            cmp -s "$f" "$dir/cuda/$name/$b" || diff="$diff $b"
         done
         if [ -n "$diff" ]; then
             echo "$name: DIFFERENT:$diff"
@@ -287,7 +303,7 @@ tiny() {
 }
 export -f tiny
 run_step tiny "${CAP[tiny]}" bash -c 'tiny "$@"' tiny "${TINY[@]}"
-row tiny "${CAP[tiny]}" "$(grep -cE ': identical$' "$LOGS/tiny.txt") recipes identical$(grep -E ': DIFFERENT' "$LOGS/tiny.txt" | tr '\n' ';' | sed 's/^/; /')"
+row tiny "${CAP[tiny]}" "$(grep -cE ': identical$' "$LOGS/tiny.txt") recipes identical, $(grep -cE ': refused on cuda' "$LOGS/tiny.txt") refused on cuda$(grep -E ': DIFFERENT' "$LOGS/tiny.txt" | tr '\n' ';' | sed 's/^/; /')"
 
 run_step gpu-tests "${CAP[gpu-tests]}" "$TEST_BIN" --include-ignored --test-threads 1 --nocapture --skip huge::
 failed_tests="$(sed -n '/^failures:$/,/^test result/p' "$LOGS/gpu-tests.txt" | grep -E '^    [a-z_0-9:]+$' | sort -u | tr -d ' ' | tr '\n' ' ')"
@@ -413,7 +429,8 @@ row read "${CAP[read]}" "$(tail -n1 "$LOGS/read.txt" 2>/dev/null) of ${READ_BYTE
 timed_merge() {
     local dev=$1 t0 t1
     t0=$(date +%s.%N)
-    "$BIN" merge "$DATA/sta.yml" "$WORK/out-$dev" --device "$dev" --overwrite || return 1
+    mkdir -p "$WORK/$dev"
+    "$BIN" merge "$DATA/sta.yml" "$WORK/$dev/out" --device "$dev" --overwrite || return 1
     t1=$(date +%s.%N)
     echo "merged in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b - a}') s"
 }
@@ -425,10 +442,10 @@ fi
 row cuda-merge "${CAP[cuda-merge]}" "$(grep -E '^merged' "$LOGS/cuda-merge.txt" | head -n1 | cut -c1-200)"
 if run_step cpu-merge "${CAP[cpu-merge]}" bash -c 'timed_merge cpu'; then
     CPU_S="$(sed -n 's/^merged in \([0-9.]*\) s$/\1/p' "$LOGS/cpu-merge.txt")"
-    for f in "$WORK/out-cpu"/*; do
+    for f in "$WORK/cpu/out"/*; do
         b="$(basename "$f")"
         [ "$b" = stamerge_report.json ] && continue
-        cmp -s "$f" "$WORK/out-cuda/$b" || { echo "DIFFERENT: $b" >> "$LOGS/cpu-merge.txt"; STATUS="FAILED (cuda and cpu outputs differ)"; }
+        cmp -s "$f" "$WORK/cuda/out/$b" || { echo "DIFFERENT: $b" >> "$LOGS/cpu-merge.txt"; STATUS="FAILED (cuda and cpu outputs differ)"; }
     done
 fi
 row cpu-merge "${CAP[cpu-merge]}" "$(grep -E '^merged|^DIFFERENT' "$LOGS/cpu-merge.txt" | tr '\n' ';' | cut -c1-200)"
