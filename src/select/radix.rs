@@ -248,7 +248,7 @@ pub fn fill_mask(keys: &[u32], th: &Threshold, words: &mut [u64]) {
 /// first (a loop the compiler vectorises), then each 8 bytes of 0/1 fold into 8 bits with one
 /// multiply: shifting bits into a u64 one key at a time cost ~14 instructions per key.
 #[inline(always)]
-fn word_bits(c: &[u32], keep: impl Fn(u32) -> bool) -> u64 {
+pub(super) fn word_bits(c: &[u32], keep: impl Fn(u32) -> bool) -> u64 {
     let mut flags = [0u8; 64];
     for (f, &x) in flags.iter_mut().zip(c) {
         *f = keep(x) as u8;

@@ -1,0 +1,390 @@
+//! The CPU fuse (docs/SEMANTICS.md, "Fuse"): each chunk of the output from the base, every
+//! task's masked task vector and the start model, in blocks small enough that every scratch
+//! array stays in L1.
+
+use rayon::prelude::*;
+
+use super::{fault_result, first_fault, load, FuseScratch, CH, FUSE_SCRATCH};
+use crate::backend::{BResult, Fault, FuseSpec, Group, Source};
+use crate::dtype::narrow;
+use crate::method::FuseRule;
+
+/// The most tasks whose mask combinations are counted for the overlap report.
+pub const MAX_COMBO_TASKS: usize = 8;
+
+/// Elements per block: 4 KiB per f32 scratch array, the eight of them ~32 KiB of L1. At 16 Ki
+/// (the chunk), each array was 64 KiB and every loop streamed through L2.
+pub(super) const BLOCK: usize = 1024;
+const _: () = assert!(BLOCK % 64 == 0 && CH % BLOCK == 0);
+
+/// Mask word `j` of a block starting at element `off` (a multiple of 64).
+#[inline(always)]
+fn word(mask: &Option<Vec<u64>>, off: usize, j: usize) -> u64 {
+    match mask {
+        None => u64::MAX,
+        Some(w) => w[(off >> 6) + j],
+    }
+}
+
+/// The fuse over elements `off..off+len` (at most one chunk), into `out`.
+#[inline(always)]
+fn fuse_chunk(
+    g: &Group,
+    masks: &[Option<Vec<u64>>],
+    f: &FuseSpec,
+    off: usize,
+    out: &mut [u8],
+    sc: &mut FuseScratch,
+    combos: &mut [u64],
+) -> Option<Fault> {
+    let size = f.out.size();
+    let len = out.len() / size;
+    let nt = g.tasks.len();
+    for (bi, ob) in out.chunks_mut(BLOCK * size).enumerate() {
+        let boff = off + bi * BLOCK;
+        // Blocks run in index order, so the first block with a fault holds the lowest index.
+        if let Some(fault) = fuse_block(g, masks, f, boff, ob, sc) {
+            return Some(fault);
+        }
+        if !combos.is_empty() {
+            let blen = ob.len() / size;
+            for j in 0..blen.div_ceil(64) {
+                let mut words = [0u64; MAX_COMBO_TASKS];
+                for (w, m) in words.iter_mut().zip(masks) {
+                    *w = word(m, boff, j);
+                }
+                let valid = u64::MAX >> (64 - 64.min(blen - j * 64));
+                count_combos(&words[..nt], valid, combos);
+            }
+        }
+    }
+    debug_assert!(len == 0 || off % 64 == 0);
+    None
+}
+
+/// One block of [`fuse_chunk`].
+///
+/// Masked-out terms are stored as +0.0 and added: the sums start at +0.0 and, in round-to-nearest,
+/// a sum of floats is -0.0 only when both operands are, so adding +0.0 gives the same bits as
+/// skipping the term. That turns every loop below into a straight, vectorisable pass over a task.
+/// The first task's loop computes `0.0 + x` into the sums instead of adding to zeroed memory: the
+/// same bits, without the memset.
+#[inline(always)]
+fn fuse_block(
+    g: &Group,
+    masks: &[Option<Vec<u64>>],
+    f: &FuseSpec,
+    off: usize,
+    out: &mut [u8],
+    sc: &mut FuseScratch,
+) -> Option<Fault> {
+    let len = out.len() / f.out.size();
+    let nt = g.tasks.len();
+    let mut fault = None;
+    load(g.base, off, len, &mut sc.b);
+    if let Some(s) = g.start {
+        load(s, off, len, &mut sc.st);
+        if let Some(i) = sc.st.iter().position(|v| !v.is_finite()) {
+            fault = Some(Fault {
+                source: Source::Start,
+                index: (off + i) as u64,
+                value_is_nan: sc.st[i].is_nan(),
+            });
+        }
+    }
+    let linear = f.rule == FuseRule::Linear;
+    sc.acc.resize(len, 0.0);
+    if linear && nt == 0 {
+        sc.acc.fill(0.0);
+    }
+    sc.u.resize_with(nt, Vec::new);
+    for t in 0..nt {
+        load(g.tasks[t].theta, off, len, &mut sc.th);
+        let (w, d) = (f.weights[t], f.rescale[t]);
+        // (`if let`, not `Option::map`: a closure left out of line is compiled without AVX2.)
+        let m = if let Some(words) = &masks[t] {
+            sc.lanes.resize(len, 0);
+            expand(&words[off / 64..(off + len).div_ceil(64)], &mut sc.lanes);
+            Some(&sc.lanes[..])
+        } else {
+            None
+        };
+        let bad = if linear {
+            // Straight into the sum: acc ± u_t in task order, as the stored terms were added.
+            let (acc, th, b) = (&mut sc.acc, &sc.th, &sc.b);
+            match (d, t == 0, f.forget[t]) {
+                (None, true, false) => terms::<false, 1>(acc, th, b, w, 1.0, m),
+                (None, true, true) => terms::<false, 2>(acc, th, b, w, 1.0, m),
+                (None, false, false) => terms::<false, 3>(acc, th, b, w, 1.0, m),
+                (None, false, true) => terms::<false, 4>(acc, th, b, w, 1.0, m),
+                (Some(d), true, false) => terms::<true, 1>(acc, th, b, w, d, m),
+                (Some(d), true, true) => terms::<true, 2>(acc, th, b, w, d, m),
+                (Some(d), false, false) => terms::<true, 3>(acc, th, b, w, d, m),
+                (Some(d), false, true) => terms::<true, 4>(acc, th, b, w, d, m),
+            }
+        } else {
+            let u = &mut sc.u[t];
+            u.resize(len, 0.0);
+            match d {
+                None => terms::<false, 0>(u, &sc.th, &sc.b, w, 1.0, m),
+                Some(d) => terms::<true, 0>(u, &sc.th, &sc.b, w, d, m),
+            }
+        };
+        if bad {
+            let (b, th) = (&sc.b, &sc.th);
+            let i = (0..len)
+                .find(|&i| !(th[i] - b[i]).is_finite())
+                .expect("a bad element exists");
+            let source = if !b[i].is_finite() {
+                Source::Base
+            } else {
+                Source::Theta(t)
+            };
+            let tau = th[i] - b[i];
+            fault = first_fault(
+                fault,
+                Some(Fault {
+                    source,
+                    index: (off + i) as u64,
+                    value_is_nan: tau.is_nan(),
+                }),
+            );
+        }
+    }
+    if fault.is_some() {
+        return fault;
+    }
+    let acc = &mut sc.acc;
+    match f.rule {
+        FuseRule::Linear => {
+            if f.normalize {
+                let d = f.linear_divisor();
+                acc.iter_mut().for_each(|a| *a /= d);
+            }
+        }
+        FuseRule::Ties => {
+            // The elected sign is the sign of the sum of every kept term.
+            let sum = &mut sc.sum;
+            sum.resize(len, 0.0);
+            if nt == 0 {
+                sum.fill(0.0);
+            }
+            for t in 0..nt {
+                if t == 0 {
+                    sum.iter_mut()
+                        .zip(&sc.u[t])
+                        .for_each(|(a, x)| *a = 0.0 + *x);
+                } else {
+                    sum.iter_mut().zip(&sc.u[t]).for_each(|(a, x)| *a += *x);
+                }
+            }
+            sc.div.resize(len, 0.0);
+            let div = &mut sc.div;
+            if nt == 0 {
+                acc.fill(0.0);
+                div.fill(0.0);
+            }
+            for t in 0..nt {
+                let w = f.weights[t];
+                let pairs = acc
+                    .iter_mut()
+                    .zip(div.iter_mut())
+                    .zip(sc.u[t].iter().zip(sum.iter()));
+                if t == 0 {
+                    for ((a, d), (&u, &s)) in pairs {
+                        let agree = ((u > 0.0) & (s >= 0.0)) | ((u < 0.0) & (s < 0.0));
+                        *a = 0.0 + if agree { u } else { 0.0 };
+                        *d = 0.0 + if agree { w } else { 0.0 };
+                    }
+                } else {
+                    for ((a, d), (&u, &s)) in pairs {
+                        let agree = ((u > 0.0) & (s >= 0.0)) | ((u < 0.0) & (s < 0.0));
+                        *a += if agree { u } else { 0.0 };
+                        *d += if agree { w } else { 0.0 };
+                    }
+                }
+            }
+            if f.normalize {
+                acc.iter_mut()
+                    .zip(div.iter())
+                    .for_each(|(a, d)| *a /= if *d == 0.0 { 1.0 } else { *d });
+            }
+        }
+    }
+    let start = if g.start.is_some() { &sc.st } else { &sc.b };
+    acc.iter_mut()
+        .zip(start)
+        .for_each(|(a, s)| *a = *s + f.lambda * *a);
+    narrow(f.out, acc, out);
+    None
+}
+
+/// Bit l of a 32-bit half of a mask word, per lane: `bits & LANE_BIT[l] != 0` vectorises into an
+/// AND and a compare per 8 lanes (a shift by the lane index took more, a byte table per 8 lanes
+/// far more).
+const LANE_BIT: [u32; 32] = {
+    let mut t = [0u32; 32];
+    let mut l = 0;
+    while l < 32 {
+        t[l] = 1 << l;
+        l += 1;
+    }
+    t
+};
+
+/// The mask words of a block as one all-ones (keep) or zero (drop) u32 per lane, so that the
+/// loops over the lanes are flat: nested per word, their set-up cost as much as their work.
+#[inline(always)]
+fn expand(mask: &[u64], lanes: &mut [u32]) {
+    for (lc, &m) in lanes.chunks_mut(64).zip(mask) {
+        for (lh, bits) in lc.chunks_mut(32).zip([m as u32, (m >> 32) as u32]) {
+            for (x, &lb) in lh.iter_mut().zip(&LANE_BIT) {
+                *x = if bits & lb != 0 { u32::MAX } else { 0 };
+            }
+        }
+    }
+}
+
+/// One task's terms u = w·τ (w·(τ/d) where DARE rescales), +0.0 where `keep` (from [`expand`];
+/// None: everything kept) is zero: stored into `out` (`OP` 0, for TIES), or added to the linear
+/// sum in `out` (`OP` 1: the first task, 0.0 + u; 2: the first, 0.0 − u; 3: + u; 4: − u; the same
+/// operations, in the same order, as a sum of stored terms). Returns whether some τ is not finite.
+#[inline(always)]
+fn terms<const RESCALE: bool, const OP: u8>(
+    out: &mut [f32],
+    th: &[f32],
+    b: &[f32],
+    w: f32,
+    d: f32,
+    keep: Option<&[u32]>,
+) -> bool {
+    let mut bad = false;
+    let pairs = out.iter_mut().zip(th.iter().zip(b));
+    match keep {
+        Some(keep) => pairs
+            .zip(keep)
+            .for_each(|((o, (&t, &b)), &k)| term::<RESCALE, OP>(o, t, b, k, w, d, &mut bad)),
+        None => pairs.for_each(|(o, (&t, &b))| term::<RESCALE, OP>(o, t, b, !0, w, d, &mut bad)),
+    }
+    bad
+}
+
+/// One lane of [`terms`]. A function, not a closure: a closure left out of line is compiled
+/// without AVX2 (crate::simd), and closures take no `#[inline(always)]` where they are bound.
+#[inline(always)]
+fn term<const RESCALE: bool, const OP: u8>(
+    o: &mut f32,
+    t: f32,
+    b: f32,
+    keep: u32,
+    w: f32,
+    d: f32,
+    bad: &mut bool,
+) {
+    let tau = t - b;
+    *bad |= !tau.is_finite();
+    let v = if RESCALE { w * (tau / d) } else { w * tau };
+    let v = f32::from_bits(v.to_bits() & keep);
+    *o = match OP {
+        0 => v,
+        1 => 0.0 + v,
+        2 => 0.0 - v,
+        3 => *o + v,
+        _ => *o - v,
+    };
+}
+
+/// Adds to `combos[c]` the number of valid lanes whose bits across the task words spell c
+/// (bit t of c: task t kept the lane).
+#[inline(always)]
+pub(super) fn count_combos(words: &[u64], valid: u64, combos: &mut [u64]) {
+    let nt = words.len();
+    if nt <= 5 {
+        // Split the lanes task by task into 2^nt disjoint sets and count each set at once:
+        // (2^(nt+1) + 2^nt popcounts) per 64 lanes, against 64 * nt bit steps below.
+        let mut sets = [0u64; 1 << 5];
+        sets[0] = valid;
+        for (t, &w) in words.iter().enumerate() {
+            for c in 0..1usize << t {
+                sets[c | 1 << t] = sets[c] & w;
+                sets[c] &= !w;
+            }
+        }
+        for (n, s) in combos.iter_mut().zip(&sets[..1 << nt]) {
+            *n += s.count_ones() as u64;
+        }
+    } else {
+        for bit in 0..64 - valid.leading_zeros() {
+            let mut c = 0usize;
+            for (t, w) in words.iter().enumerate() {
+                c |= (((w >> bit) & 1) as usize) << t;
+            }
+            combos[c] += 1;
+        }
+    }
+}
+
+/// The fused tensor into `out`, and the histogram of mask combinations (empty when not tracked).
+pub(super) fn fuse(
+    g: &Group,
+    masks: &[Option<Vec<u64>>],
+    f: &FuseSpec,
+    out: &mut [u8],
+) -> BResult<Vec<u64>> {
+    let nt = g.tasks.len();
+    let track = nt <= MAX_COMBO_TASKS && masks.iter().any(Option::is_some);
+    let ncombo = if track { 1usize << nt } else { 0 };
+    let (fault, combos) = out
+        .par_chunks_mut(CH * f.out.size())
+        .enumerate()
+        .map(|(ci, oc)| {
+            let mut combos = vec![0u64; ncombo];
+            let fl = FUSE_SCRATCH.with_borrow_mut(|sc| {
+                crate::wide!(fuse_chunk(g, masks, f, ci * CH, oc, sc, &mut combos))
+            });
+            (fl, combos)
+        })
+        .reduce(
+            || (None, vec![0u64; ncombo]),
+            |(fa, mut ca), (fb, cb)| {
+                for (x, y) in ca.iter_mut().zip(cb) {
+                    *x += y;
+                }
+                (first_fault(fa, fb), ca)
+            },
+        );
+    fault_result(fault)?;
+    Ok(combos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn combos_count_every_valid_lane_once_by_its_task_bits() {
+        let mut s = 0x1234_5678_9abc_def1u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for nt in 1..=MAX_COMBO_TASKS {
+            for lanes in [1u32, 17, 63, 64] {
+                let words: Vec<u64> = (0..nt).map(|_| next()).collect();
+                let valid = u64::MAX >> (64 - lanes);
+                let mut got = vec![0u64; 1 << nt];
+                count_combos(&words, valid, &mut got);
+                let mut want = vec![0u64; 1 << nt];
+                for lane in 0..lanes {
+                    let c: usize = (0..nt)
+                        .map(|t| (((words[t] >> lane) & 1) as usize) << t)
+                        .sum();
+                    want[c] += 1;
+                }
+                assert_eq!(got, want, "nt={nt} lanes={lanes}");
+            }
+        }
+    }
+}
