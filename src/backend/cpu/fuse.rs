@@ -92,6 +92,9 @@ fn fuse_block(
             });
         }
     }
+    if (1..=MAX_ONE_LOOP).contains(&nt) {
+        return one_loop(g, masks, f, off, out, sc, fault);
+    }
     let linear = f.rule == FuseRule::Linear;
     sc.acc.resize(len, 0.0);
     if linear && nt == 0 {
@@ -219,6 +222,197 @@ fn fuse_block(
     None
 }
 
+/// Up to this many tasks, a block is fused in one loop over its lanes ([`lanes`]).
+const MAX_ONE_LOOP: usize = 4;
+
+/// [`fuse_block`] for 1 to [`MAX_ONE_LOOP`] tasks: every task's θ widened and mask expanded, then
+/// one loop computes each lane from start to end (the terms, the sums, the elected sign, the
+/// division, the start model) with nothing stored between the steps. `fault` is the start
+/// model's, if any.
+#[inline(always)]
+fn one_loop(
+    g: &Group,
+    masks: &[Option<Vec<u64>>],
+    f: &FuseSpec,
+    off: usize,
+    out: &mut [u8],
+    sc: &mut FuseScratch,
+    mut fault: Option<Fault>,
+) -> Option<Fault> {
+    let len = out.len() / f.out.size();
+    let nt = g.tasks.len();
+    sc.tt.resize_with(nt, Vec::new);
+    sc.lt.resize_with(nt, Vec::new);
+    sc.ones.resize(len, u32::MAX);
+    for t in 0..nt {
+        load(g.tasks[t].theta, off, len, &mut sc.tt[t]);
+        if let Some(words) = &masks[t] {
+            sc.lt[t].resize(len, 0);
+            expand(&words[off / 64..(off + len).div_ceil(64)], &mut sc.lt[t]);
+        }
+    }
+    sc.acc.resize(len, 0.0);
+    let bad = match nt {
+        1 => lanes_for::<1>(g, masks, f, len, sc),
+        2 => lanes_for::<2>(g, masks, f, len, sc),
+        3 => lanes_for::<3>(g, masks, f, len, sc),
+        _ => lanes_for::<4>(g, masks, f, len, sc),
+    };
+    if bad {
+        // The first bad τ of each task, in task order (as the task-by-task loops found them).
+        let b = &sc.b[..len];
+        for (t, th) in sc.tt.iter().enumerate() {
+            if let Some(i) = (0..len).find(|&i| !(th[i] - b[i]).is_finite()) {
+                let source = if b[i].is_finite() {
+                    Source::Theta(t)
+                } else {
+                    Source::Base
+                };
+                let tau = th[i] - b[i];
+                fault = first_fault(
+                    fault,
+                    Some(Fault {
+                        source,
+                        index: (off + i) as u64,
+                        value_is_nan: tau.is_nan(),
+                    }),
+                );
+            }
+        }
+    }
+    if fault.is_some() {
+        return fault;
+    }
+    narrow(f.out, &sc.acc[..len], out);
+    None
+}
+
+/// [`lanes`] for N tasks, with the recipe's switches as constants.
+#[inline(always)]
+fn lanes_for<const N: usize>(
+    g: &Group,
+    masks: &[Option<Vec<u64>>],
+    f: &FuseSpec,
+    len: usize,
+    sc: &mut FuseScratch,
+) -> bool {
+    let FuseScratch {
+        b,
+        st,
+        tt,
+        lt,
+        ones,
+        acc,
+        ..
+    } = sc;
+    let start = if g.start.is_some() {
+        &st[..len]
+    } else {
+        &b[..len]
+    };
+    let p = Lanes {
+        b: &b[..len],
+        start,
+        th: std::array::from_fn(|t| &tt[t][..len]),
+        keep: std::array::from_fn(|t| match masks[t] {
+            Some(_) => &lt[t][..len],
+            None => &ones[..len],
+        }),
+        w: std::array::from_fn(|t| f.weights[t]),
+        // τ/1 is τ exactly: tasks without a rescale in a rescaling recipe divide by 1.
+        d: std::array::from_fn(|t| f.rescale[t].unwrap_or(1.0)),
+        neg: std::array::from_fn(|t| if f.forget[t] { 0x8000_0000 } else { 0 }),
+        lambda: f.lambda,
+        divisor: f.linear_divisor(),
+    };
+    let acc = &mut acc[..len];
+    let rescale = f.rescale.iter().any(Option::is_some);
+    match (f.rule == FuseRule::Ties, rescale, f.normalize) {
+        (false, false, false) => lanes::<N, false, false, false>(acc, &p),
+        (false, false, true) => lanes::<N, false, false, true>(acc, &p),
+        (false, true, false) => lanes::<N, false, true, false>(acc, &p),
+        (false, true, true) => lanes::<N, false, true, true>(acc, &p),
+        (true, false, false) => lanes::<N, true, false, false>(acc, &p),
+        (true, false, true) => lanes::<N, true, false, true>(acc, &p),
+        (true, true, false) => lanes::<N, true, true, false>(acc, &p),
+        (true, true, true) => lanes::<N, true, true, true>(acc, &p),
+    }
+}
+
+/// The inputs of [`lanes`], each slice one block long.
+struct Lanes<'a, const N: usize> {
+    b: &'a [f32],
+    start: &'a [f32],
+    th: [&'a [f32]; N],
+    /// All-ones (kept) or zero per lane ([`expand`]).
+    keep: [&'a [u32]; N],
+    w: [f32; N],
+    d: [f32; N],
+    /// The sign bit for `forget:` tasks (subtracting is adding the negation, exactly).
+    neg: [u32; N],
+    lambda: f32,
+    divisor: f32,
+}
+
+/// The fuse of docs/SEMANTICS.md lane by lane, every operation in the order of the task-by-task
+/// loops below (so the same bits): u_t = w_t·τ_t (or w_t·(τ_t/d_t)), +0.0 where dropped; TIES:
+/// S = 0.0 + Σ u_t, the agreeing terms and weights summed from 0.0, divided by the weights' sum
+/// (1 where 0); linear: 0.0 + Σ ±u_t, divided by the weights' sum; then start + λ·sum. Returns
+/// whether some τ is not finite.
+#[inline(always)]
+fn lanes<const N: usize, const TIES: bool, const RESCALE: bool, const NORM: bool>(
+    acc: &mut [f32],
+    p: &Lanes<N>,
+) -> bool {
+    let len = acc.len();
+    let (b, start) = (&p.b[..len], &p.start[..len]);
+    let th = p.th.map(|s| &s[..len]);
+    let keep = p.keep.map(|s| &s[..len]);
+    let mut bad = false;
+    for i in 0..len {
+        let mut u = [0f32; N];
+        for t in 0..N {
+            let tau = th[t][i] - b[i];
+            bad |= !tau.is_finite();
+            let v = if RESCALE {
+                p.w[t] * (tau / p.d[t])
+            } else {
+                p.w[t] * tau
+            };
+            u[t] = f32::from_bits(v.to_bits() & keep[t][i]);
+        }
+        let sum = if TIES {
+            let mut s = 0.0f32;
+            for x in u {
+                s += x;
+            }
+            let (mut a, mut d) = (0.0f32, 0.0f32);
+            for t in 0..N {
+                let agree = ((u[t] > 0.0) & (s >= 0.0)) | ((u[t] < 0.0) & (s < 0.0));
+                a += if agree { u[t] } else { 0.0 };
+                d += if agree { p.w[t] } else { 0.0 };
+            }
+            if NORM {
+                a / if d == 0.0 { 1.0 } else { d }
+            } else {
+                a
+            }
+        } else {
+            let mut a = 0.0f32;
+            for t in 0..N {
+                a += f32::from_bits(u[t].to_bits() ^ p.neg[t]);
+            }
+            if NORM {
+                a / p.divisor
+            } else {
+                a
+            }
+        };
+        acc[i] = start[i] + p.lambda * sum;
+    }
+    bad
+}
+
 /// Bit l of a 32-bit half of a mask word, per lane: `bits & LANE_BIT[l] != 0` vectorises into an
 /// AND and a compare per 8 lanes (a shift by the lane index took more, a byte table per 8 lanes
 /// far more).
@@ -236,11 +430,25 @@ const LANE_BIT: [u32; 32] = {
 /// loops over the lanes are flat: nested per word, their set-up cost as much as their work.
 #[inline(always)]
 fn expand(mask: &[u64], lanes: &mut [u32]) {
-    for (lc, &m) in lanes.chunks_mut(64).zip(mask) {
-        for (lh, bits) in lc.chunks_mut(32).zip([m as u32, (m >> 32) as u32]) {
-            for (x, &lb) in lh.iter_mut().zip(&LANE_BIT) {
-                *x = if bits & lb != 0 { u32::MAX } else { 0 };
-            }
+    #[inline(always)]
+    fn half(lanes: &mut [u32], bits: u32) {
+        for (x, &lb) in lanes.iter_mut().zip(&LANE_BIT) {
+            *x = if bits & lb != 0 { u32::MAX } else { 0 };
+        }
+    }
+    let full = lanes.len() / 64;
+    let mut whole = lanes.chunks_exact_mut(64);
+    for (lc, &m) in (&mut whole).zip(mask) {
+        // A whole word as an array: fixed trip counts, nothing but the vector work.
+        let lc: &mut [u32; 64] = lc.try_into().expect("64 lanes");
+        let (lo, hi) = lc.split_at_mut(32);
+        half(lo, m as u32);
+        half(hi, (m >> 32) as u32);
+    }
+    let rest = whole.into_remainder();
+    if let Some(&m) = mask.get(full) {
+        for (lh, bits) in rest.chunks_mut(32).zip([m as u32, (m >> 32) as u32]) {
+            half(lh, bits);
         }
     }
 }

@@ -100,6 +100,11 @@ struct FuseScratch {
     sum: Vec<f32>,
     div: Vec<f32>,
     lanes: Vec<u32>,
+    /// Per task: θ widened, and the mask as lanes (fuse::one_loop).
+    tt: Vec<Vec<f32>>,
+    lt: Vec<Vec<u32>>,
+    /// All-ones lanes for the tasks without a mask.
+    ones: Vec<u32>,
 }
 
 #[inline(always)]
