@@ -287,9 +287,17 @@ fn model_selection(
     Ok(Some(ModelSelection { means, thresholds }))
 }
 
+/// A tensor for the writer, with its checksum.
 enum Payload<'a> {
-    Owned(Vec<u8>),
-    Borrowed(&'a [u8]),
+    Owned(Vec<u8>, u64),
+    Borrowed(&'a [u8], u64),
+}
+
+/// The writer's payload for an output buffer or a copied tensor: the checksum is taken here, on
+/// the worker threads (a tree over leaves: `writer::checksum`), while the bytes are hot.
+fn owned<'a>(v: Vec<u8>) -> Payload<'a> {
+    let c = crate::checkpoint::writer::checksum(&v);
+    Payload::Owned(v, c)
 }
 
 pub struct Outcome {
@@ -324,11 +332,11 @@ pub fn execute(
             let mut w = ShardWriter::new(dir, outs, out_shard_bytes);
             for p in rx {
                 match p {
-                    Payload::Owned(v) => {
-                        w.write_next(&v)?;
+                    Payload::Owned(v, c) => {
+                        w.write_summed(&v, c)?;
                         let _ = ret_tx.send(v);
                     }
-                    Payload::Borrowed(b) => w.write_next(b)?,
+                    Payload::Borrowed(b, c) => w.write_summed(b, c)?,
                 }
             }
             w.finish()
@@ -371,9 +379,11 @@ pub fn execute(
                             .flush()
                             .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?
                         {
-                            payloads.push(Payload::Owned(out));
+                            payloads.push(owned(out));
                         }
-                        payloads.push(Payload::Borrowed(f.bytes(t)));
+                        let bytes = f.bytes(t);
+                        let c = crate::checkpoint::writer::checksum(bytes);
+                        payloads.push(Payload::Borrowed(bytes, c));
                     }
                     ItemKind::Merge { out, work, .. } => {
                         let started = Instant::now();
@@ -406,7 +416,7 @@ pub fn execute(
                                         fault_problem(plan, &item.name, &item.shape, e)
                                     })? {
                                         at_writer += 1;
-                                        if tx.send(Payload::Owned(out)).is_err() {
+                                        if tx.send(owned(out)).is_err() {
                                             return Ok(());
                                         }
                                     }
@@ -426,7 +436,8 @@ pub fn execute(
                                 }
                             }
                         };
-                        buf.clear();
+                        // Every byte is the backend's to write: no zeroing of a reused buffer
+                        // (a memset of the whole output per tensor), only of a grown one.
                         buf.resize(item.out.nbytes as usize, 0);
                         // The next merged tensor, so that the backend can copy it in early.
                         let next = plan.items.get(ii + 1).and_then(|it| match it.kind {
@@ -438,7 +449,7 @@ pub fn execute(
                         let (stats, done) = backend
                             .submit(&g, &jobs, &work.fuse, buf, next.as_ref())
                             .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
-                        payloads.extend(done.into_iter().map(Payload::Owned));
+                        payloads.extend(done.into_iter().map(owned));
                         release(plan, item);
                         let mut tasks = Vec::with_capacity(nt);
                         for (t, st) in stats.tasks.iter().enumerate() {
@@ -471,7 +482,7 @@ pub fn execute(
                     }
                 }
                 for payload in payloads {
-                    at_writer += matches!(payload, Payload::Owned(_)) as u64;
+                    at_writer += matches!(payload, Payload::Owned(..)) as u64;
                     if tx.send(payload).is_err() {
                         // The writer stopped: its error is the one to report.
                         return Ok(());
@@ -484,7 +495,7 @@ pub fn execute(
                 Some(it) => fault_problem(plan, &it.name, &it.shape, e),
                 None => Error::Other(e.to_string()),
             })? {
-                if tx.send(Payload::Owned(out)).is_err() {
+                if tx.send(owned(out)).is_err() {
                     return Ok(());
                 }
             }
