@@ -8,7 +8,7 @@
 //! keys that are all equal, or the fixed threshold of `selection: model`) needs no keys at all.
 
 use super::dare::fmix;
-use super::radix::{word_bits, Threshold};
+use super::radix::{self, word_bits, Threshold};
 
 /// An inclusive key range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,12 +19,13 @@ pub struct Window {
 
 /// Tensors up to this many keys are sampled whole, which makes their window exact.
 pub const SAMPLE_ALL: usize = 4096;
-/// Larger tensors: at most this many blocks of `SAMPLE_BLOCK` consecutive keys, one in each of
-/// as many equal strides, at a hashed offset inside it (a fixed offset could keep meeting the
-/// same column of a weight matrix). Short blocks, many of them: rows of a weight matrix differ
-/// in scale, and a sample of few long blocks would know few rows.
-pub const SAMPLE_BLOCKS: usize = 2048;
+/// Larger tensors: blocks of `SAMPLE_BLOCK` consecutive keys, one in each of as many equal
+/// strides, at a hashed offset inside it (a fixed offset could keep meeting the same column of
+/// a weight matrix). Short blocks, many of them: rows of a weight matrix differ in scale, and a
+/// sample of few long blocks would know few rows.
 pub const SAMPLE_BLOCK: usize = 8;
+/// At most this many blocks (131 072 keys).
+pub const SAMPLE_BLOCKS: usize = 16_384;
 
 /// The window's half-width in standard deviations of the sample's rank of the k-th key. A miss
 /// costs a second select over the tensor, a wider window only more keys kept aside: 5 misses an
@@ -78,11 +79,20 @@ impl Window {
 
 /// The sample of a tensor of `n` keys: (block length, block starts), blocks disjoint and in
 /// increasing order. One block of all `n` keys up to [`SAMPLE_ALL`].
+///
+/// Its size balances two costs: a key sampled (gathered, scored, twice quickselected: ~40
+/// instructions) against a key kept in the window (collected, selected among, its bit set: ~70),
+/// of which a sample of m keys leaves about 10·sqrt(p(1-p)/m)·n. The sum is least near
+/// m = (4n)^(2/3): 10 k keys of a 262 k-element tensor, 65 k of 4 M; never more than n/8.
 pub fn sample_starts(n: usize) -> (usize, Vec<usize>) {
     if n <= SAMPLE_ALL {
         return (n, vec![0]);
     }
-    let blocks = SAMPLE_BLOCKS.min(n / (8 * SAMPLE_BLOCK));
+    let m = icbrt(16 * (n as u128) * (n as u128)) as usize;
+    let blocks = (m / SAMPLE_BLOCK)
+        .min(SAMPLE_BLOCKS)
+        .min(n / (8 * SAMPLE_BLOCK))
+        .max(1);
     let stride = n / blocks;
     let starts = (0..blocks)
         .map(|b| {
@@ -91,6 +101,18 @@ pub fn sample_starts(n: usize) -> (usize, Vec<usize>) {
         })
         .collect();
     (SAMPLE_BLOCK, starts)
+}
+
+/// The integer cube root (the largest r with r³ <= x).
+fn icbrt(x: u128) -> u128 {
+    let mut r = (x as f64).cbrt() as u128;
+    while r * r * r > x {
+        r -= 1;
+    }
+    while (r + 1) * (r + 1) * (r + 1) <= x {
+        r += 1;
+    }
+    r
 }
 
 /// Up to 64 keys against a window: (bits of the keys above it, bits of the keys inside it).
@@ -166,8 +188,8 @@ pub fn nth_set_bit(words: &[u64], r: u64) -> u64 {
 }
 
 /// The top-k threshold from one pass's findings: `above` keys above the window, `inside` in it
-/// (their bits in `inside_words`; when lo < hi their keys in index order in `keys`). None when
-/// the k-th largest key is not in the window.
+/// (their bits in `inside_words`; when lo < hi their keys in index order, in consecutive
+/// `pieces`). None when the k-th largest key is not in the window.
 pub fn top_k(
     n: u64,
     k: u64,
@@ -175,7 +197,7 @@ pub fn top_k(
     above: u64,
     inside: u64,
     inside_words: &[u64],
-    keys: &[u32],
+    pieces: &[&[u32]],
 ) -> Option<Threshold> {
     if above >= k || above + inside < k {
         return None;
@@ -195,12 +217,12 @@ pub fn top_k(
         });
     }
     assert_eq!(
-        keys.len() as u64,
+        pieces.iter().map(|p| p.len() as u64).sum::<u64>(),
         inside,
         "every key of the window, in order"
     );
     // The same select over the window's keys alone; a position among them maps back to an index.
-    let c = select_among(keys, r);
+    let c = select_among(pieces, r);
     let cutoff = if c.cutoff == inside {
         n
     } else {
@@ -214,24 +236,27 @@ pub fn top_k(
     })
 }
 
-/// `radix_select(keys, r)` for the few keys of a window: one quickselect for the key, one
-/// counting pass, and a scan for the tie cutoff (the radix select's digit passes and mask cost
-/// ~50 instructions per key here, where all keys share their top digits).
-fn select_among(keys: &[u32], r: u64) -> Threshold {
-    let m = keys.len();
-    let mut copy = keys.to_vec();
+/// `radix_select(keys, r)` for the few keys of a window, given in consecutive pieces: one
+/// quickselect for the key (on a copy), one counting pass and a scan for the tie cutoff over the
+/// pieces (the radix select's digit passes and mask cost ~50 instructions per key here, where
+/// all keys share their top digits).
+fn select_among(pieces: &[&[u32]], r: u64) -> Threshold {
+    let mut copy = pieces.concat();
+    let m = copy.len();
     let key = *copy.select_nth_unstable(m - r as usize).1;
-    let (count_gt, count_eq) = keys.iter().fold((0u64, 0u64), |(g, e), &x| {
-        (g + (x > key) as u64, e + (x == key) as u64)
+    let keys = || pieces.iter().flat_map(|p| p.iter().copied());
+    let (count_gt, count_eq) = pieces.iter().fold((0u64, 0u64), |(g, e), p| {
+        p.iter().fold((g, e), |(g, e), &x| {
+            (g + (x > key) as u64, e + (x == key) as u64)
+        })
     });
     let ties = r - count_gt;
     let cutoff = if ties == count_eq {
         m as u64
     } else {
-        let (i, _) = keys
-            .iter()
+        let (i, _) = keys()
             .enumerate()
-            .filter(|(_, &x)| x == key)
+            .filter(|&(_, x)| x == key)
             .nth(ties as usize - 1)
             .expect("enough ties");
         i as u64 + 1
@@ -247,6 +272,10 @@ fn select_among(keys: &[u32], r: u64) -> Threshold {
 /// Sets in `mask` the bits of the window's keys that `th` keeps, for the words of one piece of
 /// the tensor starting at index `start` (a multiple of 64). `keys`: the piece's window keys in
 /// index order, or None when every window key equals `th.key` (a one-key window).
+///
+/// Branch-free: each key's fate is decided in key order (a byte per key folded into bits), then
+/// each word's share of those bits is deposited at its window bits. One loop over the set bits
+/// per word instead mispredicted its exit about once a word.
 pub fn keep_inside(
     th: &Threshold,
     start: u64,
@@ -254,30 +283,80 @@ pub fn keep_inside(
     keys: Option<&[u32]>,
     mask: &mut [u64],
 ) {
-    match keys {
-        None => {
-            for (i, (m, &w)) in mask.iter_mut().zip(inside).enumerate() {
-                let first = start + 64 * i as u64;
-                if first + 64 <= th.cutoff {
-                    *m |= w;
-                } else if first < th.cutoff {
-                    *m |= w & (u64::MAX >> (64 - (th.cutoff - first)));
-                }
-            }
+    let below = |first: u64| {
+        if first + 64 <= th.cutoff {
+            u64::MAX
+        } else if first < th.cutoff {
+            u64::MAX >> (64 - (th.cutoff - first))
+        } else {
+            0
         }
-        Some(keys) => {
-            let mut next = keys.iter();
-            for (i, (m, &w)) in mask.iter_mut().zip(inside).enumerate() {
-                let mut bits = w;
-                while bits != 0 {
-                    let j = bits.trailing_zeros();
-                    let x = *next.next().expect("a key per window bit");
-                    *m |= (th.keeps(x, start + 64 * i as u64 + j as u64) as u64) << j;
-                    bits &= bits - 1;
-                }
-            }
+    };
+    let Some(keys) = keys else {
+        for (i, (m, &w)) in mask.iter_mut().zip(inside).enumerate() {
+            *m |= w & below(start + 64 * i as u64);
         }
+        return;
+    };
+    // Keys equal to the threshold are kept while their index is below the cutoff: they are the
+    // piece's first `ties_before` window keys, by position.
+    let ties_before: u64 = inside
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| (w & below(start + 64 * i as u64)).count_ones() as u64)
+        .sum();
+    let mut fate = vec![0u64; keys.len().div_ceil(64) + 1];
+    for (j, (f, c)) in fate.iter_mut().zip(keys.chunks(64)).enumerate() {
+        let first = 64 * j as u64;
+        let mut bytes = [0u8; 64];
+        for (p, (b, &x)) in bytes.iter_mut().zip(c).enumerate() {
+            *b = ((x > th.key) | ((x == th.key) & (first + (p as u64) < ties_before))) as u8;
+        }
+        *f = radix::fold_bytes(&bytes);
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::enabled() {
+        // SAFETY: `enabled` is true only when the CPU has BMI2 (with AVX2).
+        unsafe { deposit_bmi2(&fate, inside, mask) };
+        return;
+    }
+    deposit(&fate, inside, mask, pdep_portable);
+}
+
+/// `pdep`: the low bits of `bits`, in order, at the set bits of `w`.
+#[inline(always)]
+fn pdep_portable(bits: u64, w: u64) -> u64 {
+    let (mut out, mut w, mut bits) = (0u64, w, bits);
+    while w != 0 {
+        out |= (bits & 1).wrapping_neg() & (w & w.wrapping_neg());
+        bits >>= 1;
+        w &= w - 1;
+    }
+    out
+}
+
+/// For each word of `inside`, the next popcount(word) bits of `fate` placed at its set bits
+/// (`pdep`), ORed into `mask`.
+#[inline(always)]
+fn deposit(fate: &[u64], inside: &[u64], mask: &mut [u64], pdep: impl Fn(u64, u64) -> u64) {
+    let mut pos = 0usize;
+    for (m, &w) in mask.iter_mut().zip(inside) {
+        let c = w.count_ones() as usize;
+        let (i, o) = (pos / 64, pos % 64);
+        let lo = fate[i] >> o;
+        let hi = if o == 0 { 0 } else { fate[i + 1] << (64 - o) };
+        let bits = (lo | hi) & (u64::MAX >> (64 - c.max(1))) & (c > 0) as u64 * u64::MAX;
+        *m |= pdep(bits, w);
+        pos += c;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "bmi2,popcnt")]
+unsafe fn deposit_bmi2(fate: &[u64], inside: &[u64], mask: &mut [u64]) {
+    deposit(fate, inside, mask, |bits, w| {
+        std::arch::x86_64::_pdep_u64(bits, w)
+    });
 }
 
 #[cfg(test)]
@@ -310,8 +389,8 @@ mod tests {
             }
             pieces.push(kept);
         }
-        let all: Vec<u32> = pieces.concat();
-        let th = top_k(n as u64, k, w, above, ins, &inside, &all)?;
+        let refs: Vec<&[u32]> = pieces.iter().map(|p| p.as_slice()).collect();
+        let th = top_k(n as u64, k, w, above, ins, &inside, &refs)?;
         for (pi, kept) in pieces.iter().enumerate() {
             let words = pi * piece / 64..((pi + 1) * piece / 64).min(mask.len());
             let keys = (w.lo < w.hi).then_some(kept.as_slice());
@@ -523,11 +602,49 @@ mod tests {
     }
 
     #[test]
+    fn the_bit_deposit_places_the_fates_in_order_in_both_versions() {
+        let mut s = 77u64;
+        let inside: Vec<u64> = (0..300)
+            .map(|i| match i % 5 {
+                0 => 0,
+                1 => u64::MAX,
+                _ => xorshift(&mut s) & xorshift(&mut s),
+            })
+            .collect();
+        let total: u32 = inside.iter().map(|w| w.count_ones()).sum();
+        let fate: Vec<u64> = (0..total.div_ceil(64) + 1)
+            .map(|_| xorshift(&mut s))
+            .collect();
+        // The reference: walk the window bits in order, the j-th takes fate bit j.
+        let mut want = vec![0u64; inside.len()];
+        let mut j = 0;
+        for (m, &w) in want.iter_mut().zip(&inside) {
+            for b in 0..64 {
+                if (w >> b) & 1 == 1 {
+                    *m |= ((fate[j / 64] >> (j % 64)) & 1) << b;
+                    j += 1;
+                }
+            }
+        }
+        let mut got = vec![0u64; inside.len()];
+        deposit(&fate, &inside, &mut got, pdep_portable);
+        assert_eq!(got, want);
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::avx2_available() {
+            let mut got = vec![0u64; inside.len()];
+            // SAFETY: the CPU has BMI2.
+            unsafe { deposit_bmi2(&fate, &inside, &mut got) };
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
     fn the_select_among_a_windows_keys_is_the_radix_select() {
         for (what, keys) in adversarial(20_000, 3) {
+            let pieces: Vec<&[u32]> = keys.chunks(777).collect();
             for r in [1u64, 2, 777, 10_000, 19_999, 20_000] {
                 assert_eq!(
-                    select_among(&keys, r),
+                    select_among(&pieces, r),
                     radix_select(&keys, r),
                     "{what} r={r}"
                 );

@@ -236,15 +236,8 @@ fn settle(
     let count: u64 = found.iter().map(|c| c[i].inside).sum();
     let (th, st) = match *job {
         MaskJob::TopK { k, .. } => {
-            let keys: Vec<u32> = if w.lo < w.hi {
-                found
-                    .iter()
-                    .flat_map(|c| c[i].keys.iter().copied())
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let Some(th) = window::top_k(n, k, w, above, count, inside, &keys) else {
+            let pieces: Vec<&[u32]> = found.iter().map(|c| c[i].keys.as_slice()).collect();
+            let Some(th) = window::top_k(n, k, w, above, count, inside, &pieces) else {
                 be.misses.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     "`{}` task {t}: the sampled window {w:?} missed the threshold ({above} keys \
