@@ -345,7 +345,7 @@ fn deposit(fate: &[u64], inside: &[u64], mask: &mut [u64], pdep: impl Fn(u64, u6
         let (i, o) = (pos / 64, pos % 64);
         let lo = fate[i] >> o;
         let hi = if o == 0 { 0 } else { fate[i + 1] << (64 - o) };
-        let bits = (lo | hi) & (u64::MAX >> (64 - c.max(1))) & (c > 0) as u64 * u64::MAX;
+        let bits = (lo | hi) & u64::MAX.checked_shr(64 - c as u32).unwrap_or(0);
         *m |= pdep(bits, w);
         pos += c;
     }
