@@ -134,24 +134,7 @@ fn fuse_block(
             }
         };
         if bad {
-            let (b, th) = (&sc.b, &sc.th);
-            let i = (0..len)
-                .find(|&i| !(th[i] - b[i]).is_finite())
-                .expect("a bad element exists");
-            let source = if !b[i].is_finite() {
-                Source::Base
-            } else {
-                Source::Theta(t)
-            };
-            let tau = th[i] - b[i];
-            fault = first_fault(
-                fault,
-                Some(Fault {
-                    source,
-                    index: (off + i) as u64,
-                    value_is_nan: tau.is_nan(),
-                }),
-            );
+            fault = first_fault(fault, tau_fault(t, off, &sc.th[..len], &sc.b[..len]));
         }
     }
     if fault.is_some() {
@@ -222,6 +205,22 @@ fn fuse_block(
     None
 }
 
+/// The first element of a block (at `off`) whose τ = θ − b is not finite, blamed on the base
+/// where the base's value is the bad one.
+fn tau_fault(t: usize, off: usize, th: &[f32], b: &[f32]) -> Option<Fault> {
+    let i = (0..th.len()).find(|&i| !(th[i] - b[i]).is_finite())?;
+    let source = if b[i].is_finite() {
+        Source::Theta(t)
+    } else {
+        Source::Base
+    };
+    Some(Fault {
+        source,
+        index: (off + i) as u64,
+        value_is_nan: (th[i] - b[i]).is_nan(),
+    })
+}
+
 /// Up to this many tasks, a block is fused in one loop over its lanes ([`lanes`]).
 const MAX_ONE_LOOP: usize = 4;
 
@@ -260,24 +259,8 @@ fn one_loop(
     };
     if bad {
         // The first bad τ of each task, in task order (as the task-by-task loops found them).
-        let b = &sc.b[..len];
         for (t, th) in sc.tt.iter().enumerate() {
-            if let Some(i) = (0..len).find(|&i| !(th[i] - b[i]).is_finite()) {
-                let source = if b[i].is_finite() {
-                    Source::Theta(t)
-                } else {
-                    Source::Base
-                };
-                let tau = th[i] - b[i];
-                fault = first_fault(
-                    fault,
-                    Some(Fault {
-                        source,
-                        index: (off + i) as u64,
-                        value_is_nan: tau.is_nan(),
-                    }),
-                );
-            }
+            fault = first_fault(fault, tau_fault(t, off, &th[..len], &sc.b[..len]));
         }
     }
     if fault.is_some() {
