@@ -86,6 +86,7 @@ impl Inputs {
         let ty = self.ty;
         Group {
             name: "bench",
+            seq: 0,
             n: self.n,
             base: Raw {
                 ty,

@@ -1,7 +1,8 @@
 // common.cuh: what score.cu, select.cu and fuse.cu share.
 //
 // - dtype codes and loads/stores: fp32/fp16/bf16 in memory, fp32 in registers. Widening is exact;
-//   narrowing rounds to nearest even (__float2half_rn, __float2bfloat16_rn).
+//   narrowing rounds to nearest even (__float2half_rn, __float2bfloat16_rn); every store writes a
+//   NaN as the canonical NaN of its dtype.
 // - "groups" of 8 consecutive elements: element 8g+j is lane j of group g. A group is read with
 //   16-byte vector loads (one uint4 of 8 halves, or two float4) when the whole group lies inside
 //   the tensor and the pointer is 16-byte aligned, and element by element otherwise (the tail
@@ -97,12 +98,25 @@ __device__ __forceinline__ void load8(const void* p, int dt, size_t g, size_t n,
     }
 }
 
-// f32 to the bit pattern of dtype dt (16-bit dtypes in the low half), rounding to nearest even.
+// The one NaN every output holds, whatever NaN was computed (docs/SEMANTICS.md, "Output dtype"):
+// positive, quiet, no payload. The hardware writes its own canonical NaN (0x7FFFFFFF, and 0x7FFF
+// from the fp16/bf16 conversions) where x86 and the CPU backend keep sign and payload, so both
+// backends write these instead. A NaN output comes only from finite inputs whose task vectors
+// overflow (NaN inputs are errors).
+#define CANONICAL_NAN_F32 0x7FC00000u
+#define CANONICAL_NAN_F16 0x7E00u
+#define CANONICAL_NAN_BF16 0x7FC0u
+
+// f32 to the bit pattern of dtype dt (16-bit dtypes in the low half), rounding to nearest even;
+// a NaN becomes the canonical NaN.
 __device__ __forceinline__ u32 f32_to_f16_bits(float x) {
-    return __half_as_ushort(__float2half_rn(x));
+    return is_nan_f32(x) ? CANONICAL_NAN_F16 : __half_as_ushort(__float2half_rn(x));
 }
 __device__ __forceinline__ u32 f32_to_bf16_bits(float x) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+    return is_nan_f32(x) ? CANONICAL_NAN_BF16 : __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+__device__ __forceinline__ float f32_canonical(float x) {
+    return is_nan_f32(x) ? __uint_as_float(CANONICAL_NAN_F32) : x;
 }
 
 __device__ __forceinline__ void store1(void* p, int dt, size_t i, float x) {
@@ -111,7 +125,7 @@ __device__ __forceinline__ void store1(void* p, int dt, size_t i, float x) {
     } else if (dt == DT_BF16) {
         static_cast<unsigned short*>(p)[i] = static_cast<unsigned short>(f32_to_bf16_bits(x));
     } else {
-        static_cast<float*>(p)[i] = x;
+        static_cast<float*>(p)[i] = f32_canonical(x);
     }
 }
 
@@ -120,8 +134,10 @@ __device__ __forceinline__ void store8(void* p, int dt, size_t g, size_t n, cons
     const size_t i0 = g * 8;
     if (i0 + 8 <= n && is_aligned16(p)) {
         if (dt == DT_F32) {
-            static_cast<float4*>(p)[2 * g] = make_float4(v[0], v[1], v[2], v[3]);
-            static_cast<float4*>(p)[2 * g + 1] = make_float4(v[4], v[5], v[6], v[7]);
+            static_cast<float4*>(p)[2 * g] = make_float4(f32_canonical(v[0]), f32_canonical(v[1]),
+                                                         f32_canonical(v[2]), f32_canonical(v[3]));
+            static_cast<float4*>(p)[2 * g + 1] = make_float4(f32_canonical(v[4]), f32_canonical(v[5]),
+                                                             f32_canonical(v[6]), f32_canonical(v[7]));
         } else {
             u32 w[4];
 #pragma unroll

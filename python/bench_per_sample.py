@@ -1,5 +1,5 @@
 """Time of the two per-sample paths of gradient_statistic (mode abs) on a small transformer
-classifier: `python python/bench_per_sample.py [--samples N] [--batch-size B] [--threads T]`."""
+classifier (with the wheel installed): `python python/bench_per_sample.py [--samples N] [--batch-size B] [--threads T]`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stamerge_grads import gradient_statistic
+from stamerge.grads import gradient_statistic
 
 
 class Classifier(nn.Module):

@@ -1,82 +1,119 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU machine: checks the CUDA backend against the CPU backend and
-# measures it, with prebuilt binaries (the GPU machine needs the NVIDIA driver, not Rust or nvcc).
+# The one script to run on a GPU machine: the CUDA backend checked against the CPU backend (bit
+# for bit), under compute-sanitizer, on one tensor over 2^31 elements, then measured against a
+# warm read of its inputs and the CPU merge. Prebuilt binaries only: the GPU machine needs the
+# NVIDIA driver and bash/coreutils/tar, not Rust, nvcc or Python.
 #
-# 1. On the build machine (no GPU needed; nvcc is needed so that the kernels are built in):
+# Transport. Here (no GPU needed):
+#     bash scripts/gpu-bundle.sh
+# builds target/gpu-bundle/ (stamerge and the tests/gpu binary, release, `strip --strip-debug`,
+# and compute-sanitizer 13.0 from PyPI; it prints the sizes, about 45 MiB in all, under the 64 MiB
+# that may be carried). The GPU machine needs the repository's tracked files (this script) and
+# that folder; the one-line command, from the repository root there, is
+#     bash scripts/gpu-check.sh
+# (with the device tool: command "bash scripts/gpu-check.sh", carry ["target/gpu-bundle"],
+# timeout_s 600). It leaves exactly two files in the caller's folder: results.md (the summary)
+# and gpu-check-logs.tar.gz (every step's full output). That folder is the first argument, else
+# the caller's $OUT (only read: the caller may fetch at most 8 files from it), else
+# ./gpu-check-results. Step logs and data live in a private folder (mktemp) until the end.
 #
-#      export NVCC="$(scripts/install-nvcc.sh)"      # pip wheels of CUDA 13.0's nvcc
-#      cargo build --release
-#      cargo test --release --no-run --test gpu      # prints target/release/deps/gpu-<hash>
+# Steps, correctness first, each under a cap (seconds); the caps add up to the budget (480 s),
+# so the run ends within 8 minutes even if every step times out:
+#   preflight   20  ldd and --version of both binaries, the kernels in the build (exit 2 at once
+#                   when it has none), nvidia-smi with other compute processes and throttle
+#                   reasons, nvcc and compute-sanitizer --version
+#   tiny        30  a tiny synthetic set (synth --layers 1 --hidden 64 --intermediate 128
+#                   --vocab 256 --tasks 2), every recipe merged by the CLI on cuda and on cpu,
+#                   the files compared byte for byte
+#   gpu-tests   90  the tests/gpu binary (--include-ignored, one thread), all but `huge`
+#   reruns      30  each failed GPU test again, alone in its own process (a kernel fault poisons
+#                   the context for every later test of a process)
+#   huge        90  huge::over_2_31_elements_match_cpu: 2^31 + 8191 bf16 elements, ties and sta
+#   memcheck    50  compute-sanitizer memcheck over the GPU tests, tensors capped at 4097 elements
+#                   (the CLI test aside: the chunked CLI merge below covers that path)
+#   racecheck   20  } compute-sanitizer on three tests (4097 elements) and one chunked CLI merge
+#   synccheck   20  } (the tiny set's sta_model under --max-memory 256KiB); "device not
+#   initcheck   20  } supported" and the like count as skipped, not failed; a sanitizer step
+#                   that reaches its cap without an error is "partial", not failed
+#   synth       50  a streamed-merge set of about 5.4 GB (base, 2 tasks, 2 statistics; bf16)
+#   read        15  a warm read of the files the sta merge reads (one reader per core)
+#   cuda-merge  20  `stamerge merge sta.yml --device cuda` on it
+#   cpu-merge   25  the same on the CPU; the output files compared with the cuda ones
+# results.md gives CUDA ÷ read and CUDA ÷ CPU as measured on that machine.
 #
-#    (Check that the build has kernels: `target/release/stamerge bench kernels` must not say
-#    "this build has no CUDA kernels".)
-# 2. Bring the repository with target/release/stamerge and target/release/deps/gpu-<hash> to the
-#    GPU machine and run, from anywhere:
+# Exit status: 0 when every step passed, was skipped or was partial, 1 otherwise, 2 when the
+# binaries are missing or have no kernels.
 #
-#      scripts/gpu-check.sh                          # results in $OUT, default ./gpu-results
-#
-# Steps (each under a timeout; all of them within GPU_CHECK_BUDGET seconds, default 420, so the
-# whole run stays well under 8 minutes; a step that would start after the budget is skipped):
-#   - nvidia-smi and the binaries' versions;
-#   - the GPU tests (tests/gpu/: every method × dtype × size, bit for bit against the CPU
-#     backend, and whole merges compared file by file), --nocapture --test-threads 1;
-#   - `stamerge bench kernels` for bf16 and fp16 with T = 4;
-#   - a synthetic Llama-style set (2 layers, hidden 1024, vocab 32000, 3 tasks, bf16), then
-#     `stamerge bench merge --device cuda` and `--device cpu` for ties and sta;
-#   - `stamerge merge --device cuda` (also with a --max-memory of 64MB, which splits the large
-#     tensors into chunks) vs `--device cpu` on that set for five recipes, the output files
-#     compared byte for byte;
-#   - the streamed merge timed: `stamerge merge --device cuda` of sta and sta_model with the
-#     default budget (whole groups, the next group's inputs copied in while one computes) and
-#     with --max-memory 256MB and 64MB (chunks), GB/s of input from each run's summary line.
-# Everything each step prints goes to $OUT/<step>.txt; $OUT/results.md is the summary table.
-# Exit status: 0 when every step passed, 1 otherwise, 2 when the binaries are missing.
-#
-# Environment: OUT, STAMERGE_BIN (default target/release/stamerge), GPU_TEST_BIN (default the
-# newest target/release/deps/gpu-*), GPU_CHECK_DATA (the synthetic set; default
-# ${TMPDIR:-/tmp}/stamerge-gpu-check, outside $OUT), GPU_CHECK_BUDGET (seconds).
+# Environment: STAMERGE_BIN, GPU_TEST_BIN, COMPUTE_SANITIZER (default: target/gpu-bundle/...,
+# else target/release/..., else compute-sanitizer on PATH or in /usr/local/cuda), GPU_CHECK_DATA
+# (the 5.4 GB set is kept there between runs; default: made in the private folder, removed),
+# GPU_CHECK_FAKE=1 (a dry run on a machine without a GPU: builds the fake libcuda of
+# scripts/emu/ and runs every step against it at small sizes; needs g++; the results say so).
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-OUT="${OUT:-./gpu-results}"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-BUDGET="${GPU_CHECK_BUDGET:-420}"
-DATA="${GPU_CHECK_DATA:-${TMPDIR:-/tmp}/stamerge-gpu-check}"
-BIN="${STAMERGE_BIN:-target/release/stamerge}"
-TEST_BIN="${GPU_TEST_BIN:-}"
-if [ -z "$TEST_BIN" ]; then
-    # newest executable gpu-<hash> (not the .d dependency file)
-    TEST_BIN="$(ls -t target/release/deps/gpu-* 2>/dev/null | grep -v '\.d$' | while read -r f; do
-        [ -x "$f" ] && echo "$f" && break; done)"
-fi
-SYNTH_ARGS=(--layers 2 --hidden 1024 --intermediate 2816 --vocab 32000 --tasks 3)
-
+DEST="${1:-${OUT:-$root/gpu-check-results}}"
+mkdir -p "$DEST" && DEST="$(cd "$DEST" && pwd)" || exit 1
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/stamerge-gpu-check.XXXXXX")"
+LOGS="$WORK/logs"
+mkdir -p "$LOGS"
 START=$SECONDS
-LOG="$OUT/gpu-check.log"
-: > "$LOG"
+FAKE="${GPU_CHECK_FAKE:-}"
+
+# A path the caller gives is used as given (and must work); otherwise the first that exists.
+pick() { for f in "$@"; do [ -n "$f" ] && [ -x "$f" ] && { echo "$f"; return; }; done; }
+abs() { [ -x "${1:-}" ] && echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
+newest_tests="$(ls -t target/release/deps/gpu-* 2>/dev/null | grep -v '\.d$' | head -n1)"
+BIN="$(abs "${STAMERGE_BIN:-$(pick target/gpu-bundle/stamerge target/release/stamerge)}")"
+TEST_BIN="$(abs "${GPU_TEST_BIN:-$(pick target/gpu-bundle/gpu-tests "$newest_tests")}")"
+SAN="$(abs "${COMPUTE_SANITIZER:-$(pick target/gpu-bundle/sanitizer/compute-sanitizer \
+    "$(command -v compute-sanitizer 2>/dev/null)" /usr/local/cuda/bin/compute-sanitizer)}")"
+
+# Sizes: the real ones, or the dry run's.
+TINY=(--layers 1 --hidden 64 --intermediate 128 --vocab 256 --tasks 2)
+PERF=(--layers 8 --hidden 2048 --intermediate 5632 --vocab 32000 --tasks 2)
+HUGE_TEST=huge::over_2_31_elements_match_cpu
+SAN_TESTS=(methods::ties_matches_cpu methods::sta_finetuned_matches_cpu chunked::chunked_model_selection_matches_cpu)
+if [ -n "$FAKE" ]; then
+    PERF=(--layers 1 --hidden 256 --intermediate 512 --vocab 2048 --tasks 2)
+    export STAMERGE_TEST_MAX_ELEMS="${STAMERGE_TEST_MAX_ELEMS:-4097}"
+    export STAMERGE_HUGE_ELEMS="${STAMERGE_HUGE_ELEMS:-70000}"
+fi
+
 ROWS=()
 FAILED=0
+STATUS=""
+SECS=0
+say() { echo "$*" | tee -a "$LOGS/gpu-check.log"; }
 
-say() { echo "$*" | tee -a "$LOG"; }
+# The caller's folder gets results.md and the tarball, nothing else; the private folder goes.
+finish() {
+    local code=$1
+    write_results > "$DEST/results.md"
+    tar -czf "$DEST/gpu-check-logs.tar.gz" -C "$WORK" logs
+    rm -rf "$WORK"  # (a GPU_CHECK_DATA set lives outside it)
+    cat "$DEST/results.md"
+    exit "$code"
+}
+trap 'finish 1' INT TERM
 
-# run_step NAME MAX_SECONDS CMD...: runs CMD under a timeout (at most what is left of the
-# budget), output to $OUT/NAME.txt; sets STATUS and SECS. Returns CMD's status (99: skipped).
+# run_step NAME CAP CMD...: CMD under a timeout of CAP seconds (less if the budget is nearly
+# spent), its output in $LOGS/NAME.txt; sets STATUS and SECS, returns CMD's status.
 run_step() {
-    local name=$1 max=$2
+    local name=$1 cap=$2
     shift 2
     local left=$((BUDGET - (SECONDS - START)))
-    if ((left < 15)); then
-        STATUS="skipped (time budget of ${BUDGET}s spent)"
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 3)); then
+        STATUS="skipped (budget of ${BUDGET}s spent)"
         SECS=0
         say "== $name: $STATUS"
         return 99
     fi
-    local limit=$((max < left ? max : left))
-    say "== $name (timeout ${limit}s): $*"
+    say "== $name (cap ${limit}s): $*"
     local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    timeout --kill-after=5 "$limit" "$@" > "$LOGS/$name.txt" 2>&1
     local rc=$?
     SECS=$((SECONDS - t0))
     if ((rc == 0)); then
@@ -86,134 +123,266 @@ run_step() {
     else
         STATUS="FAILED (exit $rc)"
     fi
-    tail -n 4 "$OUT/$name.txt" | sed 's/^/   /' | tee -a "$LOG"
+    tail -n 3 "$LOGS/$name.txt" | cut -c1-300 | sed 's/^/   /' | tee -a "$LOGS/gpu-check.log"
     say "   -> $STATUS in ${SECS}s"
     return $rc
 }
 
-# row NAME SUMMARY: a line of the results table; a step that is not ok fails the check, and
-# shows the last line it printed when there is no summary.
+# row NAME CAP SUMMARY: a line of the table; a step that neither passed nor was skipped fails
+# the check (its last line stands in for a missing summary).
 row() {
-    local summary=$2
-    if [ "$STATUS" != ok ] && [ -z "$summary" ] && [ -f "$OUT/$1.txt" ]; then
-        summary="$(grep -v '^\s*$' "$OUT/$1.txt" | tail -n1 | cut -c1-200)"
+    local summary=$3
+    if [ -z "$summary" ] && [ -f "$LOGS/$1.txt" ]; then
+        summary="$(grep -v '^\s*$' "$LOGS/$1.txt" | tail -n1 | cut -c1-200)"
     fi
-    ROWS+=("| $1 | $STATUS | $SECS | ${summary//|//} |")
-    [ "$STATUS" = ok ] || FAILED=1
+    ROWS+=("| $1 | $STATUS | $SECS | $2 | ${summary//|//} |")
+    case "$STATUS" in ok | skipped* | partial*) ;; *) FAILED=1 ;; esac
 }
 
-finish() {
-    {
-        echo "# stamerge GPU check ($(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - START)) s)"
-        echo
-        echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n1)"
-        echo "stamerge: $BIN ($("$BIN" --version 2>/dev/null)); tests: ${TEST_BIN:-none}"
-        echo
-        echo "| step | status | s | summary |"
-        echo "|---|---|---|---|"
-        printf '%s\n' "${ROWS[@]}"
-        for f in "$OUT"/bench-kernels-*.txt; do
-            [ -f "$f" ] || continue
-            echo
-            echo "$(basename "$f" .txt):"
-            echo '```'
-            cat "$f"
-            echo '```'
-        done
-    } > "$OUT/results.md"
+declare -A CAP=([preflight]=20 [tiny]=30 [gpu-tests]=90 [reruns]=30 [huge]=90 [memcheck]=50
+    [racecheck]=20 [synccheck]=20 [initcheck]=20 [synth]=50 [read]=15 [cuda-merge]=20
+    [cpu-merge]=25)
+BUDGET=0
+for c in "${CAP[@]}"; do BUDGET=$((BUDGET + c)); done
+
+READ_S="" CUDA_S="" CPU_S="" READ_BYTES=""
+write_results() {
+    echo "# stamerge GPU check ($(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - START)) s of a ${BUDGET} s budget)"
     echo
-    cat "$OUT/results.md"
-    exit "$1"
+    if [ -n "$FAKE" ]; then
+        echo "**Dry run on a machine without a GPU ($(uname -m), $(nproc) cores): every step ran"
+        echo "against the fake libcuda of scripts/emu/ at small sizes (tests capped at"
+        echo "$STAMERGE_TEST_MAX_ELEMS elements, the huge test at $STAMERGE_HUGE_ELEMS, a $(du -sh "${DATA:-/nonexistent}" 2>/dev/null | cut -f1) set). Nothing here is a GPU"
+        echo "result; times are the emulation's.**"
+        echo
+    fi
+    local gpu
+    gpu="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n1)"
+    echo "GPU: ${gpu:-none found (no nvidia-smi)}"
+    echo "stamerge: $BIN ($("$BIN" --version 2>/dev/null)); tests: ${TEST_BIN:-none}; compute-sanitizer: ${SAN:-none}"
+    echo
+    echo "| step | status | s | cap s | summary |"
+    echo "|---|---|---|---|---|"
+    printf '%s\n' "${ROWS[@]}"
+    if [ -n "$READ_S" ] && [ -n "$CUDA_S" ]; then
+        echo
+        echo "Streamed merge (sta, $(awk -v b="$READ_BYTES" 'BEGIN{printf "%.2f", b/1e9}') GB of input):"
+        echo
+        echo "| | s | GB/s of input | CUDA ÷ this |"
+        echo "|---|---|---|---|"
+        local gbs="awk -v b=$READ_BYTES -v s"
+        echo "| warm read (one reader per core) | $READ_S | $($gbs="$READ_S" 'BEGIN{printf "%.2f", b/1e9/s}') | $(awk -v a="$CUDA_S" -v b="$READ_S" 'BEGIN{printf "%.2f", a/b}') |"
+        echo "| stamerge merge --device cuda | $CUDA_S | $($gbs="$CUDA_S" 'BEGIN{printf "%.2f", b/1e9/s}') | 1 |"
+        if [ -n "$CPU_S" ]; then
+            echo "| stamerge merge --device cpu | $CPU_S | $($gbs="$CPU_S" 'BEGIN{printf "%.2f", b/1e9/s}') | $(awk -v a="$CUDA_S" -v b="$CPU_S" 'BEGIN{printf "%.2f", a/b}') |"
+        fi
+    fi
+    echo
+    echo "Logs of every step: gpu-check-logs.tar.gz (logs/<step>.txt)."
 }
 
 # ------------------------------------------------------------------------------------------------
-if [ ! -x "$BIN" ] || [ -z "$TEST_BIN" ] || [ ! -x "$TEST_BIN" ]; then
-    STATUS="FAILED"
-    SECS=0
-    row "binaries" "missing: need $BIN and target/release/deps/gpu-<hash> (build them first: see the top of scripts/gpu-check.sh)"
-    say "gpu-check: binaries missing (stamerge: $BIN, gpu tests: ${TEST_BIN:-not found})"
+if [ -n "$FAKE" ]; then
+    mkdir -p "$WORK/fake"
+    g++ -std=c++20 -O1 -ffp-contract=off -fno-fast-math -pthread -shared -fPIC \
+        -I"$root/kernels" -include "$root/kernels/emu/cuda_emu.h" \
+        "$root/scripts/emu/fake_libcuda.cpp" -o "$WORK/fake/libcuda.so" || exit 1
+    export LD_LIBRARY_PATH="$WORK/fake${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+if [ -z "$BIN" ] || [ -z "$TEST_BIN" ]; then
+    STATUS=FAILED SECS=0
+    row binaries - "missing: stamerge (${BIN:-${STAMERGE_BIN:-not found}}) or the tests/gpu binary (${TEST_BIN:-${GPU_TEST_BIN:-not found}}); build them with scripts/gpu-bundle.sh"
     finish 2
 fi
+export STAMERGE_BIN="$BIN"  # the CLI tests of the test binary run this one
 
-run_step nvidia-smi 30 bash -c 'nvidia-smi; echo; nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv'
-row nvidia-smi "$(grep -m1 -o 'Driver Version: [0-9.]*' "$OUT/nvidia-smi.txt" 2>/dev/null)"
-
-# The GPU tests, ignored by a plain run, asked for here: a backend that does not open on this
-# machine fails them, with the reason ("no usable GPU: ...").
-run_step gpu-tests 240 "$TEST_BIN" --include-ignored --nocapture --test-threads 1
-summary="$(grep -m1 '^test result:' "$OUT/gpu-tests.txt" 2>/dev/null)"
-failed_tests="$(grep -E '^test .* FAILED$' "$OUT/gpu-tests.txt" 2>/dev/null | awk '{print $2}' | tr '\n' ' ')"
-if grep -q 'no usable GPU: ' "$OUT/gpu-tests.txt" 2>/dev/null && [ "$STATUS" = ok ]; then
-    STATUS="$(grep -m1 -o 'no usable GPU: .*' "$OUT/gpu-tests.txt")"
-fi
-row gpu-tests "${summary:-no summary} ${failed_tests:+failed: $failed_tests}"
-
-for dt in bfloat16 float16; do
-    run_step "bench-kernels-$dt" 100 "$BIN" bench kernels --dtype "$dt" --tasks 4 --iters 20
-    row "bench-kernels-$dt" "$(grep -E '^(copy|fuse_linear|select from)' "$OUT/bench-kernels-$dt.txt" 2>/dev/null | sed -E 's/ +/ /g' | tr '\n' ';')"
-done
-
-if [ ! -f "$DATA/ties.yml" ]; then
-    run_step synth 90 "$BIN" synth "$DATA" "${SYNTH_ARGS[@]}" --dtype bfloat16 --grad-dtype bfloat16 --shard-size 1GB
-    row synth "$(tail -n1 "$OUT/synth.txt" 2>/dev/null)"
-fi
-
-for recipe in ties sta; do
-    for dev in cuda cpu; do
-        run_step "bench-merge-$recipe-$dev" 75 "$BIN" bench merge --dir "$DATA" --recipe "$recipe" --device "$dev" "${SYNTH_ARGS[@]}" --dtype bfloat16 --runs 3
-        row "bench-merge-$recipe-$dev" "$(grep -m1 '^merge ' "$OUT/bench-merge-$recipe-$dev.txt" 2>/dev/null)"
+preflight() {
+    for b in "$BIN" "$TEST_BIN"; do
+        echo "## $b"
+        ldd "$b" 2>&1 | sed 's/^/  /'
     done
-done
+    "$BIN" --version
+    echo "## kernels"
+    "$BIN" bench kernels --size 8 --iters 1 2>&1 | tail -n 3
+    echo "## nvidia-smi"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi
+        nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,memory.used,clocks.max.sm,clocks.max.mem,temperature.gpu,power.draw --format=csv
+        echo "## other compute processes"
+        nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+        echo "other compute processes: $(nvidia-smi --query-compute-apps=pid --format=csv,noheader | grep -c .)"
+        echo "## throttle reasons"
+        nvidia-smi -q -d PERFORMANCE
+    else
+        echo "nvidia-smi: not found"
+    fi
+    echo "## nvcc"
+    command -v nvcc >/dev/null && nvcc --version || echo "nvcc: not found (not needed)"
+    echo "## compute-sanitizer"
+    [ -n "$SAN" ] && "$SAN" --version || echo "compute-sanitizer: not found"
+    echo "## host"
+    nproc
+    free -g 2>/dev/null
+    df -h "$WORK" 2>/dev/null | tail -n1
+}
+export -f preflight
+export BIN TEST_BIN SAN WORK
+run_step preflight "${CAP[preflight]}" bash -c preflight
+if grep -q 'no CUDA kernels' "$LOGS/preflight.txt"; then
+    STATUS="FAILED (no kernels)"
+    row preflight "${CAP[preflight]}" "$(grep -m1 'no CUDA kernels' "$LOGS/preflight.txt")"
+    finish 2
+fi
+row preflight "${CAP[preflight]}" "$(grep -m1 -oE 'Driver Version: [0-9.]*|nvidia-smi: not found' "$LOGS/preflight.txt"); $(grep -m1 '^other compute processes' "$LOGS/preflight.txt")"
 
-# cuda (whole groups, and in chunks under a 64MB budget) and cpu merges of the same recipes: the
-# output folders must be identical (apart from the report, which holds times and the backend's
-# name).
-compare_outputs() {
-    local bin=$1 data=$2 status=0
-    for recipe in ties sta sta_model dare_ties forget; do
-        "$bin" --quiet merge "$data/$recipe.yml" "$data/cmp-cpu" --device cpu --overwrite || return 1
-        "$bin" --quiet merge "$data/$recipe.yml" "$data/cmp-cuda" --device cuda --overwrite || return 1
-        "$bin" --quiet merge "$data/$recipe.yml" "$data/cmp-cuda-chunked" --device cuda \
-            --max-memory 64MB --overwrite || return 1
-        for other in cuda cuda-chunked; do
-            local diff=""
-            for f in "$data/cmp-cpu"/*; do
-                local b
-                b="$(basename "$f")"
-                [ "$b" = stamerge_report.json ] && continue
-                cmp -s "$f" "$data/cmp-$other/$b" || diff="$diff $b"
-            done
-            if [ -n "$diff" ]; then
-                echo "$recipe ($other): DIFFERENT:$diff"
-                status=1
-            else
-                echo "$recipe ($other): identical"
-            fi
+# The tiny set first: the CLI path (context on the merging thread, staging, deferred outputs)
+# end to end, on every recipe.
+tiny() {
+    local dir=$WORK/tiny status=0
+    "$BIN" synth "$dir" "$@" || return 1
+    for recipe in "$dir"/*.yml; do
+        local name
+        name="$(basename "$recipe" .yml)"
+        for dev in cpu cuda; do
+            "$BIN" --quiet merge "$recipe" "$dir/out-$name-$dev" --device "$dev" --overwrite || return 1
         done
+        local diff=""
+        for f in "$dir/out-$name-cpu"/*; do
+            local b
+            b="$(basename "$f")"
+            [ "$b" = stamerge_report.json ] && continue
+            cmp -s "$f" "$dir/out-$name-cuda/$b" || diff="$diff $b"
+        done
+        if [ -n "$diff" ]; then
+            echo "$name: DIFFERENT:$diff"
+            status=1
+        else
+            echo "$name: identical"
+        fi
     done
-    rm -rf "$data/cmp-cpu" "$data/cmp-cuda" "$data/cmp-cuda-chunked"
     return $status
 }
-export -f compare_outputs
-run_step cuda-vs-cpu-files 150 bash -c 'compare_outputs "$0" "$1"' "$BIN" "$DATA"
-row cuda-vs-cpu-files "$(grep -E ': (identical|DIFFERENT)' "$OUT/cuda-vs-cpu-files.txt" 2>/dev/null | tr '\n' ';')"
+export -f tiny
+run_step tiny "${CAP[tiny]}" bash -c 'tiny "$@"' tiny "${TINY[@]}"
+row tiny "${CAP[tiny]}" "$(grep -cE ': identical$' "$LOGS/tiny.txt") recipes identical$(grep -E ': DIFFERENT' "$LOGS/tiny.txt" | tr '\n' ';' | sed 's/^/; /')"
 
-# The streamed path timed: each merge prints "merged ... in S s (G GB/s of input, ...)".
-streamed_merges() {
-    local bin=$1 data=$2
-    for recipe in sta sta_model; do
-        for mem in default 256MB 64MB; do
-            local args=()
-            [ "$mem" = default ] || args=(--max-memory "$mem")
-            echo "== $recipe, --max-memory $mem"
-            "$bin" merge "$data/$recipe.yml" "$data/streamed" --device cuda --overwrite "${args[@]}" \
-                2>&1 | grep -E '^merged|error' || return 1
+run_step gpu-tests "${CAP[gpu-tests]}" "$TEST_BIN" --include-ignored --test-threads 1 --nocapture --skip huge::
+failed_tests="$(sed -n '/^failures:$/,/^test result/p' "$LOGS/gpu-tests.txt" | grep -E '^    [a-z_0-9:]+$' | sort -u | tr -d ' ' | tr '\n' ' ')"
+row gpu-tests "${CAP[gpu-tests]}" "$(grep -m1 '^test result:' "$LOGS/gpu-tests.txt")${failed_tests:+; failed: $failed_tests}"
+
+if [ -n "$failed_tests" ]; then
+    reruns() {
+        local status=0
+        for t in "$@"; do
+            echo "=== $t, alone"
+            if "$TEST_BIN" --include-ignored --exact "$t" --nocapture; then
+                echo "RERUN $t: passed alone"
+            else
+                echo "RERUN $t: failed alone"
+                status=1
+            fi
         done
-    done
-    rm -rf "$data/streamed"
+        return $status
+    }
+    export -f reruns
+    # shellcheck disable=SC2086
+    run_step reruns "${CAP[reruns]}" bash -c 'reruns "$@"' reruns $failed_tests
+    row reruns "${CAP[reruns]}" "$(grep '^RERUN' "$LOGS/reruns.txt" | sed 's/^RERUN //' | tr '\n' ';')"
+else
+    STATUS="skipped (no test failed)" SECS=0
+    row reruns "${CAP[reruns]}" ""
+fi
+
+run_step huge "${CAP[huge]}" "$TEST_BIN" --include-ignored --exact "$HUGE_TEST" --nocapture
+row huge "${CAP[huge]}" "$(grep -E '^huge' "$LOGS/huge.txt" | tr '\n' ';' | cut -c1-300)"
+
+# compute-sanitizer: a tool that cannot attach to this device (or to the fake) is skipped.
+sanitize() {
+    local name=$1
+    shift
+    if [ -z "$SAN" ]; then
+        STATUS="skipped (compute-sanitizer not found)" SECS=0
+        row "$name" "${CAP[$name]}" ""
+        return
+    fi
+    run_step "$name" "${CAP[$name]}" "$@"
+    local why
+    why="$(grep -m1 -iE 'device not supported|not supported on|no supported device|Target application terminated before first instrumented API call' "$LOGS/$name.txt")"
+    if [ -n "$why" ] && [ "$STATUS" != ok ]; then
+        STATUS="skipped (${why#========= })"
+    elif [[ "$STATUS" == TIMEOUT* ]] && ! grep -qE 'ERROR SUMMARY: [1-9]' "$LOGS/$name.txt"; then
+        # The cap is the budget's, not a verdict: what ran had no error.
+        STATUS="partial (cap reached; no error in what ran)"
+    fi
+    row "$name" "${CAP[$name]}" "$(grep -E 'ERROR SUMMARY' "$LOGS/$name.txt" | sort | uniq -c | tr '\n' ';' | sed 's/  */ /g')"
 }
-export -f streamed_merges
-run_step merge-streamed 90 bash -c 'streamed_merges "$0" "$1"' "$BIN" "$DATA"
-row merge-streamed "$(grep -E '^(==|merged)' "$OUT/merge-streamed.txt" 2>/dev/null | sed -E 's/merged .* in ([0-9.]+ s) \(([0-9.]+ GB\/s) of input.*/\1 \2/' | paste -sd' ' | sed 's/== //g' | cut -c1-400)"
+STAMERGE_TEST_MAX_ELEMS="${STAMERGE_TEST_MAX_ELEMS:-4097}" sanitize memcheck \
+    "$SAN" --tool memcheck --error-exitcode 1 --target-processes application-only \
+    "$TEST_BIN" --include-ignored --test-threads 1 --skip huge:: --skip host::cli_merges
+san_tool() {
+    local tool=$1 status=0
+    shift
+    STAMERGE_TEST_MAX_ELEMS="${STAMERGE_TEST_MAX_ELEMS:-4097}" "$SAN" --tool "$tool" --error-exitcode 1 \
+        "$TEST_BIN" --include-ignored --test-threads 1 --exact "${SAN_TESTS[@]}" || status=1
+    [ -f "$WORK/tiny/sta_model.yml" ] || "$BIN" synth "$WORK/tiny" "$@" >/dev/null 2>&1
+    "$SAN" --tool "$tool" --error-exitcode 1 "$BIN" merge "$WORK/tiny/sta_model.yml" \
+        "$WORK/out-san" --device cuda --max-memory 256KiB --overwrite || status=1
+    return $status
+}
+export -f san_tool
+export SAN_TESTS_LIST="${SAN_TESTS[*]}"
+for tool in racecheck synccheck initcheck; do
+    sanitize "$tool" bash -c 'SAN_TESTS=($SAN_TESTS_LIST); san_tool "$@"' san_tool "$tool" "${TINY[@]}"
+done
+
+# The streamed merge measured: a ~5.4 GB set, its warm read, cuda and cpu.
+DATA="${GPU_CHECK_DATA:-$WORK/data}"
+if [ ! -f "$DATA/sta.yml" ]; then
+    run_step synth "${CAP[synth]}" "$BIN" synth "$DATA" "${PERF[@]}" --dtype bfloat16 --grad-dtype bfloat16
+    row synth "${CAP[synth]}" "$(tail -n1 "$LOGS/synth.txt")"
+else
+    STATUS="skipped (kept from an earlier run: $DATA)" SECS=0
+    row synth "${CAP[synth]}" ""
+fi
+FILES=()
+for d in base task_0 task_1 grads_0 grads_1; do
+    for f in "$DATA/$d"/*.safetensors; do [ -f "$f" ] && FILES+=("$f"); done
+done
+READ_BYTES="$( ((${#FILES[@]})) && du -cb "${FILES[@]}" | tail -n1 | cut -f1)"
+warm_read() {
+    local t0 t1
+    cat "$@" > /dev/null  # into the page cache (synth has mostly put them there already)
+    t0=$(date +%s.%N)
+    printf '%s\n' "$@" | xargs -P "$(nproc)" -n 1 cat > /dev/null
+    t1=$(date +%s.%N)
+    echo "read $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b - a}') s"
+}
+export -f warm_read
+if ((${#FILES[@]} > 0)) && run_step read "${CAP[read]}" bash -c 'warm_read "$@"' warm_read "${FILES[@]}"; then
+    READ_S="$(sed -n 's/^read \([0-9.]*\) s$/\1/p' "$LOGS/read.txt")"
+fi
+row read "${CAP[read]}" "$(tail -n1 "$LOGS/read.txt" 2>/dev/null) of ${READ_BYTES:-0} bytes in ${#FILES[@]} files"
+timed_merge() {
+    local dev=$1 t0 t1
+    t0=$(date +%s.%N)
+    "$BIN" merge "$DATA/sta.yml" "$WORK/out-$dev" --device "$dev" --overwrite || return 1
+    t1=$(date +%s.%N)
+    echo "merged in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b - a}') s"
+}
+export -f timed_merge
+export DATA
+if run_step cuda-merge "${CAP[cuda-merge]}" bash -c 'timed_merge cuda'; then
+    CUDA_S="$(sed -n 's/^merged in \([0-9.]*\) s$/\1/p' "$LOGS/cuda-merge.txt")"
+fi
+row cuda-merge "${CAP[cuda-merge]}" "$(grep -E '^merged' "$LOGS/cuda-merge.txt" | head -n1 | cut -c1-200)"
+if run_step cpu-merge "${CAP[cpu-merge]}" bash -c 'timed_merge cpu'; then
+    CPU_S="$(sed -n 's/^merged in \([0-9.]*\) s$/\1/p' "$LOGS/cpu-merge.txt")"
+    for f in "$WORK/out-cpu"/*; do
+        b="$(basename "$f")"
+        [ "$b" = stamerge_report.json ] && continue
+        cmp -s "$f" "$WORK/out-cuda/$b" || { echo "DIFFERENT: $b" >> "$LOGS/cpu-merge.txt"; STATUS="FAILED (cuda and cpu outputs differ)"; }
+    done
+fi
+row cpu-merge "${CAP[cpu-merge]}" "$(grep -E '^merged|^DIFFERENT' "$LOGS/cpu-merge.txt" | tr '\n' ';' | cut -c1-200)"
 
 finish "$FAILED"

@@ -75,11 +75,28 @@ pub enum Error {
     Other(String),
 }
 
+/// Problems listed in an error message; the rest are counted. A checkpoint of another
+/// architecture can give hundreds of thousands (one per tensor), and 47 MB of them hide the
+/// first, which usually says what is wrong.
+pub const LISTED_PROBLEMS: usize = 50;
+
 fn list(p: &[Problem]) -> String {
-    p.iter()
+    let mut lines: Vec<String> = p
+        .iter()
+        .take(LISTED_PROBLEMS)
         .map(|p| format!("  - {p}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+        .collect();
+    if p.len() > LISTED_PROBLEMS {
+        let rest = &p[LISTED_PROBLEMS..];
+        let files: std::collections::HashSet<_> =
+            rest.iter().filter_map(|p| p.file.as_ref()).collect();
+        lines.push(format!(
+            "  … and {} more problem(s) in {} file(s), not listed",
+            rest.len(),
+            files.len()
+        ));
+    }
+    lines.join("\n")
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

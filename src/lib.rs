@@ -10,10 +10,12 @@
 
 pub mod backend;
 pub mod bench;
+pub mod card;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod inspect;
+pub mod interrupt;
 pub mod memory;
 pub mod method;
 pub mod pipeline;
@@ -24,6 +26,7 @@ mod run;
 pub mod select;
 pub mod simd;
 pub mod synth;
+mod values;
 
 pub use error::{Error, Problem, Result};
 pub use plan::Plan;
@@ -32,8 +35,12 @@ pub use report::Report;
 // `plan` the function sits beside `plan` the module: a function is in the value namespace, a
 // module in the type namespace.
 pub use run::{
-    merge, merge_planned, open_backend, plan, select_backend, Device, Options,
-    DEFAULT_OUT_SHARD_BYTES, INTERRUPTED, RECIPE_NAME, REPORT_NAME,
+    cuda_lacks, merge, merge_planned, open_backend, plan, select_backend, CancelToken, Device,
+    Options, ProgressFn, ProgressHook, DEFAULT_OUT_SHARD_BYTES, INTERRUPTED, RECIPE_NAME,
+    REPORT_NAME,
 };
 
 pub(crate) use simd::wide;
+
+/// This crate's version (the model card's and the Python wheel's).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

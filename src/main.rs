@@ -1,4 +1,7 @@
 //! The `stamerge` command line: parses flags, calls the library, prints errors.
+//!
+//! The Python wheel compiles this same file into its native module (python/native) and runs
+//! [`cli_main`] as the `stamerge` command it installs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,8 +62,8 @@ enum Cmd {
         /// Where to compute.
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
-        /// CPU worker threads (default: every core).
-        #[arg(long)]
+        /// CPU worker threads (default: every core; more than the cores are lowered to them).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         threads: Option<usize>,
         /// Largest output shard, e.g. 5GB, 500MB, 2GiB.
         #[arg(long, default_value = DEFAULT_OUT_SHARD_SIZE, value_parser = parse_size)]
@@ -95,6 +98,9 @@ enum Cmd {
         /// The cuda backend's GPU memory budget to plan for (as `merge --max-memory`).
         #[arg(long, value_parser = parse_size)]
         max_memory: Option<u64>,
+        /// Also check this `merge --report` path.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// List the tensors of a checkpoint folder or safetensors file.
     Inspect {
@@ -204,7 +210,7 @@ enum BenchCmd {
 const MERGEKIT_NO_OPS: &[(&str, &str)] = &[
     (
         "--copy-tokenizer",
-        "the base model's tokenizer files are always copied",
+        "the tokenizer files are always written (the base's, or `tokenizer_source`'s)",
     ),
     (
         "--lazy-unpickle",
@@ -254,7 +260,7 @@ fn parse_dtype(s: &str) -> Result<FloatType, String> {
 }
 
 /// "5GB" → 5e9, "2GiB" → 2·2^30, "123" → 123 bytes.
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -291,120 +297,8 @@ fn load_recipe(path: &std::path::Path) -> Result<Recipe, Error> {
     Recipe::from_file(path).map_err(Error::Plan)
 }
 
-/// A recipe value as the recipe spells it (`tensor`, `task_vector`), not as Rust names it.
-fn spelled<T: serde::Serialize>(v: &T) -> String {
-    serde_yaml_ng::to_string(v)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
 fn print_plan(plan: &stamerge::Plan, max_memory: Option<u64>) {
-    use stamerge::inspect::human_bytes;
-    use stamerge::plan::ItemKind;
-    let r = &plan.recipe;
-    println!(
-        "method: {}   tasks: {}   base: {}",
-        r.method.name(),
-        r.tasks.len(),
-        r.base.display()
-    );
-    // The recipe's own spellings, and only the parameters this method reads.
-    for (i, t) in r.tasks.iter().enumerate() {
-        let mut line = format!(
-            "  {}[{i}] {}  weight {}",
-            if t.forget { "forget" } else { "model" },
-            t.model.display(),
-            t.weight
-        );
-        if r.method.uses_density() {
-            line += &format!("  density {}", t.density);
-        }
-        if r.method.select() == stamerge::method::SelectKind::TopK {
-            line += &format!("  selection {}", spelled(&t.selection));
-        }
-        if r.method == stamerge::method::MethodKind::Sta {
-            line += &format!("  importance {}", spelled(&t.importance));
-        }
-        if let Some(g) = &t.gradients {
-            line += &format!("  gradients {}", g.display());
-        }
-        println!("{line}");
-    }
-    println!(
-        "{:60} {:>8} {:>16} {:>12}",
-        "tensor", "action", "shape", "k per task"
-    );
-    for it in &plan.items {
-        let (action, ks) = match &it.kind {
-            ItemKind::Copy { .. } => ("copy", String::new()),
-            ItemKind::Merge { work, .. } => (
-                "merge",
-                work.k()
-                    .iter()
-                    .map(|k| k.map(|k| k.to_string()).unwrap_or_else(|| "-".into()))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
-        };
-        println!(
-            "{:60} {:>8} {:>16} {:>12}",
-            it.name,
-            action,
-            format!("{:?}", it.shape),
-            ks
-        );
-    }
-    let e = &plan.estimate;
-    // `selection: model` runs one pass per radix digit, and the backends' digits differ.
-    let cuda_digits = stamerge::backend::cuda::MODEL_DIGITS.len();
-    let (cuda_passes, cuda_read) = (e.passes_with(cuda_digits), e.read_bytes_with(cuda_digits));
-    let (passes, read) = if cuda_passes == e.passes {
-        (e.passes.to_string(), human_bytes(e.read_bytes))
-    } else {
-        (
-            format!("{} (cpu) or {cuda_passes} (cuda)", e.passes),
-            format!(
-                "{} (cpu) or {} (cuda)",
-                human_bytes(e.read_bytes),
-                human_bytes(cuda_read)
-            ),
-        )
-    };
-    println!(
-        "{} tensors merged ({} parameters), {} copied; {passes} pass(es)",
-        e.tensors_merged, e.params_merged, e.tensors_copied
-    );
-    println!(
-        "read {read}, write {} in {} shard(s); estimated peak memory {} (largest tensor group)",
-        human_bytes(e.write_bytes),
-        plan.shards.len(),
-        human_bytes(e.peak_bytes)
-    );
-    let groups = plan.items.iter().filter_map(|it| match &it.kind {
-        ItemKind::Merge { work, .. } => Some((plan.group(it), work.shape_jobs(), &work.fuse)),
-        ItemKind::Copy { .. } => None,
-    });
-    let (gpu, chunked) = stamerge::backend::cuda::plan_memory(groups, max_memory);
-    match max_memory {
-        Some(b) => println!(
-            "cuda: GPU memory budget {} (--max-memory; {} of it for the tensor being merged); \
-             the largest tensor group needs up to {} in one piece; {chunked} group(s) over the \
-             budget run in chunks",
-            human_bytes(b),
-            human_bytes(stamerge::backend::cuda::work_share(b)),
-            human_bytes(gpu)
-        ),
-        None => println!(
-            "cuda: GPU memory budget {:.0}% of the free memory (--max-memory sets it); the largest \
-             tensor group needs up to {} in one piece, larger groups run in chunks",
-            stamerge::backend::cuda::DEFAULT_BUDGET_SHARE * 100.0,
-            human_bytes(gpu)
-        ),
-    }
-    for n in &plan.notes {
-        println!("note: {n}");
-    }
-    println!("ok: the merge would run");
+    print!("{}", stamerge::plan::show::render(plan, max_memory));
 }
 
 fn print_kernel_bench(b: &stamerge::bench::KernelBench) {
@@ -464,6 +358,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 progress: !cli.quiet,
                 verify,
                 max_memory,
+                ..Options::default()
             };
             let rep = stamerge::merge(&r, &out_dir, &opts)?;
             // The one line --quiet keeps.
@@ -485,11 +380,13 @@ fn run(cli: Cli) -> Result<(), Error> {
             out_shard_size,
             overwrite,
             max_memory,
+            report,
         } => {
             let r = load_recipe(&recipe)?;
             let opts = Options {
                 out_shard_size,
                 overwrite,
+                report,
                 ..Options::default()
             };
             let plan = stamerge::plan(&r, out_dir.as_deref(), &opts)?;
@@ -639,7 +536,12 @@ fn run(cli: Cli) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
-    let (args, mergekit_notes) = from_mergekit(std::env::args_os().collect());
+    ExitCode::from(cli_main(std::env::args_os().collect()))
+}
+
+/// The whole command for `args` (the program name first); returns the exit status.
+pub fn cli_main(args: Vec<std::ffi::OsString>) -> u8 {
+    let (args, mergekit_notes) = from_mergekit(args);
     let cli = Cli::parse_from(args);
     let level = if cli.verbose {
         "debug"
@@ -659,22 +561,16 @@ fn main() -> ExitCode {
     for n in &mergekit_notes {
         tracing::info!("{n}");
     }
-    let _ = ctrlc::set_handler(|| {
-        if stamerge::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            // A second Ctrl-C: stop now; the temporary folder is removed by the next run.
-            std::process::exit(130);
-        }
-        eprintln!("interrupted: stopping after the current tensor and removing the partial output");
-    });
+    stamerge::interrupt::install();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(Error::Interrupted) => {
             eprintln!("error: {}", Error::Interrupted);
-            ExitCode::from(130)
+            stamerge::interrupt::exit_code()
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            1
         }
     }
 }

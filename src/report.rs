@@ -123,3 +123,9 @@ pub fn write(report: &Report, path: &Path) -> std::io::Result<()> {
     let text = serde_json::to_vec_pretty(report).map_err(std::io::Error::other)?;
     std::fs::write(path, text)
 }
+
+/// The report as the JSON text `write` writes.
+pub fn to_json(report: &Report) -> crate::Result<Vec<u8>> {
+    serde_json::to_vec_pretty(report)
+        .map_err(|e| crate::Error::Other(format!("the report cannot be written as JSON: {e}")))
+}

@@ -6,16 +6,55 @@
 //! and the rest keep their paths.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::{self, Backend};
-use crate::checkpoint::outdir::{check_target, OutputDir};
+use crate::checkpoint::outdir::{OutputDir, PendingFile};
+use crate::checkpoint::paths::{check_report, check_target};
 use crate::{checkpoint, error, memory, pipeline, report};
 use crate::{Error, Plan, Recipe, Report, Result};
 
 /// Set by the interrupt handler; the pipeline stops at the next tensor and removes its output.
+/// It stops every merge of the process; [`CancelToken`] stops one.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Stops one merge from another thread (the Python API's cancel, a caller's own Ctrl-C): the
+/// pipeline stops at the next tensor, removes the partial output and [`merge`] returns
+/// [`Error::Interrupted`], as on Ctrl-C. Clones share one flag.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    pub(crate) fn flag(&self) -> &AtomicBool {
+        &self.0
+    }
+}
+
+/// Called after each tensor of each pass with (bytes done, bytes in all, bytes per second since
+/// the start): the numbers the progress bar shows, for a caller's own display. It runs on the
+/// merge's thread, so it should return quickly.
+pub type ProgressFn = dyn Fn(u64, u64, f64) + Send + Sync;
+
+/// A [`ProgressFn`] that [`Options`] can hold (cloned, printed by its `Debug`).
+#[derive(Clone)]
+pub struct ProgressHook(pub Arc<ProgressFn>);
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook(..)")
+    }
+}
 
 /// Where the merge computes (`--device`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -48,6 +87,10 @@ pub struct Options {
     /// [`DEFAULT_BUDGET_SHARE`](backend::cuda::DEFAULT_BUDGET_SHARE) of the free memory, 90%);
     /// larger tensor groups are processed in chunks.
     pub max_memory: Option<u64>,
+    /// Stops this merge when cancelled (besides [`INTERRUPTED`]).
+    pub cancel: Option<CancelToken>,
+    /// Receives the progress (besides or instead of the bar `progress` shows).
+    pub on_progress: Option<ProgressHook>,
 }
 
 impl Default for Options {
@@ -61,6 +104,8 @@ impl Default for Options {
             progress: false,
             verify: false,
             max_memory: None,
+            cancel: None,
+            on_progress: None,
         }
     }
 }
@@ -98,9 +143,47 @@ pub fn open_backend(device: Device, max_memory: Option<u64>) -> Result<Box<dyn B
     }
 }
 
+/// What of the plan's work the CUDA kernels lack (the method, or a setting such as
+/// `rescale_norm: l1`), if anything.
+pub fn cuda_lacks(plan: &Plan) -> Option<String> {
+    let method = plan.recipe.method;
+    if !method.has_cuda_kernels() {
+        return Some(format!("merge_method `{}`", method.name()));
+    }
+    plan.items.iter().find_map(|item| match &item.kind {
+        crate::plan::ItemKind::Merge { work, .. } => {
+            crate::method::sparse::cuda_lacks(&work.shape_jobs(), &work.fuse)
+        }
+        _ => None,
+    })
+}
+
+/// The device to open for `plan`: `--device cuda` refuses work without kernels before any work
+/// (no silent CPU fallback); `auto` merges it on the CPU and says why.
+fn kernels_for(plan: &Plan, device: Device) -> Result<Device> {
+    let Some(why) = (device != Device::Cpu).then(|| cuda_lacks(plan)).flatten() else {
+        return Ok(device);
+    };
+    if device == Device::Cuda {
+        return Err(no_kernels(&why));
+    }
+    tracing::info!("using the cpu backend ({why} has no CUDA kernels yet)");
+    Ok(Device::Cpu)
+}
+
+fn no_kernels(why: &str) -> Error {
+    Error::Other(format!(
+        "--device cuda: {why} has no CUDA kernels yet; merge with --device cpu (or auto, which \
+         picks the CPU for it)"
+    ))
+}
+
 /// Every input path of a recipe (for the output-folder checks).
 fn input_paths(recipe: &Recipe) -> Vec<PathBuf> {
     let mut v = vec![recipe.base.clone()];
+    if let Some(crate::recipe::TokenizerSource::Model(p, _)) = &recipe.tokenizer {
+        v.push(p.clone());
+    }
     v.extend(recipe.start.iter().cloned());
     for t in &recipe.tasks {
         v.push(t.model.clone());
@@ -112,11 +195,35 @@ fn input_paths(recipe: &Recipe) -> Vec<PathBuf> {
 /// Header-only plan: every problem of the inputs and of the output folder, at once.
 pub fn plan(recipe: &Recipe, out_dir: Option<&Path>, opts: &Options) -> Result<Plan> {
     let mut problems = Vec::new();
+    let inputs = input_paths(recipe);
     if let Some(out) = out_dir {
-        problems.extend(check_target(out, opts.overwrite, &input_paths(recipe)));
+        problems.extend(check_target(out, opts.overwrite, &inputs));
     }
-    match Plan::build(recipe, opts.out_shard_size) {
-        Ok(p) if problems.is_empty() => Ok(p),
+    if let Some(r) = &opts.report {
+        problems.extend(check_report(r, out_dir, &inputs, recipe.path.as_deref()));
+    }
+    // Found here, not when they are copied after the work.
+    if recipe.base.is_dir() {
+        problems.extend(
+            checkpoint::side::scan(&recipe.base)
+                .err()
+                .unwrap_or_default(),
+        );
+    }
+    let built = Plan::build(recipe, opts.out_shard_size);
+    if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
+    match built {
+        Ok(mut p) if problems.is_empty() => {
+            let notes: Vec<String> = p
+                .inputs
+                .checkpoints()
+                .flat_map(|c| c.notes.clone())
+                .collect();
+            p.notes.extend(notes);
+            Ok(p)
+        }
         Ok(_) => Err(Error::Plan(problems)),
         Err(ps) => {
             problems.extend(ps);
@@ -125,58 +232,8 @@ pub fn plan(recipe: &Recipe, out_dir: Option<&Path>, opts: &Options) -> Result<P
     }
 }
 
-/// Files copied from the base folder beside the merged weights.
-const COPIED_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "preprocessor_config.json",
-];
-
 pub const RECIPE_NAME: &str = "stamerge_recipe.yml";
 pub const REPORT_NAME: &str = "stamerge_report.json";
-
-fn write_side_files(plan: &Plan, dir: &Path) -> Result<()> {
-    use error::IoContext;
-    let Some(base_dir) = plan.inputs.base.folder.as_ref() else {
-        return Ok(());
-    };
-    if let Some(cfg) = &plan.inputs.base.config {
-        let mut cfg = cfg.clone();
-        if let (Some(d), Some(obj)) = (
-            plan.recipe.out_dtype.or(plan.recipe.dtype),
-            cfg.as_object_mut(),
-        ) {
-            obj.insert(
-                "torch_dtype".into(),
-                serde_json::Value::String(d.torch_name().into()),
-            );
-        }
-        let text = serde_json::to_vec_pretty(&cfg).expect("json value");
-        std::fs::write(dir.join("config.json"), text).ctx(|| "writing config.json".into())?;
-    } else if base_dir.join("config.json").is_file() {
-        tracing::warn!(
-            "{}: not valid JSON, not copied",
-            base_dir.join("config.json").display()
-        );
-    }
-    for name in COPIED_FILES {
-        let src = base_dir.join(name);
-        if src.is_file() {
-            std::fs::copy(&src, dir.join(name)).ctx(|| format!("copying {}", src.display()))?;
-        }
-    }
-    Ok(())
-}
 
 /// Re-reads every tensor of the output shards and compares it with the checksum taken while it
 /// was written: a disk or filesystem that corrupts data is caught before the rename.
@@ -212,6 +269,14 @@ fn verify_output(plan: &Plan, outcome: &pipeline::Outcome, dir: &Path) -> Result
 
 /// Runs a whole merge: plan, compute, write into a temporary folder, rename into `out_dir`.
 pub fn merge(recipe: &Recipe, out_dir: &Path, opts: &Options) -> Result<Report> {
+    // A method without kernels is refused before the plan reads any checkpoint; a setting
+    // without them (`cuda_lacks`) once the plan has resolved it.
+    if opts.device == Device::Cuda && !recipe.method.has_cuda_kernels() {
+        return Err(no_kernels(&format!(
+            "merge_method `{}`",
+            recipe.method.name()
+        )));
+    }
     let plan = plan(recipe, Some(out_dir), opts)?;
     merge_planned(&plan, out_dir, opts)
 }
@@ -221,36 +286,53 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
     for n in &plan.notes {
         tracing::info!("note: {n}");
     }
-    let backend = open_backend(opts.device, opts.max_memory)?;
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
+    let backend = open_backend(kernels_for(plan, opts.device)?, opts.max_memory)?;
     let pool = {
         let mut b = rayon::ThreadPoolBuilder::new();
         if let Some(t) = opts.threads {
-            b = b.num_threads(t);
+            b = b.num_threads(worker_threads(t)?);
         }
         b.build()
             .map_err(|e| Error::Other(format!("cannot start worker threads: {e}")))?
     };
     let threads = pool.current_num_threads();
     tracing::debug!("{} backend, {threads} worker thread(s)", backend.name());
-    let out = OutputDir::create(out_dir)?;
+    let out = OutputDir::create(out_dir, opts.overwrite)?;
     tracing::debug!("building the output in {}", out.path().display());
     let sampler = memory::PeakSampler::start();
     let t0 = Instant::now();
+    let mut stop = vec![&INTERRUPTED];
+    stop.extend(opts.cancel.as_ref().map(CancelToken::flag));
+    let control = pipeline::Control {
+        show: opts.progress,
+        stop: &stop,
+        progress: opts.on_progress.as_ref().map(|h| &*h.0),
+    };
     let outcome = pool.install(|| {
         pipeline::execute(
             plan,
             backend.as_ref(),
             out.path(),
             opts.out_shard_size,
-            opts.progress,
-            &INTERRUPTED,
+            control,
         )
     })?;
     tracing::debug!(
         "tensors merged and written in {:.3} s",
         t0.elapsed().as_secs_f64()
     );
-    write_side_files(plan, out.path())?;
+    let torch_dtype = plan.recipe.out_dtype.or(plan.recipe.dtype);
+    checkpoint::side::write(
+        &plan.inputs.base,
+        torch_dtype.map(|d| d.torch_name()),
+        out.path(),
+    )?;
+    // The recipe's changes to them: tokenizer_source, chat_template, the layer count of slices.
+    crate::plan::side::write(&plan.side, out.path())?;
+    crate::card::write(plan, out.path(), out.target())?;
     if opts.verify {
         let tv = Instant::now();
         verify_output(plan, &outcome, out.path())?;
@@ -302,14 +384,36 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
         report::write(&rep, &out.path().join(REPORT_NAME))
             .ctx(|| format!("writing {REPORT_NAME}"))?;
     }
+    // Written whole beside its place before the commit: a report that cannot be written stops
+    // the commit, and never leaves a truncated file.
+    let report = match &opts.report {
+        Some(p) => Some(PendingFile::write(p, &report::to_json(&rep)?)?),
+        None => None,
+    };
     // Last: an input that changed while it was read must not yield an output presented as good.
     plan.inputs.check_intact()?;
     let target = out.target().to_path_buf();
     out.commit()?;
     tracing::debug!("committed {} after {seconds:.3} s", target.display());
-    if let Some(p) = &opts.report {
-        use error::IoContext;
-        report::write(&rep, p).ctx(|| format!("writing the report to {}", p.display()))?;
+    if let Some(r) = report {
+        r.commit()?;
     }
     Ok(rep)
+}
+
+/// `--threads`: at least 1, at most the cores this process may use (more only cost memory and
+/// time: the bytes are the same at any thread count).
+fn worker_threads(asked: usize) -> Result<usize> {
+    if asked == 0 {
+        return Err(Error::Other("--threads must be at least 1".into()));
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if asked > cores {
+        tracing::info!(
+            "note: --threads {asked} is more than the {cores} core(s) this process may use: \
+             running {cores} worker thread(s) (the result is the same at any thread count)"
+        );
+        return Ok(cores);
+    }
+    Ok(asked)
 }

@@ -124,7 +124,7 @@ fn write_checkpoint(spec: &SynthSpec, role: Role, dir: &Path, with_config: bool)
     } else {
         spec.dtype
     };
-    let mut outs: Vec<OutTensor> = spec
+    let outs: Vec<OutTensor> = spec
         .tensors()
         .into_iter()
         .map(|(name, shape)| {
@@ -137,23 +137,10 @@ fn write_checkpoint(spec: &SynthSpec, role: Role, dir: &Path, with_config: bool)
             }
         })
         .collect();
-    let with_ids = matches!(role, Role::Base);
-    if with_ids {
-        // A non-float buffer, as many checkpoints carry: copied from the base, never merged.
-        outs.push(OutTensor {
-            name: "model.position_ids".into(),
-            dtype: safetensors::Dtype::I64,
-            shape: vec![1, 16],
-            nbytes: 128,
-        });
-    }
+    // No non-float buffer such as `model.position_ids`: transformers' Llama has none, and flags
+    // one as an unexpected key on every load. Tests that need a copied tensor add their own.
     let mut w = ShardWriter::new(dir, outs.clone(), spec.shard_bytes);
     for (ti, t) in outs.iter().enumerate() {
-        if t.dtype == safetensors::Dtype::I64 {
-            let ids: Vec<u8> = (0..16i64).flat_map(|v| v.to_le_bytes()).collect();
-            w.write_next(&ids)?;
-            continue;
-        }
         let n: usize = t.shape.iter().product();
         let v = values(spec, role, ti, &t.name, n);
         let mut raw = vec![0u8; n * ty.size()];
@@ -210,6 +197,18 @@ pub fn recipes(tasks: usize) -> Vec<(String, String)> {
         ("dare_ties.yml".to_string(), format!("merge_method: dare_ties\nbase_model: base\nparameters:\n  density: 0.5\n  seed: 7\nmodels:\n{}", models(&plain))),
         ("sta.yml".to_string(), format!("merge_method: sta\nbase_model: base\nparameters:\n  density: 0.1\nmodels:\n{}", models(&grads))),
         ("sta_model.yml".to_string(), format!("merge_method: sta\nbase_model: base\nparameters:\n  density: 0.1\n  selection: model\n  importance: task_vector\nmodels:\n{}", models(&grads))),
+        // mergekit's per-layer values: a gradient from the first layer to the last, and a filter
+        // list (the first entry whose filter is a piece of the tensor's name applies).
+        ("ties_layers.yml".to_string(), format!("merge_method: ties\nbase_model: base\nparameters:\n  weight: [0.5, 1.0]\n  density:\n    - filter: mlp\n      value: [0.2, 0.5]\n    - value: 0.3\nmodels:\n{}", models(&plain))),
+        // mergekit's sparsifying methods (CPU only for now): della's keep probabilities run from
+        // density − epsilon to density + epsilon by magnitude rank within each row; breadcrumbs
+        // drops the largest gamma and the smallest entries; sce and ram weigh the tasks themselves.
+        ("della.yml".to_string(), format!("merge_method: della\nbase_model: base\nparameters:\n  density: 0.5\n  epsilon: 0.1\n  lambda: 1.0\nmodels:\n{}", models(&plain))),
+        ("breadcrumbs.yml".to_string(), format!("merge_method: breadcrumbs\nbase_model: base\nparameters:\n  density: 0.9\n  gamma: 0.01\nmodels:\n{}", models(&plain))),
+        ("sce.yml".to_string(), format!("merge_method: sce\nbase_model: base\nparameters:\n  select_topk: 0.5\nmodels:\n{}", models(&plain))),
+        ("ram.yml".to_string(), format!("merge_method: ram\nbase_model: base\nmodels:\n{}", models(&plain))),
+        // A frankenmerge: layer 0 of the first task, then layer 0 of the last, stacked.
+        ("frankenmerge.yml".to_string(), format!("merge_method: passthrough\nslices:\n  - sources:\n      - model: task_0\n        layer_range: [0, 1]\n  - sources:\n      - model: task_{}\n        layer_range: [0, 1]\n", tasks.saturating_sub(1))),
     ];
     if tasks >= 2 {
         let keep: String = (0..tasks - 1)

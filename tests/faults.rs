@@ -259,3 +259,43 @@ fn read_error_from_the_disk_during_the_merge() {
     drop(p);
     drop(guard);
 }
+
+/// Issue 15 #8: the SIGBUS guard had 8192 slots; the mappings past them were unguarded, and a
+/// truncation of one killed the process (no message, temporary folder and lock left). With
+/// 8400 input files, the last one opened is truncated mid-merge: the usual clean error.
+#[test]
+fn a_truncated_input_past_the_8192nd_file_is_still_caught() {
+    let d = tempfile::tempdir().unwrap();
+    let n = 2800;
+    for m in ["base", "task_0", "task_1"] {
+        let ts: Vec<T> = (0..n)
+            .map(|i| {
+                T::float(
+                    &format!("w.{i:05}"),
+                    Dtype::F32,
+                    &[4],
+                    &[0.5, 1.0, 1.5, 2.0],
+                )
+            })
+            .collect();
+        write_model(&d.path().join(m), &ts, n, None);
+    }
+    std::fs::write(d.path().join("r.yml"), TA).unwrap();
+    let p = plan(d.path());
+    // The last shard of the last model: opened after every other input file.
+    let victim = d
+        .path()
+        .join(format!("task_1/model-{n:05}-of-{n:05}.safetensors"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let r = stamerge::merge_planned(&p, &d.path().join("out"), &opts());
+    assert_failed_cleanly(
+        d.path(),
+        r,
+        &[&victim.display().to_string(), "truncated from"],
+    );
+}

@@ -424,3 +424,187 @@ fn crafted_recipes_are_refused() {
     let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
     assert!(stamerge::Recipe::parse(&deep, dir).is_err());
 }
+
+/// Issue 15: "offsets past EOF name no tensor". A file cut short after its header names the
+/// tensor whose data is missing, and what is missing.
+#[test]
+fn data_past_the_end_of_the_file_names_the_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    let header = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[4],"data_offsets":[4,20]}}"#;
+    let p = d.path().join("cut.safetensors");
+    std::fs::write(&p, st(header, 9)).unwrap();
+    let msg = match Checkpoint::open(&p) {
+        Ok(_) => panic!("opened a cut file"),
+        Err(ps) => ps[0].to_string(),
+    };
+    assert!(
+        msg.contains("`b`") && msg.contains("truncated") && msg.contains("[4, 20]"),
+        "{msg}"
+    );
+    // Trailing bytes name the last tensor too.
+    std::fs::write(&p, st(header, 24)).unwrap();
+    let msg = match Checkpoint::open(&p) {
+        Ok(_) => panic!("opened a file with trailing bytes"),
+        Err(ps) => ps[0].to_string(),
+    };
+    assert!(msg.contains("`b`") && msg.contains("4 bytes"), "{msg}");
+}
+
+/// Issue 15: 300 000 problems printed 47 MB. The list is capped, with the count of the rest.
+#[test]
+fn a_flood_of_problems_is_capped_with_a_count() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    write_model(
+        &p.join("base"),
+        &[T::float("w", Dtype::F32, &[1], &[1.0])],
+        1,
+        None,
+    );
+    // A task with 100 000 tensors the base lacks (zero-size: a small file).
+    let mut h = String::from(r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}"#);
+    for i in 0..100_000 {
+        h.push_str(&format!(
+            r#","extra.{i}":{{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}"#
+        ));
+    }
+    h.push('}');
+    std::fs::create_dir(p.join("task")).unwrap();
+    std::fs::write(p.join("task/model.safetensors"), st(&h, 4)).unwrap();
+    std::fs::write(
+        p.join("r.yml"),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: task\n",
+    )
+    .unwrap();
+    let o = Command::new(stamerge_bin())
+        .args(["plan", "r.yml"])
+        .current_dir(p)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.len() < 64 << 10, "{} bytes of problems", err.len());
+    assert!(
+        err.contains("100000 problem(s)") && err.contains("99950 more"),
+        "{}",
+        &err[..err.len().min(2000)]
+    );
+}
+
+/// Issue 15 #6: `tokenizer.json -> /etc/shadow` in the base put a copy of /etc/shadow into the
+/// output. Side files, config.json and an unindexed model file follow the shards' rule: a
+/// symlink must stay inside the model folder (or be a Hugging Face cache blob of the same
+/// repository).
+#[test]
+fn side_files_and_unindexed_weights_must_stay_inside_the_model_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    synth(p, &["--tasks", "2"]);
+    std::fs::write(p.join("secret.txt"), b"TOP SECRET").unwrap();
+    let secret = p.join("secret.txt");
+    for side in [
+        "tokenizer.json",
+        "vocab.txt",
+        "config.json",
+        "generation_config.json",
+    ] {
+        let link = p.join("base").join(side);
+        let saved = std::fs::read(&link).ok();
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        for cmd in ["plan", "merge"] {
+            let o = Command::new(stamerge_bin())
+                .args([cmd, "ties.yml", "out"])
+                .current_dir(p)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{side} {cmd}: {err}");
+            // Recipe paths are relative to the recipe's folder, the working directory here.
+            assert!(
+                err.contains(&format!("base/{side}")) && err.contains("outside the model folder"),
+                "{side} {cmd}: {err}"
+            );
+            assert!(!p.join("out").exists(), "{side}: merged");
+        }
+        std::fs::remove_file(&link).unwrap();
+        if let Some(b) = saved {
+            std::fs::write(&link, b).unwrap();
+        }
+    }
+    // A symlink that stays inside the folder is copied (its contents, not the link).
+    std::fs::create_dir(p.join("base/tok")).unwrap();
+    std::fs::write(p.join("base/tok/tokenizer.json"), b"{\"inside\": true}").unwrap();
+    std::os::unix::fs::symlink("tok/tokenizer.json", p.join("base/tokenizer.json")).unwrap();
+    let o = Command::new(stamerge_bin())
+        .args(["-q", "merge", "ties.yml", "out"])
+        .current_dir(p)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let copied = p.join("out/tokenizer.json");
+    assert!(!std::fs::symlink_metadata(&copied).unwrap().is_symlink());
+    assert_eq!(std::fs::read(&copied).unwrap(), b"{\"inside\": true}");
+
+    // An unindexed model file (`model.safetensors`, or a folder's only `.safetensors`).
+    for name in ["model.safetensors", "weights.safetensors"] {
+        let m = p.join(format!("m-{name}"));
+        std::fs::create_dir(&m).unwrap();
+        let elsewhere = p.join(format!("elsewhere-{name}"));
+        write_model(
+            &p.join("tmp-model"),
+            &[T::float("w", Dtype::F32, &[1], &[1.0])],
+            1,
+            None,
+        );
+        std::fs::rename(p.join("tmp-model/model.safetensors"), &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, m.join(name)).unwrap();
+        let msg = index_error_at(&m);
+        assert!(
+            msg.contains("outside the model folder") && msg.contains(name),
+            "{name}: {msg}"
+        );
+    }
+}
+
+/// Hugging Face cache snapshots symlink every file into `../../blobs/`: side files there are the
+/// model's own and are copied, as shards there are read.
+#[test]
+fn a_hugging_face_cache_snapshot_s_side_files_are_copied() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    synth(p, &["--tasks", "2"]);
+    let repo = p.join("models--org--base");
+    let blobs = repo.join("blobs");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::write(p.join("base/tokenizer.json"), b"{\"model\": \"bpe\"}").unwrap();
+    for (i, e) in std::fs::read_dir(p.join("base"))
+        .unwrap()
+        .flatten()
+        .enumerate()
+    {
+        std::fs::rename(e.path(), blobs.join(format!("blob{i}"))).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/blob{i}"), snap.join(e.file_name()))
+            .unwrap();
+    }
+    let recipe = std::fs::read_to_string(p.join("ties.yml"))
+        .unwrap()
+        .replace(
+            "base_model: base",
+            "base_model: models--org--base/snapshots/0123abcd",
+        );
+    std::fs::write(p.join("snap.yml"), recipe).unwrap();
+    let o = Command::new(stamerge_bin())
+        .args(["-q", "merge", "snap.yml", "out"])
+        .current_dir(p)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(p.join("out/tokenizer.json")).unwrap(),
+        b"{\"model\": \"bpe\"}"
+    );
+    assert!(p.join("out/config.json").is_file());
+}

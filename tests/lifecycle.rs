@@ -10,17 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn synth(dir: &Path, args: &[&str]) {
-    let o = Command::new(stamerge_bin())
-        .arg("-q")
-        .arg("synth")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
 fn tmp_dirs(parent: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(parent)
         .unwrap()
@@ -283,9 +272,11 @@ fn bundled_example_merges_with_every_recipe() {
         .unwrap();
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(
-        o.status.success() && s.contains("model.embed_tokens.weight") && s.contains("I64"),
+        o.status.success() && s.contains("model.embed_tokens.weight"),
         "{s}"
     );
+    // transformers' Llama has no `position_ids` buffer and flags one as unexpected on every load.
+    assert!(!s.contains("position_ids"), "{s}");
 }
 
 #[test]
@@ -336,7 +327,7 @@ fn verify_rereads_the_output_and_the_report_checksums_match_the_files() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("verified 22 tensors"), "{err}");
+    assert!(err.contains("verified 21 tensors"), "{err}");
     let rep: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.path().join("out/stamerge_report.json")).unwrap())
             .unwrap();
@@ -351,36 +342,15 @@ fn verify_rereads_the_output_and_the_report_checksums_match_the_files() {
     }
 }
 
-/// Unmounts the test's tmpfs when the test ends, however it ends.
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn disk_full_fails_cleanly_and_keeps_the_previous_output() {
     let d = tempfile::tempdir().unwrap();
     synth(d.path(), &["--tasks", "2"]);
     let small = tempfile::tempdir().unwrap();
     // A 32 KiB filesystem: the merged model (~50 KB) cannot fit. Needs root (CI runs as root).
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=32k", "tmpfs"])
-        .arg(small.path())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (cannot mount a tmpfs here): disk-full test"
-        );
+    let Some(_mount) = Tmpfs::mount(small.path(), "size=32k") else {
         return;
-    }
-    let _mount = Mount(small.path().to_path_buf());
+    };
     let out = small.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("previous.txt"), b"an earlier merge").unwrap();
@@ -501,4 +471,295 @@ fn kills_and_interrupts_at_random_points_never_leave_a_partial_output() {
     assert!(locks.is_empty(), "a lock file survived");
     assert!(!inputs.is_empty());
     assert!(input_bytes(d.path()) == inputs, "an input changed");
+}
+
+fn signal(sig: &str, pid: u32) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// Issue 15 #10: SIGTERM (`kill`, systemd, docker stop) and SIGHUP (a closed terminal or SSH
+/// session) stop the run as SIGINT does: after the current tensor, the temporary folder and the
+/// lock removed, exit 128 + the signal's number.
+#[test]
+fn sigterm_and_sighup_stop_as_cleanly_as_sigint() {
+    let d = big_set();
+    for (sig, code) in [("-TERM", 143), ("-HUP", 129), ("-INT", 130)] {
+        let c = start_merge(d.path(), "sta_model.yml", "out");
+        signal(sig, c.id());
+        let o = c.wait_with_output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{sig}: {:?} {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!d.path().join("out").exists(), "{sig}");
+        assert!(
+            leftovers(d.path()).is_empty(),
+            "{sig}: {:?}",
+            leftovers(d.path())
+        );
+    }
+}
+
+/// A pid no process has: a child that has exited and been reaped.
+fn dead_pid() -> u32 {
+    let mut c = Command::new("true").spawn().unwrap();
+    c.wait().unwrap();
+    c.id()
+}
+
+/// Issue 15 #5: a run killed between the two renames of an `--overwrite` commit left the old
+/// output in `.out.stamerge-old-PID`, its own in `.out.stamerge-tmp-PID` and no `out`; the next
+/// run deleted both as leftovers. The old output is never deleted: `plan` says where it is,
+/// a run without --overwrite refuses, and a run with --overwrite restores it before replacing it
+/// (so that it is replaced only by a complete output).
+#[test]
+fn a_run_killed_between_the_renames_of_its_commit_loses_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    synth(d.path(), &["--tasks", "2"]);
+    let p = d.path();
+    let o = Command::new(stamerge_bin())
+        .args(["-q", "merge", "ties.yml", "out"])
+        .current_dir(p)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let previous = shard_bytes(&p.join("out"));
+    let pid = dead_pid();
+    let old = p.join(format!(".out.stamerge-old-{pid}"));
+    let tmp = p.join(format!(".out.stamerge-tmp-{pid}"));
+    std::fs::rename(p.join("out"), &old).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::write(tmp.join("model.safetensors"), b"half a model").unwrap();
+    for args in [
+        &["plan", "task_arithmetic.yml", "out"][..],
+        &["merge", "task_arithmetic.yml", "out"][..],
+    ] {
+        let o = Command::new(stamerge_bin())
+            .args(args)
+            .current_dir(p)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("interrupted") && err.contains(&old.display().to_string()),
+            "{args:?}: {err}"
+        );
+        assert_eq!(
+            shard_bytes(&old),
+            previous,
+            "{args:?}: the old output changed"
+        );
+    }
+    let o = Command::new(stamerge_bin())
+        .args(["-q", "merge", "task_arithmetic.yml", "out", "--overwrite"])
+        .current_dir(p)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recipe = std::fs::read_to_string(p.join("out/stamerge_recipe.yml")).unwrap();
+    assert!(recipe.contains("task_arithmetic"));
+    assert!(leftovers(p).is_empty(), "{:?}", leftovers(p));
+}
+
+/// Holds `flock(LOCK_EX)` on a file until dropped, as a live run in any PID namespace would.
+struct Held(#[allow(dead_code)] std::fs::File);
+
+impl Held {
+    fn take(path: &Path) -> Self {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap();
+        // SAFETY: a plain system call on a descriptor this struct owns.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(r, 0, "flock");
+        Self(f)
+    }
+}
+
+/// Issue 15 #3 and #4: liveness came from the pid written in the lock file, looked up in
+/// `/proc` of the caller's PID namespace. Now the lock is the kernel's (`flock` on the lock
+/// file): held while its holder lives, whatever the file says and wherever the holder runs, and
+/// gone when it dies.
+#[test]
+fn the_lock_is_the_kernel_s_not_the_pid_written_in_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    synth(d.path(), &["--tasks", "2"]);
+    let p = d.path();
+    let lock = p.join(".out.stamerge-lock");
+    // A live run that has not yet written its pid (or whose pid means nothing here), with its
+    // temporary folder.
+    let held = Held::take(&lock);
+    let theirs = p.join(".out.stamerge-tmp-4000001");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("model.safetensors"), b"their work").unwrap();
+    let o = Command::new(stamerge_bin())
+        .args(["-q", "merge", "ties.yml", "out"])
+        .current_dir(p)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("another stamerge run"), "{err}");
+    assert_eq!(
+        std::fs::read(theirs.join("model.safetensors")).unwrap(),
+        b"their work",
+        "a live run's temporary folder was touched"
+    );
+    assert!(lock.exists(), "a live run's lock file was removed");
+    // The holder dies (its folder stays), and the file names a live process: the lock is free.
+    drop(held);
+    std::fs::write(&lock, std::process::id().to_string()).unwrap();
+    let o = Command::new(stamerge_bin())
+        .args(["-q", "merge", "ties.yml", "out"])
+        .current_dir(p)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(leftovers(p).is_empty(), "{:?}", leftovers(p));
+}
+
+/// Issue 15 #4 with real namespaces: a run in a PID namespace of its own (as in a container
+/// sharing the volume) sees no process with the first run's pid. It must still find the lock
+/// held, refuse, and leave the first run's temporary folder alone. Needs root and unshare.
+#[test]
+fn a_run_in_another_pid_namespace_respects_the_lock() {
+    let ok = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIPPED (unshare --pid is not available here): namespace lock test");
+        return;
+    }
+    let d = big_set();
+    let first = start_merge(d.path(), "sta_model.yml", "out");
+    let tmp = tmp_dirs(d.path());
+    let o = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(stamerge_bin())
+        .args(["-q", "merge", "ties.yml", "out"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let tmp_kept = tmp.iter().all(|t| t.exists());
+    let first = first.wait_with_output().unwrap();
+    assert!(!o.status.success(), "the second run ran beside the first");
+    assert!(err.contains("another stamerge run"), "{err}");
+    assert!(tmp_kept, "the first run's temporary folder was removed");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let recipe = std::fs::read_to_string(d.path().join("out/stamerge_recipe.yml")).unwrap();
+    assert!(recipe.contains("selection: model"));
+    assert!(leftovers(d.path()).is_empty());
+}
+
+/// Issue 15 #2: emptiness was checked at plan time only, so an output that appeared while the
+/// merge ran (another run's, finished) was silently replaced. It is checked again under the
+/// lock just before the commit: refused without --overwrite, and left whole.
+#[test]
+fn an_output_that_appears_during_the_merge_is_not_replaced_without_overwrite() {
+    let d = tempfile::tempdir().unwrap();
+    synth(d.path(), &["--tasks", "2"]);
+    let p = d.path();
+    let opts = stamerge::Options {
+        device: stamerge::Device::Cpu,
+        ..Default::default()
+    };
+    let r = stamerge::Recipe::from_file(&p.join("ties.yml")).unwrap();
+    let out = p.join("out");
+    let plan = stamerge::plan(&r, Some(&out), &opts).unwrap();
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("theirs.txt"), b"another merge").unwrap();
+    let e = match stamerge::merge_planned(&plan, &out, &opts) {
+        Ok(_) => panic!("replaced an output that appeared during the merge"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("--overwrite"), "{e}");
+    assert_eq!(file_names(&out), vec!["theirs.txt"]);
+    assert!(leftovers(p).is_empty(), "{:?}", leftovers(p));
+    // An empty folder that appears is no one's output: it is filled.
+    std::fs::remove_file(out.join("theirs.txt")).unwrap();
+    stamerge::merge_planned(&plan, &out, &opts).unwrap();
+    assert!(out.join(stamerge::REPORT_NAME).is_file());
+}
+
+/// A set of `n` single-tensor shards per checkpoint (three checkpoints): planning it opens and
+/// maps 3n files.
+fn many_files(dir: &Path, n: usize) {
+    for m in ["base", "task_0", "task_1"] {
+        let ts: Vec<T> = (0..n)
+            .map(|i| {
+                T::float(
+                    &format!("w.{i:05}"),
+                    safetensors::Dtype::F32,
+                    &[2],
+                    &[0.5, 1.0],
+                )
+            })
+            .collect();
+        write_model(&dir.join(m), &ts, n, None);
+    }
+    std::fs::write(
+        dir.join("r.yml"),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: task_0\n  - model: task_1\n",
+    )
+    .unwrap();
+}
+
+/// Issue 15: Ctrl-C during a long plan (thousands of files) was honoured only once planning
+/// ended; `plan` then printed "ok" and exited 0. The interrupt is seen between files.
+#[test]
+fn ctrl_c_during_a_long_plan_stops_it() {
+    let d = tempfile::tempdir().unwrap();
+    many_files(d.path(), 3000);
+    let c = Command::new(stamerge_bin())
+        .args(["plan", "r.yml"])
+        .current_dir(d.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Planning has begun once the first shard is mapped.
+    let maps = format!("/proc/{}/maps", c.id());
+    let t0 = Instant::now();
+    loop {
+        let m = std::fs::read_to_string(&maps).unwrap_or_default();
+        if m.contains("model-00001-of-03000") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "planning never began"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    signal("-INT", c.id());
+    let o = c.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{:?}: {out}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!out.contains("ok:"), "{out}");
 }

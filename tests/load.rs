@@ -67,12 +67,14 @@ fn eight_merges_at_once_write_what_each_writes_alone() {
     let runs: Vec<&PathBuf> = recipes.iter().cycle().take(RUNS).collect();
     let inputs_before = tree_bytes(&ex);
     let d = tempfile::tempdir().unwrap();
-    let alone: Vec<PathBuf> = (0..RUNS)
-        .map(|i| d.path().join(format!("alone{i}")))
-        .collect();
-    let together: Vec<PathBuf> = (0..RUNS)
-        .map(|i| d.path().join(format!("together{i}")))
-        .collect();
+    // Same folder names (the model card is titled with it), in folders of their own.
+    let out = |what: &str, i: usize| {
+        let parent = d.path().join(format!("{what}{i}"));
+        std::fs::create_dir(&parent).unwrap();
+        parent.join("merged")
+    };
+    let alone: Vec<PathBuf> = (0..RUNS).map(|i| out("alone", i)).collect();
+    let together: Vec<PathBuf> = (0..RUNS).map(|i| out("together", i)).collect();
     for (r, out) in runs.iter().zip(&alone) {
         finish(spawn(r, out), &r.display().to_string());
     }
@@ -104,4 +106,50 @@ fn eight_merges_at_once_write_what_each_writes_alone() {
     let left = leftovers(d.path());
     assert!(left.is_empty(), "temporary folders or locks left: {left:?}");
     assert!(tree_bytes(&ex) == inputs_before, "an input changed");
+}
+
+/// Issue 15 #2 under real contention: three merges of different recipes into one folder at
+/// once, round after round. Exactly one may succeed each round (the others find the lock held,
+/// or the folder filled when they come to commit), and the folder then holds that run's output
+/// whole: its recipe with its own bytes, never one run's weights under another's recipe.
+#[test]
+fn three_merges_into_one_folder_never_replace_each_other() {
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let recipes: Vec<PathBuf> = ["ties.yml", "task_arithmetic.yml", "magnitude.yml"]
+        .iter()
+        .map(|r| ex.join(r))
+        .collect();
+    let d = tempfile::tempdir().unwrap();
+    let alone: Vec<Vec<(String, Vec<u8>)>> = recipes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            // The shared target's folder name: the model card is titled with it.
+            let out = d.path().join(format!("alone{i}")).join("shared");
+            finish(spawn(r, &out), &r.display().to_string());
+            output(&out)
+        })
+        .collect();
+    let target = d.path().join("shared");
+    for round in 0..10 {
+        let _ = std::fs::remove_dir_all(&target);
+        let children: Vec<Child> = recipes.iter().map(|r| spawn(r, &target)).collect();
+        let ok: Vec<usize> = children
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.wait_with_output().unwrap().status.success().then_some(i))
+            .collect();
+        assert_eq!(
+            ok.len(),
+            1,
+            "round {round}: runs {ok:?} all reported success"
+        );
+        assert!(
+            output(&target) == alone[ok[0]],
+            "round {round}: the folder is not run {}'s output",
+            ok[0]
+        );
+        let left = leftovers(d.path());
+        assert!(left.is_empty(), "round {round}: {left:?}");
+    }
 }

@@ -48,8 +48,10 @@ fn check(
         method,
         tasks: tasks.clone(),
         lambda: 1.0,
-        normalize: matches!(method, Method::Ties | Method::DareTies),
+        // mergekit 0.1.5's defaults: only ties normalises (dare_ties elects signs but does not).
+        normalize: method == Method::Ties,
         rescale: true,
+        inv_density: false,
         seed: 0,
         model_selection: false,
     };
@@ -249,6 +251,21 @@ fn dare_matches_reference() {
                 c.rescale = false
             },
         );
+        // The paper's rescale (stamerge's default before mergekit's L1 one), and dare_ties with
+        // mergekit's TIES normalisation asked for.
+        check(
+            Method::DareTies,
+            dt,
+            1,
+            true,
+            "  seed: 9\n  rescale_norm: inv_density\n  normalize: true\n",
+            three(0.4),
+            |c| {
+                c.seed = 9;
+                c.inv_density = true;
+                c.normalize = true;
+            },
+        );
     }
 }
 
@@ -349,6 +366,7 @@ fn forgetting_subtracts_masked_task_vectors_from_start_model() {
             lambda: 0.9,
             normalize: false,
             rescale: true,
+            inv_density: false,
             seed: 0,
             model_selection: false,
         };
@@ -394,6 +412,7 @@ fn out_dtype_and_config_are_written() {
         lambda: 1.0,
         normalize: true,
         rescale: true,
+        inv_density: false,
         seed: 0,
         model_selection: false,
     };

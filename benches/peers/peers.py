@@ -49,6 +49,22 @@ METHODS = {
     "ties": ("ties", {"normalize": True}, {"weight": 1.0, "density": 0.3}),
     "magnitude": ("magnitude", {"lambda": 0.8}, {"weight": 1.0, "density": 0.2}),
     "sta": ("sta", {}, {"density": 0.1}),
+    # Issue 17's sparsifying methods (stamerge and mergekit only: torch_merge.py lacks them).
+    "dare_ties": ("dare_ties", {}, {"weight": 1.0, "density": 0.3}),
+    "della": ("della", {}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
+    "breadcrumbs": ("breadcrumbs", {}, {"weight": 1.0, "density": 0.9, "gamma": 0.01}),
+    "sce": ("sce", {"select_topk": 0.5}, {}),
+    "ram": ("ram", {}, {}),
+    # The interpolating methods (issue 17); slerp, nearswap and arcee_fusion take one model,
+    # nuslerp two. linear weighs the base as one more input (the global weight).
+    "linear": ("linear", {"weight": 0.5}, {"weight": 1.0}),
+    "slerp": ("slerp", {"t": 0.4}, {}),
+    "nuslerp": ("nuslerp", {}, {"weight": 1.0}),
+    "multislerp": ("multislerp", {}, {"weight": 1.0}),
+    "karcher": ("karcher", {}, {}),
+    "model_stock": ("model_stock", {}, {}),
+    "nearswap": ("nearswap", {"t": 0.001}, {}),
+    "arcee_fusion": ("arcee_fusion", {}, {}),
 }
 
 

@@ -6,5 +6,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$repo"
 cargo build --release --quiet
-export PYTHONPATH="$repo/python:$repo/benches/quality${PYTHONPATH:+:$PYTHONPATH}"
+# The gradient tool is part of the stamerge wheel (stamerge.grads).
+"${PYTHON:-python3}" -m pip install --quiet --force-reinstall --no-deps "$(bash scripts/build-wheel.sh)"
+export PYTHONPATH="$repo/benches/quality${PYTHONPATH:+:$PYTHONPATH}"
 exec "${PYTHON:-python3}" "$repo/benches/quality/run.py" "$@"

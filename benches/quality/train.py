@@ -48,7 +48,7 @@ def finetune(model, ids, labels, w, seed, log=print):
 
 def gradients(model, ids, labels, w, path):
     """Σ_j |∂L_j/∂θ| over the first 256 training examples, through the project's gradient tool."""
-    from stamerge_grads import write_gradients
+    from stamerge.grads import write_gradients
 
     n = min(CALIBRATION, len(ids))
     y = torch.as_tensor(labels[:n])

@@ -6,6 +6,8 @@
 #include "fuse.cu"
 #include <algorithm>
 #include <map>
+#include <memory>
+#include <numeric>
 #include <random>
 #include <string>
 
@@ -397,6 +399,94 @@ static void test_model_select() {
     std::printf("model select: %d cases\n", cases);
 }
 
+// A per-tensor top-k over chunks, as src/backend/cuda/chunked.rs runs a group larger than the
+// memory budget: for each digit, every chunk's histogram straight from score_keys (keys not
+// stored, pick = 0: the branch histogram_on_device takes when keys are not mean-normalised),
+// added up on the host, which picks the bucket; then each chunk, in index order, runs the
+// fixed-threshold mask with the tie quota still left (chunked.rs step 2).
+static void test_chunked_select() {
+    static const int SHIFT[3] = {21, 10, 0}, BITS[3] = {11, 11, 10};  // DIGITS_11
+    int cases = 0;
+    for (int rep = 0; rep < 6; ++rep) {
+        int dt = rep % 3, dist = rep % 3, mode = (rep + 1) % 3;
+        size_t n = 20000 + urand(50000), chunk = 8192 * (1 + urand(3));
+        Tensor th(dt, n), b(dt, n), g(dt, n);
+        fill_scores_inputs(th, b, g, dist);
+        std::vector<uint32_t> all(n);
+        u64 rbad = ~0ull;
+        for (size_t i = 0; i < n; ++i) all[i] = ref_key(ref_score(th.v[i], b.v[i], g.v[i], mode, false, i, rbad));
+        CHECK(rbad == ~0ull, "chunked rep %d: a bad reference score", rep);
+        auto at_ = [&](Tensor& t, size_t at) { return (void*)((char*)t.buf.ptr() + at * dsize(t.dt)); };
+        auto score = [&](size_t at, size_t len, uint32_t* keys, u64* bad, SelectState* st, int pass) {
+            launch(grid_for((len + 7) / 8, 256, 3), 256, score_keys, (const void*)at_(th, at), dt,
+                   mode == 1 ? nullptr : (const void*)at_(b, at), dt, mode ? (const void*)at_(g, at) : nullptr, dt,
+                   mode, 0, (u64)len, keys, bad, st, pass, 0);
+        };
+        for (size_t k : {(size_t)1, n / 10, n / 2 + 1, n - 1}) {
+            auto st = std::make_unique<SelectState>();
+            uint32_t prefix = 0;
+            u64 remaining = k;
+            bool ok = true;
+            for (int pass = 0; pass < 3 && ok; ++pass) {
+                int top = SHIFT[pass] + BITS[pass];
+                uint32_t placed = top >= 32 ? 0 : prefix << top;
+                std::vector<u64> hist((size_t)1 << BITS[pass], 0);
+                for (size_t at = 0; at < n; at += chunk) {
+                    size_t len = std::min(chunk, n - at);
+                    u64 bad = ~0ull;
+                    launch(1, 256, select_init, st.get(), (u64)len, (u64)len);
+                    st->prefix = placed;
+                    score(at, len, nullptr, &bad, st.get(), pass);
+                    CHECK(bad == ~0ull && st->flags == 0 && st->passes_done == 0 && st->prefix == placed,
+                          "chunked rep %d pass %d at %zu: bad %llx flags %u passes %u", rep, pass, at,
+                          (unsigned long long)bad, st->flags, st->passes_done);
+                    for (size_t i = 0; i < hist.size(); ++i) hist[i] += st->hist[pass][i];
+                }
+                u64 sum = 0;
+                for (u64 c : hist) sum += c;
+                if (remaining == 0 || remaining > sum) {
+                    CHECK(false, "chunked rep %d pass %d: %llu keys to place among %llu", rep, pass,
+                          (unsigned long long)remaining, (unsigned long long)sum);
+                    ok = false;
+                    break;
+                }
+                u64 above = 0;
+                uint32_t bk = (uint32_t)hist.size() - 1;
+                for (;; --bk) { if (above + hist[bk] >= remaining) break; above += hist[bk]; }
+                remaining -= above;
+                prefix = (prefix << BITS[pass]) | bk;
+            }
+            if (!ok) { ++cases; continue; }
+            std::vector<uint32_t> sorted = all;
+            std::sort(sorted.begin(), sorted.end(), std::greater<>());
+            size_t cgt = std::count_if(all.begin(), all.end(), [&](uint32_t x) { return x > sorted[k - 1]; });
+            CHECK(prefix == sorted[k - 1] && remaining == k - cgt, "chunked rep %d k %zu: T %08x vs %08x, quota %llu vs %zu",
+                  rep, k, prefix, sorted[k - 1], (unsigned long long)remaining, k - cgt);
+            u64 quota = remaining;
+            std::vector<char> got;
+            for (size_t at = 0; at < n; at += chunk) {
+                size_t len = std::min(chunk, n - at);
+                *st = SelectState{};
+                st->n = len; st->k = quota; st->k_rem = quota; st->count_eq = ~0ull; st->cand_len = ~0ull;
+                st->bad = ~0ull; st->prefix = prefix; st->threshold = prefix; st->passes_done = 3;
+                std::vector<uint32_t> keys(len), tiles((len + TIE_TILE - 1) / TIE_TILE), mask(2 * ((len + 63) / 64));
+                u64 tie_total = 0;
+                score(at, len, keys.data(), &st->bad, nullptr, 0);
+                launch((unsigned)tiles.size(), 256, select_tie_count, (const u32*)keys.data(), (u64)len, (const SelectState*)st.get(), tiles.data(), &tie_total, 0);
+                launch(1, 1024, select_tie_cutoff, (const u32*)keys.data(), (u64)len, st.get(), (const u32*)tiles.data());
+                launch(grid_for((len + 127) / 128 * 32, 256, 3), 256, select_mask, (const u32*)keys.data(), (u64)len, (const SelectState*)st.get(), mask.data());
+                CHECK(st->flags == 0 && st->bad == ~0ull, "chunked rep %d at %zu: flags %u", rep, at, st->flags);
+                quota -= std::min<u64>(tie_total, quota);
+                for (size_t i = 0; i < len; ++i) got.push_back((mask[i / 32] >> (i % 32)) & 1);
+            }
+            CHECK(quota == 0, "chunked rep %d k %zu: %llu ties of the quota left", rep, k, (unsigned long long)quota);
+            CHECK(got == ref_topk(all, k), "chunked rep %d: masks differ (n %zu chunk %zu k %zu)", rep, n, chunk, k);
+            ++cases;
+        }
+    }
+    std::printf("chunked select: %d cases\n", cases);
+}
+
 static void test_score_sum() {
     for (size_t n : {1ul, 255ul, 65536ul, 65537ul, 200000ul}) {
         std::vector<uint32_t> keys(n); std::vector<float> s(n);
@@ -435,7 +525,33 @@ static void test_dare() {
     std::printf("dare_mask: ok\n");
 }
 
+// An output's stored bits; every NaN is the canonical one (docs/SEMANTICS.md, "Output dtype").
+static uint32_t ref_out_bits(float o, int dt) {
+    if (std::isnan(o)) return dt == DT_F32 ? 0x7FC00000u : dt == DT_F16 ? 0x7E00u : 0x7FC0u;
+    return dt == DT_F32 ? f_bits(o) : dt == DT_F16 ? ref_f32_to_f16(o) : ref_f32_to_bf16(o);
+}
+
+// NaN from finite inputs: task vectors of +-3e38 weighted by 2 overflow to +-Inf and cancel.
+static void test_fuse_nan() {
+    const size_t n = 37;
+    Tensor base(DT_F32, n), a(DT_F32, n), b(DT_F32, n);
+    for (size_t i = 0; i < n; ++i) { base.set(i, 0); a.set(i, i % 2 ? 3e38f : 0.5f); b.set(i, i % 2 ? -3e38f : 0.25f); }
+    FuseTask tasks[2] = {{a.buf.ptr(), nullptr, 2.0f, 1.0f, 1, DT_F32}, {b.buf.ptr(), nullptr, 2.0f, 1.0f, 1, DT_F32}};
+    for (int dt = 0; dt < 3; ++dt) {
+        Tensor out(dt, n);
+        u64 bad = ~0ull;
+        launch(1, 256, fuse_linear, base.buf.ptr(), DT_F32, (const void*)nullptr, 0, (const FuseTask*)tasks, 2, (u64)n, 0,
+               1.0f, 1.0f, out.buf.ptr(), dt, (u64*)nullptr, (u64*)nullptr, &bad);
+        for (size_t i = 0; i < n; ++i) {
+            uint32_t got = dt == DT_F32 ? f_bits(((float*)out.buf.ptr())[i]) : out.raw16(i);
+            uint32_t want = ref_out_bits(i % 2 ? NAN : 1.5f, dt);
+            CHECK(got == want && bad == ~0ull, "fuse NaN dt %d i %zu: %08x vs %08x", dt, i, got, want);
+        }
+    }
+}
+
 static void test_fuse() {
+    test_fuse_nan();
     int cases = 0;
     for (int rep = 0; rep < 120; ++rep) {
         int T = rep < 110 ? 1 + (int)urand(5) : 9;
@@ -513,10 +629,10 @@ static void test_fuse() {
                 float s = use_start ? start.v[i] : b;
                 o = s + lambda * mixed;
             }
-            uint32_t want, got;
-            if (out_dt == 0) { want = f_bits(o); got = f_bits(((float*)out.buf.ptr())[i]); }
-            else { want = out_dt == 1 ? ref_f32_to_f16(o) : ref_f32_to_bf16(o); got = out.raw16(i); }
-            if (want != got && !(inject_bad && std::isnan(o))) {
+            uint32_t want = ref_out_bits(o, out_dt), got;
+            if (out_dt == 0) got = f_bits(((float*)out.buf.ptr())[i]);
+            else got = out.raw16(i);
+            if (want != got) {
                 if (ok) CHECK(false, "fuse rep %d method %d T %d i %zu: %08x vs %08x (o %g)", rep, method, T, i, got, want, o);
                 ok = false;
             }
@@ -546,6 +662,7 @@ int main(int argc, char** argv) {
     if (want("fuse")) test_fuse();
     if (want("tensor")) test_tensor_select();
     if (want("model")) test_model_select();
+    if (want("chunked")) test_chunked_select();
     // The plain closing line CI reads: checks made, checks that failed.
     std::printf("kernels: %ld passed, %d failed\n", checks - failures, failures);
     return failures != 0;

@@ -50,7 +50,7 @@ def assert_close_stats(got, want, rtol=1e-5):
 
 
 def cli_args(model, data, task, out, **options):
-    """`python -m stamerge_grads` arguments; options become `--name value` (`_` -> `-`)."""
+    """`python -m stamerge.grads` arguments; options become `--name value` (`_` -> `-`)."""
     args = ["--model", str(model), "--data", str(data), "--task", task, "--out", str(out)]
     for k, v in options.items():
         args += [f"--{k.replace('_', '-')}", str(v)]

@@ -1,4 +1,4 @@
-"""`python -m stamerge_grads` on tiny randomly initialised Hugging Face models written locally."""
+"""`python -m stamerge.grads` on tiny randomly initialised Hugging Face models written locally."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ import torch
 from conftest import assert_close_stats, cli_args, reference_statistic
 from safetensors import safe_open
 
-from stamerge_grads.cli import main
+from stamerge.grads.cli import main
 
 transformers = pytest.importorskip("transformers")
-
-PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read(path):
@@ -57,14 +55,12 @@ def reference(folder, task, recs, mode):
 
 def test_causal_lm_via_python_m(tiny_gpt2, jsonl, tmp_path):
     out = tmp_path / "g.safetensors"
-    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run(
-        [sys.executable, "-m", "stamerge_grads"]
+        [sys.executable, "-m", "stamerge.grads"]
         + cli_args(tiny_gpt2, jsonl, "causal-lm", out, batch_size=4),
         capture_output=True,
         check=False,
         text=True,
-        env=env,
     )
     assert r.returncode == 0, r.stderr
     assert "per-sample path vmap" in r.stderr

@@ -1,12 +1,13 @@
 """The written statistic loads in `stamerge` and an STA merge on it matches a numpy reference of
-docs/SEMANTICS.md bit for bit. Needs the release binary: `cargo build --release` in the repo (or
-STAMERGE_BIN=path); python/run-tests.sh builds it."""
+docs/SEMANTICS.md bit for bit. Runs the `stamerge` command installed beside this Python (the
+wheel's; python/run-tests.sh installs it), or STAMERGE_BIN=path."""
 
 from __future__ import annotations
 
 import math
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,21 +15,20 @@ import torch
 from conftest import cli_args
 from safetensors import safe_open
 
-from stamerge_grads import write_gradients
-from stamerge_grads.cli import main
+from stamerge.grads import write_gradients
+from stamerge.grads.cli import main
 
 transformers = pytest.importorskip("transformers")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DENSITY, LAMBDA = 0.25, 0.7
 
 
 def stamerge_bin():
-    path = os.environ.get("STAMERGE_BIN") or os.path.join(REPO, "target", "release", "stamerge")
+    path = os.environ.get("STAMERGE_BIN") or os.path.join(
+        os.path.dirname(sys.executable), "stamerge"
+    )
     if not os.path.isfile(path):
-        pytest.fail(
-            f"no stamerge binary at {path}: run `cargo build --release` or set STAMERGE_BIN"
-        )
+        pytest.fail(f"no stamerge command at {path}: install the wheel or set STAMERGE_BIN")
     return path
 
 
@@ -68,7 +68,7 @@ def perturbed_copy(src, dst, seed):
 
 
 def test_sta_merge_on_written_statistics(tiny_gpt2, jsonl, tmp_path):
-    from stamerge_grads import hf
+    from stamerge.grads import hf
 
     exe = stamerge_bin()
     tasks = [tmp_path / "task_0", tmp_path / "task_1"]

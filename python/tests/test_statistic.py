@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
 
-from stamerge_grads import (
+from stamerge.grads import (
     Statistic,
     StatisticError,
     gradient_statistic,
@@ -266,6 +266,20 @@ def test_save_round_trip_and_metadata(model, tmp_path, dtype):
     assert md["mode"] == "abs" and md["samples"] == "12" and md["task"] == "t0"
     assert float(md["mean_loss"]) == stats.mean_loss
     assert md["stamerge_grads_version"] and md["skipped"] == "frozen_scale,steps"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(model, tmp_path, umask):
+    stats = gradient_statistic(model, lm_loss, make_data())
+    old = os.umask(umask)
+    try:
+        save_statistic(stats, tmp_path / "g.safetensors")
+        # Replacing a file gives the new one the same mode, not the old file's.
+        save_statistic(stats, tmp_path / "g.safetensors")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "g.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    assert os.listdir(tmp_path) == ["g.safetensors"]
 
 
 def test_bf16_round_is_nearest_even():

@@ -29,6 +29,11 @@ pub struct TaskInput<'a> {
 #[derive(Clone, Debug)]
 pub struct Group<'a> {
     pub name: &'a str,
+    /// The caller's number for these inputs (a plan's item index): with `name`, the identity by
+    /// which a backend recognises the group it was told comes next ([`Backend::submit`]). Two
+    /// groups with the same name and `seq` must hold the same bytes; host addresses are never an
+    /// identity (freed and reallocated buffers land at the same ones).
+    pub seq: u64,
     pub n: usize,
     pub base: Raw<'a>,
     /// The checkpoint the result is added to (forgetting's `start_model`); the base otherwise.
@@ -139,7 +144,8 @@ pub trait Backend: Compute {
     fn name(&self) -> &'static str;
 
     /// Merges `g`; `next` is the group the caller merges after it, if known (its inputs may be
-    /// copied in early). The output buffer is handed over and its bytes may arrive one call
+    /// copied in early, and are used by the next call only if its group has `next`'s name and
+    /// `seq`). The output buffer is handed over and its bytes may arrive one call
     /// later. Returns this group's statistics at once (a fault in `g` is this call's error), and
     /// the outputs finished so far, oldest first, each exactly once: this call's or an earlier
     /// call's. [`Backend::flush`] returns the rest. After an error, outputs still held are

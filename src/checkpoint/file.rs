@@ -176,13 +176,16 @@ pub struct Header {
 /// depends on a declared size, only on the header's real bytes. The message names no file.
 pub fn parse_header(buf: &[u8]) -> Result<Header, String> {
     let (header_len, meta) = SafeTensors::read_metadata(buf).map_err(|e| {
-        let hint = match e {
-            safetensors::SafeTensorError::MetadataIncompleteBuffer => {
-                " (the file is truncated or has trailing bytes: re-download or re-convert it)"
+        if let safetensors::SafeTensorError::MetadataIncompleteBuffer = e {
+            if let Some(m) = data_extent_problem(buf) {
+                return format!("corrupt safetensors header: {m}");
             }
-            _ => "",
-        };
-        format!("corrupt safetensors header: {e}{hint}")
+            return format!(
+                "corrupt safetensors header: {e} (the file is truncated or has trailing bytes: \
+                 re-download or re-convert it)"
+            );
+        }
+        format!("corrupt safetensors header: {e}")
     })?;
     // The parser keeps the last of two entries with one name; a second tensor of that name
     // would silently vanish (or surface as a puzzling offset error), so refuse it by name.
@@ -200,9 +203,48 @@ pub fn parse_header(buf: &[u8]) -> Result<Header, String> {
             end: data_start + info.data_offsets.1,
         });
     }
+    // Offsets, then names: tensors without elements share their offsets, and the parser's
+    // order among them comes from a hash map (another order on every run).
+    tensors.sort_by(|a, b| (a.start, a.end, &a.name).cmp(&(b.start, b.end, &b.name)));
     Ok(Header {
         tensors,
         metadata: meta.metadata().clone(),
+    })
+}
+
+/// When the header is well-formed but its tensors do not end where the file ends: which tensor
+/// lies past the end (the file was cut short), or how many bytes follow the last one. None when
+/// the header cannot be read this far (the parser's own message is then the one to give).
+fn data_extent_problem(buf: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?);
+    let end = 8usize.checked_add(usize::try_from(n).ok()?)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(buf.get(8..end)?).ok()?;
+    let data = (buf.len() - end) as u64;
+    let mut last: Option<(&str, u64, u64)> = None;
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offs = info.get("data_offsets")?.as_array()?;
+        let (a, b) = (offs.first()?.as_u64()?, offs.get(1)?.as_u64()?);
+        if b > data {
+            return Some(format!(
+                "tensor `{name}` (data_offsets [{a}, {b}]) ends past the end of the file, which \
+                 holds {data} bytes of data: the file is truncated (re-download or re-convert it)"
+            ));
+        }
+        if last.is_none_or(|(_, _, e)| b > e) {
+            last = Some((name, a, b));
+        }
+    }
+    let (name, a, b) = last.unwrap_or(("", 0, 0));
+    (b < data).then(|| {
+        format!(
+            "{} bytes follow the last tensor `{name}` (data_offsets [{a}, {b}]): the file has \
+             trailing bytes (re-download or re-convert it)",
+            data - b
+        )
     })
 }
 

@@ -11,12 +11,15 @@
 //! are never written out. A SIGBUS at an address outside every registered mapping is handed to
 //! the handler that was installed before ours.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-/// More mappings than any model needs at once (hundreds of shards times a few inputs), and more
-/// than a test binary opens in parallel; a mapping beyond this still works, unguarded.
-const SLOTS: usize = 8192;
+/// Slots come in chunks, allocated as needed and never freed, so that the handler can walk them
+/// without a lock while another thread adds one: room for every input a merge may map (18 000
+/// shard files are real; the kernel's default limit is 65 530 maps), a small cost when few are.
+const CHUNK: usize = 4096;
+/// Up to 1 M mappings.
+const CHUNKS: usize = 256;
 
 /// `start == FREE`: unused; `start == CLAIMED`: being filled in; otherwise a live mapping.
 const FREE: usize = 0;
@@ -35,28 +38,78 @@ const EMPTY: Slot = Slot {
     faulted: AtomicBool::new(false),
 };
 
-static TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
+type Chunk = [Slot; CHUNK];
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_CHUNK: AtomicPtr<Chunk> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The chunks in use, in order; the first null ends the list.
+static TABLE: [AtomicPtr<Chunk>; CHUNKS] = [NO_CHUNK; CHUNKS];
+/// Where the next search for a free slot starts (slots are mostly taken in order).
+static HINT: AtomicUsize = AtomicUsize::new(0);
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
 /// The SIGBUS action found at installation, restored for faults that are not ours.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 static INSTALLED: OnceLock<bool> = OnceLock::new();
 static WARNED_FULL: AtomicBool = AtomicBool::new(false);
 
+/// The chunks allocated so far (async-signal-safe: loads only).
+fn chunks() -> impl Iterator<Item = &'static Chunk> {
+    TABLE
+        .iter()
+        .map(|c| c.load(Ordering::Acquire))
+        .take_while(|p| !p.is_null())
+        // SAFETY: a published chunk is leaked, never freed or moved.
+        .map(|p| unsafe { &*p })
+}
+
+/// Chunk `i`, allocating it (once, whichever thread wins) when it does not exist yet.
+fn chunk(i: usize) -> &'static Chunk {
+    let p = TABLE[i].load(Ordering::Acquire);
+    if !p.is_null() {
+        // SAFETY: as in `chunks`.
+        return unsafe { &*p };
+    }
+    let fresh = Box::into_raw(Box::new([EMPTY; CHUNK]));
+    match TABLE[i].compare_exchange(
+        std::ptr::null_mut(),
+        fresh,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        // SAFETY: just published; leaked from here on.
+        Ok(_) => unsafe { &*fresh },
+        Err(won) => {
+            // SAFETY: ours was never published; the winner's is leaked like ours would be.
+            unsafe {
+                drop(Box::from_raw(fresh));
+                &*won
+            }
+        }
+    }
+}
+
 /// A registered mapping; unregisters on drop (drop it before the mapping is unmapped).
 #[derive(Debug)]
 pub struct Guard {
-    slot: Option<usize>,
+    slot: Option<&'static Slot>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("Slot")
+    }
 }
 
 impl Guard {
     /// Whether an access to the mapping has failed since it was registered.
     pub fn faulted(&self) -> bool {
         self.slot
-            .map(|s| TABLE[s].faulted.load(Ordering::Acquire))
+            .map(|s| s.faulted.load(Ordering::Acquire))
             .unwrap_or(false)
     }
 
-    /// Whether the mapping is covered by the handler (false only when the table is full).
+    /// Whether the mapping is covered by the handler (false only past a million mappings).
     pub fn is_active(&self) -> bool {
         self.slot.is_some()
     }
@@ -65,7 +118,7 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(s) = self.slot {
-            TABLE[s].start.store(FREE, Ordering::Release);
+            s.start.store(FREE, Ordering::Release);
         }
     }
 }
@@ -75,7 +128,12 @@ pub fn register(ptr: *const u8, len: usize) -> Guard {
     if !*INSTALLED.get_or_init(install) || len == 0 {
         return Guard { slot: None };
     }
-    for (i, s) in TABLE.iter().enumerate() {
+    // A free slot of the chunks there are (from the hint, wrapping around), else a new chunk.
+    let n = chunks().count() * CHUNK;
+    let from = HINT.load(Ordering::Relaxed) % n.max(1);
+    let there = (0..n).map(|k| (from + k) % n);
+    for i in there.chain(n..CHUNK * CHUNKS) {
+        let s = &chunk(i / CHUNK)[i % CHUNK];
         if s.start
             .compare_exchange(FREE, CLAIMED, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
@@ -84,13 +142,15 @@ pub fn register(ptr: *const u8, len: usize) -> Guard {
             s.end.store(ptr as usize + len, Ordering::Relaxed);
             // Publishes `end` and `faulted` together with the start the handler matches on.
             s.start.store(ptr as usize, Ordering::Release);
-            return Guard { slot: Some(i) };
+            HINT.store(i + 1, Ordering::Relaxed);
+            return Guard { slot: Some(s) };
         }
     }
     if !WARNED_FULL.swap(true, Ordering::Relaxed) {
         tracing::warn!(
-            "more than {SLOTS} input files mapped at once: later ones are not protected against \
-             truncation while the merge runs"
+            "more than {} input files mapped at once: later ones are not protected against \
+             truncation while the merge runs",
+            CHUNK * CHUNKS
         );
     }
     Guard { slot: None }
@@ -121,7 +181,7 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;
     let page = PAGE.load(Ordering::Relaxed);
-    for s in TABLE.iter() {
+    for s in chunks().flat_map(|c| c.iter()) {
         let start = s.start.load(Ordering::Acquire);
         if start <= CLAIMED || addr < start {
             continue;

@@ -4,6 +4,8 @@ pub mod file;
 pub mod guard;
 pub mod model;
 pub mod outdir;
+pub mod paths;
+pub mod side;
 pub mod writer;
 
 pub use file::{SafetensorsFile, TensorEntry};

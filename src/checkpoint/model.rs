@@ -27,6 +27,8 @@ pub struct Checkpoint {
     pub order: Vec<Loc>,
     by_name: HashMap<String, Loc>,
     pub config: Option<serde_json::Value>,
+    /// What the user should know about how the folder was read (shown with the plan).
+    pub notes: Vec<String>,
 }
 
 const PICKLE_EXT: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl"];
@@ -46,7 +48,7 @@ pub const MISSING_MODEL: &str = "stamerge reads local folders: download a Huggin
 
 /// What to do about a gradient statistic that does not exist.
 pub const MISSING_STATISTIC: &str = "write the task's gradient statistic first: `python -m \
-                                     stamerge_grads --model MODEL --data calib.jsonl --task \
+                                     stamerge.grads --model MODEL --data calib.jsonl --task \
                                      causal-lm --out PATH` (README, \"Gradient statistics\")";
 
 impl Checkpoint {
@@ -80,10 +82,20 @@ impl Checkpoint {
         let folder = path;
         let index = folder.join(INDEX_NAME);
         let single = folder.join(SINGLE_NAME);
-        let shard_names: Vec<String> = if index.is_file() {
-            read_index(folder, &index).map_err(|p| vec![p])?
-        } else if single.is_file() {
+        let mut notes = Vec::new();
+        // transformers' `from_pretrained` loads `model.safetensors` when both it and the index
+        // are there; read what it would load.
+        let shard_names: Vec<String> = if single.is_file() {
+            if index.is_file() {
+                notes.push(format!(
+                    "{}: both `{SINGLE_NAME}` and `{INDEX_NAME}` are here: reading \
+                     `{SINGLE_NAME}`, as transformers does; the index and its shards are ignored",
+                    folder.display()
+                ));
+            }
             vec![SINGLE_NAME.to_string()]
+        } else if index.is_file() {
+            read_index(folder, &index).map_err(|p| vec![p])?
         } else {
             let mut st = Vec::new();
             let mut pickled = None;
@@ -132,29 +144,48 @@ impl Checkpoint {
                 }
             }
         };
+        // As chosen above: the index is read only where `model.safetensors` is not.
+        let indexed = !single.is_file() && index.is_file();
         let mut files = Vec::new();
         let mut problems = Vec::new();
+        if !indexed {
+            // The index's entries were checked by `read_index`; a file found without one
+            // follows the same rule: it stays inside the model folder.
+            let canon = folder
+                .canonicalize()
+                .map_err(|e| vec![Problem::in_file(folder, format!("cannot resolve: {e}"))])?;
+            for name in &shard_names {
+                if let Err(m) = stays_inside(&canon, &folder.join(name)) {
+                    problems.push(Problem::in_file(&folder.join(name), m));
+                }
+            }
+        }
         for name in &shard_names {
+            // Between files: Ctrl-C during the plan of a model of thousands of shards.
+            if crate::INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(vec![Problem::in_file(folder, "interrupted")]);
+            }
             match SafetensorsFile::open(&folder.join(name)) {
                 Ok(f) => files.push(f),
                 Err(p) => problems.push(p),
             }
         }
-        if index.is_file() && problems.is_empty() {
+        if indexed && problems.is_empty() {
             problems.extend(check_index_against_shards(&index, &files));
         }
+        let config = match super::side::read_config(folder) {
+            Ok(c) => c,
+            Err(p) => {
+                problems.push(p);
+                None
+            }
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
-        let config = std::fs::read(folder.join("config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        Ok(Self::assemble(
-            path,
-            Some(folder.to_path_buf()),
-            files,
-            config,
-        ))
+        let mut ck = Self::assemble(path, Some(folder.to_path_buf()), files, config);
+        ck.notes = notes;
+        Ok(ck)
     }
 
     fn assemble(
@@ -181,6 +212,7 @@ impl Checkpoint {
             order,
             by_name,
             config,
+            notes: Vec::new(),
         }
     }
 
@@ -229,10 +261,11 @@ fn read_index(folder: &Path, index: &Path) -> Result<Vec<String>, Problem> {
         .map_err(|e| Problem::in_file(folder, format!("cannot resolve: {e}")))?;
     let mut names = BTreeSet::new();
     for (tensor, file) in entries {
+        // A missing file is reported when it is opened.
         let leads_out = folder
             .join(&file)
             .canonicalize()
-            .map(|c| !c.starts_with(&canon_folder) && !in_hf_cache_blobs(&canon_folder, &c))
+            .map(|c| !inside(&canon_folder, &c))
             .unwrap_or(false);
         if leads_out {
             return Err(Problem::in_tensor(
@@ -286,6 +319,35 @@ pub fn parse_index(index: &Path, text: &[u8]) -> Result<Vec<(String, String)>, P
         return Err(Problem::in_file(index, "`weight_map` is empty"));
     }
     Ok(entries)
+}
+
+/// Whether `target` (resolved) is the model's own: inside `folder` (resolved), or a blob of the
+/// Hugging Face cache repository that holds it.
+fn inside(folder: &Path, target: &Path) -> bool {
+    target.starts_with(folder) || in_hf_cache_blobs(folder, target)
+}
+
+/// Where `path`, a file of the model folder `folder` (resolved), leads when it stays inside the
+/// folder (a symlink may lead into the same Hugging Face cache repository's blobs); else why it
+/// may not be read. Shards, side files and config.json all follow this rule: a crafted folder
+/// must not make stamerge read (and copy into the output) a file from elsewhere.
+pub(crate) fn stays_inside(folder: &Path, path: &Path) -> Result<PathBuf, String> {
+    match path.canonicalize() {
+        Ok(c) if inside(folder, &c) => Ok(c),
+        Ok(c) => Err(format!(
+            "a symlink leading outside the model folder (to {}): not read; put the file itself \
+             in the folder",
+            c.display()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let to = std::fs::read_link(path).unwrap_or_default();
+            Err(format!(
+                "a dangling symlink (to {}, which does not exist)",
+                to.display()
+            ))
+        }
+        Err(e) => Err(format!("cannot resolve: {e}")),
+    }
 }
 
 /// Whether `target` is a blob of the Hugging Face cache repository that holds the snapshot

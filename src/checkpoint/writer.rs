@@ -207,12 +207,23 @@ impl ShardWriter {
             let f = super::file::SafetensorsFile::open(&path)
                 .map_err(|p| crate::error::Error::Other(format!("verifying the output: {p}")))?;
             let want = &self.tensors[r.clone()];
+            // By name and place, not by the order a reader lists them in: tensors without
+            // elements share their offsets, and their order among themselves is the reader's.
+            let data_start = f.tensors.iter().map(|t| t.start).min().unwrap_or(0);
+            let mut off = 0u64;
+            let mut places = std::collections::HashMap::new();
+            for w in want {
+                places.insert(w.name.as_str(), (w, off));
+                off += w.nbytes;
+            }
             let same = f.tensors.len() == want.len()
-                && f.tensors.iter().zip(want).all(|(got, w)| {
-                    got.name == w.name
-                        && got.dtype == w.dtype
-                        && got.shape == w.shape
-                        && got.nbytes() as u64 == w.nbytes
+                && f.tensors.iter().all(|got| {
+                    places.get(got.name.as_str()).is_some_and(|&(w, at)| {
+                        got.dtype == w.dtype
+                            && got.shape == w.shape
+                            && (got.start - data_start) as u64 == at
+                            && got.nbytes() as u64 == w.nbytes
+                    })
                 });
             if !same {
                 return Err(crate::error::Error::Other(format!(

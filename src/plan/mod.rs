@@ -1,6 +1,13 @@
 //! Header-only checks across every input, and the work list the pipeline executes. Nothing here
-//! reads tensor data: a plan that fails costs seconds, not the hour a merge would.
+//! reads tensor data (but the few bytes of non-float tensors, which must agree between inputs): a
+//! plan that fails costs seconds, not the hour a merge would.
 
+mod checks;
+mod interp;
+pub mod layers;
+pub mod layout;
+pub mod show;
+pub mod side;
 pub mod work;
 
 use std::collections::HashSet;
@@ -11,7 +18,10 @@ use crate::checkpoint::writer::OutTensor;
 use crate::checkpoint::{Checkpoint, SafetensorsFile, TensorEntry};
 use crate::dtype::{is_unsupported_float, FloatType};
 use crate::error::{Error, Problem, Result};
-use crate::recipe::{MissingGradients, Recipe};
+use crate::method::MethodKind;
+use crate::recipe::{InputRef, MissingGradients, Recipe, Resolved};
+pub use layout::Slot;
+pub use side::SidePlan;
 pub use work::{MaskPlan, ModelCut, TensorWork};
 
 pub struct TaskInputs {
@@ -26,15 +36,17 @@ pub struct Inputs {
 }
 
 impl Inputs {
+    /// Every input checkpoint: base, start, then each task's model and statistic.
+    pub fn checkpoints(&self) -> impl Iterator<Item = &Checkpoint> {
+        std::iter::once(&self.base).chain(self.start.iter()).chain(
+            self.tasks
+                .iter()
+                .flat_map(|t| std::iter::once(&t.model).chain(t.grads.iter())),
+        )
+    }
+
     fn files(&self) -> impl Iterator<Item = &SafetensorsFile> {
-        std::iter::once(&self.base)
-            .chain(self.start.iter())
-            .chain(
-                self.tasks
-                    .iter()
-                    .flat_map(|t| std::iter::once(&t.model).chain(t.grads.iter())),
-            )
-            .flat_map(|ck| ck.files.iter())
+        self.checkpoints().flat_map(|ck| ck.files.iter())
     }
 
     /// Between tensors (no system call): stops the merge as soon as a read of an input failed,
@@ -53,6 +65,23 @@ impl Inputs {
     }
 }
 
+/// Which input a copied tensor comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyFrom {
+    Base,
+    Start,
+    Task(usize),
+}
+
+/// A float copy that changes the bytes: the output dtype (`dtype`/`out_dtype` of a passthrough
+/// merge) and passthrough's `scale`, in fp32 with one rounding.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Convert {
+    pub from: FloatType,
+    pub to: FloatType,
+    pub scale: Option<f32>,
+}
+
 /// What happens to one output tensor.
 #[derive(Clone, Debug)]
 pub enum ItemKind {
@@ -60,11 +89,16 @@ pub enum ItemKind {
     Merge {
         n: usize,
         out: FloatType,
-        /// Each task's mask and the fuse (`work::resolve`).
+        /// Each task's mask and the fuse (`work::resolve_at`).
         work: TensorWork,
     },
-    /// Copied byte for byte (non-float tensors, tensors only the base has).
-    Copy { from_start: bool },
+    /// Copied from one input's tensor `name` (non-float tensors, tensors only the base has,
+    /// passthrough): byte for byte, or converted.
+    Copy {
+        from: CopyFrom,
+        name: String,
+        convert: Option<Convert>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -75,6 +109,10 @@ pub struct Item {
     pub out: OutTensor,
     /// Input bytes the main pass reads for this tensor.
     pub read_bytes: u64,
+    /// Its layer and the inputs' names of it.
+    pub slot: Slot,
+    /// The recipe's parameters resolved for it.
+    pub params: Resolved,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -124,6 +162,10 @@ pub struct Plan {
     pub items: Vec<Item>,
     pub estimate: Estimate,
     pub notes: Vec<String>,
+    /// Where the output differs from what mergekit would write.
+    pub warnings: Vec<String>,
+    /// Tokenizer, chat template and config.json changes.
+    pub side: SidePlan,
     /// Output shard file names.
     pub shards: Vec<String>,
 }
@@ -241,185 +283,121 @@ fn check_float(
     f
 }
 
+/// Running totals of the plan's tensors.
+struct Tally {
+    est: Estimate,
+    missing_grad_fallbacks: usize,
+    /// Tensors whose `normalize` would divide by (nearly) zero: the first one's name and
+    /// reason, and how many.
+    bad_normalize: Option<(String, String, usize)>,
+    /// Tensors of slerp and nearswap that no setting of `t` applies to.
+    missing_t: Vec<String>,
+}
+
 impl Plan {
     /// Opens every input (headers only), checks them against each other and the recipe, and
     /// returns the work list, or every problem found.
     pub fn build(recipe: &Recipe, out_shard_bytes: u64) -> Result<Plan, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut notes = recipe.notes.clone();
+        let mut warnings = Vec::new();
         let Some(inputs) = open_all(recipe, &mut problems) else {
             return Err(problems);
         };
-        let base = &inputs.base;
-        let base_vocab = base.vocab_size();
-        for (i, t) in inputs.tasks.iter().enumerate() {
-            if let (Some(a), Some(b)) = (base_vocab, t.model.vocab_size()) {
-                if a != b {
-                    problems.push(Problem::in_file(
-                        &recipe.tasks[i].model.join("config.json"),
-                        format!("vocab-size mismatch: vocab_size {b}, the base has {a}"),
-                    ));
-                }
-            }
-        }
-        let mut items = Vec::new();
-        let mut est = Estimate {
-            passes: 1,
-            ..Default::default()
+        checks::quantized(recipe, &inputs, &mut problems);
+        checks::vocab_sizes(recipe, &inputs, &mut problems);
+        let layout = layout::layout(recipe, &inputs, &mut problems);
+        let side = side::plan(recipe, &inputs, &layout, &mut problems, &mut notes);
+        let mut tally = Tally {
+            est: Estimate {
+                passes: 1,
+                ..Default::default()
+            },
+            missing_grad_fallbacks: 0,
+            bad_normalize: None,
+            missing_t: Vec::new(),
         };
-        let mut names: HashSet<&str> = HashSet::new();
-        let mut missing_grad_fallbacks = 0usize;
-        for (bf, bt) in base.tensors() {
-            names.insert(&bt.name);
-            let present: Vec<Option<(&SafetensorsFile, &TensorEntry)>> =
-                inputs.tasks.iter().map(|t| t.model.get(&bt.name)).collect();
-            let start_t = inputs.start.as_ref().map(|s| (s, s.get(&bt.name)));
-            let in_any = present.iter().any(Option::is_some);
-            let base_float = FloatType::from_safetensors(bt.dtype);
-            let copy = !in_any || (base_float.is_none() && !is_unsupported_float(bt.dtype));
-            if copy {
-                let entry = match start_t {
-                    Some((_, Some((_, st)))) => st,
-                    _ => bt,
-                };
-                est.tensors_copied += 1;
-                est.write_bytes += entry.nbytes() as u64;
-                items.push(Item {
-                    name: bt.name.clone(),
-                    shape: bt.shape.clone(),
-                    kind: ItemKind::Copy {
-                        from_start: matches!(start_t, Some((_, Some(_)))),
-                    },
-                    out: OutTensor {
-                        name: bt.name.clone(),
-                        dtype: entry.dtype,
-                        shape: entry.shape.clone(),
-                        nbytes: entry.nbytes() as u64,
-                    },
-                    read_bytes: entry.nbytes() as u64,
-                });
-                continue;
-            }
-            if let Some((s, None)) = start_t {
-                problems.push(Problem::in_tensor(
-                    &s.root,
-                    &bt.name,
-                    "missing tensor: the models have it, start_model does not",
-                ));
-                continue;
-            }
-            let mut ok = check_float(bf, bt, &mut problems).is_some();
-            let mut has_grads = Vec::new();
-            let mut read = bt.nbytes() as u64;
-            if let Some((_, Some((sf, st)))) = start_t {
-                read += st.nbytes() as u64;
-                ok &= check_float(sf, st, &mut problems).is_some();
-                ok &= check_same_shape(bt, sf, st, "start_model", &mut problems);
-            }
-            let n = bt.numel();
-            for (ti, p) in present.iter().enumerate() {
-                let spec = &recipe.tasks[ti];
-                let Some((tf, tt)) = p else {
-                    problems.push(Problem::in_tensor(
-                        &spec.model,
-                        &bt.name,
-                        "missing tensor: the base and other models have it, this model does not",
-                    ));
-                    ok = false;
-                    continue;
-                };
-                ok &= check_float(tf, tt, &mut problems).is_some();
-                ok &= check_same_shape(bt, tf, tt, "this model", &mut problems);
-                read += tt.nbytes() as u64;
-                let mut has_grad = false;
-                if let Some(g) = &inputs.tasks[ti].grads {
-                    match g.get(&bt.name) {
-                        Some((gf, gt)) => {
-                            ok &= check_float(gf, gt, &mut problems).is_some();
-                            ok &= check_same_shape(
-                                bt,
-                                gf,
-                                gt,
-                                "the gradient statistic",
-                                &mut problems,
-                            );
-                            read += gt.nbytes() as u64;
-                            has_grad = true;
-                        }
-                        None if recipe.missing_gradients == MissingGradients::Magnitude => {
-                            missing_grad_fallbacks += 1;
-                        }
-                        None => {
-                            problems.push(Problem::in_tensor(
-                                &g.root,
-                                &bt.name,
-                                "missing tensor in the gradient statistic (add it, or set \
-                                 `missing_gradients: magnitude` to rank this tensor by abs(task vector))",
-                            ));
-                            ok = false;
+        let mut items = Vec::new();
+        for slot in layout.slots {
+            let item = if recipe.method == MethodKind::Passthrough {
+                passthrough_item(recipe, &inputs, slot, &mut problems)
+            } else if recipe.method.is_interp() {
+                interp::item(recipe, &inputs, slot, &mut tally, &mut problems)
+            } else {
+                merge_item(recipe, &inputs, slot, &mut tally, &mut problems)
+            };
+            if let Some(item) = item {
+                let e = &mut tally.est;
+                e.write_bytes += item.out.nbytes;
+                match &item.kind {
+                    ItemKind::Copy { convert, .. } => {
+                        e.tensors_copied += 1;
+                        // A converted copy is built in memory (and an fp32 chunk of it).
+                        if convert.is_some() {
+                            e.peak_bytes = e.peak_bytes.max(item.out.nbytes + 4 * 65536);
                         }
                     }
+                    ItemKind::Merge { n, .. } => {
+                        e.tensors_merged += 1;
+                        e.params_merged += *n as u64;
+                        e.read_bytes += item.read_bytes;
+                    }
                 }
-                has_grads.push(has_grad);
+                items.push(item);
             }
-            if !ok {
-                continue;
-            }
-            let out = recipe
-                .out_dtype
-                .or(recipe.dtype)
-                .unwrap_or_else(|| base_float.expect("checked float"));
-            let nbytes = (n * out.size()) as u64;
-            let work = work::resolve(recipe, &bt.name, n as u64, out, &has_grads);
-            let nt = recipe.tasks.len() as u64;
-            let peak = nbytes * OUT_BUFFERS_IN_FLIGHT
-                + if work.ranks() { 4 * n as u64 } else { 0 }
-                + if work.masks_any() {
-                    nt * (n as u64).div_ceil(64) * 8
-                } else {
-                    0
-                };
-            est.peak_bytes = est.peak_bytes.max(peak);
-            est.tensors_merged += 1;
-            est.params_merged += n as u64;
-            est.read_bytes += read;
-            est.write_bytes += nbytes;
-            items.push(Item {
-                name: bt.name.clone(),
-                shape: bt.shape.clone(),
-                kind: ItemKind::Merge { n, out, work },
-                out: OutTensor {
-                    name: bt.name.clone(),
-                    dtype: out.to_safetensors(),
-                    shape: bt.shape.clone(),
-                    nbytes,
-                },
-                read_bytes: read,
-            });
         }
-        for t in &inputs.tasks {
-            for (tf, tt) in t.model.tensors() {
-                if !names.contains(tt.name.as_str()) {
-                    problems.push(Problem::in_tensor(
-                        &tf.path,
-                        &tt.name,
-                        format!(
-                            "not in the base model {} (architectures differ?)",
-                            recipe.base.display()
-                        ),
-                    ));
+        if !recipe.sliced() {
+            let names: HashSet<&str> = inputs
+                .base
+                .tensors()
+                .map(|(_, t)| t.name.as_str())
+                .collect();
+            for t in &inputs.tasks {
+                for (tf, tt) in t.model.tensors() {
+                    if !names.contains(tt.name.as_str()) {
+                        problems.push(Problem::in_tensor(
+                            &tf.path,
+                            &tt.name,
+                            format!(
+                                "not in the base model {} (architectures differ?)",
+                                recipe.base.display()
+                            ),
+                        ));
+                    }
                 }
             }
         }
-        if missing_grad_fallbacks > 0 {
+        if let Some((first, why, count)) = tally.bad_normalize {
+            let others = match count {
+                1 => String::new(),
+                c => format!(" and {} other tensor(s)", c - 1),
+            };
+            problems.push(Problem::new(format!(
+                "`parameters.normalize`: in tensor `{first}`{others}, {why}: set `normalize: \
+                 false` (the task vectors are then added with their weights as given), or give \
+                 weights that do not cancel"
+            )));
+        }
+        if let Some(first) = tally.missing_t.first() {
+            problems.push(Problem::new(format!(
+                "`parameters.t`: no setting of `t` applies to {} tensor(s), e.g. `{first}` (its \
+                 filters match none of them): add a last entry without a filter (`- value: …`) \
+                 as a fallback",
+                tally.missing_t.len()
+            )));
+        }
+        if tally.missing_grad_fallbacks > 0 {
             notes.push(format!(
-                "{missing_grad_fallbacks} task tensor(s) have no gradient statistic: ranked by abs(task vector) \
-                 (missing_gradients: magnitude)"
+                "{} task tensor(s) have no gradient statistic: ranked by abs(task vector) \
+                 (missing_gradients: magnitude)",
+                tally.missing_grad_fallbacks
             ));
         }
         if !problems.is_empty() {
             return Err(problems);
         }
+        checks::dtypes(recipe, &inputs, &items, &mut notes, &mut warnings);
+        let mut est = tally.est;
         est.model_wide = !work::model_wide_tasks(recipe).is_empty();
         est.merge_read_bytes = est.read_bytes;
         est.copy_read_bytes = items
@@ -438,9 +416,240 @@ impl Plan {
             items,
             estimate: est,
             notes,
+            warnings,
+            side,
             shards,
         })
     }
+}
+
+fn copy_item(
+    slot: Slot,
+    params: Resolved,
+    from: CopyFrom,
+    ck: &Checkpoint,
+    name: &str,
+    convert: Option<Convert>,
+) -> Item {
+    let (_, e) = ck.get(name).expect("the caller found it");
+    let (dtype, nbytes) = match convert {
+        Some(c) => (c.to.to_safetensors(), (e.numel() * c.to.size()) as u64),
+        None => (e.dtype, e.nbytes() as u64),
+    };
+    Item {
+        name: slot.name.clone(),
+        shape: e.shape.clone(),
+        kind: ItemKind::Copy {
+            from,
+            name: name.to_string(),
+            convert,
+        },
+        out: OutTensor {
+            name: slot.name.clone(),
+            dtype,
+            shape: e.shape.clone(),
+            nbytes,
+        },
+        read_bytes: e.nbytes() as u64,
+        slot,
+        params,
+    }
+}
+
+/// passthrough: the slot's one input, converted to the output dtype and scaled when asked.
+fn passthrough_item(
+    recipe: &Recipe,
+    inputs: &Inputs,
+    slot: Slot,
+    problems: &mut Vec<Problem>,
+) -> Option<Item> {
+    let (input, name) = slot.first_input()?;
+    let name = name.to_string();
+    let ck = layout::checkpoint(inputs, input);
+    let (f, e) = ck.get(&name)?;
+    let params = recipe.resolve(&slot.site());
+    let own = FloatType::from_safetensors(e.dtype);
+    if own.is_none() && is_unsupported_float(e.dtype) {
+        check_float(f, e, problems);
+        return None;
+    }
+    let scale = match input {
+        InputRef::Base => params.base("scale"),
+        InputRef::Task(t) => params.task(t, "scale"),
+    }
+    .map(|v| v.num() as f32);
+    let convert = own.and_then(|own| {
+        let to = recipe.out_dtype.or(recipe.dtype).unwrap_or(own);
+        (to != own || scale.is_some_and(|s| s != 1.0)).then_some(Convert {
+            from: own,
+            to,
+            scale: scale.filter(|s| *s != 1.0),
+        })
+    });
+    let from = match input {
+        InputRef::Base => CopyFrom::Base,
+        InputRef::Task(t) => CopyFrom::Task(t),
+    };
+    Some(copy_item(slot, params, from, ck, &name, convert))
+}
+
+/// A tensor of a task-vector method: merged, or copied (non-float, or no task has it).
+fn merge_item(
+    recipe: &Recipe,
+    inputs: &Inputs,
+    slot: Slot,
+    tally: &mut Tally,
+    problems: &mut Vec<Problem>,
+) -> Option<Item> {
+    let base_name = slot.base.clone()?;
+    let (bf, bt) = inputs.base.get(&base_name)?;
+    // Per task: None when the task is not an input of this tensor (a slice without it);
+    // Some(None) when it should be and its model lacks the tensor.
+    let present: Vec<Option<Option<(&SafetensorsFile, &TensorEntry)>>> = slot
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(t, n)| n.as_deref().map(|n| inputs.tasks[t].model.get(n)))
+        .collect();
+    let start_t = inputs.start.as_ref().map(|s| (s, s.get(&slot.name)));
+    let in_any = present.iter().any(|p| matches!(p, Some(Some(_))));
+    let base_float = FloatType::from_safetensors(bt.dtype);
+    if base_float.is_none() && !is_unsupported_float(bt.dtype) {
+        let params = recipe.resolve(&slot.site());
+        let from =
+            checks::buffer_source(recipe, inputs, &base_name, &slot.tasks, &params, problems)?;
+        let (ck, name) = match from {
+            CopyFrom::Base => (&inputs.base, base_name.as_str()),
+            CopyFrom::Start => (inputs.start.as_ref().expect("start"), slot.name.as_str()),
+            CopyFrom::Task(t) => (
+                &inputs.tasks[t].model,
+                slot.tasks[t].as_deref().expect("an input"),
+            ),
+        };
+        let name = name.to_string();
+        return Some(copy_item(slot, params, from, ck, &name, None));
+    }
+    if !in_any {
+        let params = recipe.resolve(&slot.site());
+        return Some(match start_t {
+            Some((s, Some(_))) => {
+                let name = slot.name.clone();
+                copy_item(slot, params, CopyFrom::Start, s, &name, None)
+            }
+            _ => copy_item(slot, params, CopyFrom::Base, &inputs.base, &base_name, None),
+        });
+    }
+    if let Some((s, None)) = start_t {
+        problems.push(Problem::in_tensor(
+            &s.root,
+            &slot.name,
+            "missing tensor: the models have it, start_model does not",
+        ));
+        return None;
+    }
+    let mut ok = check_float(bf, bt, problems).is_some();
+    let mut has_grads = Vec::new();
+    let mut read = bt.nbytes() as u64;
+    if let Some((_, Some((sf, st)))) = start_t {
+        read += st.nbytes() as u64;
+        ok &= check_float(sf, st, problems).is_some();
+        ok &= check_same_shape(bt, sf, st, "start_model", problems);
+    }
+    let n = bt.numel();
+    for (ti, p) in present.iter().enumerate() {
+        let spec = &recipe.tasks[ti];
+        let (tf, tt) = match p {
+            None => {
+                has_grads.push(false);
+                continue;
+            }
+            Some(None) => {
+                problems.push(Problem::in_tensor(
+                    &spec.model,
+                    &slot.name,
+                    "missing tensor: the base and other models have it, this model does not",
+                ));
+                ok = false;
+                continue;
+            }
+            Some(Some(x)) => *x,
+        };
+        ok &= check_float(tf, tt, problems).is_some();
+        ok &= check_same_shape(bt, tf, tt, "this model", problems);
+        read += tt.nbytes() as u64;
+        let mut has_grad = false;
+        if let Some(g) = &inputs.tasks[ti].grads {
+            match g.get(&tt.name) {
+                Some((gf, gt)) => {
+                    ok &= check_float(gf, gt, problems).is_some();
+                    ok &= check_same_shape(bt, gf, gt, "the gradient statistic", problems);
+                    read += gt.nbytes() as u64;
+                    has_grad = true;
+                }
+                None if recipe.missing_gradients == MissingGradients::Magnitude => {
+                    tally.missing_grad_fallbacks += 1;
+                }
+                None => {
+                    problems.push(Problem::in_tensor(
+                        &g.root,
+                        &tt.name,
+                        "missing tensor in the gradient statistic (add it, or set \
+                         `missing_gradients: magnitude` to rank this tensor by abs(task vector))",
+                    ));
+                    ok = false;
+                }
+            }
+        }
+        has_grads.push(has_grad);
+    }
+    if !ok {
+        return None;
+    }
+    let out = recipe
+        .out_dtype
+        .or(recipe.dtype)
+        .unwrap_or_else(|| base_float.expect("checked float"));
+    let nbytes = (n * out.size()) as u64;
+    let (work, params) = work::resolve_shaped(recipe, &slot.site(), &bt.shape, out, &has_grads);
+    if let Some(why) = work.fuse.normalize_problem() {
+        let b = tally
+            .bad_normalize
+            .get_or_insert_with(|| (slot.name.clone(), why, 0));
+        b.2 += 1;
+    }
+    // What filters give a tensor (the recipe checked the rest): one problem per message.
+    for msg in recipe.check_tensor(&slot.site(), &params) {
+        if !problems.iter().any(|p| p.message == msg) {
+            problems.push(Problem {
+                file: None,
+                tensor: Some(slot.name.clone()),
+                message: msg,
+            });
+        }
+    }
+    let nt = recipe.tasks.len() as u64;
+    let peak = nbytes * OUT_BUFFERS_IN_FLIGHT
+        + if work.ranks() { 4 * n as u64 } else { 0 }
+        + if work.masks_any() {
+            nt * (n as u64).div_ceil(64) * 8
+        } else {
+            0
+        };
+    tally.est.peak_bytes = tally.est.peak_bytes.max(peak);
+    Some(Item {
+        name: slot.name.clone(),
+        shape: bt.shape.clone(),
+        kind: ItemKind::Merge { n, out, work },
+        out: OutTensor {
+            name: slot.name.clone(),
+            dtype: out.to_safetensors(),
+            shape: bt.shape.clone(),
+            nbytes,
+        },
+        read_bytes: read,
+        slot,
+        params,
+    })
 }
 
 fn raw<'a>(ck: &'a Checkpoint, name: &str) -> Raw<'a> {
@@ -454,24 +663,45 @@ fn raw<'a>(ck: &'a Checkpoint, name: &str) -> Raw<'a> {
 }
 
 impl Plan {
-    /// The mapped inputs of a merged item (`ItemKind::Merge`), as a backend takes them.
+    /// The mapped inputs of a merged item (`ItemKind::Merge`) of this plan, as a backend takes
+    /// them; its `seq` is the item's index. A task that is not an input of the tensor (a slice
+    /// without it) reads the base: its τ is 0 and its weight 0 (`work::fuse_spec`).
     pub fn group<'a>(&'a self, item: &'a Item) -> Group<'a> {
         let name = item.name.as_str();
+        let at = (item as *const Item as usize).wrapping_sub(self.items.as_ptr() as usize);
+        debug_assert!(at / std::mem::size_of::<Item>() < self.items.len());
+        // A slice of a method without a base has none: its first input stands in (unread).
+        let first_task = || {
+            item.slot
+                .tasks
+                .iter()
+                .enumerate()
+                .find_map(|(t, n)| Some(raw(&self.inputs.tasks[t].model, n.as_deref()?)))
+        };
+        let base = match item.slot.base.as_deref() {
+            Some(b) => raw(&self.inputs.base, b),
+            None => first_task().unwrap_or_else(|| raw(&self.inputs.base, name)),
+        };
         Group {
             name,
+            seq: (at / std::mem::size_of::<Item>()) as u64,
             n: item.shape.iter().product(),
-            base: raw(&self.inputs.base, name),
+            base,
             start: self.inputs.start.as_ref().map(|s| raw(s, name)),
             tasks: self
                 .inputs
                 .tasks
                 .iter()
-                .map(|t| TaskInput {
-                    theta: raw(&t.model, name),
-                    grad: t
-                        .grads
-                        .as_ref()
-                        .and_then(|g| g.get(name).map(|_| raw(g, name))),
+                .zip(&item.slot.tasks)
+                .map(|(t, n)| match n.as_deref() {
+                    Some(n) => TaskInput {
+                        theta: raw(&t.model, n),
+                        grad: t.grads.as_ref().and_then(|g| g.get(n).map(|_| raw(g, n))),
+                    },
+                    None => TaskInput {
+                        theta: base,
+                        grad: None,
+                    },
                 })
                 .collect(),
         }

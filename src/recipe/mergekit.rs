@@ -1,63 +1,18 @@
-//! mergekit's vocabulary that stamerge does not implement (yet): merge methods, method
-//! parameters, per-layer values and recipe keys. A recipe that uses one is refused naming the feature, before the
-//! typed parse, whose "unknown field `t`" would blame the spelling instead. Every such use is
-//! reported at once, each with the recipe field it is in.
+//! mergekit's vocabulary that stamerge does not implement (yet): since every merge method of
+//! mergekit 0.1.5 and its parameters are implemented, only recipe keys. A recipe that uses one is
+//! refused naming the feature, before the typed parse, whose "unknown field" would blame the
+//! spelling instead. Every such use is reported at once, each with the recipe field it is in.
 
 use serde_yaml_ng::Value;
 
 use crate::error::Problem;
-use crate::method::MethodKind;
-
-/// mergekit 0.1.5's methods that stamerge lacks.
-const METHODS: &[&str] = &[
-    "linear",
-    "slerp",
-    "nuslerp",
-    "multislerp",
-    "karcher",
-    "model_stock",
-    "della",
-    "della_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "sce",
-    "nearswap",
-    "ram",
-    "passthrough",
-    "arcee_fusion",
-];
-
-/// Parameters of those methods, with the methods that take them.
-const PARAMETERS: &[(&str, &str)] = &[
-    ("t", "slerp, nuslerp and nearswap"),
-    ("nuslerp_flatten", "nuslerp"),
-    ("nuslerp_row_wise", "nuslerp"),
-    ("eps", "multislerp"),
-    ("max_iter", "karcher"),
-    ("tol", "karcher"),
-    ("filter_wise", "model_stock"),
-    ("epsilon", "della and della_linear"),
-    ("gamma", "breadcrumbs and breadcrumbs_ties"),
-    ("select_topk", "sce"),
-    ("scale", "passthrough"),
-];
 
 /// Top-level recipe keys of mergekit that stamerge does not read.
-const KEYS: &[(&str, &str)] = &[
-    (
-        "slices",
-        "layer slices (frankenmerges and per-slice merges); list whole models under `models:`",
-    ),
-    ("modules", "per-module recipes"),
-    (
-        "tokenizer",
-        "tokenizer merging; stamerge copies the base model's tokenizer (`tokenizer_source: base`)",
-    ),
-    (
-        "chat_template",
-        "chat templates; stamerge copies the base model's chat template files",
-    ),
-];
+const KEYS: &[(&str, &str)] = &[(
+    "modules",
+    "per-module recipes (several stacks of layers, e.g. a vision tower beside the language \
+     model); `models:` and `slices:` are supported",
+)];
 
 /// One problem per mergekit feature the recipe uses that stamerge does not support.
 pub fn unsupported(recipe: &Value) -> Vec<Problem> {
@@ -65,15 +20,6 @@ pub fn unsupported(recipe: &Value) -> Vec<Problem> {
     let Value::Mapping(top) = recipe else {
         return out;
     };
-    if let Some(Value::String(m)) = top.get("merge_method") {
-        if MethodKind::parse(m).is_none() && METHODS.contains(&m.as_str()) {
-            out.push(Problem::new(format!(
-                "unknown merge_method `{m}`: a mergekit method that stamerge does not support \
-                 yet; supported: {}",
-                MethodKind::ALL.map(|k| k.name()).join(", ")
-            )));
-        }
-    }
     for (key, what) in KEYS {
         if top.contains_key(*key) {
             out.push(Problem::new(format!(
@@ -81,47 +27,13 @@ pub fn unsupported(recipe: &Value) -> Vec<Problem> {
             )));
         }
     }
-    params(top.get("parameters"), "parameters", &mut out);
-    for list in ["models", "forget"] {
-        if let Some(Value::Sequence(entries)) = top.get(list) {
-            for (i, e) in entries.iter().enumerate() {
-                params(
-                    e.get("parameters"),
-                    &format!("{list}[{i}].parameters"),
-                    &mut out,
-                );
-            }
-        }
-    }
     out
-}
-
-fn params(p: Option<&Value>, field: &str, out: &mut Vec<Problem>) {
-    let Some(Value::Mapping(p)) = p else {
-        return;
-    };
-    for (name, value) in p {
-        let (Some(name), Value::Sequence(_) | Value::Mapping(_)) = (name.as_str(), value) else {
-            continue;
-        };
-        out.push(Problem::new(format!(
-            "`{field}.{name}` is a per-layer list or a filter (mergekit's gradients), which \
-             stamerge does not support yet: give one number"
-        )));
-    }
-    for (name, methods) in PARAMETERS {
-        if p.contains_key(*name) {
-            out.push(Problem::new(format!(
-                "`{field}.{name}` is a parameter of mergekit's {methods}, which stamerge does not \
-                 support yet"
-            )));
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::method::MethodKind;
 
     fn problems(yaml: &str) -> Vec<String> {
         let v: Value = serde_yaml_ng::from_str(yaml).unwrap();
@@ -129,41 +41,49 @@ mod tests {
     }
 
     #[test]
-    fn names_each_unsupported_feature_with_its_field() {
-        let ps = problems(
-            "merge_method: della\nbase_model: b\nslices: []\nparameters:\n  epsilon: 0.1\n\
-             models:\n  - model: a\n  - model: c\n    parameters:\n      t: 0.5\n",
-        );
-        assert_eq!(ps.len(), 4, "{ps:?}");
-        assert!(
-            ps[0].contains("merge_method `della`") && ps[0].contains("ties"),
-            "{ps:?}"
-        );
-        assert!(ps[1].contains("`slices:`"), "{ps:?}");
-        assert!(
-            ps[2].contains("`parameters.epsilon`") && ps[2].contains("della"),
-            "{ps:?}"
-        );
-        assert!(
-            ps[3].contains("`models[1].parameters.t`") && ps[3].contains("slerp"),
-            "{ps:?}"
-        );
+    fn names_each_unsupported_key() {
+        let ps =
+            problems("merge_method: ties\nbase_model: b\nmodules: {}\nmodels:\n  - model: a\n");
+        assert_eq!(ps.len(), 1, "{ps:?}");
+        assert!(ps[0].contains("`modules:`"), "{ps:?}");
     }
 
+    /// mergekit 0.1.5's registry (merge_methods/registry.py and the modules it registers):
+    /// every name parses, so no recipe needs this module's method list any more.
     #[test]
-    fn every_per_layer_list_is_named() {
-        let ps = problems(
-            "merge_method: ties\nparameters:\n  density: [0.5, 0.2]\nmodels:\n  - model: a\n\
-             \x20   parameters:\n      weight:\n        - filter: mlp\n          value: 0.5\n",
-        );
-        assert_eq!(ps.len(), 2, "{ps:?}");
-        assert!(ps[0].contains("`parameters.density`"), "{ps:?}");
-        assert!(ps[1].contains("`models[0].parameters.weight`"), "{ps:?}");
+    fn every_mergekit_method_is_a_stamerge_method() {
+        for m in [
+            "linear",
+            "slerp",
+            "nuslerp",
+            "multislerp",
+            "karcher",
+            "task_arithmetic",
+            "ties",
+            "dare_ties",
+            "dare_linear",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della",
+            "della_linear",
+            "model_stock",
+            "sce",
+            "nearswap",
+            "arcee_fusion",
+            "passthrough",
+            "ram",
+            "ramplus_tl",
+        ] {
+            assert!(MethodKind::parse(m).is_some(), "{m}");
+        }
     }
 
     #[test]
     fn supported_recipes_and_typos_are_left_to_the_typed_parse() {
-        assert!(problems("merge_method: ties\nparameters:\n  density: 0.5\n").is_empty());
+        assert!(problems("merge_method: ties\nparameters:\n  density: [0.5, 0.1]\n").is_empty());
+        assert!(
+            problems("merge_method: passthrough\nslices: []\ntokenizer_source: base\n").is_empty()
+        );
         assert!(problems("merge_method: tiess\nparameters:\n  densty: 0.5\n").is_empty());
     }
 }

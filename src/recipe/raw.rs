@@ -1,7 +1,9 @@
 //! The recipe file as written: mergekit's shape, every key known, unknown keys rejected by serde
-//! with their line and column.
+//! with their line and column. Parameter maps stay YAML here: `setting.rs` reads them against the
+//! parameter table (`params.rs`).
 
 use serde::Deserialize;
+use serde_yaml_ng::Mapping;
 
 pub use crate::method::Importance;
 
@@ -13,13 +15,18 @@ pub struct RawRecipe {
     #[serde(default)]
     pub models: Vec<RawModel>,
     #[serde(default)]
+    pub slices: Vec<RawSlice>,
+    #[serde(default)]
     pub forget: Vec<RawModel>,
     pub start_model: Option<String>,
-    pub parameters: Option<RawParams>,
+    pub parameters: Option<Mapping>,
     pub dtype: Option<String>,
     pub out_dtype: Option<String>,
-    /// mergekit's tokenizer handling: only `base` (copy the base model's tokenizer) is supported.
+    /// mergekit's `base`, `union` or a model path.
     pub tokenizer_source: Option<String>,
+    pub tokenizer: Option<RawTokenizer>,
+    /// A template name (`chatml`, `llama3`, …), `auto`, or a Jinja template.
+    pub chat_template: Option<String>,
     /// Free text, ignored (mergekit accepts it too).
     #[allow(dead_code)]
     pub name: Option<String>,
@@ -31,25 +38,39 @@ pub struct RawModel {
     pub model: String,
     /// STA: the task's gradient statistic (a safetensors file or a sharded folder).
     pub gradients: Option<String>,
-    pub parameters: Option<RawParams>,
+    pub parameters: Option<Mapping>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+/// An output slice: layers `layer_range` of each source, merged (or passed through) into the
+/// next layers of the output.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawParams {
-    pub weight: Option<f64>,
-    pub density: Option<f64>,
-    pub lambda: Option<f64>,
-    pub normalize: Option<bool>,
-    pub seed: Option<u64>,
-    pub rescale: Option<bool>,
-    pub selection: Option<Selection>,
-    pub importance: Option<Importance>,
-    pub missing_gradients: Option<MissingGradients>,
-    pub nonfinite_scores: Option<NonFinite>,
-    /// mergekit's memory-saving switch for TIES masks; it does not change results here.
-    #[allow(dead_code)]
-    pub int8_mask: Option<bool>,
+pub struct RawSlice {
+    pub sources: Vec<RawSource>,
+    pub parameters: Option<Mapping>,
+    pub base_model: Option<String>,
+    /// Declared by mergekit 0.1.5 but read nowhere in it: accepted and ignored, with a note.
+    pub residual_weight: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub model: String,
+    /// `[start, end)`: layers start … end − 1 of the model.
+    pub layer_range: (i64, i64),
+    /// STA: as a model's `gradients`.
+    pub gradients: Option<String>,
+    pub parameters: Option<Mapping>,
+}
+
+/// mergekit's `tokenizer:` block. `source` defaults to `union` there.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenizer {
+    pub source: Option<String>,
+    pub tokens: Option<serde_yaml_ng::Value>,
+    pub pad_to_multiple_of: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]

@@ -3,6 +3,7 @@
 
 pub mod dare;
 pub mod digits;
+pub mod dot;
 pub mod dsum;
 pub mod radix;
 pub mod window;

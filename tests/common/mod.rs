@@ -217,6 +217,8 @@ pub struct RefConfig {
     pub lambda: f32,
     pub normalize: bool,
     pub rescale: bool,
+    /// DARE's rescale by 1/d (`rescale_norm: inv_density`) instead of mergekit's L1 ratio.
+    pub inv_density: bool,
     pub seed: u64,
     pub model_selection: bool,
 }
@@ -370,15 +372,30 @@ pub fn reference(cfg: &RefConfig, inp: &RefInputs) -> HashMap<String, Vec<f32>> 
             .map(|s| s[*name].values())
             .unwrap_or_else(|| b.clone());
         let th: Vec<Vec<f32>> = (0..nt).map(|t| inp.models[t][*name].values()).collect();
+        // mergekit's L1 rescale: f32(Σ|τ|) / f32(Σ|kept τ|), both sums in the spec's tree order.
+        let l1: Vec<Option<f32>> = (0..nt)
+            .map(|t| {
+                let tau: Vec<f32> = (0..b.len()).map(|i| (th[t][i] - b[i]).abs()).collect();
+                let kept: Vec<f32> = (0..b.len())
+                    .map(|i| if masks[t][j][i] { tau[i] } else { 0.0 })
+                    .collect();
+                let (before, after) = (det_sum(&tau) as f32, det_sum(&kept) as f32);
+                (before >= 1e-7 && after >= 1e-7).then(|| before / after)
+            })
+            .collect();
         let mut res = vec![0f32; b.len()];
         for i in 0..b.len() {
             let mut u = vec![0f32; nt];
             for t in 0..nt {
                 let tau = th[t][i] - b[i];
-                let q = if cfg.method.dare() && cfg.rescale && cfg.tasks[t].density < 1.0 {
-                    tau / cfg.tasks[t].density as f32
-                } else {
-                    tau
+                let q = match (
+                    cfg.method.dare() && cfg.rescale && cfg.tasks[t].density < 1.0,
+                    l1[t],
+                ) {
+                    (false, _) => tau,
+                    (true, _) if cfg.inv_density => tau / cfg.tasks[t].density as f32,
+                    (true, Some(s)) => tau * s,
+                    (true, None) => tau,
                 };
                 u[t] = cfg.tasks[t].weight * q;
             }
@@ -468,4 +485,56 @@ pub fn file_names(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// A synthetic set written by `stamerge synth DIR ARGS`.
+pub fn synth(dir: &Path, args: &[&str]) {
+    let o = std::process::Command::new(stamerge_bin())
+        .arg("-q")
+        .arg("synth")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// `stamerge ARGS` run in `dir`: (exit code, stdout, stderr).
+pub fn stamerge_in(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let o = std::process::Command::new(stamerge_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A tmpfs mounted for a test (root only), unmounted when dropped however the test ends.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// None, saying SKIPPED, where this process cannot mount.
+    pub fn mount(at: &Path, opts: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(at)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("SKIPPED (cannot mount a tmpfs here): {}", at.display());
+        }
+        ok.then(|| Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }

@@ -38,12 +38,12 @@ fn device_selection_is_clear_with_or_without_a_gpu() {
 /// huge one none.
 #[test]
 fn plan_reports_the_gpu_memory_budget() {
-    let bin = env!("CARGO_BIN_EXE_stamerge");
+    let bin = crate::stamerge_cli();
     let dir = tempfile::tempdir().unwrap();
     stamerge::synth::generate(&stamerge::synth::SynthSpec::default(), dir.path()).unwrap();
     let recipe = dir.path().join("sta.yml");
     let plan = |mem: &str| {
-        let o = std::process::Command::new(bin)
+        let o = std::process::Command::new(&bin)
             .args(["plan", recipe.to_str().unwrap(), "--max-memory", mem])
             .output()
             .expect("run stamerge");
@@ -78,12 +78,12 @@ fn cli_without_a_gpu_fails_clearly() {
     if CudaBackend::new(0).is_ok() {
         return; // covered by the tests above on this machine
     }
-    let bin = env!("CARGO_BIN_EXE_stamerge");
+    let bin = crate::stamerge_cli();
     let dir = tempfile::tempdir().unwrap();
     stamerge::synth::generate(&stamerge::synth::SynthSpec::default(), dir.path()).unwrap();
     let recipe = dir.path().join("ties.yml");
     let run = |args: &[&str]| {
-        std::process::Command::new(bin)
+        std::process::Command::new(&bin)
             .args(args)
             .output()
             .expect("run stamerge")

@@ -32,6 +32,13 @@ fn end_to_end_merges_are_identical() {
     stamerge::synth::generate(&spec, dir.path()).unwrap();
     for (name, _) in stamerge::synth::recipes(spec.tasks) {
         let recipe = stamerge::Recipe::from_file(&dir.path().join(&name)).unwrap();
+        // Methods and settings without kernels yet (della, sce, DARE's L1 rescale…) are refused
+        // on CUDA before any work (tests/methods_sparse.rs); the rest must match the CPU.
+        let plan = stamerge::plan(&recipe, None, &Default::default()).unwrap();
+        if let Some(why) = stamerge::cuda_lacks(&plan) {
+            eprintln!("{name}: not on CUDA yet ({why})");
+            continue;
+        }
         let mut reports = Vec::new();
         // The third run has a GPU memory budget that splits the larger tensors into chunks.
         for (device, max_memory) in [
@@ -46,9 +53,11 @@ fn end_to_end_merges_are_identical() {
                 max_memory,
                 ..Default::default()
             };
+            // One folder name for every run: the model card is titled with it.
             let out = dir
                 .path()
-                .join(format!("out-{device:?}-{}", max_memory.unwrap_or(0)));
+                .join(format!("{device:?}-{}", max_memory.unwrap_or(0)))
+                .join("out");
             let rep = stamerge::merge(&recipe, &out, &opts)
                 .unwrap_or_else(|e| panic!("{name} on {device:?}: {e}"));
             assert_eq!(
@@ -57,11 +66,11 @@ fn end_to_end_merges_are_identical() {
             );
             reports.push(rep);
         }
-        let a = dir.path().join("out-Cpu-0");
+        let a = dir.path().join("Cpu-0/out");
         for (b, rep) in [
-            (dir.path().join("out-Cuda-0"), &reports[1]),
+            (dir.path().join("Cuda-0/out"), &reports[1]),
             (
-                dir.path().join(format!("out-Cuda-{E2E_BUDGET}")),
+                dir.path().join(format!("Cuda-{E2E_BUDGET}/out")),
                 &reports[2],
             ),
         ] {

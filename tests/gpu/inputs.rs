@@ -133,9 +133,25 @@ pub fn make(n: usize, m: Make) -> Inputs {
 }
 
 impl Inputs {
+    /// The group, whose `seq` (the identity a backend matches staged inputs by) is a hash of
+    /// every input byte: inputs with other values are another group, wherever they live.
     pub fn group(&self) -> Group<'_> {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let bufs = [Some(&self.base), self.start.as_ref()]
+            .into_iter()
+            .flatten();
+        let tasks = self.theta.iter().chain(self.grad.iter().flatten());
+        for b in bufs.chain(tasks) {
+            for c in b.bytes[b.off..].chunks(8) {
+                let mut w = [0u8; 8];
+                w[..c.len()].copy_from_slice(c);
+                h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x1000_0000_01b3);
+            }
+            h = h.rotate_left(17) ^ b.bytes.len() as u64;
+        }
         Group {
             name: &self.name,
+            seq: h,
             n: self.n,
             base: self.base.raw(),
             start: self.start.as_ref().map(Buf::raw),

@@ -19,7 +19,8 @@
 //! The files: `inputs.rs` (random groups), `recipes.rs` (methods as recipes → jobs and fuse),
 //! `compare.rs` (one group on both backends), then the tests: `methods.rs`,
 //! `model_selection.rs`, `faults.rs`, `shapes.rs`, `chunked.rs` (memory budgets),
-//! `streaming.rs` (pipelined and deferred groups), `end_to_end.rs`, `device.rs`.
+//! `streaming.rs` (pipelined and deferred groups), `end_to_end.rs`, `device.rs`, `host.rs` (the
+//! host code's contract with the driver: threads, staging identity, teardown, NaN, uploads).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -29,6 +30,8 @@ mod compare;
 mod device;
 mod end_to_end;
 mod faults;
+mod host;
+mod huge;
 mod inputs;
 mod methods;
 mod model_selection;
@@ -64,6 +67,14 @@ fn max_elems() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(usize::MAX)
+}
+
+/// The `stamerge` binary: `STAMERGE_BIN` where the tests run away from their build (the GPU
+/// machine of scripts/gpu-check.sh), else the one cargo built beside this test.
+fn stamerge_cli() -> std::path::PathBuf {
+    std::env::var_os("STAMERGE_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_stamerge").into())
 }
 
 fn sizes() -> impl Iterator<Item = usize> {

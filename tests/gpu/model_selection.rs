@@ -115,7 +115,7 @@ pub fn check_model_selection_on(
             let what = format!("model selection {method:?} {extra:?} {ty:?} grid={grid}");
             let mut fixed = Vec::new();
             for t in 0..nt {
-                let d = recipe.tasks[t].density;
+                let d = recipe.tasks[t].model_density;
                 let c = model_selection(&cpu, &groups, &works, t, d);
                 let g = model_selection(cuda, &groups, &works, t, d);
                 assert_eq!(c.sums, g.sums, "{what}: task {t}: deterministic sums");

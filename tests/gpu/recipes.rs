@@ -104,7 +104,8 @@ pub fn recipe_text(method: Method, nt: usize, extra: Extra) -> String {
     let normalize = matches!(method, Method::Ties | Method::DareTies | Method::DareLinear);
     y += &format!("parameters:\n  lambda: {lambda:?}\n  normalize: {normalize}\n");
     if method.dare() {
-        y += "  seed: 42\n";
+        // The kernels rescale by 1/d; mergekit's L1 rescale (the default) has none yet.
+        y += "  seed: 42\n  rescale_norm: inv_density\n";
     }
     if method == Method::StaTaskVector {
         y += "  importance: task_vector\n";

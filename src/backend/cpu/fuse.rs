@@ -17,6 +17,52 @@ pub const MAX_COMBO_TASKS: usize = 8;
 pub(super) const BLOCK: usize = 1024;
 const _: () = assert!(BLOCK % 64 == 0 && CH % BLOCK == 0);
 
+/// The NaN every merged tensor holds for a NaN result (docs/SEMANTICS.md, "Output dtype");
+/// narrowed, it is the canonical f16 (0x7E00) and bf16 (0x7FC0) NaN.
+const CANONICAL_NAN: f32 = f32::from_bits(0x7FC0_0000);
+
+/// `start + λ·sum`, a NaN (finite inputs whose task vectors overflow) written as the canonical
+/// NaN whatever sign and payload the arithmetic left: the GPU writes that one too.
+#[inline(always)]
+fn finish(start: f32, lambda: f32, sum: f32) -> f32 {
+    let v = start + lambda * sum;
+    if v.is_nan() {
+        CANONICAL_NAN
+    } else {
+        v
+    }
+}
+
+/// How a task's τ is scaled before its weight: not (`NONE`), divided by DARE's density
+/// (`DIVIDE`, `FuseSpec::rescale`), or multiplied by mergekit's L1 factor (`MULTIPLY`,
+/// `FuseSpec::scale`); the rescale wins where a task has both, as in the rules.
+const NONE: u8 = 0;
+const DIVIDE: u8 = 1;
+const MULTIPLY: u8 = 2;
+
+/// Task t's scaling and its factor.
+fn scaling(f: &FuseSpec, t: usize) -> (u8, f32) {
+    match (f.rescale[t], f.scale[t]) {
+        (Some(d), _) => (DIVIDE, d),
+        (None, Some(s)) => (MULTIPLY, s),
+        (None, None) => (NONE, 1.0),
+    }
+}
+
+/// The one scaling every task of the group can share, for the one-loop fuse: a task without
+/// one divides or multiplies by 1, which leaves τ exactly as it is. None when tasks divide and
+/// others multiply.
+fn shared_scaling(f: &FuseSpec) -> Option<u8> {
+    let divide = f.rescale.iter().any(Option::is_some);
+    let multiply = (0..f.rescale.len()).any(|t| scaling(f, t).0 == MULTIPLY);
+    match (divide, multiply) {
+        (false, false) => Some(NONE),
+        (true, false) => Some(DIVIDE),
+        (false, true) => Some(MULTIPLY),
+        (true, true) => None,
+    }
+}
+
 /// Mask word `j` of a block starting at element `off` (a multiple of 64).
 #[inline(always)]
 fn word(mask: &Option<Vec<u64>>, off: usize, j: usize) -> u64 {
@@ -92,7 +138,7 @@ fn fuse_block(
             });
         }
     }
-    if (1..=MAX_ONE_LOOP).contains(&nt) {
+    if (1..=MAX_ONE_LOOP).contains(&nt) && shared_scaling(f).is_some() {
         return one_loop(g, masks, f, off, out, sc, fault);
     }
     let linear = f.rule == FuseRule::Linear;
@@ -103,7 +149,8 @@ fn fuse_block(
     sc.u.resize_with(nt, Vec::new);
     for t in 0..nt {
         load(g.tasks[t].theta, off, len, &mut sc.th);
-        let (w, d) = (f.weights[t], f.rescale[t]);
+        let w = f.weights[t];
+        let (mode, d) = scaling(f, t);
         // (`if let`, not `Option::map`: a closure left out of line is compiled without AVX2.)
         let m = if let Some(words) = &masks[t] {
             sc.lanes.resize(len, 0);
@@ -115,22 +162,33 @@ fn fuse_block(
         let bad = if linear {
             // Straight into the sum: acc ± u_t in task order, as the stored terms were added.
             let (acc, th, b) = (&mut sc.acc, &sc.th, &sc.b);
-            match (d, t == 0, f.forget[t]) {
-                (None, true, false) => terms::<false, 1>(acc, th, b, w, 1.0, m),
-                (None, true, true) => terms::<false, 2>(acc, th, b, w, 1.0, m),
-                (None, false, false) => terms::<false, 3>(acc, th, b, w, 1.0, m),
-                (None, false, true) => terms::<false, 4>(acc, th, b, w, 1.0, m),
-                (Some(d), true, false) => terms::<true, 1>(acc, th, b, w, d, m),
-                (Some(d), true, true) => terms::<true, 2>(acc, th, b, w, d, m),
-                (Some(d), false, false) => terms::<true, 3>(acc, th, b, w, d, m),
-                (Some(d), false, true) => terms::<true, 4>(acc, th, b, w, d, m),
+            let op = match (t == 0, f.forget[t]) {
+                (true, false) => 1,
+                (true, true) => 2,
+                (false, false) => 3,
+                (false, true) => 4,
+            };
+            match (mode, op) {
+                (NONE, 1) => terms::<NONE, 1>(acc, th, b, w, d, m),
+                (NONE, 2) => terms::<NONE, 2>(acc, th, b, w, d, m),
+                (NONE, 3) => terms::<NONE, 3>(acc, th, b, w, d, m),
+                (NONE, _) => terms::<NONE, 4>(acc, th, b, w, d, m),
+                (DIVIDE, 1) => terms::<DIVIDE, 1>(acc, th, b, w, d, m),
+                (DIVIDE, 2) => terms::<DIVIDE, 2>(acc, th, b, w, d, m),
+                (DIVIDE, 3) => terms::<DIVIDE, 3>(acc, th, b, w, d, m),
+                (DIVIDE, _) => terms::<DIVIDE, 4>(acc, th, b, w, d, m),
+                (_, 1) => terms::<MULTIPLY, 1>(acc, th, b, w, d, m),
+                (_, 2) => terms::<MULTIPLY, 2>(acc, th, b, w, d, m),
+                (_, 3) => terms::<MULTIPLY, 3>(acc, th, b, w, d, m),
+                (_, _) => terms::<MULTIPLY, 4>(acc, th, b, w, d, m),
             }
         } else {
             let u = &mut sc.u[t];
             u.resize(len, 0.0);
-            match d {
-                None => terms::<false, 0>(u, &sc.th, &sc.b, w, 1.0, m),
-                Some(d) => terms::<true, 0>(u, &sc.th, &sc.b, w, d, m),
+            match mode {
+                NONE => terms::<NONE, 0>(u, &sc.th, &sc.b, w, d, m),
+                DIVIDE => terms::<DIVIDE, 0>(u, &sc.th, &sc.b, w, d, m),
+                _ => terms::<MULTIPLY, 0>(u, &sc.th, &sc.b, w, d, m),
             }
         };
         if bad {
@@ -196,11 +254,13 @@ fn fuse_block(
                     .for_each(|(a, d)| *a /= if *d == 0.0 { 1.0 } else { *d });
             }
         }
+        FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus => unreachable!("cpu::sparse fuses"),
+        FuseRule::Interp => unreachable!("merge_group hands these to cpu::interp"),
     }
     let start = if g.start.is_some() { &sc.st } else { &sc.b };
     acc.iter_mut()
         .zip(start)
-        .for_each(|(a, s)| *a = *s + f.lambda * *a);
+        .for_each(|(a, s)| *a = finish(*s, f.lambda, *a));
     narrow(f.out, acc, out);
     None
 }
@@ -224,10 +284,10 @@ fn tau_fault(t: usize, off: usize, th: &[f32], b: &[f32]) -> Option<Fault> {
 /// Up to this many tasks, a block is fused in one loop over its lanes ([`lanes`]).
 const MAX_ONE_LOOP: usize = 4;
 
-/// [`fuse_block`] for 1 to [`MAX_ONE_LOOP`] tasks: every task's θ widened and mask expanded, then
-/// one loop computes each lane from start to end (the terms, the sums, the elected sign, the
-/// division, the start model) with nothing stored between the steps. `fault` is the start
-/// model's, if any.
+/// [`fuse_block`] for 1 to [`MAX_ONE_LOOP`] tasks that share a scaling ([`shared_scaling`]):
+/// every task's θ widened and mask expanded, then one loop computes each lane from start to end
+/// (the terms, the sums, the elected sign, the division, the start model) with nothing stored
+/// between the steps. `fault` is the start model's, if any.
 #[inline(always)]
 fn one_loop(
     g: &Group,
@@ -270,7 +330,8 @@ fn one_loop(
     None
 }
 
-/// [`lanes`] for N tasks, with the recipe's switches as constants.
+/// [`lanes`] for N tasks, with the recipe's switches (and the tasks' shared scaling,
+/// [`shared_scaling`]: the caller checked there is one) as constants.
 #[inline(always)]
 fn lanes_for<const N: usize>(
     g: &Group,
@@ -302,23 +363,33 @@ fn lanes_for<const N: usize>(
             None => &ones[..len],
         }),
         w: std::array::from_fn(|t| f.weights[t]),
-        // τ/1 is τ exactly: tasks without a rescale in a rescaling recipe divide by 1.
-        d: std::array::from_fn(|t| f.rescale[t].unwrap_or(1.0)),
+        // τ/1 and τ·1 are τ exactly: tasks without a factor in a scaling recipe use 1.
+        d: std::array::from_fn(|t| scaling(f, t).1),
         neg: std::array::from_fn(|t| if f.forget[t] { 0x8000_0000 } else { 0 }),
         lambda: f.lambda,
         divisor: f.linear_divisor(),
     };
     let acc = &mut acc[..len];
-    let rescale = f.rescale.iter().any(Option::is_some);
-    match (f.rule == FuseRule::Ties, rescale, f.normalize) {
-        (false, false, false) => lanes::<N, false, false, false>(acc, &p),
-        (false, false, true) => lanes::<N, false, false, true>(acc, &p),
-        (false, true, false) => lanes::<N, false, true, false>(acc, &p),
-        (false, true, true) => lanes::<N, false, true, true>(acc, &p),
-        (true, false, false) => lanes::<N, true, false, false>(acc, &p),
-        (true, false, true) => lanes::<N, true, false, true>(acc, &p),
-        (true, true, false) => lanes::<N, true, true, false>(acc, &p),
-        (true, true, true) => lanes::<N, true, true, true>(acc, &p),
+    let ties = match f.rule {
+        FuseRule::Linear => false,
+        FuseRule::Ties => true,
+        FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus => unreachable!("cpu::sparse fuses"),
+        FuseRule::Interp => unreachable!("merge_group hands these to cpu::interp"),
+    };
+    let mode = shared_scaling(f).expect("one_loop is used where the tasks share one");
+    match (ties, mode, f.normalize) {
+        (false, NONE, false) => lanes::<N, false, NONE, false>(acc, &p),
+        (false, NONE, true) => lanes::<N, false, NONE, true>(acc, &p),
+        (false, DIVIDE, false) => lanes::<N, false, DIVIDE, false>(acc, &p),
+        (false, DIVIDE, true) => lanes::<N, false, DIVIDE, true>(acc, &p),
+        (false, _, false) => lanes::<N, false, MULTIPLY, false>(acc, &p),
+        (false, _, true) => lanes::<N, false, MULTIPLY, true>(acc, &p),
+        (true, NONE, false) => lanes::<N, true, NONE, false>(acc, &p),
+        (true, NONE, true) => lanes::<N, true, NONE, true>(acc, &p),
+        (true, DIVIDE, false) => lanes::<N, true, DIVIDE, false>(acc, &p),
+        (true, DIVIDE, true) => lanes::<N, true, DIVIDE, true>(acc, &p),
+        (true, _, false) => lanes::<N, true, MULTIPLY, false>(acc, &p),
+        (true, _, true) => lanes::<N, true, MULTIPLY, true>(acc, &p),
     }
 }
 
@@ -330,6 +401,7 @@ struct Lanes<'a, const N: usize> {
     /// All-ones (kept) or zero per lane ([`expand`]).
     keep: [&'a [u32]; N],
     w: [f32; N],
+    /// The divisor or factor of each task's τ ([`scaling`]).
     d: [f32; N],
     /// The sign bit for `forget:` tasks (subtracting is adding the negation, exactly).
     neg: [u32; N],
@@ -338,12 +410,13 @@ struct Lanes<'a, const N: usize> {
 }
 
 /// The fuse of docs/SEMANTICS.md lane by lane, every operation in the order of the task-by-task
-/// loops below (so the same bits): u_t = w_t·τ_t (or w_t·(τ_t/d_t)), +0.0 where dropped; TIES:
+/// loops below (so the same bits): u_t = w_t·τ_t (or w_t·(τ_t/d_t), w_t·(τ_t·s_t) by `SCALE`),
+/// +0.0 where dropped; TIES:
 /// S = 0.0 + Σ u_t, the agreeing terms and weights summed from 0.0, divided by the weights' sum
-/// (1 where 0); linear: 0.0 + Σ ±u_t, divided by the weights' sum; then start + λ·sum. Returns
-/// whether some τ is not finite.
+/// (1 where 0); linear: 0.0 + Σ ±u_t, divided by the weights' sum; then start + λ·sum (a NaN as
+/// the canonical one). Returns whether some τ is not finite.
 #[inline(always)]
-fn lanes<const N: usize, const TIES: bool, const RESCALE: bool, const NORM: bool>(
+fn lanes<const N: usize, const TIES: bool, const SCALE: u8, const NORM: bool>(
     acc: &mut [f32],
     p: &Lanes<N>,
 ) -> bool {
@@ -357,10 +430,10 @@ fn lanes<const N: usize, const TIES: bool, const RESCALE: bool, const NORM: bool
         for t in 0..N {
             let tau = th[t][i] - b[i];
             bad |= !tau.is_finite();
-            let v = if RESCALE {
-                p.w[t] * (tau / p.d[t])
-            } else {
-                p.w[t] * tau
+            let v = match SCALE {
+                DIVIDE => p.w[t] * (tau / p.d[t]),
+                MULTIPLY => p.w[t] * (tau * p.d[t]),
+                _ => p.w[t] * tau,
             };
             u[t] = f32::from_bits(v.to_bits() & keep[t][i]);
         }
@@ -391,7 +464,7 @@ fn lanes<const N: usize, const TIES: bool, const RESCALE: bool, const NORM: bool
                 a
             }
         };
-        acc[i] = start[i] + p.lambda * sum;
+        acc[i] = finish(start[i], p.lambda, sum);
     }
     bad
 }
@@ -436,12 +509,13 @@ fn expand(mask: &[u64], lanes: &mut [u32]) {
     }
 }
 
-/// One task's terms u = w·τ (w·(τ/d) where DARE rescales), +0.0 where `keep` (from [`expand`];
+/// One task's terms u = w·τ (w·(τ/d) where DARE rescales, w·(τ·d) for mergekit's L1 factor:
+/// `SCALE`), +0.0 where `keep` (from [`expand`];
 /// None: everything kept) is zero: stored into `out` (`OP` 0, for TIES), or added to the linear
 /// sum in `out` (`OP` 1: the first task, 0.0 + u; 2: the first, 0.0 − u; 3: + u; 4: − u; the same
 /// operations, in the same order, as a sum of stored terms). Returns whether some τ is not finite.
 #[inline(always)]
-fn terms<const RESCALE: bool, const OP: u8>(
+fn terms<const SCALE: u8, const OP: u8>(
     out: &mut [f32],
     th: &[f32],
     b: &[f32],
@@ -454,8 +528,8 @@ fn terms<const RESCALE: bool, const OP: u8>(
     match keep {
         Some(keep) => pairs
             .zip(keep)
-            .for_each(|((o, (&t, &b)), &k)| term::<RESCALE, OP>(o, t, b, k, w, d, &mut bad)),
-        None => pairs.for_each(|(o, (&t, &b))| term::<RESCALE, OP>(o, t, b, !0, w, d, &mut bad)),
+            .for_each(|((o, (&t, &b)), &k)| term::<SCALE, OP>(o, t, b, k, w, d, &mut bad)),
+        None => pairs.for_each(|(o, (&t, &b))| term::<SCALE, OP>(o, t, b, !0, w, d, &mut bad)),
     }
     bad
 }
@@ -463,7 +537,7 @@ fn terms<const RESCALE: bool, const OP: u8>(
 /// One lane of [`terms`]. A function, not a closure: a closure left out of line is compiled
 /// without AVX2 (crate::simd), and closures take no `#[inline(always)]` where they are bound.
 #[inline(always)]
-fn term<const RESCALE: bool, const OP: u8>(
+fn term<const SCALE: u8, const OP: u8>(
     o: &mut f32,
     t: f32,
     b: f32,
@@ -474,7 +548,11 @@ fn term<const RESCALE: bool, const OP: u8>(
 ) {
     let tau = t - b;
     *bad |= !tau.is_finite();
-    let v = if RESCALE { w * (tau / d) } else { w * tau };
+    let v = match SCALE {
+        DIVIDE => w * (tau / d),
+        MULTIPLY => w * (tau * d),
+        _ => w * tau,
+    };
     let v = f32::from_bits(v.to_bits() & keep);
     *o = match OP {
         0 => v,

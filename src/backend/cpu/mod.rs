@@ -4,9 +4,12 @@
 //! are exact counts or the fixed-order deterministic sum.
 //!
 //! A group is two passes over its inputs: the select pass (`topk.rs`: every task's mask, without
-//! a key buffer) and the fuse (`fuse.rs`).
+//! a key buffer) and the fuse (`fuse.rs`). The sparsifying methods' masks, L1 rescale and
+//! whole-group fuses live in `sparse.rs`, the interpolating methods in `interp.rs`.
 
 mod fuse;
+mod interp;
+mod sparse;
 mod topk;
 
 use std::cell::RefCell;
@@ -358,6 +361,12 @@ impl CpuBackend {
                     stats[t].kept = popcount(&m);
                     masks[t] = Some(m);
                 }
+                MaskJob::Band { .. } | MaskJob::Della { .. } => {
+                    let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+                    let (m, st) = sparse::mask(g, t, job, &mut keys, self.spare_mask())?;
+                    masks[t] = m;
+                    stats[t] = st;
+                }
             }
         }
         if !by_key.is_empty() {
@@ -425,11 +434,18 @@ impl Compute for CpuBackend {
         f: &FuseSpec,
         out: &mut [u8],
     ) -> BResult<GroupStats> {
+        if let Some(spec) = &f.interp {
+            return interp::merge(g, spec, f.out, out);
+        }
+        if sparse::owns_fuse(f) {
+            return self.merge_sparse(g, f, out);
+        }
         let mut masks: Vec<Option<Vec<u64>>> = (0..jobs.len()).map(|_| None).collect();
         let mut stats = vec![TaskStats::default(); jobs.len()];
-        let combos = self
-            .masks(g, jobs, &mut masks, &mut stats)
-            .and_then(|()| fuse::fuse(g, &masks, f, out));
+        let combos = self.masks(g, jobs, &mut masks, &mut stats).and_then(|()| {
+            let l1 = sparse::with_l1_scales(g, &masks, f);
+            fuse::fuse(g, &masks, l1.as_ref().unwrap_or(f), out)
+        });
         self.masks
             .lock()
             .unwrap_or_else(|p| p.into_inner())

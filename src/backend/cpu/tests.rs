@@ -90,6 +90,7 @@ impl Set {
         }
         Group {
             name: "t",
+            seq: 0,
             n,
             base: raw(&self.base),
             start: None,
@@ -114,7 +115,11 @@ fn fuse_spec(rule: FuseRule, nt: usize) -> FuseSpec {
         weights: vec![1.0; nt],
         forget: vec![false; nt],
         rescale: vec![None; nt],
+        rescale_l1: vec![false; nt],
+        scale: vec![None; nt],
+        sparse: Default::default(),
         out: FloatType::F32,
+        interp: None,
     }
 }
 
@@ -248,6 +253,138 @@ fn faults_and_nan_scores_match_the_stored_keys_select() {
                     let (got, want, _) = both(&g, jobs, &fuse_spec(rule, 3));
                     assert_eq!(got, want, "{score:?} zero={zero} k={k} {jobs:?}");
                 }
+            }
+        }
+    }
+}
+
+/// docs/SEMANTICS.md, "Output dtype": a NaN from finite inputs (±3e38 task vectors weighted
+/// by 2 overflow and cancel) is written as the canonical NaN, not x86's negative one: by the
+/// one-loop fuse (2 tasks) and the task-by-task one (5: three more that leave the base as is).
+#[test]
+fn nan_outputs_are_the_canonical_nan() {
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (base, a, b) = (f32s(&[0.0, 0.0]), f32s(&[3e38, 0.5]), f32s(&[-3e38, 0.25]));
+    let raw = |data| Raw {
+        ty: FloatType::F32,
+        data,
+    };
+    for nt in [2, 5] {
+        let tasks = (0..nt)
+            .map(|t| crate::backend::TaskInput {
+                theta: raw([&a, &b].get(t).copied().unwrap_or(&base)),
+                grad: None,
+            })
+            .collect();
+        let g = Group {
+            name: "w",
+            seq: 0,
+            n: 2,
+            base: raw(&base),
+            start: None,
+            tasks,
+        };
+        for (ty, nan, one_and_half) in [
+            (
+                FloatType::F32,
+                vec![0x00, 0x00, 0xc0, 0x7f],
+                1.5f32.to_le_bytes().to_vec(),
+            ),
+            (FloatType::F16, vec![0x00, 0x7e], vec![0x00, 0x3e]),
+            (FloatType::BF16, vec![0xc0, 0x7f], vec![0xc0, 0x3f]),
+        ] {
+            let f = FuseSpec {
+                rule: FuseRule::Linear,
+                lambda: 1.0,
+                normalize: false,
+                weights: vec![2.0; nt],
+                forget: vec![false; nt],
+                rescale: vec![None; nt],
+                rescale_l1: vec![false; nt],
+                scale: vec![None; nt],
+                sparse: Default::default(),
+                out: ty,
+                interp: None,
+            };
+            let mut out = vec![0u8; 2 * ty.size()];
+            CpuBackend::new()
+                .merge_group(&g, &vec![MaskJob::All; nt], &f, &mut out)
+                .unwrap();
+            assert_eq!(out, [nan, one_and_half].concat(), "{ty:?}, {nt} tasks");
+        }
+    }
+}
+
+/// The fuse with DARE's divisor, mergekit's L1 factor, both in one group (tasks that divide and
+/// tasks that multiply: the task-by-task loops) or neither, for 1 to 5 tasks (the one-loop fuse
+/// up to 4), TIES and linear, against docs/SEMANTICS.md's formulas written out per element.
+#[test]
+fn scaled_task_vectors_fuse_as_the_rules_say() {
+    let n = 3 * 1024 + 77;
+    let mut s = 0x5eed_u64;
+    let mut r = move || (xorshift(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+    let base: Vec<f32> = (0..n).map(|_| r()).collect();
+    let thetas: Vec<Vec<f32>> = (0..5)
+        .map(|_| base.iter().map(|b| b + r() * 0.1).collect())
+        .collect();
+    for nt in 1..=5 {
+        let tb: Vec<Vec<u8>> = thetas[..nt].iter().map(|t| bytes(t)).collect();
+        let set = Set {
+            base: bytes(&base),
+            tasks: tb.clone(),
+            grads: tb,
+        };
+        let g = set.group(n);
+        let weights: Vec<f32> = (0..nt).map(|t| 0.3 + 0.25 * t as f32).collect();
+        let factor = |t: usize| 0.4 + 0.37 * t as f32;
+        for scaling in ["none", "divide", "multiply", "mixed"] {
+            for rule in [FuseRule::Linear, FuseRule::Ties] {
+                let mut f = fuse_spec(rule, nt);
+                f.weights = weights.clone();
+                f.lambda = 0.9;
+                for t in 0..nt {
+                    match scaling {
+                        "divide" => f.rescale[t] = Some(factor(t)),
+                        "multiply" => f.scale[t] = Some(factor(t)),
+                        "mixed" if t % 2 == 0 => f.rescale[t] = Some(factor(t)),
+                        "mixed" => f.scale[t] = Some(factor(t)),
+                        _ => {}
+                    }
+                }
+                let mut out = vec![0u8; n * 4];
+                CpuBackend::new()
+                    .merge_group(&g, &vec![MaskJob::All; nt], &f, &mut out)
+                    .unwrap();
+                let want: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let u: Vec<f32> = (0..nt)
+                            .map(|t| {
+                                let tau = thetas[t][i] - base[i];
+                                let tau = match (f.rescale[t], f.scale[t]) {
+                                    (Some(d), _) => tau / d,
+                                    (None, Some(s)) => tau * s,
+                                    (None, None) => tau,
+                                };
+                                f.weights[t] * tau
+                            })
+                            .collect();
+                        let sum = if rule == FuseRule::Ties {
+                            let s = u.iter().fold(0.0f32, |a, x| a + x);
+                            let (mut a, mut d) = (0.0f32, 0.0f32);
+                            for t in 0..nt {
+                                if (u[t] > 0.0 && s >= 0.0) || (u[t] < 0.0 && s < 0.0) {
+                                    a += u[t];
+                                    d += f.weights[t];
+                                }
+                            }
+                            a / if d == 0.0 { 1.0 } else { d }
+                        } else {
+                            u.iter().fold(0.0f32, |a, x| a + x)
+                        };
+                        base[i] + f.lambda * sum
+                    })
+                    .collect();
+                assert_eq!(out, bytes(&want), "{nt} tasks, {scaling}, {rule:?}");
             }
         }
     }

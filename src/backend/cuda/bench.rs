@@ -98,7 +98,7 @@ pub fn bench_kernels(spec: &KernelBenchSpec) -> Result<KernelBench, String> {
         return Err("bench kernels: density must be in (0, 1]".into());
     }
     let backend = CudaBackend::new(spec.ordinal).map_err(|e| e.to_string())?;
-    let mut w = backend.lock();
+    let mut w = backend.enter().map_err(|e| e.to_string())?;
     guarded(|| run(&backend.gpu, &mut w.arena, spec).map_err(BackendError::Device)).map_err(|e| {
         match e {
             BackendError::Device(m) => m.to_string(),
@@ -325,6 +325,9 @@ fn run(gpu: &Gpu, arena: &mut super::Arena, spec: &KernelBenchSpec) -> DResult<K
         unsafe { gpu.dare_mask(n64, fmix(seed ^ t as u64), dare_threshold, arena.at(*m), 0) }?;
     }
 
+    // The fuse's table and statistics are uploaded from pageable memory below: not behind
+    // unwaited kernels (the driver may stage such a copy and wait for them; untimed here).
+    gpu.sync()?;
     let tasks: Vec<FuseTask> = (0..nt)
         .map(|t| FuseTask {
             theta: arena.at(theta[t]),

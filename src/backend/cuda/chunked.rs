@@ -87,6 +87,7 @@ fn sub_raw<'a>(r: &Raw<'a>, at: usize, len: usize) -> BResult<Raw<'a>> {
 fn sub_group<'a>(g: &Group<'a>, at: usize, len: usize) -> BResult<Group<'a>> {
     Ok(Group {
         name: g.name,
+        seq: g.seq,
         n: len,
         base: sub_raw(&g.base, at, len)?,
         start: g.start.map(|s| sub_raw(&s, at, len)).transpose()?,
@@ -376,11 +377,14 @@ impl CudaBackend {
         let l = ScoreBufs::for_tie_search(g, t, &c.spec);
         dev(w.arena.reserve(gpu, l.bytes))?;
         self.upload_inputs(w, g, t, &l)?;
-        let arena = &mut w.arena;
         let words = [u64::MAX, u64::from(c.spec.mean.unwrap_or(0.0).to_bits())];
-        dev(arena.upload(gpu, l.small, bytemuck::cast_slice(&words)))?;
         let h = fixed_header(n as u64, c.key, 0);
-        dev(arena.upload(gpu, l.state, bytemuck::bytes_of(&h)))?;
+        dev(w
+            .scratch
+            .put(w.arena.at(l.small), bytemuck::cast_slice(&words)))?;
+        dev(w.scratch.put(w.arena.at(l.state), bytemuck::bytes_of(&h)))?;
+        dev(w.scratch.send(&gpu.stream))?;
+        let arena = &w.arena;
         let s = score_inputs(g, t, &c.spec, arena, l.base, l.theta, l.grad)?;
         let (n64, keys, tiles, st, bad) = (
             n as u64,

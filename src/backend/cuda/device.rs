@@ -165,11 +165,27 @@ impl Gpu {
         })
     }
 
+    /// Makes this GPU's context current on the calling thread (see `CudaBackend::enter`).
+    pub fn bind(&self) -> DResult<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(drv("making the CUDA context current on this thread"))
+    }
+
     /// Waits for every launch and copy of this backend; reports a failure of any of them.
     pub fn sync(&self) -> DResult<()> {
         self.stream
             .synchronize()
             .map_err(drv("waiting for the GPU (a kernel or copy failed)"))
+    }
+
+    /// Waits for all three streams (the compute, copy and download streams).
+    pub fn sync_all(&self) -> DResult<()> {
+        for s in [&self.stream, &self.copy, &self.down] {
+            s.synchronize()
+                .map_err(drv("waiting for the GPU (a kernel or copy failed)"))?;
+        }
+        Ok(())
     }
 
     /// Grid for a grid-stride kernel that would need `threads` threads to cover its work in one
@@ -368,6 +384,14 @@ const _: () = assert!(std::mem::size_of::<FuseTask>() == 32);
 // given dtype, a 49 248-byte SelectState, ceil(n / 64) mask words, …), not freed before the
 // stream has run the launch.
 impl Gpu {
+    /// Sets the u32 at `dst` (4-byte aligned) to `v`, stream-ordered on the compute stream: a
+    /// memset, so no host memory is copied between launches.
+    pub unsafe fn set_u32(&self, dst: Ptr, v: u32) -> DResult<()> {
+        sys::cuMemsetD32Async(dst, v, 1, self.stream.cu_stream())
+            .result()
+            .map_err(drv("setting a word on the GPU"))
+    }
+
     /// `select_init(st, n, k)`: zeroes the histograms and sets the header.
     pub unsafe fn select_init(&self, st: Ptr, n: u64, k: u64) -> DResult<()> {
         launch!(self, select_init, 1, BLOCK; st, n, k)
@@ -514,12 +538,19 @@ impl Gpu {
                     base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
                     linear_div, lambda, out, out_dtype, kept, combo_hist, bad)
             }
+            // run.rs refuses these methods on this backend before any work; no kernels yet.
+            FuseRule::Interp => Err(DeviceError::Unsupported(
+                "the interpolating methods (linear, slerp, …) have no CUDA kernels yet".into(),
+            )),
             FuseRule::Ties => {
                 let grid = self.grid(n.div_ceil(8), per_sm::FUSE_TIES);
                 launch!(self, fuse_ties, grid, BLOCK;
                     base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
                     linear_div, lambda, out, out_dtype, kept, combo_hist, bad)
             }
+            FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus => Err(DeviceError::Unsupported(
+                "the sce and ram fuses have no CUDA kernels yet".into(),
+            )),
         }
     }
 }
@@ -575,8 +606,10 @@ impl Arena {
         self.limit
     }
 
-    /// Makes the arena at least `bytes` long. Nothing may be in flight on the stream that uses
-    /// the old allocation (the backend synchronises at the end of every call).
+    /// Makes the arena at least `bytes` long. The old allocation is freed on the compute stream
+    /// once every stream has finished with it (docs/STREAMING.md, "Teardown": the copy stream
+    /// may be staging into an arena, the download stream reading one); arenas grow a handful of
+    /// times per run, so the wait costs nothing that matters.
     pub fn reserve(&mut self, gpu: &Gpu, bytes: usize) -> DResult<()> {
         if self.capacity() >= bytes {
             return Ok(());
@@ -588,8 +621,10 @@ impl Arena {
             )));
         }
         // Free the old allocation first: the peak is the new size, not old + new.
-        self.buf = None;
-        self.base = 0;
+        if self.buf.is_some() {
+            gpu.sync_all()?;
+            self.release();
+        }
         let mut size = bytes.next_multiple_of(GROW_STEP).min(self.limit);
         let buf = loop {
             // SAFETY: the bytes are uninitialised; every buffer carved out of the arena is
@@ -640,6 +675,13 @@ impl Arena {
 
     pub fn capacity(&self) -> usize {
         self.buf.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Frees the allocation (stream-ordered on the compute stream). The caller has made sure
+    /// that no stream still uses it.
+    pub fn release(&mut self) {
+        self.buf = None;
+        self.base = 0;
     }
 
     /// The device address of byte `off`.

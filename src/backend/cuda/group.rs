@@ -126,7 +126,7 @@ impl CudaBackend {
                 Sel::Keep => {}
                 Sel::Random { stream, threshold } => self.dare_mask(w, &l, t, stream, threshold)?,
                 Sel::TopK { spec, k } => self.topk_mask(w, &l, t, &spec, k)?,
-                Sel::Fixed { spec, key, quota } => self.fixed_mask(w, &l, t, &spec, key, quota)?,
+                Sel::Fixed { spec, .. } => self.fixed_mask(w, &l, t, &spec)?,
             }
         }
         self.fuse(w, &l, f)?;
@@ -147,11 +147,12 @@ impl CudaBackend {
                 inputs.push((off, elems(&gr, n, "a gradient tensor")?));
             }
         }
-        self.put_inputs(w, &inputs)
+        self.put_inputs(w, g, &inputs)
     }
 
-    /// Step 2: the fuse's task table, the means that normalise model-wide keys, and the stats
-    /// block (error word at u64::MAX, counters at zero).
+    /// Step 2: the fuse's task table, the means that normalise model-wide keys, the stats block
+    /// (error word at u64::MAX, counters at zero) and the select-state header of every task with
+    /// a known threshold, in one pinned upload before the first launch.
     fn upload_tables<'a>(
         &self,
         w: &mut Work,
@@ -161,7 +162,7 @@ impl CudaBackend {
         ncombo: usize,
         lay: GroupLayout,
     ) -> BResult<Launch<'a>> {
-        let (gpu, arena, nt) = (&self.gpu, &mut w.arena, g.tasks.len());
+        let (gpu, arena, nt) = (&self.gpu, &w.arena, g.tasks.len());
         let table: Vec<FuseTask> = (0..nt)
             .map(|t| FuseTask {
                 theta: arena.at(lay.theta[t]),
@@ -178,10 +179,22 @@ impl CudaBackend {
             .collect();
         let mut params = bytemuck::cast_slice::<FuseTask, u8>(&table).to_vec();
         params.extend_from_slice(bytemuck::cast_slice(&means));
-        dev(arena.upload(gpu, lay.params, &params))?;
         let mut stats = vec![0u64; lay.stats_words];
         stats[StatsWords::FUSE_BAD] = u64::MAX;
-        dev(arena.upload(gpu, lay.stats, bytemuck::cast_slice(&stats)))?;
+        let scratch = &mut w.scratch;
+        dev(scratch.put(arena.at(lay.params), &params))?;
+        dev(scratch.put(arena.at(lay.stats), bytemuck::cast_slice(&stats)))?;
+        for (t, sel) in sels.iter().enumerate() {
+            if let (Sel::Fixed { key, quota, .. }, Some(off)) = (*sel, lay.state[t]) {
+                // The threshold is known: a state that has done its three radix passes, with
+                // the task's remaining tie quota. count_eq ("ties not yet visited") is unknown
+                // here, so it is u64::MAX: select_tie_cutoff then keeps min(e, quota) of this
+                // tensor's e ties, lowest index first, the CPU's rule for `MaskJob::Fixed`.
+                let h = fixed_header(g.n as u64, key, quota);
+                dev(scratch.put(arena.at(off), bytemuck::bytes_of(&h)))?;
+            }
+        }
+        dev(scratch.send(&gpu.stream))?;
         Ok(Launch {
             g,
             n: g.n,
@@ -243,26 +256,12 @@ impl CudaBackend {
     }
 
     /// Step 3, a known threshold (`selection: model`, or a chunk of a large tensor): keys above
-    /// it and the first `quota` ties (cpu.rs, `MaskJob::Fixed`).
-    fn fixed_mask(
-        &self,
-        w: &mut Work,
-        l: &Launch,
-        t: usize,
-        spec: &KeySpec,
-        key: u32,
-        quota: u64,
-    ) -> BResult<()> {
+    /// it and the first `quota` ties (cpu.rs, `MaskJob::Fixed`). The select state's header,
+    /// which holds the threshold and the quota, went with the tables (step 2).
+    fn fixed_mask(&self, w: &Work, l: &Launch, t: usize, spec: &KeySpec) -> BResult<()> {
         let (gpu, lay, n64) = (&self.gpu, &l.lay, l.n as u64);
-        let st_off = lay.state[t].expect("a state");
-        // The threshold is known: a state that has done its three radix passes, with the task's
-        // remaining tie quota. count_eq ("ties not yet visited") is unknown here, so it is set
-        // to u64::MAX: select_tie_cutoff then keeps min(e, quota) of this tensor's e ties,
-        // lowest index first, which is the CPU's rule for `MaskJob::Fixed`.
-        let h = fixed_header(n64, key, quota);
-        dev(w.arena.upload(gpu, st_off, bytemuck::bytes_of(&h)))?;
         let arena = &w.arena;
-        let st = arena.at(st_off);
+        let st = arena.at(lay.state[t].expect("a state"));
         let keys = arena.at(lay.keys);
         let tiles = arena.at(lay.tiles);
         let mask = arena.at(lay.mask[t].expect("a mask"));

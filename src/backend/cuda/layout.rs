@@ -46,6 +46,13 @@ impl Sel {
                 quota: tie_quota,
             },
             MaskJob::Random { stream, threshold } => Sel::Random { stream, threshold },
+            MaskJob::Band { .. } | MaskJob::Della { .. } => {
+                return Err(crate::backend::BackendError::Device(
+                    crate::backend::DeviceError::Unsupported(
+                        "breadcrumbs and della masks have no CUDA kernels yet".into(),
+                    ),
+                ))
+            }
         })
     }
 

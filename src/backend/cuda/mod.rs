@@ -151,7 +151,7 @@ impl CudaBackend {
     /// One tiny launch and read-back at start-up, so that a GPU the kernels cannot run on (or a
     /// broken driver) is found here, where `--device auto` can still fall back to the CPU.
     fn self_test(&self) -> DResult<()> {
-        let mut w = self.lock();
+        let mut w = self.enter()?;
         let arena = &mut w.arena;
         arena.reserve(&self.gpu, STATE_BYTES)?;
         let st = arena.at(0);
@@ -190,6 +190,38 @@ impl CudaBackend {
 
     fn lock(&self) -> MutexGuard<'_, Work> {
         self.work.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The work state, with this backend's context current on the calling thread. Every driver
+    /// call needs it there, and the caller may be any thread: the CLI opens the backend on one
+    /// thread and merges on rayon workers, libtest runs each test on a thread of its own. cudarc
+    /// binds the context in its safe calls, but not in the raw `result::` calls used here
+    /// (pinned copies, device-to-device moves) nor when a `CudaSlice` frees its memory, so
+    /// every entry point binds it first.
+    fn enter(&self) -> DResult<MutexGuard<'_, Work>> {
+        let w = self.lock();
+        self.gpu.bind()?;
+        Ok(w)
+    }
+}
+
+impl Drop for CudaBackend {
+    /// Tears down in the order of docs/STREAMING.md ("Teardown"): an arena is freed only once
+    /// every stream that wrote or read it has finished. The arenas are freed on the compute
+    /// stream (stream-ordered, with memory pools), while the copy stream may still be staging the
+    /// next group into `ahead` and the download stream reading `outbuf`: freed first, another
+    /// user of the context could be handed that memory mid-copy. So every stream is waited for,
+    /// then the arenas are freed and that free waited for (the memory is back when the drop
+    /// returns), and only then do the pinned rings and streams go. The context is made current
+    /// first, since this may run on any thread (`CudaSlice` frees without binding it).
+    fn drop(&mut self) {
+        let _ = self.gpu.bind();
+        let _ = self.gpu.sync_all();
+        let w = self.work.get_mut().unwrap_or_else(|p| p.into_inner());
+        w.arena.release();
+        w.ahead.release();
+        w.outbuf.release();
+        let _ = self.gpu.sync();
     }
 }
 
@@ -255,6 +287,16 @@ fn dev<T>(r: DResult<T>) -> BResult<T> {
     r.map_err(BackendError::Device)
 }
 
+/// Work the kernels do not compute yet is refused, not handed to the CPU (`method::sparse`).
+fn lacks(jobs: &[MaskJob], f: &FuseSpec) -> BResult<()> {
+    match crate::method::sparse::cuda_lacks(jobs, f) {
+        Some(what) => Err(BackendError::Device(DeviceError::Unsupported(format!(
+            "{what} has no CUDA kernels yet: merge with --device cpu"
+        )))),
+        None => Ok(()),
+    }
+}
+
 /// A failed check between the host code and the kernels (a bug, never the user's input).
 fn internal(msg: String) -> BackendError {
     BackendError::Device(DeviceError::Internal(msg))
@@ -279,10 +321,11 @@ impl Compute for CudaBackend {
         f: &FuseSpec,
         out: &mut [u8],
     ) -> BResult<GroupStats> {
+        lacks(jobs, f)?;
         if !takes(g) {
             return self.cpu.merge_group(g, jobs, f, out);
         }
-        let mut w = self.lock();
+        let mut w = dev(self.enter())?;
         guarded(|| {
             self.finish_pending(&mut w)?;
             retry_smaller(|| {
@@ -299,7 +342,7 @@ impl Compute for CudaBackend {
         if g.n == 0 {
             return self.cpu.score_sum(g, task, spec);
         }
-        let mut w = self.lock();
+        let mut w = dev(self.enter())?;
         guarded(|| {
             self.finish_pending(&mut w)?;
             retry_smaller(|| self.score_sum_chunked(&mut w, g, task, spec))
@@ -324,7 +367,7 @@ impl Compute for CudaBackend {
         if g.n == 0 {
             return Ok(());
         }
-        let mut w = self.lock();
+        let mut w = dev(self.enter())?;
         guarded(|| {
             self.finish_pending(&mut w)?;
             retry_smaller(|| self.histogram_chunked(&mut w, g, task, spec, pass, d.prefix, hist))
@@ -357,7 +400,8 @@ impl Backend for CudaBackend {
         out: Vec<u8>,
         next: Option<&Group>,
     ) -> BResult<(GroupStats, Vec<Vec<u8>>)> {
-        let mut w = self.lock();
+        lacks(jobs, f)?;
+        let mut w = dev(self.enter())?;
         let r = guarded(|| {
             let mut slot = Some(out);
             let stats = if !takes(g) {
@@ -378,15 +422,17 @@ impl Backend for CudaBackend {
             Ok((stats, std::mem::take(&mut w.done)))
         });
         if r.is_err() {
-            // The caller's run is over: what is still in flight is waited for and dropped.
+            // The caller's run is over: what is still in flight is waited for and dropped, and
+            // nothing staged for it is kept.
             let _ = self.finish_pending(&mut w);
             w.done.clear();
+            w.staged = None;
         }
         r
     }
 
     fn flush(&self) -> BResult<Vec<Vec<u8>>> {
-        let mut w = self.lock();
+        let mut w = dev(self.enter())?;
         let r = guarded(|| {
             self.finish_pending(&mut w)?;
             Ok(std::mem::take(&mut w.done))

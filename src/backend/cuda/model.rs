@@ -31,9 +31,10 @@ impl CudaBackend {
         let l = ScoreBufs::for_sums(g, t, &spec);
         dev(w.arena.reserve(gpu, l.bytes))?;
         self.upload_inputs(w, g, t, &l)?;
-        let arena = &mut w.arena;
         let mut bad = u64::MAX;
-        dev(arena.upload(gpu, l.small, bytemuck::bytes_of(&bad)))?;
+        dev(w.scratch.put(w.arena.at(l.small), bytemuck::bytes_of(&bad)))?;
+        dev(w.scratch.send(&gpu.stream))?;
+        let arena = &w.arena;
         let s = score_inputs(g, t, &spec, arena, l.base, l.theta, l.grad)?;
         let nchunks = n.div_ceil(SUM_CHUNK);
         let (n64, keys, chunks, bad_p) = (
@@ -73,19 +74,23 @@ impl CudaBackend {
         let l = ScoreBufs::for_histogram(g, t, spec);
         dev(w.arena.reserve(gpu, l.bytes))?;
         self.upload_inputs(w, g, t, &l)?;
-        let arena = &mut w.arena;
         let mut words = [u64::MAX, u64::from(spec.mean.unwrap_or(0.0).to_bits())];
-        dev(arena.upload(gpu, l.small, bytemuck::cast_slice(&words)))?;
+        dev(w
+            .scratch
+            .put(w.arena.at(l.small), bytemuck::cast_slice(&words)))?;
+        dev(w.scratch.send(&gpu.stream))?;
+        let arena = &w.arena;
         let s = score_inputs(g, t, spec, arena, l.base, l.theta, l.grad)?;
         let (n64, st, bad) = (n as u64, arena.at(l.state), arena.at(l.small));
         // The state's prefix holds the decided bits in place (the kernel compares the key bits
         // above the digit with it); the pipeline's prefix is those bits shifted down.
         let top = shift + bits;
         let placed: u32 = if top >= 32 { 0 } else { prefix << top };
-        // SAFETY: `st` is a SelectState; keys (n u32) when normalising; `bad` and the mean are
-        // the two words of `small` (the mean is the low half of the second, little endian).
+        // SAFETY: `st` is a SelectState (its prefix word set by a memset behind `select_init`,
+        // no host memory involved); keys (n u32) when normalising; `bad` and the mean are the
+        // two words of `small` (the mean is the low half of the second, little endian).
         dev(unsafe { gpu.select_init(st, n64, n64) })?;
-        dev(arena.upload(gpu, l.state + STATE_PREFIX, &placed.to_le_bytes()))?;
+        dev(unsafe { gpu.set_u32(arena.at(l.state + STATE_PREFIX), placed) })?;
         let keys = arena.at(l.keys);
         launches(|| unsafe {
             if spec.mean.is_none() {
@@ -126,6 +131,6 @@ impl CudaBackend {
         if let (Some(off), Some(gr)) = (l.grad, g.tasks[t].grad) {
             inputs.push((off, elems(&gr, n, "a gradient tensor")?));
         }
-        self.put_inputs(w, &inputs)
+        self.put_inputs(w, g, &inputs)
     }
 }

@@ -5,6 +5,11 @@
 //!
 //! Each slot has an event recorded after the transfer that uses it; a slot is only refilled once
 //! its event has completed, so a ring of `SLOTS` buffers keeps up to `SLOTS` transfers in flight.
+//!
+//! [`Scratch`] carries a launch sequence's small uploads (the fuse's task table, the statistics
+//! block, select-state headers, error words): gathered in one pinned buffer and queued before the
+//! sequence's first launch, so that no copy from pageable memory sits between two launches
+//! (there the driver stages the bytes and may make the host wait for the kernels before it).
 
 use std::collections::VecDeque;
 
@@ -161,6 +166,114 @@ impl Ring {
             }
         }
         Ok(())
+    }
+}
+
+/// One pinned buffer for the small uploads of a launch sequence: [`Scratch::put`] gathers them,
+/// [`Scratch::send`] queues one copy per piece, all before the sequence's first launch. The
+/// buffer is rewritten only once those copies have run (its event).
+pub struct Scratch {
+    host: *mut u8,
+    cap: usize,
+    len: usize,
+    /// (device address, offset in the buffer, bytes) of each piece gathered since the last send.
+    pieces: Vec<(Ptr, usize, usize)>,
+    event: CudaEvent,
+    /// Copies from the buffer were queued and its event not yet waited for.
+    busy: bool,
+}
+
+// SAFETY: as for `Ring`: plain pinned host memory, used under the backend's mutex.
+unsafe impl Send for Scratch {}
+
+impl Scratch {
+    pub fn new(gpu: &Gpu) -> DResult<Self> {
+        let event = gpu
+            .ctx
+            .new_event(None)
+            .map_err(drv("creating a CUDA event"))?;
+        Ok(Self {
+            host: std::ptr::null_mut(),
+            cap: 0,
+            len: 0,
+            pieces: Vec::new(),
+            event,
+            busy: false,
+        })
+    }
+
+    /// Adds `bytes` to go to device address `dst` at the next [`Scratch::send`].
+    pub fn put(&mut self, dst: Ptr, bytes: &[u8]) -> DResult<()> {
+        if self.busy {
+            self.event
+                .synchronize()
+                .map_err(drv("waiting for the GPU (a copy failed)"))?;
+            self.busy = false;
+        }
+        let at = self.len.next_multiple_of(8);
+        if at + bytes.len() > self.cap {
+            self.grow(at + bytes.len())?;
+        }
+        // SAFETY: `at + bytes.len() <= cap`; no copy reads the buffer (`busy` is false).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.host.add(at), bytes.len()) };
+        self.pieces.push((dst, at, bytes.len()));
+        self.len = at + bytes.len();
+        Ok(())
+    }
+
+    /// Queues the gathered pieces' copies on `stream` (stream-ordered before what is queued
+    /// there next).
+    pub fn send(&mut self, stream: &CudaStream) -> DResult<()> {
+        if self.pieces.is_empty() {
+            return Ok(());
+        }
+        for &(dst, at, n) in &self.pieces {
+            // SAFETY: the piece lies in the pinned buffer, which stays untouched until the
+            // event below completes; the caller guarantees `dst` has room for it.
+            let host = unsafe { std::slice::from_raw_parts(self.host.add(at), n) };
+            unsafe { result::memcpy_htod_async(dst, host, stream.cu_stream()) }
+                .map_err(drv("copying the launch tables to the GPU"))?;
+        }
+        self.event
+            .record(stream)
+            .map_err(drv("recording a CUDA event"))?;
+        self.busy = true;
+        self.pieces.clear();
+        self.len = 0;
+        Ok(())
+    }
+
+    /// A larger buffer (the pieces gathered so far move along).
+    fn grow(&mut self, need: usize) -> DResult<()> {
+        let cap = need.next_power_of_two().max(64 << 10);
+        // SAFETY: a fresh page-locked allocation, freed in `grow` or Drop.
+        let host = unsafe { result::malloc_host(cap, 0) }
+            .map_err(drv("allocating pinned host memory"))? as *mut u8;
+        if !self.host.is_null() {
+            // SAFETY: both hold at least `len` bytes; the old buffer is not in use (`busy` is
+            // false when `put` grows).
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.host, host, self.len);
+                let _ = result::free_host(self.host as *mut std::ffi::c_void);
+            }
+        }
+        self.host = host;
+        self.cap = cap;
+        Ok(())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.host.is_null() {
+            return;
+        }
+        let _ = self.event.context().bind_to_thread();
+        if self.busy {
+            let _ = self.event.synchronize();
+        }
+        // SAFETY: allocated by malloc_host; no copy reads it any more.
+        let _ = unsafe { result::free_host(self.host as *mut std::ffi::c_void) };
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use cudarc::driver::{result, CudaEvent};
 
 use super::device::{self, Arena, DResult, Gpu, Layout, Ptr};
-use super::staging::{self, Download, Ring};
+use super::staging::{self, Download, Ring, Scratch};
 use super::{dev, internal, work_share, CudaBackend, MAX_FUSE_TASKS, OUT_SHARE};
 use crate::backend::{BResult, BackendError, DeviceError, Group, GroupStats, Raw};
 
@@ -19,12 +19,13 @@ pub(super) struct Work {
     /// The next group's inputs, copied in on the copy stream while the current group computes,
     /// then moved into `arena` by a device-to-device copy (docs/STREAMING.md).
     pub(super) ahead: Arena,
-    /// What `ahead` holds: (host address, bytes, offset in `ahead`) per input, for the next
-    /// call only.
-    pub(super) staged: Option<Vec<(usize, usize, usize)>>,
+    /// What `ahead` holds, for the next call only.
+    pub(super) staged: Option<Staged>,
     /// Pinned rings: inputs in (copy stream), results out (compute stream).
     pub(super) up: Ring,
     pub(super) down: Ring,
+    /// The small uploads of a launch sequence, sent before its first launch.
+    pub(super) scratch: Scratch,
     /// Recorded on the copy stream after a group's own input uploads.
     pub(super) inputs_ready: CudaEvent,
     /// Recorded on the copy stream after the uploads into `ahead`.
@@ -35,11 +36,20 @@ pub(super) struct Work {
     pub(super) pending: Option<Pending>,
     /// Deferred outputs that have arrived and are not yet handed back, oldest first.
     pub(super) done: Vec<Vec<u8>>,
-    /// A deferred output's bytes on the device while the download stream copies them out. It is
-    /// declared after `down`, whose drop waits for the slots' transfers, so it is freed after.
+    /// A deferred output's bytes on the device while the download stream copies them out (freed
+    /// by `CudaBackend`'s drop only once that stream is idle, as every arena).
     pub(super) outbuf: Arena,
     /// Recorded on the compute stream once the output is in `outbuf`; the download stream waits.
     pub(super) out_ready: CudaEvent,
+}
+
+/// The inputs of the group named as the next one, copied into `ahead`: whose they are (the
+/// caller's identity of the group, never a host address) and, per input in `upload_group`'s
+/// order, (bytes, offset in `ahead`).
+pub(super) struct Staged {
+    pub(super) name: String,
+    pub(super) seq: u64,
+    pub(super) inputs: Vec<(usize, usize)>,
 }
 
 /// A merged group's output being copied back on the download stream.
@@ -65,6 +75,7 @@ impl Work {
             staged: None,
             up: Ring::new(gpu, slot)?,
             down: Ring::new(gpu, slot)?,
+            scratch: Scratch::new(gpu)?,
             inputs_ready: event()?,
             ahead_ready: event()?,
             ahead_free: event()?,
@@ -99,21 +110,29 @@ pub(super) enum Sink<'a> {
 }
 
 impl CudaBackend {
-    /// Puts each `(arena offset, host bytes)` into the arena, ordered before the compute
-    /// stream's next work: from `ahead` by a device copy when the previous call staged those
-    /// bytes, else through the pinned ring on the copy stream. Either way what was staged is
-    /// used up (it belongs to this call only).
-    pub(super) fn put_inputs(&self, w: &mut Work, inputs: &[(usize, &[u8])]) -> BResult<()> {
+    /// Puts each `(arena offset, host bytes)` of group `g` into the arena, ordered before the
+    /// compute stream's next work: from `ahead` by a device copy when the previous call staged
+    /// this group's inputs (the same name and `seq`, the same inputs in the same order), else
+    /// through the pinned ring on the copy stream. Either way what was staged is used up (it
+    /// belongs to this call only).
+    pub(super) fn put_inputs(
+        &self,
+        w: &mut Work,
+        g: &Group,
+        inputs: &[(usize, &[u8])],
+    ) -> BResult<()> {
         let gpu = &self.gpu;
-        let staged = w.staged.take().unwrap_or_default();
+        let staged = w.staged.take().filter(|s| {
+            s.name == g.name
+                && s.seq == g.seq
+                && s.inputs.len() == inputs.len()
+                && s.inputs.iter().zip(inputs).all(|(a, b)| a.0 == b.1.len())
+        });
         let mut from_ahead = Vec::new();
         let mut uploaded = false;
-        for &(off, data) in inputs {
-            let hit = staged
-                .iter()
-                .find(|&&(ptr, len, _)| ptr == data.as_ptr() as usize && len == data.len());
-            match hit {
-                Some(&(_, len, src)) => from_ahead.push((off, src, len)),
+        for (i, &(off, data)) in inputs.iter().enumerate() {
+            match staged.as_ref().map(|s| s.inputs[i]) {
+                Some((len, src)) => from_ahead.push((off, src, len)),
                 None => {
                     dev(w.arena.view(off, data.len()).map(|_| ()))?;
                     dev(w.up.upload(&gpu.copy, w.arena.at(off), data))?;
@@ -253,23 +272,24 @@ impl CudaBackend {
             return Ok(());
         }
         let ev = device::drv("ordering the CUDA streams");
-        if w.ahead.capacity() < l.bytes() {
-            // Growing frees the old buffer, which the compute stream may still be reading.
-            dev(w.ahead_free.synchronize().map_err(&ev))?;
-        }
+        // (Growing waits for every stream before it frees the old buffer.)
         if w.ahead.reserve(gpu, l.bytes()).is_err() {
             // No room to stage (less memory free than the budget said): upload it when it comes.
             return Ok(());
         }
         // Not before the compute stream has moved the previous staged inputs out.
         dev(gpu.copy.wait(&w.ahead_free).map_err(&ev))?;
-        let mut staged = Vec::with_capacity(all.len());
+        let mut inputs = Vec::with_capacity(all.len());
         for (data, off) in all.iter().zip(offs) {
             dev(w.up.upload(&gpu.copy, w.ahead.at(off), data))?;
-            staged.push((data.as_ptr() as usize, data.len(), off));
+            inputs.push((data.len(), off));
         }
         dev(w.ahead_ready.record(&gpu.copy).map_err(&ev))?;
-        w.staged = Some(staged);
+        w.staged = Some(Staged {
+            name: g.name.to_string(),
+            seq: g.seq,
+            inputs,
+        });
         Ok(())
     }
 }

@@ -17,8 +17,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-MODES = ("abs", "sum")
-PER_SAMPLE = ("auto", "vmap", "loop")
+from .options import MODES, PER_SAMPLE
+
 NONE_REASON = "mapped to None by `names`"
 
 Names = Union[None, Mapping[str, Optional[str]], Callable[[str], Optional[str]]]

@@ -1,20 +1,23 @@
-"""`python -m stamerge_grads`: a gradient statistic for a Hugging Face model folder + JSONL."""
+"""`stamerge-grads` (`python -m stamerge.grads`): a gradient statistic for a Hugging Face model
+folder and JSONL calibration data.
+
+Only the standard library is imported before the arguments are read: `--help` and `--version`
+work without PyTorch, and a missing `grads` extra is one line naming the install command, not a
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import __version__, write_gradients
-from .save import check_out_path
-from .statistic import MODES, NONE_REASON, PER_SAMPLE, StatisticError
+from .. import __version__
+from .options import CLI_NEEDS, MODES, PER_SAMPLE, TASKS, message, missing
 
 
 def parser() -> argparse.ArgumentParser:
-    from .hf import TASKS
-
     p = argparse.ArgumentParser(
-        prog="python -m stamerge_grads",
+        prog="stamerge-grads",
         description="Write the gradient statistic stamerge reads for STA (`gradients:` in a recipe).",
     )
     p.add_argument(
@@ -55,15 +58,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
-    p.add_argument("--version", action="version", version=f"stamerge_grads {__version__}")
+    p.add_argument("--version", action="version", version=f"stamerge-grads {__version__}")
     return p
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     import torch
 
-    from . import hf
+    from . import hf, write_gradients
+    from .save import check_out_path
+    from .statistic import NONE_REASON, StatisticError
 
     if args.batch_size < 1:
         raise StatisticError(f"--batch-size must be at least 1, not {args.batch_size}")
@@ -115,8 +119,15 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    gone = missing(CLI_NEEDS)
+    if gone:
+        print(f"error: {message('stamerge-grads', gone)}", file=sys.stderr)
+        return 2
+    from .statistic import StatisticError
+
     try:
-        return run(argv)
+        return run(args)
     except StatisticError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

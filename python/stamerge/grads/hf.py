@@ -13,8 +13,6 @@ from torch.nn import functional as F
 
 from .statistic import StatisticError
 
-TASKS = ("causal-lm", "seq-cls")
-
 
 def checkpoint_names(folder: str) -> set[str] | None:
     """Tensor names of the folder's safetensors checkpoint (headers only), or None if it has none."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 
 import torch
@@ -29,6 +29,20 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise StatisticError(f"dtype must be float32 or bfloat16, not {dtype!r}")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc, 4.7+)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def check_out_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
@@ -41,8 +55,9 @@ def check_out_path(path: str | os.PathLike) -> str:
 
 def statistic_metadata(stats: Mapping) -> dict[str, str]:
     """The `__metadata__` entries that say how a :class:`Statistic` was made."""
-    from . import __version__
+    from .. import __version__
 
+    # The key keeps the tool's old name: files written before it moved into stamerge carry it.
     md = {"format": "pt", "stamerge_grads_version": __version__}
     if isinstance(stats, Statistic):
         md.update(
@@ -85,10 +100,12 @@ def save_statistic(
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise StatisticError(f"{path}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".stamerge_grads.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = os.path.join(folder, f".stamerge_grads.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     try:
         save_file(tensors, tmp, metadata=md)
+        # safetensors writes through a private (0600) temporary file of its own; the statistic
+        # gets the user's umask like any other output (0644 under the usual 022).
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
