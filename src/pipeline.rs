@@ -385,7 +385,10 @@ fn sealed(bytes: &[u8], check: Option<FloatType>) -> (u64, Option<usize>) {
     use rayon::prelude::*;
     let leaves: Vec<(u64, Option<usize>)> = bytes
         .par_chunks(LEAF)
-        .map(|l| (leaf(l), check.and_then(|ty| first_nonfinite(ty, l))))
+        .map(|l| {
+            let bad = check.and_then(|ty| crate::wide!(first_nonfinite(ty, l)));
+            (leaf(l), bad)
+        })
         .collect();
     let bad = check.and_then(|ty| {
         // Leaves hold whole elements (LEAF is a multiple of every element size).
@@ -660,6 +663,39 @@ mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
     use crate::backend::{BResult, Compute, DigitPass, FuseSpec, Group, GroupStats, KeySpec};
+
+    /// The pass before the writer: the writer's checksum, and the first non-finite element as
+    /// a serial scan of the whole tensor finds it, wherever it lies among the leaves.
+    #[test]
+    fn sealed_gives_the_checksum_and_the_first_nonfinite_element() {
+        use crate::checkpoint::writer::{checksum, LEAF};
+        for ty in [FloatType::F32, FloatType::F16, FloatType::BF16] {
+            let n = 3 * LEAF / ty.size() + 5;
+            let ones: Vec<f32> = vec![1.0; n];
+            let mut bytes = vec![0u8; n * ty.size()];
+            crate::dtype::narrow(ty, &ones, &mut bytes);
+            assert_eq!(sealed(&bytes, Some(ty)), (checksum(&bytes), None), "{ty:?}");
+            let bad: Vec<u8> = match ty {
+                FloatType::F32 => f32::INFINITY.to_le_bytes().to_vec(),
+                FloatType::F16 => vec![0x00, 0x7c],
+                FloatType::BF16 => vec![0x80, 0xff],
+            };
+            for at in [0, LEAF / ty.size() - 1, 2 * LEAF / ty.size() + 3, n - 1] {
+                let mut b = bytes.clone();
+                b[at * ty.size()..(at + 1) * ty.size()].copy_from_slice(&bad);
+                // A later one too: the first is reported.
+                b[(n - 1) * ty.size()..].copy_from_slice(&bad);
+                assert_eq!(first_nonfinite(ty, &b), Some(at));
+                assert_eq!(
+                    sealed(&b, Some(ty)),
+                    (checksum(&b), Some(at)),
+                    "{ty:?} {at}"
+                );
+                // Copies are not checked.
+                assert_eq!(sealed(&b, None), (checksum(&b), None));
+            }
+        }
+    }
 
     static NO_STOP: AtomicBool = AtomicBool::new(false);
 
