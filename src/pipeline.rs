@@ -339,7 +339,7 @@ fn model_selection(
     Ok(Some(ModelSelection { means, thresholds }))
 }
 
-/// A tensor for the writer, with its checksum.
+/// A tensor for the writer (sent with its checksum by `ToWriter`).
 enum Payload<'a> {
     /// An output buffer of the circulating set (sent back after writing).
     Owned(Vec<u8>),
