@@ -398,6 +398,10 @@ fn takes(g: &Group) -> bool {
 }
 
 impl Backend for CudaBackend {
+    fn populates_inputs(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "cuda"
     }
