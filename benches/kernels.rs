@@ -1,6 +1,6 @@
 //! Criterion benches of the CPU kernels, per dtype and tensor size: radix select (tensor top-k),
 //! score (sta |θ·G|, magnitude |θ−b|), fuse (linear, ties, dare) and one whole tensor group of a
-//! TIES merge (keys, select, mask and fuse for 3 tasks).
+//! TIES merge (select and fuse for 3 tasks), with the window select and the stored-keys one.
 //!
 //! Throughput counts elements and bytes: the bytes are those the kernel must read once from its
 //! inputs plus those it writes (keys: 4 per element; outputs: the output dtype), so GB/s compares
@@ -252,21 +252,30 @@ fn bench_fuse(c: &mut Criterion) {
     }
 }
 
-/// One tensor of a TIES merge as the pipeline runs it: per task keys of |τ|, radix select of the
-/// top 30 %, the bit mask, then the fuse.
+/// One tensor of a TIES merge as the pipeline runs it: per task the top 30 % of |τ| by the
+/// window select (a sample, one pass over the inputs for all tasks, a select among the window's
+/// keys), then the fuse; and the same with the stored-keys select it replaced (keys of |τ|
+/// stored, radix select over them), for comparison.
 fn bench_group(c: &mut Criterion) {
-    let be = CpuBackend::new();
     let ties = recipe("ties", Some(0.3), "normalize: true");
-    let mut g = c.benchmark_group("group/ties_top30");
-    for (dname, ty) in DTYPES {
-        for (label, n) in SIZES {
-            let inp = Inputs::new(ty, n);
-            let grp = inp.group();
-            let (jobs, fuse) = work(&ties, &grp, ty);
-            bench_merge(&mut g, &be, (dname, label), &grp, &jobs, &fuse);
+    for (name, be) in [
+        ("group/ties_top30", CpuBackend::new()),
+        (
+            "group/ties_top30_stored_keys",
+            CpuBackend::with_stored_keys(),
+        ),
+    ] {
+        let mut g = c.benchmark_group(name);
+        for (dname, ty) in DTYPES {
+            for (label, n) in SIZES {
+                let inp = Inputs::new(ty, n);
+                let grp = inp.group();
+                let (jobs, fuse) = work(&ties, &grp, ty);
+                bench_merge(&mut g, &be, (dname, label), &grp, &jobs, &fuse);
+            }
         }
+        g.finish();
     }
-    g.finish();
 }
 
 criterion_group! {

@@ -98,6 +98,72 @@ __device__ __forceinline__ void load8(const void* p, int dt, size_t g, size_t n,
     }
 }
 
+// ----------------------------------------------------------------------------------------------
+// loads in flight: raw bytes first, widening after
+//
+// A memory-bound kernel keeps the memory system busy only with enough bytes in flight: on an
+// H200 about 25 KB per SM (4.8 TB/s x ~0.7 us / 132 SMs). load8 above branches on the dtype and
+// widens each 16-byte load as it arrives, so a thread that reads several inputs waits for each in
+// turn. The fast paths instead issue the raw uint4 of every input of a group (load_raw8), then
+// widen (widen8): the loads go out back to back, one latency for all of them. The dtype is a
+// template parameter, chosen once per launch (uniform_dtype); DT_MIXED is the general path
+// (per-pointer dtypes, misaligned pointers), which also takes every tensor's tail group.
+
+#define DT_MIXED (-1)  // template tag: dtypes per pointer at run time (load8/store8)
+
+// The bytes of one group of 8 elements of dtype DT as loaded: one uint4 (fp16/bf16) or two (fp32).
+template <int DT> struct Raw8 {
+    uint4 w[DT == DT_F32 ? 2 : 1];
+};
+
+// Group g of p (16-byte aligned, the whole group inside the tensor), not yet widened.
+template <int DT> __device__ __forceinline__ Raw8<DT> load_raw8(const void* p, size_t g) {
+    Raw8<DT> r;
+    if constexpr (DT == DT_F32) {
+        r.w[0] = __ldg(static_cast<const uint4*>(p) + 2 * g);
+        r.w[1] = __ldg(static_cast<const uint4*>(p) + 2 * g + 1);
+    } else {
+        r.w[0] = __ldg(static_cast<const uint4*>(p) + g);
+    }
+    return r;
+}
+
+template <int DT> __device__ __forceinline__ void widen8(const Raw8<DT>& r, float v[8]) {
+    if constexpr (DT == DT_F32) {
+        const u32 w[8] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w,
+                          r.w[1].x, r.w[1].y, r.w[1].z, r.w[1].w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = __uint_as_float(w[j]);
+    } else {
+        const u32 w[4] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {  // little endian: the lower half is the earlier element
+            if constexpr (DT == DT_F16) {
+                v[2 * q] = f16_bits_to_f32(w[q]);
+                v[2 * q + 1] = f16_bits_to_f32(w[q] >> 16);
+            } else {
+                v[2 * q] = bf16_bits_to_f32(w[q]);
+                v[2 * q + 1] = bf16_bits_to_f32(w[q] >> 16);
+            }
+        }
+    }
+}
+
+// Zero bytes, for inputs a mode does not read (the compiler drops them).
+template <int DT> __device__ __forceinline__ Raw8<DT> zero_raw8() {
+    Raw8<DT> r;
+#pragma unroll
+    for (int i = 0; i < (DT == DT_F32 ? 2 : 1); ++i) r.w[i] = make_uint4(0u, 0u, 0u, 0u);
+    return r;
+}
+
+// The dtype every input of a launch shares when each is 16-byte aligned (the fast path's
+// template argument), else DT_MIXED. p[i] NULL: not read, not checked.
+__device__ __forceinline__ int uniform_dtype(int dt, const void* p, int p_dt) {
+    if (p == nullptr) return dt;
+    return (dt != DT_MIXED && p_dt == dt && is_aligned16(p)) ? dt : DT_MIXED;
+}
+
 // The one NaN every output holds, whatever NaN was computed (docs/SEMANTICS.md, "Output dtype"):
 // positive, quiet, no payload. The hardware writes its own canonical NaN (0x7FFFFFFF, and 0x7FFF
 // from the fp16/bf16 conversions) where x86 and the CPU backend keep sign and payload, so both

@@ -56,9 +56,12 @@ __device__ __forceinline__ u32 mask_byte(const FuseTask& task, size_t g) {
     return __ldg(reinterpret_cast<const unsigned char*>(task.mask) + g);
 }
 
-// A kept entry's contribution u = w * tau' (tau' = tau / rescale for DARE).
+// A kept entry's contribution u = w * tau' (tau' = tau / rescale for DARE). RESCALE false (the
+// typed kernels, whose launches have no rescale): no division. __fdiv_rn's rare slow path is a
+// call, and what is live across it (the other tasks' loads in flight) would be spilled.
+template <bool RESCALE = true>
 __device__ __forceinline__ float contribution(const FuseTask& task, float tau) {
-    if (task.rescale != 1.0f) tau = __fdiv_rn(tau, task.rescale);
+    if (RESCALE && task.rescale != 1.0f) tau = __fdiv_rn(tau, task.rescale);
     return __fmul_rn(task.weight, tau);
 }
 
@@ -94,6 +97,81 @@ __device__ __forceinline__ void load_start(const void* start, int start_dtype, c
     }
 }
 
+// The start values of a fast-path group: start's raw bytes widened and checked, or base.
+template <int DT>
+__device__ __forceinline__ void widen_start(const void* start, const Raw8<DT>& rs, const float b[8],
+                                            size_t g, bool check, u64* bad, float s[8]) {
+    if (start == nullptr) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s[j] = b[j];
+        return;
+    }
+    widen8<DT>(rs, s);
+    if (!check) return;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        if (!is_finite_f32(s[j])) {
+            const u64 word = fuse_bad_word(g * 8 + j, 0, false, is_nan_f32(s[j]));
+            if (word < *bad) *bad = word;
+        }
+    }
+}
+
+// The elected sign of S, as two bit sets (bit j: element j), so a NaN S is in neither.
+__device__ __forceinline__ u32 sign_bits_nonneg(const float sum[8]) {
+    u32 m = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) m |= (sum[j] >= 0.0f) ? (1u << j) : 0u;
+    return m;
+}
+__device__ __forceinline__ u32 sign_bits_neg(const float sum[8]) {
+    u32 m = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) m |= (sum[j] < 0.0f) ? (1u << j) : 0u;
+    return m;
+}
+
+// TIES, step 2 for one task: its kept u that agree with the elected sign go into mixed, their
+// weight into div. Zeros never agree.
+template <bool RESCALE = true>
+__device__ __forceinline__ void agree(const FuseTask& task, const float th[8], const float b[8],
+                                      u32 mb, u32 positive, u32 negative, float mixed[8],
+                                      float div[8]) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        if ((mb >> j) & 1u) {
+            const float u = contribution<RESCALE>(task, __fsub_rn(th[j], b[j]));
+            const bool pos = (positive >> j) & 1u, neg = (negative >> j) & 1u;
+            if ((u > 0.0f && pos) || (u < 0.0f && neg)) {
+                mixed[j] = __fadd_rn(mixed[j], u);
+                div[j] = __fadd_rn(div[j], task.weight);
+            }
+        }
+    }
+}
+
+// TIES, the end: normalise, add to start (base unless given) and store.
+__device__ __forceinline__ void finish_ties(const void* start, int start_dtype, const float b[8],
+                                            size_t g, size_t n, int normalize, float lambda,
+                                            float mixed[8], const float div[8], void* out,
+                                            int out_dtype, bool check, u64* bad) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        if (normalize) mixed[j] = __fdiv_rn(mixed[j], div[j] == 0.0f ? 1.0f : div[j]);
+    }
+    float s[8];
+    load_start(start, start_dtype, b, g, n, check, bad, s);
+    float o[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = __fadd_rn(s[j], __fmul_rn(lambda, mixed[j]));
+    store8(out, out_dtype, g, n, o);
+}
+
+// ---- the general path (DT_MIXED): per-pointer dtypes, misaligned pointers, tail groups.
+// Each input is loaded with load8 (a dtype branch per load, widened on arrival). The mask byte is
+// loaded beside the task's theta, never tested first: a test would make the theta load wait
+// for it.
+
 __device__ __forceinline__ void fuse_linear_group(const FuseTask* tasks, int num_tasks,
                                                   const void* base, int base_dtype,
                                                   const void* start, int start_dtype, size_t g,
@@ -106,7 +184,6 @@ __device__ __forceinline__ void fuse_linear_group(const FuseTask* tasks, int num
     for (int t = 0; t < num_tasks; ++t) {
         const FuseTask& task = tasks[t];
         const u32 mb = mask_byte(task, g);
-        if (mb == 0 && !check) continue;
         float tau[8];
         load8(task.theta, task.dtype, g, n, tau);
 #pragma unroll
@@ -144,7 +221,6 @@ __device__ __forceinline__ void fuse_ties_group(const FuseTask* tasks, int num_t
     for (int t = 0; t < num_tasks; ++t) {
         const FuseTask& task = tasks[t];
         const u32 mb = mask_byte(task, g);
-        if (mb == 0 && !check) continue;
         float tau[8];
         load8(task.theta, task.dtype, g, n, tau);
 #pragma unroll
@@ -155,13 +231,7 @@ __device__ __forceinline__ void fuse_ties_group(const FuseTask* tasks, int num_t
             if ((mb >> j) & 1u) sum[j] = __fadd_rn(sum[j], contribution(task, tau[j]));
         }
     }
-    // the elected sign, as two bit sets (bit j: element j), so a NaN S is in neither
-    u32 positive = 0, negative = 0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        positive |= (sum[j] >= 0.0f) ? (1u << j) : 0u;
-        negative |= (sum[j] < 0.0f) ? (1u << j) : 0u;
-    }
+    const u32 positive = sign_bits_nonneg(sum), negative = sign_bits_neg(sum);
     // 2. the disjoint sum of the u_t that agree with it
     float mixed[8], div[8];
 #pragma unroll
@@ -172,31 +242,150 @@ __device__ __forceinline__ void fuse_ties_group(const FuseTask* tasks, int num_t
     for (int t = 0; t < num_tasks; ++t) {
         const FuseTask& task = tasks[t];
         const u32 mb = mask_byte(task, g);
-        if (mb == 0) continue;
         float th[8];
         load8(task.theta, task.dtype, g, n, th);
+        agree(task, th, b, mb, positive, negative, mixed, div);
+    }
+    finish_ties(start, start_dtype, b, g, n, normalize, lambda, mixed, div, out, out_dtype, check,
+                bad);
+}
+
+// ---- the fast path (DT = the launch's one dtype, every pointer 16-byte aligned, no rescale).
+// Base, start and the thetas and mask bytes of a batch of tasks (Batch below) are loaded raw,
+// back to back, before anything is widened: 4 to 7 loads in flight per thread instead of one
+// (docs/KERNELS.md, "Loads in flight"). More tasks go in further batches. Whole groups only: a
+// tensor's tail group takes the general path, out of line (fuse_tail).
+
+// Tasks whose loads go out together: 64 bytes of theta per thread (4 tasks of fp16/bf16, 2 of
+// fp32), which with base and start is what 80 registers hold without spilling.
+template <int DT> struct Batch {
+    static constexpr int N = DT == DT_F32 ? 2 : 4;
+    Raw8<DT> th[N];
+    u32 mb[N];
+};
+
+// Issues the loads of tasks t0 .. t0 + Batch<DT>::N - 1 of group g. Slots past the last task
+// load the last task again (an L1 hit; the caller skips them): a branch around each load would
+// split them into basic blocks, and ptxas fills each block with the widening of what is already
+// loaded, which waits for it.
+template <int DT>
+__device__ __forceinline__ void load_batch(const FuseTask* tasks, int num_tasks, int t0, size_t g,
+                                           Batch<DT>& bt) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            if ((mb >> j) & 1u) {
-                const float u = contribution(task, __fsub_rn(th[j], b[j]));
-                const bool pos = (positive >> j) & 1u, neg = (negative >> j) & 1u;
-                if ((u > 0.0f && pos) || (u < 0.0f && neg)) {  // zeros never agree
-                    mixed[j] = __fadd_rn(mixed[j], u);
-                    div[j] = __fadd_rn(div[j], task.weight);
+    for (int j = 0; j < Batch<DT>::N; ++j) {
+        const int t = t0 + j < num_tasks ? t0 + j : num_tasks - 1;
+        bt.th[j] = load_raw8<DT>(tasks[t].theta, g);
+        bt.mb[j] = mask_byte(tasks[t], g);
+    }
+}
+
+template <int DT>
+__device__ __forceinline__ void fuse_linear_fast(const FuseTask* tasks, int num_tasks,
+                                                 const void* base, const void* start, size_t g,
+                                                 int normalize, float div, float lambda, void* out,
+                                                 int out_dtype, bool check, u64* bad) {
+    const Raw8<DT> rb = load_raw8<DT>(base, g);
+    Raw8<DT> rs = zero_raw8<DT>();  // (not `: rb`: copying rb would wait for its load)
+    if (start != nullptr) rs = load_raw8<DT>(start, g);
+    Batch<DT> bt;
+    load_batch<DT>(tasks, num_tasks, 0, g, bt);
+    float b[8], acc[8];
+    widen8<DT>(rb, b);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+    for (int t0 = 0;;) {
+#pragma unroll
+        for (int q = 0; q < Batch<DT>::N; ++q) {
+            const int t = t0 + q;
+            if (t < num_tasks) {
+                const FuseTask& task = tasks[t];
+                float tau[8];
+                widen8<DT>(bt.th[q], tau);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) tau[j] = __fsub_rn(tau[j], b[j]);
+                if (check) check_tau(tau, b, g, t, bad);
+                const u32 mb = bt.mb[q];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    if ((mb >> j) & 1u) {
+                        const float u = contribution<false>(task, tau[j]);
+                        acc[j] = (task.sign > 0) ? __fadd_rn(acc[j], u) : __fsub_rn(acc[j], u);
+                    }
                 }
             }
         }
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        if (normalize) mixed[j] = __fdiv_rn(mixed[j], div[j] == 0.0f ? 1.0f : div[j]);
+        t0 += Batch<DT>::N;
+        if (t0 >= num_tasks) break;
+        load_batch<DT>(tasks, num_tasks, t0, g, bt);
     }
     float s[8];
-    load_start(start, start_dtype, b, g, n, check, bad, s);
+    widen_start<DT>(start, rs, b, g, check, bad, s);
     float o[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) o[j] = __fadd_rn(s[j], __fmul_rn(lambda, mixed[j]));
-    store8(out, out_dtype, g, n, o);
+    for (int j = 0; j < 8; ++j) {
+        const float a = normalize ? __fdiv_rn(acc[j], div) : acc[j];
+        o[j] = __fadd_rn(s[j], __fmul_rn(lambda, a));
+    }
+    store8(out, out_dtype, g, g * 8 + 8, o);
+}
+
+template <int DT>
+__device__ __forceinline__ void fuse_ties_fast(const FuseTask* tasks, int num_tasks,
+                                               const void* base, const void* start, size_t g,
+                                               int normalize, float lambda, void* out,
+                                               int out_dtype, bool check, u64* bad) {
+    const Raw8<DT> rb = load_raw8<DT>(base, g);
+    Batch<DT> bt;
+    load_batch<DT>(tasks, num_tasks, 0, g, bt);
+    float b[8], sum[8];
+    widen8<DT>(rb, b);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sum[j] = 0.0f;
+    // 1. S = sum of the kept u_t, in task order
+    for (int t0 = 0;;) {
+#pragma unroll
+        for (int q = 0; q < Batch<DT>::N; ++q) {
+            const int t = t0 + q;
+            if (t < num_tasks) {
+                const FuseTask& task = tasks[t];
+                float tau[8];
+                widen8<DT>(bt.th[q], tau);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) tau[j] = __fsub_rn(tau[j], b[j]);
+                if (check) check_tau(tau, b, g, t, bad);
+                const u32 mb = bt.mb[q];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    if ((mb >> j) & 1u) sum[j] = __fadd_rn(sum[j], contribution<false>(task, tau[j]));
+                }
+            }
+        }
+        t0 += Batch<DT>::N;
+        if (t0 >= num_tasks) break;
+        load_batch<DT>(tasks, num_tasks, t0, g, bt);
+    }
+    const u32 positive = sign_bits_nonneg(sum), negative = sign_bits_neg(sum);
+    // 2. the agreeing terms: theta and the masks again (L1/L2 hits), in batches
+    float mixed[8], div[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        mixed[j] = 0.0f;
+        div[j] = 0.0f;
+    }
+    for (int t0 = 0; t0 < num_tasks; t0 += Batch<DT>::N) {
+        load_batch<DT>(tasks, num_tasks, t0, g, bt);
+#pragma unroll
+        for (int q = 0; q < Batch<DT>::N; ++q) {
+            if (t0 + q < num_tasks) {
+                float th[8];
+                widen8<DT>(bt.th[q], th);
+                agree<false>(tasks[t0 + q], th, b, bt.mb[q], positive, negative, mixed, div);
+            }
+        }
+    }
+    // start is read last here: fuse_ties is held to 80 registers (3 blocks per SM)
+    finish_ties(start, DT, b, g, g * 8 + 8, normalize, lambda, mixed, div, out, out_dtype, check,
+                bad);
 }
 
 // Per-group statistics; called by all 32 lanes of every warp (valid: this lane's g < ngroups).
@@ -232,8 +421,30 @@ __device__ __forceinline__ void group_stats(const FuseTask* tasks, int num_tasks
     }
 }
 
-// The body of both fuse kernels (METHOD = FUSE_LINEAR or FUSE_TIES); see fuse_linear below.
+// One group by the general path, out of line: inlined into a typed kernel its registers would add
+// to the fast loop's. Runs for a typed launch's tail group.
 template <int METHOD>
+__device__ __noinline__ u64 fuse_general(const FuseTask* tasks, int num_tasks, const void* base,
+                                         int base_dtype, const void* start, int start_dtype,
+                                         size_t g, size_t n, int normalize, float linear_div,
+                                         float lambda, void* out, int out_dtype, bool check,
+                                         u64 bad) {
+    if (METHOD == FUSE_TIES) {
+        fuse_ties_group(tasks, num_tasks, base, base_dtype, start, start_dtype, g, n, normalize,
+                        lambda, out, out_dtype, check, &bad);
+    } else {
+        fuse_linear_group(tasks, num_tasks, base, base_dtype, start, start_dtype, g, n,
+                          normalize, linear_div, lambda, out, out_dtype, check, &bad);
+    }
+    return bad;
+}
+
+// Both fuse kernels, for every dtype template DT: DT_MIXED is the general kernel (`fuse_linear`,
+// `fuse_ties`), which takes any dtypes, alignment and rescale; DT_F32/F16/BF16 the typed ones
+// (`fuse_linear_bf16`, ...), for launches whose base, start and thetas all have dtype DT, are
+// 16-byte aligned and have no rescale (the host checks; a typed kernel launched on anything else
+// traps, like num_tasks out of range: a host bug).
+template <int METHOD, int DT>
 __device__ __forceinline__ void fuse_body(const void* base, int base_dtype, const void* start,
                                           int start_dtype, const FuseTask* tasks, int num_tasks,
                                           size_t n, int normalize, float linear_div, float lambda,
@@ -254,23 +465,64 @@ __device__ __forceinline__ void fuse_body(const void* base, int base_dtype, cons
     const bool want_kept = kept != nullptr;
     const bool want_hist = combo_hist != nullptr && num_tasks <= FUSE_MAX_HIST_TASKS;
     const bool check = bad != nullptr;
+    bool typed = false;
+    if constexpr (DT != DT_MIXED) {
+        int dt = uniform_dtype(DT, base, base_dtype);
+        dt = uniform_dtype(dt, start, start_dtype);
+        bool rescale = false;
+        for (int t = 0; t < num_tasks; ++t) {
+            dt = uniform_dtype(dt, s_tasks[t].theta, s_tasks[t].dtype);
+            rescale |= s_tasks[t].rescale != 1.0f;
+        }
+        typed = dt == DT && !rescale;
+    }
     u64 my_bad = ~0ULL;
 
+    if (DT != DT_MIXED && !typed) __trap();  // the host picks a typed kernel only when it fits
+
+    // Whole groups on the fast path; the tail group (n not a multiple of 8) after the loop.
     const size_t ngroups = (n + 7) / 8;
+    const size_t loop_groups = DT != DT_MIXED ? n / 8 : ngroups;
     const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
     // g0 is the same in every thread of the block: every warp runs the same trip count, so the
     // warp-synchronous statistics see all 32 lanes.
-    for (size_t g0 = static_cast<size_t>(blockIdx.x) * blockDim.x; g0 < ngroups; g0 += stride) {
+    for (size_t g0 = static_cast<size_t>(blockIdx.x) * blockDim.x; g0 < loop_groups;
+         g0 += stride) {
         const size_t g = g0 + threadIdx.x;
-        const bool valid = g < ngroups;
+        const bool valid = g < loop_groups;
         if (valid) {
-            if (METHOD == FUSE_TIES) {
-                fuse_ties_group(s_tasks, num_tasks, base, base_dtype, start, start_dtype, g, n,
-                                normalize, lambda, out, out_dtype, check, &my_bad);
+            if constexpr (DT == DT_MIXED) {
+                if (METHOD == FUSE_TIES) {
+                    fuse_ties_group(s_tasks, num_tasks, base, base_dtype, start, start_dtype, g,
+                                    n, normalize, lambda, out, out_dtype, check, &my_bad);
+                } else {
+                    fuse_linear_group(s_tasks, num_tasks, base, base_dtype, start, start_dtype,
+                                      g, n, normalize, linear_div, lambda, out, out_dtype, check,
+                                      &my_bad);
+                }
             } else {
-                fuse_linear_group(s_tasks, num_tasks, base, base_dtype, start, start_dtype, g, n,
-                                  normalize, linear_div, lambda, out, out_dtype, check, &my_bad);
+                if (METHOD == FUSE_TIES) {
+                    fuse_ties_fast<DT>(s_tasks, num_tasks, base, start, g, normalize, lambda, out,
+                                       out_dtype, check, &my_bad);
+                } else {
+                    fuse_linear_fast<DT>(s_tasks, num_tasks, base, start, g, normalize,
+                                         linear_div, lambda, out, out_dtype, check, &my_bad);
+                }
             }
+        }
+        if (want_kept || want_hist) {
+            group_stats(s_tasks, num_tasks, g, valid, n, want_kept, want_hist, s_kept, s_hist);
+        }
+    }
+    if (loop_groups < ngroups && blockIdx.x == 0 && threadIdx.x < 32) {
+        // the tail group of a typed launch: lane 0 of block 0's first warp; the whole warp for
+        // the statistics
+        const size_t g = loop_groups;
+        const bool valid = threadIdx.x == 0;
+        if (valid) {
+            my_bad = fuse_general<METHOD>(s_tasks, num_tasks, base, base_dtype, start, start_dtype,
+                                          g, n, normalize, linear_div, lambda, out, out_dtype,
+                                          check, my_bad);
         }
         if (want_kept || want_hist) {
             group_stats(s_tasks, num_tasks, g, valid, n, want_kept, want_hist, s_kept, s_hist);
@@ -293,34 +545,49 @@ __device__ __forceinline__ void fuse_body(const void* base, int base_dtype, cons
 // tasks: device array of num_tasks FuseTask (1 <= num_tasks <= 64).
 // kept: NULL or u64[num_tasks], added to; combo_hist: NULL or u64[1 << num_tasks] (used only when
 // num_tasks <= 8), added to; bad: NULL (no check) or one u64, lowered to fuse_bad_word's.
-extern "C" __global__ void __launch_bounds__(FUSE_THREADS)
-fuse_linear(const void* base, int base_dtype,
-            const void* start, int start_dtype,  // NULL: start = base
-            const FuseTask* tasks, int num_tasks,
-            size_t n,
-            int normalize,     // nonzero: acc = acc / linear_div
-            float linear_div,  // sum of the models' weights, |div| < 1e-8 -> 1, by the host
-            float lambda,
-            void* out, int out_dtype,
-            u64* kept, u64* combo_hist, u64* bad) {
-    fuse_body<FUSE_LINEAR>(base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
-                           linear_div, lambda, out, out_dtype, kept, combo_hist, bad);
+// The general kernel: any dtypes (each pointer its own), any alignment, any rescale.
+#define FUSE_LINEAR_ARGS                                                                         \
+    const void *base, int base_dtype, const void *start, /* NULL: start = base */               \
+        int start_dtype, const FuseTask *tasks, int num_tasks, size_t n,                         \
+        int normalize,     /* nonzero: acc = acc / linear_div */                                 \
+        float linear_div,  /* sum of the models' weights, |div| < 1e-8 -> 1, by the host */      \
+        float lambda, void *out, int out_dtype, u64 *kept, u64 *combo_hist, u64 *bad
+#define FUSE_PASS                                                                                \
+    base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize, linear_div, lambda,   \
+        out, out_dtype, kept, combo_hist, bad
+
+extern "C" __global__ void __launch_bounds__(FUSE_THREADS) fuse_linear(FUSE_LINEAR_ARGS) {
+    fuse_body<FUSE_LINEAR, DT_MIXED>(FUSE_PASS);
 }
 
 // TIES fuse (ties, dare_ties). The same arguments as fuse_linear; linear_div and each task's
 // sign are ignored.
 // normalize nonzero: mixed /= (sum of the agreeing weights, 0 -> 1).
 // Register use: at least 3 blocks of 256 per SM (<= 80 registers; ptxas needs about 72).
-extern "C" __global__ void __launch_bounds__(FUSE_THREADS, 3)
-fuse_ties(const void* base, int base_dtype,
-          const void* start, int start_dtype,
-          const FuseTask* tasks, int num_tasks,
-          size_t n,
-          int normalize,
-          float linear_div,
-          float lambda,
-          void* out, int out_dtype,
-          u64* kept, u64* combo_hist, u64* bad) {
-    fuse_body<FUSE_TIES>(base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
-                         linear_div, lambda, out, out_dtype, kept, combo_hist, bad);
+extern "C" __global__ void __launch_bounds__(FUSE_THREADS, 3) fuse_ties(FUSE_LINEAR_ARGS) {
+    fuse_body<FUSE_TIES, DT_MIXED>(FUSE_PASS);
+}
+
+// The typed kernels: the same arguments and results, for launches whose inputs all have the
+// kernel's dtype, are 16-byte aligned and have no rescale (docs/KERNELS.md: the host picks the
+// kernel once per launch). One kernel per dtype rather than a switch inside one: ptxas allocates
+// a kernel's registers for all its paths together, and the three fast paths side by side spill.
+// fuse_linear_*: at least 3 blocks per SM (<= 80 registers, ~78 used).
+extern "C" __global__ void __launch_bounds__(FUSE_THREADS, 3) fuse_linear_f32(FUSE_LINEAR_ARGS) {
+    fuse_body<FUSE_LINEAR, DT_F32>(FUSE_PASS);
+}
+extern "C" __global__ void __launch_bounds__(FUSE_THREADS, 3) fuse_linear_f16(FUSE_LINEAR_ARGS) {
+    fuse_body<FUSE_LINEAR, DT_F16>(FUSE_PASS);
+}
+extern "C" __global__ void __launch_bounds__(FUSE_THREADS, 3) fuse_linear_bf16(FUSE_LINEAR_ARGS) {
+    fuse_body<FUSE_LINEAR, DT_BF16>(FUSE_PASS);
+}
+extern "C" __global__ void __launch_bounds__(FUSE_THREADS, 3) fuse_ties_f32(FUSE_LINEAR_ARGS) {
+    fuse_body<FUSE_TIES, DT_F32>(FUSE_PASS);
+}
+extern "C" __global__ void __launch_bounds__(FUSE_THREADS, 3) fuse_ties_f16(FUSE_LINEAR_ARGS) {
+    fuse_body<FUSE_TIES, DT_F16>(FUSE_PASS);
+}
+extern "C" __global__ void __launch_bounds__(FUSE_THREADS, 3) fuse_ties_bf16(FUSE_LINEAR_ARGS) {
+    fuse_body<FUSE_TIES, DT_BF16>(FUSE_PASS);
 }

@@ -68,7 +68,83 @@ __device__ __forceinline__ float score_one(float th, float b, float g, int mode,
     return 0.0f;
 }
 
-// Grid: any (grid-stride over groups of 8), block: exactly SELECT_THREADS (256).
+// Group g's inputs as f32, in the fast path: the raw bytes of theta, base and G (those the mode
+// reads) are loaded back to back, then widened (common.cuh, "loads in flight"). DT: the dtype of
+// theta and base, GDT: G's; both 16-byte aligned, the group whole.
+template <int DT, int GDT>
+__device__ __forceinline__ void score_inputs_fast(const void* theta, const void* base,
+                                                  const void* grad, int mode, size_t g,
+                                                  float th[8], float b[8], float gr[8]) {
+    // An input the mode does not read is replaced by theta (an L1 hit; score_one ignores it):
+    // every load issues, with no branch to split them. Mode 0 reads no G, and then GDT == DT.
+    const void* bp = mode != SCORE_ABS_THETA_G ? base : theta;
+    const void* gp = grad;
+    if constexpr (GDT == DT) gp = mode != SCORE_ABS_TAU ? grad : theta;
+    const Raw8<DT> rt = load_raw8<DT>(theta, g);
+    const Raw8<DT> rb = load_raw8<DT>(bp, g);
+    const Raw8<GDT> rg = load_raw8<GDT>(gp, g);
+    widen8<DT>(rt, th);
+    widen8<DT>(rb, b);
+    widen8<GDT>(rg, gr);
+}
+
+// The general path: per-pointer dtypes, misaligned pointers, the tail group.
+__device__ __forceinline__ void score_inputs_general(const void* theta, int theta_dtype,
+                                                     const void* base, int base_dtype,
+                                                     const void* grad, int grad_dtype, int mode,
+                                                     size_t g, size_t n, float th[8], float b[8],
+                                                     float gr[8]) {
+    load8(theta, theta_dtype, g, n, th);
+    if (mode != SCORE_ABS_THETA_G) {
+        load8(base, base_dtype, g, n, b);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) b[j] = 0.0f;
+    }
+    if (mode != SCORE_ABS_TAU) {
+        load8(grad, grad_dtype, g, n, gr);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) gr[j] = 0.0f;
+    }
+}
+
+// The group loop of score_keys for one dtype pair (DT, GDT), or the general path (DT_MIXED).
+template <int DT, int GDT>
+__device__ __forceinline__ u64 score_groups(const void* theta, int theta_dtype, const void* base,
+                                            int base_dtype, const void* grad, int grad_dtype,
+                                            int mode, bool zero_bad, size_t n, u32* keys,
+                                            bool do_hist, u32 pmask, u32 prefix, int pass,
+                                            u32* s_hist) {
+    u64 my_bad = ~0ULL;
+    const size_t ngroups = (n + 7) / 8;
+    const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+    for (size_t g = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < ngroups;
+         g += stride) {
+        float th[8], b[8], gr[8];
+        if (DT != DT_MIXED && g * 8 + 8 <= n) {
+            if constexpr (DT != DT_MIXED) score_inputs_fast<DT, GDT>(theta, base, grad, mode, g, th, b, gr);
+        } else {
+            score_inputs_general(theta, theta_dtype, base, base_dtype, grad, grad_dtype, mode, g,
+                                 n, th, b, gr);
+        }
+        u32 k[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {  // past n all inputs read 0: score 0, no error
+            k[j] = float_to_key(score_one(th[j], b[j], gr[j], mode, zero_bad, g * 8 + j, &my_bad));
+            if (do_hist && g * 8 + j < n && (k[j] & pmask) == prefix) {
+                atomicAdd(&s_hist[radix_digit(k[j], pass)], 1u);
+            }
+        }
+        if (keys != nullptr) store8_u32(keys, g, n, k);
+    }
+    return my_bad;
+}
+
+// Grid: any (grid-stride over groups of 8), block: exactly SELECT_THREADS (256). The dtypes are
+// decided once for the launch: theta and base of one dtype (base unread in mode 1), G of one
+// (unread in mode 0), all 16-byte aligned, takes that pair's fast path; anything else the general
+// one.
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
 score_keys(const void* theta, int theta_dtype,
            const void* base, int base_dtype,   // NULL in mode 1
@@ -91,35 +167,24 @@ score_keys(const void* theta, int theta_dtype,
     }
     const bool zero_bad = nonfinite_zero != 0;
 
-    u64 my_bad = ~0ULL;
-    const size_t ngroups = (n + 7) / 8;
-    const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-    for (size_t g = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < ngroups;
-         g += stride) {
-        float th[8], b[8], gr[8];
-        load8(theta, theta_dtype, g, n, th);
-        if (mode != SCORE_ABS_THETA_G) {
-            load8(base, base_dtype, g, n, b);
-        } else {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) b[j] = 0.0f;
-        }
-        if (mode != SCORE_ABS_TAU) {
-            load8(grad, grad_dtype, g, n, gr);
-        } else {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) gr[j] = 0.0f;
-        }
-        u32 k[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {  // past n all inputs read 0: score 0, no error
-            k[j] = float_to_key(score_one(th[j], b[j], gr[j], mode, zero_bad, g * 8 + j, &my_bad));
-            if (do_hist && g * 8 + j < n && (k[j] & pmask) == prefix) {
-                atomicAdd(&s_hist[radix_digit(k[j], pass)], 1u);
-            }
-        }
-        if (keys != nullptr) store8_u32(keys, g, n, k);
+    int dt = uniform_dtype(theta_dtype, theta, theta_dtype);
+    if (mode != SCORE_ABS_THETA_G) dt = uniform_dtype(dt, base, base_dtype);
+    int gdt = dt;
+    if (mode != SCORE_ABS_TAU) gdt = dt == DT_MIXED ? DT_MIXED : uniform_dtype(grad_dtype, grad, grad_dtype);
+    if (gdt == DT_MIXED) dt = DT_MIXED;
+#define SCORE_GROUPS(D, G)                                                                       \
+    score_groups<D, G>(theta, theta_dtype, base, base_dtype, grad, grad_dtype, mode, zero_bad, n, \
+                       keys, do_hist, pmask, prefix, pass, s_hist)
+    u64 my_bad;
+    switch (dt * 4 + gdt) {
+        case DT_F32 * 4 + DT_F32: my_bad = SCORE_GROUPS(DT_F32, DT_F32); break;
+        case DT_F16 * 4 + DT_F16: my_bad = SCORE_GROUPS(DT_F16, DT_F16); break;
+        case DT_BF16 * 4 + DT_BF16: my_bad = SCORE_GROUPS(DT_BF16, DT_BF16); break;
+        case DT_F16 * 4 + DT_F32: my_bad = SCORE_GROUPS(DT_F16, DT_F32); break;
+        case DT_BF16 * 4 + DT_F32: my_bad = SCORE_GROUPS(DT_BF16, DT_F32); break;
+        default: my_bad = SCORE_GROUPS(DT_MIXED, DT_MIXED); break;
     }
+#undef SCORE_GROUPS
     if (my_bad != ~0ULL && bad != nullptr) atomicMin(bad, my_bad);
 
     if (!do_hist) return;

@@ -89,9 +89,6 @@ __device__ __forceinline__ void append_candidates(const u32 k[4], u32 match, u32
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
 select_filter(const u32* keys, size_t n, SelectState* st, int pass, u32* cand, size_t cand_cap) {
     __shared__ u32 s_hist[RADIX_BINS];
-    for (int b = threadIdx.x; b < RADIX_BINS; b += blockDim.x) s_hist[b] = 0;
-    __syncthreads();
-
     const u32 pmask = radix_prefix_mask(pass);
     const u32 prefix = st->prefix & pmask;
     const u32* src = keys;
@@ -103,27 +100,37 @@ select_filter(const u32* keys, size_t n, SelectState* st, int pass, u32* cand, s
     // read before the ticket, so before the last block's pick changes count_eq
     const bool write = pass == 1 && cand != nullptr && st->count_eq <= cand_cap;
 
+    // The grid is sized for n by the host, which does not know how many candidates pass 1 kept:
+    // only the blocks the data needs (one per 256 quads) zero, fill and flush a histogram; the
+    // others (all but a few in a pass 2 over a few thousand candidates) only take the ticket.
     const size_t nquads = (len + 3) / 4;
-    const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-    // q0 is the same in every thread of the block, so every warp runs the same trip count and
-    // the warp-synchronous append below sees all 32 lanes.
-    for (size_t q0 = static_cast<size_t>(blockIdx.x) * blockDim.x; q0 < nquads; q0 += stride) {
-        const size_t q = q0 + threadIdx.x;
-        u32 k[4];
-        const int valid = (q < nquads) ? load4_u32(src, q, len, k) : 0;
-        u32 match = 0;
+    const size_t need = (nquads + SELECT_THREADS - 1) / SELECT_THREADS;
+    const unsigned active = need < gridDim.x ? (need > 0 ? static_cast<unsigned>(need) : 1u)
+                                             : gridDim.x;
+    if (blockIdx.x < active) {
+        for (int b = threadIdx.x; b < RADIX_BINS; b += blockDim.x) s_hist[b] = 0;
+        __syncthreads();
+        const size_t stride = static_cast<size_t>(active) * blockDim.x;
+        // q0 is the same in every thread of the block, so every warp runs the same trip count
+        // and the warp-synchronous append below sees all 32 lanes.
+        for (size_t q0 = static_cast<size_t>(blockIdx.x) * blockDim.x; q0 < nquads;
+             q0 += stride) {
+            const size_t q = q0 + threadIdx.x;
+            u32 k[4];
+            const int valid = (q < nquads) ? load4_u32(src, q, len, k) : 0;
+            u32 match = 0;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            if (j < valid && (k[j] & pmask) == prefix) {
-                match |= 1u << j;
-                atomicAdd(&s_hist[radix_digit(k[j], pass)], 1u);
+            for (int j = 0; j < 4; ++j) {
+                if (j < valid && (k[j] & pmask) == prefix) {
+                    match |= 1u << j;
+                    atomicAdd(&s_hist[radix_digit(k[j], pass)], 1u);
+                }
             }
+            if (write) append_candidates(k, match, cand, &st->cand_fill);
         }
-        if (write) append_candidates(k, match, cand, &st->cand_fill);
+        __syncthreads();
+        flush_hist(s_hist, st->hist[pass], RADIX_BINS);
     }
-
-    __syncthreads();
-    flush_hist(s_hist, st->hist[pass], RADIX_BINS);
     if (!last_block_ticket(&st->ticket)) return;
     if (threadIdx.x == 0) {
         st->ticket = 0;

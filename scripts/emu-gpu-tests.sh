@@ -14,6 +14,9 @@
 #   scripts/emu-gpu-tests.sh                  # all of tests/gpu/
 #   scripts/emu-gpu-tests.sh ties_matches     # a filter, as for cargo test
 #   FAKE_CUDA_SEED=123 scripts/emu-gpu-tests.sh   # the random delays of an earlier run (printed)
+#   STAMERGE_CUDA_INPUTS=register STAMERGE_CUDA_OUTPUTS=register STAMERGE_CUDA_REGISTER_MIN=4096 \
+#       scripts/emu-gpu-tests.sh methods::     # the registered transfer paths (run by default
+#       after the whole suite, on a subset)
 #   FAKE_CUDA_EAGER_STREAM=3 scripts/emu-gpu-tests.sh deferred   # the download stream runs
 #       each operation when queued (2: the copy stream, 1: compute), the others run on their
 #       workers; FAKE_CUDA_LAZY_STREAM=k holds stream k until something waits for it
@@ -35,3 +38,14 @@ cd "$root"
 skip=(--skip huge::)
 [ -z "${STAMERGE_HUGE_ELEMS:-}" ] || skip=()
 cargo test --test gpu -- --include-ignored --nocapture --test-threads 1 "${skip[@]}" "$@"
+# The other transfer paths (src/backend/cuda/fill.rs): inputs registered read-only and copied
+# straight from where they lie, outputs downloaded straight into their registered buffer, from
+# 4 KiB up so that the tests' small tensors take them; then the fallback when the driver refuses
+# every registration. A subset: the tests that stream, defer outputs and cover every method.
+# Skipped when a filter was given (STAMERGE_CUDA_INPUTS etc. can be set by hand then).
+if [ $# -eq 0 ]; then
+    STAMERGE_CUDA_INPUTS=register STAMERGE_CUDA_OUTPUTS=register STAMERGE_CUDA_REGISTER_MIN=4096 \
+        cargo test --test gpu -- --include-ignored --nocapture --test-threads 1 methods:: streaming:: host:: chunked::
+    FAKE_CUDA_NO_REGISTER=1 STAMERGE_CUDA_INPUTS=register STAMERGE_CUDA_OUTPUTS=register \
+        STAMERGE_CUDA_REGISTER_MIN=4096 cargo test --test gpu -- --include-ignored --nocapture --test-threads 1 streaming::
+fi

@@ -41,6 +41,21 @@
 #   cpu-merge   25  the same on the CPU; the output files compared with the cuda ones
 # results.md gives CUDA ÷ read and CUDA ÷ CPU as measured on that machine.
 #
+# GPU_CHECK_STEPS=perf runs, instead of the steps above after preflight, the measurements that
+# check issue 20's predictions (BENCHMARKS.md, "Issue 20"), each printing the figure to compare:
+#   synth       50  the ~5.4 GB set above (kept with GPU_CHECK_DATA)
+#   staging     25  `stamerge bench staging`: a warm mapped 2 GiB file into 16 MiB slots by
+#                   1, 2, 4, 8, 16 threads, GB/s (predicted: 55 GB/s, the link, by 10-12 threads)
+#   kernels     40  `stamerge bench kernels` at 2^27 bf16 elements, 3 tasks: each kernel's GB/s as
+#                   a % of a device copy (predicted: fuse_linear and fuse_ties >= 85 %)
+#   ratio-ties  60  `stamerge bench merge --recipe ties --device cuda` on that set: GPU ÷ warm read
+#                   (predicted <= 1.3), ÷ CPU, bytes over the link (1.0x the inputs read)
+#   ratio-sta-model 60  the same for sta_model (model-wide selection, which still re-uploads:
+#                   predicted, and seen under the fake, about 6x the inputs over the link)
+#   register    40  ties again with STAMERGE_CUDA_INPUTS=register STAMERGE_CUDA_OUTPUTS=register
+#                   (predicted slower than ratio-ties' copy paths; if faster, make it the default)
+# Its budget is 295 s, preflight included; the same two files come back.
+#
 # Exit status: 0 when every step passed, was skipped or was partial, 1 otherwise, 2 when the
 # binaries are missing or have no kernels.
 #
@@ -139,15 +154,22 @@ row() {
     case "$STATUS" in ok | skipped* | partial*) ;; *) FAILED=1 ;; esac
 }
 
-declare -A CAP=([preflight]=20 [tiny]=30 [gpu-tests]=90 [reruns]=30 [huge]=90 [memcheck]=50
-    [racecheck]=20 [synccheck]=20 [initcheck]=20 [synth]=50 [read]=15 [cuda-merge]=20
-    [cpu-merge]=25)
+MODE="${GPU_CHECK_STEPS:-all}"
+case "$MODE" in all | perf) ;; *) echo "GPU_CHECK_STEPS: all or perf, not $MODE" >&2; exit 2 ;; esac
+if [ "$MODE" = all ]; then
+    declare -A CAP=([preflight]=20 [tiny]=30 [gpu-tests]=90 [reruns]=30 [huge]=90 [memcheck]=50
+        [racecheck]=20 [synccheck]=20 [initcheck]=20 [synth]=50 [read]=15 [cuda-merge]=20
+        [cpu-merge]=25)
+else
+    declare -A CAP=([preflight]=20 [synth]=50 [staging]=25 [kernels]=40 [ratio-ties]=60
+        [ratio-sta-model]=60 [register]=40)
+fi
 BUDGET=0
 for c in "${CAP[@]}"; do BUDGET=$((BUDGET + c)); done
 
 READ_S="" CUDA_S="" CPU_S="" READ_BYTES=""
 write_results() {
-    echo "# stamerge GPU check ($(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - START)) s of a ${BUDGET} s budget)"
+    echo "# stamerge GPU check, steps: $MODE ($(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - START)) s of a ${BUDGET} s budget)"
     echo
     if [ -n "$FAKE" ]; then
         echo "**Dry run on a machine without a GPU ($(uname -m), $(nproc) cores): every step ran"
@@ -189,7 +211,7 @@ if [ -n "$FAKE" ]; then
         "$root/scripts/emu/fake_libcuda.cpp" -o "$WORK/fake/libcuda.so" || exit 1
     export LD_LIBRARY_PATH="$WORK/fake${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-if [ -z "$BIN" ] || [ -z "$TEST_BIN" ]; then
+if [ -z "$BIN" ] || { [ -z "$TEST_BIN" ] && [ "$MODE" = all ]; }; then
     STATUS=FAILED SECS=0
     row binaries - "missing: stamerge (${BIN:-${STAMERGE_BIN:-not found}}) or the tests/gpu binary (${TEST_BIN:-${GPU_TEST_BIN:-not found}}); build them with scripts/gpu-bundle.sh"
     finish 2
@@ -235,6 +257,7 @@ if grep -q 'no CUDA kernels' "$LOGS/preflight.txt"; then
 fi
 row preflight "${CAP[preflight]}" "$(grep -m1 -oE 'Driver Version: [0-9.]*|nvidia-smi: not found' "$LOGS/preflight.txt"); $(grep -m1 '^other compute processes' "$LOGS/preflight.txt")"
 
+if [ "$MODE" = all ]; then
 # The tiny set first: the CLI path (context on the merging thread, staging, deferred outputs)
 # end to end, on every recipe.
 tiny() {
@@ -243,15 +266,31 @@ tiny() {
     for recipe in "$dir"/*.yml; do
         local name
         name="$(basename "$recipe" .yml)"
+        # One folder name on both devices: the model card (README.md) is titled with it.
+        local refused=""
         for dev in cpu cuda; do
-            "$BIN" --quiet merge "$recipe" "$dir/out-$name-$dev" --device "$dev" --overwrite || return 1
+            mkdir -p "$dir/$dev"
+            if ! "$BIN" --quiet merge "$recipe" "$dir/$dev/$name" --device "$dev" --overwrite 2> "$dir/err"; then
+                cat "$dir/err"
+                # Methods and settings without kernels (della, sce, DARE's L1 rescale, ...) must
+                # be refused clearly on cuda, with nothing written.
+                if [ "$dev" = cuda ] && grep -q 'no CUDA kernels yet' "$dir/err" && [ ! -e "$dir/cuda/$name" ]; then
+                    refused=1
+                    break
+                fi
+                return 1
+            fi
         done
+        if [ -n "$refused" ]; then
+            echo "$name: refused on cuda (no kernels yet)"
+            continue
+        fi
         local diff=""
-        for f in "$dir/out-$name-cpu"/*; do
+        for f in "$dir/cpu/$name"/*; do
             local b
             b="$(basename "$f")"
             [ "$b" = stamerge_report.json ] && continue
-            cmp -s "$f" "$dir/out-$name-cuda/$b" || diff="$diff $b"
+            cmp -s "$f" "$dir/cuda/$name/$b" || diff="$diff $b"
         done
         if [ -n "$diff" ]; then
             echo "$name: DIFFERENT:$diff"
@@ -264,7 +303,7 @@ tiny() {
 }
 export -f tiny
 run_step tiny "${CAP[tiny]}" bash -c 'tiny "$@"' tiny "${TINY[@]}"
-row tiny "${CAP[tiny]}" "$(grep -cE ': identical$' "$LOGS/tiny.txt") recipes identical$(grep -E ': DIFFERENT' "$LOGS/tiny.txt" | tr '\n' ';' | sed 's/^/; /')"
+row tiny "${CAP[tiny]}" "$(grep -cE ': identical$' "$LOGS/tiny.txt") recipes identical, $(grep -cE ': refused on cuda' "$LOGS/tiny.txt") refused on cuda$(grep -E ': DIFFERENT' "$LOGS/tiny.txt" | tr '\n' ';' | sed 's/^/; /')"
 
 run_step gpu-tests "${CAP[gpu-tests]}" "$TEST_BIN" --include-ignored --test-threads 1 --nocapture --skip huge::
 failed_tests="$(sed -n '/^failures:$/,/^test result/p' "$LOGS/gpu-tests.txt" | grep -E '^    [a-z_0-9:]+$' | sort -u | tr -d ' ' | tr '\n' ' ')"
@@ -335,6 +374,8 @@ for tool in racecheck synccheck initcheck; do
     sanitize "$tool" bash -c 'SAN_TESTS=($SAN_TESTS_LIST); san_tool "$@"' san_tool "$tool" "${TINY[@]}"
 done
 
+fi  # MODE all: the correctness steps
+
 # The streamed merge measured: a ~5.4 GB set, its warm read, cuda and cpu.
 DATA="${GPU_CHECK_DATA:-$WORK/data}"
 if [ ! -f "$DATA/sta.yml" ]; then
@@ -343,6 +384,29 @@ if [ ! -f "$DATA/sta.yml" ]; then
 else
     STATUS="skipped (kept from an earlier run: $DATA)" SECS=0
     row synth "${CAP[synth]}" ""
+fi
+
+if [ "$MODE" = perf ]; then
+    # Issue 20's predictions, one step each (the header lists what each should show).
+    [ -n "$FAKE" ] && STAGE_MIB=64 KSIZE=65536 || STAGE_MIB=2048 KSIZE=134217728
+    run_step staging "${CAP[staging]}" "$BIN" bench staging --file "$WORK/staging.bin" \
+        --mib "$STAGE_MIB" --threads 1,2,4,8,16 --runs 3
+    rm -f "$WORK/staging.bin"
+    # "before 4.3; 1t 5.5; 2t 10.9; ..." (GB/s of wall time; the log has the CPU seconds too)
+    row staging "${CAP[staging]}" "$(grep -E 'thread' "$LOGS/staging.txt" | awk '{for (i = 1; i <= NF; i++) if ($i == "GB/s") w = $(i - 1); printf "%s %s; ", (index($0, "before") ? "before" : $1 "t"), w}') GB/s"
+    run_step kernels "${CAP[kernels]}" "$BIN" bench kernels --size "$KSIZE" --tasks 3 --dtype bfloat16 --iters 10
+    row kernels "${CAP[kernels]}" "$(grep -E '^(copy|fuse|score|select|dare).*%$' "$LOGS/kernels.txt" | awk '{print $1, $NF}' | tr '\n' ';' | cut -c1-400)"
+    ratio() {
+        local name=$1
+        shift
+        run_step "$name" "${CAP[$name]}" "$@"
+        row "$name" "${CAP[$name]}" "$(grep -E '^(merge|over the link|same merge)' "$LOGS/$name.txt" | sed 's/  */ /g' | tr '\n' ';' | cut -c1-500)"
+    }
+    ratio ratio-ties "$BIN" bench merge --dir "$DATA" --recipe ties --device cuda --runs 2
+    ratio ratio-sta-model "$BIN" bench merge --dir "$DATA" --recipe sta_model --device cuda --runs 1
+    ratio register env STAMERGE_CUDA_INPUTS=register STAMERGE_CUDA_OUTPUTS=register \
+        "$BIN" bench merge --dir "$DATA" --recipe ties --device cuda --runs 2 --no-cpu
+    finish "$FAILED"
 fi
 FILES=()
 for d in base task_0 task_1 grads_0 grads_1; do
@@ -365,7 +429,8 @@ row read "${CAP[read]}" "$(tail -n1 "$LOGS/read.txt" 2>/dev/null) of ${READ_BYTE
 timed_merge() {
     local dev=$1 t0 t1
     t0=$(date +%s.%N)
-    "$BIN" merge "$DATA/sta.yml" "$WORK/out-$dev" --device "$dev" --overwrite || return 1
+    mkdir -p "$WORK/$dev"
+    "$BIN" merge "$DATA/sta.yml" "$WORK/$dev/out" --device "$dev" --overwrite || return 1
     t1=$(date +%s.%N)
     echo "merged in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b - a}') s"
 }
@@ -377,10 +442,10 @@ fi
 row cuda-merge "${CAP[cuda-merge]}" "$(grep -E '^merged' "$LOGS/cuda-merge.txt" | head -n1 | cut -c1-200)"
 if run_step cpu-merge "${CAP[cpu-merge]}" bash -c 'timed_merge cpu'; then
     CPU_S="$(sed -n 's/^merged in \([0-9.]*\) s$/\1/p' "$LOGS/cpu-merge.txt")"
-    for f in "$WORK/out-cpu"/*; do
+    for f in "$WORK/cpu/out"/*; do
         b="$(basename "$f")"
         [ "$b" = stamerge_report.json ] && continue
-        cmp -s "$f" "$WORK/out-cuda/$b" || { echo "DIFFERENT: $b" >> "$LOGS/cpu-merge.txt"; STATUS="FAILED (cuda and cpu outputs differ)"; }
+        cmp -s "$f" "$WORK/cuda/out/$b" || { echo "DIFFERENT: $b" >> "$LOGS/cpu-merge.txt"; STATUS="FAILED (cuda and cpu outputs differ)"; }
     done
 fi
 row cpu-merge "${CAP[cpu-merge]}" "$(grep -E '^merged|^DIFFERENT' "$LOGS/cpu-merge.txt" | tr '\n' ';' | cut -c1-200)"

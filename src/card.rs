@@ -43,6 +43,20 @@ fn method_md(m: MethodKind) -> String {
             "Reinforced Agent Merging Plus (Tensor-Local)",
             Some("https://arxiv.org/abs/2601.13572"),
         ),
+        MethodKind::Linear => ("Linear", Some("https://arxiv.org/abs/2203.05482")),
+        MethodKind::Slerp => ("SLERP", Some("https://en.wikipedia.org/wiki/Slerp")),
+        MethodKind::Nuslerp => ("NuSLERP", None),
+        MethodKind::Multislerp => (
+            "Multi-SLERP",
+            Some("https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
+        ),
+        MethodKind::Karcher => ("Karcher Mean", Some("https://arxiv.org/abs/2603.04972")),
+        MethodKind::ModelStock => ("Model Stock", Some("https://arxiv.org/abs/2403.19522")),
+        MethodKind::Nearswap => (
+            "NearSwap",
+            Some("https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
+        ),
+        MethodKind::ArceeFusion => ("Arcee Fusion", Some("https://arcee.ai")),
     };
     match url {
         Some(u) => format!("[{name}]({u})"),
@@ -79,7 +93,12 @@ pub fn render(plan: &Plan, name: &str) -> String {
         .and_then(Path::parent)
         .unwrap_or(Path::new("."));
     let base = model_name(&r.base, dir);
-    let mut models = vec![base.clone()];
+    // Without a base, `base` is the first model, listed with the others.
+    let mut models = if r.baseless {
+        vec![]
+    } else {
+        vec![base.clone()]
+    };
     models.extend(r.start.iter().map(|s| model_name(s, dir)));
     models.extend(r.tasks.iter().map(|t| model_name(&t.model, dir)));
 
@@ -107,9 +126,13 @@ pub fn render(plan: &Plan, name: &str) -> String {
     let _ = writeln!(s, "## Merge Details\n### Merge Method\n");
     let _ = write!(
         s,
-        "This model was merged using the {} merge method using `{base}` as a base",
+        "This model was merged using the {} merge method",
         method_md(r.method)
     );
+    // As mergekit's card: slerp's base is one end of the path, not a base.
+    if !r.baseless && r.method != MethodKind::Slerp {
+        let _ = write!(s, " using `{base}` as a base");
+    }
     if let Some(st) = &r.start {
         let _ = write!(s, ", added to `{}`", model_name(st, dir));
     }

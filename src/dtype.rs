@@ -1,7 +1,7 @@
 //! Element types stamerge reads and writes, and the exact widening/narrowing rules of
 //! docs/SEMANTICS.md (widening is exact; narrowing rounds to nearest even).
 
-use half::{bf16, f16};
+use half::f16;
 use safetensors::Dtype;
 
 /// A float type the merge arithmetic understands. Other dtypes are copied, never merged.
@@ -134,12 +134,36 @@ pub fn narrow(ty: FloatType, src: &[f32], dst: &mut [u8]) {
                 }
             }
         },
-        FloatType::BF16 => {
-            for (v, c) in src.iter().zip(dst.chunks_exact_mut(2)) {
-                c.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+        FloatType::BF16 => match bytemuck::try_cast_slice_mut::<u8, u16>(&mut dst[..n * 2]) {
+            Ok(d) => {
+                for (o, &v) in d.iter_mut().zip(src) {
+                    *o = bf16_bits(v).to_le();
+                }
             }
-        }
+            Err(_) => {
+                for (v, c) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                    c.copy_from_slice(&bf16_bits(*v).to_le_bytes());
+                }
+            }
+        },
     }
+}
+
+/// `half::bf16::from_f32(v).to_bits()` without branches, so that the narrowing loop vectorises
+/// (half's version took ~3 instructions per element there, 30 % of a linear fuse): NaN keeps its
+/// top bits with the quiet bit set; otherwise round to nearest, ties to even, by adding 0x7fff
+/// plus the kept part's lowest bit (a carry out of the dropped half rounds up).
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    // Wraps only for NaNs, whose result is the other one.
+    let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+    let nan = (x >> 16) | 0x40;
+    (if x & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }) as u16
 }
 
 /// Reads element `i` of a raw buffer as f32 (slow path for references and error messages).
@@ -153,6 +177,37 @@ pub fn get(ty: FloatType, src: &[u8], i: usize) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
+
+    /// The branch-free narrowing against half's, on every low half-word under 2 048 high ones
+    /// (signs, zero, subnormals, the largest finite values, infinities, NaNs) and 65 536 more
+    /// spread over the rest: every rounding case at every exponent class.
+    #[test]
+    fn bf16_narrowing_matches_half_bit_for_bit() {
+        let mut highs: Vec<u32> = (0..1024u32).map(|i| i * 64 + 0x7f).collect();
+        highs.extend([0, 1, 0x7f7f, 0x7f80, 0x7f81, 0x7fc0, 0x7fff, 0x0080, 0x007f]);
+        highs.extend(highs.clone().iter().map(|h| h | 0x8000));
+        for h in highs {
+            for lo in 0..=0xffffu32 {
+                let v = f32::from_bits(h << 16 | lo);
+                assert_eq!(
+                    bf16_bits(v),
+                    bf16::from_f32(v).to_bits(),
+                    "{:#010x}",
+                    h << 16 | lo
+                );
+            }
+        }
+        for i in 0..65_536u32 {
+            let v = f32::from_bits(i.wrapping_mul(0x9e37_79b9) ^ (i << 7));
+            assert_eq!(
+                bf16_bits(v),
+                bf16::from_f32(v).to_bits(),
+                "{:#010x}",
+                v.to_bits()
+            );
+        }
+    }
 
     #[test]
     fn narrow_rounds_to_nearest_even_and_widen_is_exact() {

@@ -180,6 +180,26 @@ enum BenchCmd {
         /// Timed merges (the median is reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Skip the CPU merge that a GPU merge is compared with.
+        #[arg(long)]
+        no_cpu: bool,
+    },
+    /// Time the host side of the CUDA backend's input staging (no GPU needed): a warm,
+    /// memory-mapped file copied into 16 MiB slots by 1, 2, ... threads, in GB/s, beside the old
+    /// single-thread copy. Compare with the host-to-device link (about 55 GB/s on PCIe 5).
+    Staging {
+        /// The file staged (written when absent or of another size; stays in the page cache).
+        #[arg(long, default_value = "bench-data/staging.bin")]
+        file: PathBuf,
+        /// Size of the file in MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Thread counts to time, comma-separated (default: 1, 2, 4, ... up to the cores).
+        #[arg(long, value_delimiter = ',')]
+        threads: Vec<usize>,
+        /// Timed runs per thread count (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
     /// Time the CUDA kernels (scores, radix select, fuse) on random data with CUDA events, each
     /// beside a device-to-device copy measured in the same run. Needs a GPU.
@@ -408,6 +428,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             tasks,
             dtype,
             runs,
+            no_cpu,
         }) => {
             let spec = SynthSpec {
                 layers,
@@ -425,7 +446,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 format!("{recipe}.yml")
             };
-            let b = stamerge::bench::bench_merge(&spec, &dir, &name, device.into(), runs)?;
+            let b = stamerge::bench::bench_merge(&spec, &dir, &name, device.into(), runs, !no_cpu)?;
             let mut s = b.merge_seconds.clone();
             s.sort_by(|a, b| a.total_cmp(b));
             let med = s[s.len() / 2];
@@ -448,6 +469,61 @@ fn run(cli: Cli) -> Result<(), Error> {
                 med / b.read_seconds,
                 stamerge::inspect::human_bytes(b.peak_rss_anon_bytes)
             );
+            let (up, down) = b.link_bytes;
+            if up + down > 0 {
+                println!(
+                    "over the link per merge: {:.2} GB to the GPU ({:.2}x the inputs), {:.2} GB back; \
+                     {:.2} GB/s to the GPU averaged over the merge",
+                    up as f64 / 1e9,
+                    up as f64 / b.input_bytes as f64,
+                    down as f64 / 1e9,
+                    up as f64 / 1e9 / med
+                );
+            }
+            if let Some(cpu) = b.cpu_seconds {
+                println!(
+                    "same merge on the CPU (median): {cpu:.3} s; {} merge / CPU merge = {:.2}",
+                    b.backend,
+                    med / cpu
+                );
+            }
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::Staging {
+            file,
+            mib,
+            mut threads,
+            runs,
+        }) => {
+            if threads.is_empty() {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                threads = std::iter::successors(Some(1), |t| Some(t * 2))
+                    .take_while(|&t| t < cores)
+                    .chain([cores])
+                    .collect();
+            }
+            // 0: the path before issue 20 (one thread, no populate call), as the baseline.
+            threads.insert(0, 0);
+            let bytes = mib << 20;
+            let rows = stamerge::bench::bench_staging(&file, bytes, &threads, runs)?;
+            println!(
+                "staging {} ({} MiB, warm page cache) into 16 MiB slots, median of {runs}:",
+                file.display(),
+                mib
+            );
+            for r in rows {
+                let what = match r.threads {
+                    0 => "1 thread, copy_from_slice (before)".to_string(),
+                    t => format!("{t} thread(s), fill::copy_in"),
+                };
+                println!(
+                    "  {what:<36} {:.3} s  {:.2} GB/s   {:.3} CPU s  {:.2} GB per CPU s",
+                    r.seconds,
+                    bytes as f64 / 1e9 / r.seconds,
+                    r.cpu_seconds,
+                    bytes as f64 / 1e9 / r.cpu_seconds
+                );
+            }
             Ok(())
         }
         Cmd::Bench(BenchCmd::Kernels {

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, sync_channel};
+use std::sync::mpsc::{channel, sync_channel, SyncSender};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -13,6 +13,7 @@ use memmap2::Mmap;
 use crate::backend::{Backend, MaskJob};
 use crate::checkpoint::writer::{ShardPlan, ShardWriter};
 use crate::checkpoint::Checkpoint;
+use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::method::keep_count;
 use crate::plan::work::model_wide_tasks;
@@ -84,6 +85,26 @@ fn convert(c: &Convert, src: &[u8]) -> Vec<u8> {
 /// Asks the kernel to start reading the next group's inputs while this one computes.
 fn prefetch(plan: &Plan, item: &Item) {
     for (map, start, len) in inputs_of(plan, item) {
+        let _ = map.advise_range(memmap2::Advice::WillNeed, start, len);
+    }
+}
+
+/// Maps a group's input pages into this process just before its compute reads them: one system
+/// call per input range (`MADV_POPULATE_READ`, Linux 5.14 and later), where touching the mapping
+/// took a page fault every few pages. Elsewhere, or if the kernel refuses, `WILLNEED` (read-ahead).
+/// A populate that fails (the file shrank, a read error) is not an error here: the compute's own
+/// read of the page raises the SIGBUS that `checkpoint::guard` turns into an error naming the
+/// file. Only the group about to be computed is populated, so the mapped inputs resident at once
+/// stay one group's, as without it.
+fn populate(plan: &Plan, item: &Item) {
+    for (map, start, len) in inputs_of(plan, item) {
+        #[cfg(target_os = "linux")]
+        if map
+            .advise_range(memmap2::Advice::PopulateRead, start, len)
+            .is_ok()
+        {
+            continue;
+        }
         let _ = map.advise_range(memmap2::Advice::WillNeed, start, len);
     }
 }
@@ -360,12 +381,67 @@ fn model_selection(
     Ok(Some(ModelSelection { means, thresholds }))
 }
 
+/// A tensor for the writer (sent with its checksum by `ToWriter`).
 enum Payload<'a> {
     /// An output buffer of the circulating set (sent back after writing).
     Owned(Vec<u8>),
     Borrowed(&'a [u8]),
     /// A converted copy, dropped after writing.
     Converted(Vec<u8>),
+}
+
+/// The compute side of the writer's channel. Tensors go in plan order, each with its checksum
+/// and, if merged, checked for non-finite values: both in one pass, here on the worker threads
+/// while the bytes are hot (`sealed`), so that the writer thread only writes.
+struct ToWriter<'a, 'p> {
+    tx: SyncSender<(Payload<'a>, u64)>,
+    plan: &'p Plan,
+    /// Tensors sent so far: the plan index of the next one.
+    sent: usize,
+}
+
+impl<'a> ToWriter<'a, '_> {
+    /// Sends the next tensor; `Ok(false)` when the writer has stopped (its error is the one to
+    /// report), an error when a merged tensor holds a non-finite value.
+    fn send(&mut self, p: Payload<'a>) -> Result<bool> {
+        let item = &self.plan.items[self.sent];
+        let (bytes, merged) = match (&p, &item.kind) {
+            (Payload::Owned(v), ItemKind::Merge { out, .. }) => (&v[..], Some(*out)),
+            (Payload::Owned(v) | Payload::Converted(v), _) => (&v[..], None),
+            (Payload::Borrowed(b), _) => (*b, None),
+        };
+        let (sum, bad) = sealed(bytes, merged);
+        if let (Some(at), Some(ty)) = (bad, merged) {
+            // Finite inputs can still overflow (copies are not checked: their inputs were).
+            return Err(overflow_problem(self.plan, &item.name, &item.shape, ty, at));
+        }
+        self.sent += 1;
+        Ok(self.tx.send((p, sum)).is_ok())
+    }
+}
+
+/// A tensor's checksum (`writer::checksum`, a tree over leaves) and, when `check` gives its
+/// float type, the index of its first non-finite element: one parallel pass over the leaves.
+fn sealed(bytes: &[u8], check: Option<FloatType>) -> (u64, Option<usize>) {
+    use crate::checkpoint::writer::{leaf, root, LEAF};
+    use rayon::prelude::*;
+    let leaves: Vec<(u64, Option<usize>)> = bytes
+        .par_chunks(LEAF)
+        .map(|l| {
+            let bad = check.and_then(|ty| crate::wide!(first_nonfinite(ty, l)));
+            (leaf(l), bad)
+        })
+        .collect();
+    let bad = check.and_then(|ty| {
+        // Leaves hold whole elements (LEAF is a multiple of every element size).
+        let per_leaf = LEAF / ty.size();
+        leaves
+            .iter()
+            .enumerate()
+            .find_map(|(i, l)| l.1.map(|at| i * per_leaf + at))
+    });
+    let hashes: Vec<u64> = leaves.iter().map(|l| l.0).collect();
+    (root(bytes.len() as u64, &hashes), bad)
 }
 
 pub struct Outcome {
@@ -399,31 +475,20 @@ pub fn execute(
     // Per task: entries sta's `threshold` selected, and the entries it looked at.
     let mut selected = vec![(0u64, 0u64); plan.recipe.tasks.len()];
     let result: Result<(ShardPlan, Vec<u64>)> = std::thread::scope(|s| {
-        let (tx, rx) = sync_channel::<Payload>(crate::plan::OUT_BUFFERS_IN_FLIGHT as usize - 1);
+        let (tx, rx) =
+            sync_channel::<(Payload, u64)>(crate::plan::OUT_BUFFERS_IN_FLIGHT as usize - 1);
+        let mut tx = ToWriter { tx, plan, sent: 0 };
         let (ret_tx, ret_rx) = channel::<Vec<u8>>();
         let writer = s.spawn(move || -> Result<(ShardPlan, Vec<u64>)> {
             let mut w = ShardWriter::new(dir, outs, out_shard_bytes);
-            for (i, p) in rx.into_iter().enumerate() {
+            for (p, sum) in rx {
                 match p {
                     Payload::Owned(v) => {
-                        // Merged (copies are Borrowed): finite inputs can still overflow here.
-                        let item = &plan.items[i];
-                        if let ItemKind::Merge { out, .. } = item.kind {
-                            if let Some(at) = first_nonfinite(out, &v) {
-                                return Err(overflow_problem(
-                                    plan,
-                                    &item.name,
-                                    &item.shape,
-                                    out,
-                                    at,
-                                ));
-                            }
-                        }
-                        w.write_next(&v)?;
+                        w.write_summed(&v, sum)?;
                         let _ = ret_tx.send(v);
                     }
-                    Payload::Borrowed(b) => w.write_next(b)?,
-                    Payload::Converted(v) => w.write_next(&v)?,
+                    Payload::Borrowed(b) => w.write_summed(b, sum)?,
+                    Payload::Converted(v) => w.write_summed(&v, sum)?,
                 }
             }
             w.finish()
@@ -485,6 +550,9 @@ pub fn execute(
                     }
                     ItemKind::Merge { out, work, .. } => {
                         let started = Instant::now();
+                        if !backend.populates_inputs() {
+                            populate(plan, item);
+                        }
                         let g = plan.group(item);
                         let jobs = work.jobs(|t| {
                             let m = ms.as_ref().expect("model-wide tasks have a selection");
@@ -524,7 +592,7 @@ pub fn execute(
                                         fault_problem(plan, &item.name, &item.shape, e)
                                     })? {
                                         at_writer += 1;
-                                        if tx.send(Payload::Owned(out)).is_err() {
+                                        if !tx.send(Payload::Owned(out))? {
                                             return Ok(());
                                         }
                                     }
@@ -544,7 +612,8 @@ pub fn execute(
                                 }
                             }
                         };
-                        buf.clear();
+                        // Every byte is the backend's to write: no zeroing of a reused buffer
+                        // (a memset of the whole output per tensor), only of a grown one.
                         buf.resize(item.out.nbytes as usize, 0);
                         // The next merged tensor, so that the backend can copy it in early.
                         let next = plan.items.get(ii + 1).and_then(|it| match it.kind {
@@ -597,8 +666,8 @@ pub fn execute(
                     }
                 }
                 for payload in payloads {
-                    at_writer += matches!(payload, Payload::Owned(_)) as u64;
-                    if tx.send(payload).is_err() {
+                    at_writer += matches!(payload, Payload::Owned(..)) as u64;
+                    if !tx.send(payload)? {
                         // The writer stopped: its error is the one to report.
                         return Ok(());
                     }
@@ -610,7 +679,7 @@ pub fn execute(
                 Some(it) => fault_problem(plan, &it.name, &it.shape, e),
                 None => Error::Other(e.to_string()),
             })? {
-                if tx.send(Payload::Owned(out)).is_err() {
+                if !tx.send(Payload::Owned(out))? {
                     return Ok(());
                 }
             }
@@ -682,6 +751,39 @@ mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
     use crate::backend::{BResult, Compute, DigitPass, FuseSpec, Group, GroupStats, KeySpec};
+
+    /// The pass before the writer: the writer's checksum, and the first non-finite element as
+    /// a serial scan of the whole tensor finds it, wherever it lies among the leaves.
+    #[test]
+    fn sealed_gives_the_checksum_and_the_first_nonfinite_element() {
+        use crate::checkpoint::writer::{checksum, LEAF};
+        for ty in [FloatType::F32, FloatType::F16, FloatType::BF16] {
+            let n = 3 * LEAF / ty.size() + 5;
+            let ones: Vec<f32> = vec![1.0; n];
+            let mut bytes = vec![0u8; n * ty.size()];
+            crate::dtype::narrow(ty, &ones, &mut bytes);
+            assert_eq!(sealed(&bytes, Some(ty)), (checksum(&bytes), None), "{ty:?}");
+            let bad: Vec<u8> = match ty {
+                FloatType::F32 => f32::INFINITY.to_le_bytes().to_vec(),
+                FloatType::F16 => vec![0x00, 0x7c],
+                FloatType::BF16 => vec![0x80, 0xff],
+            };
+            for at in [0, LEAF / ty.size() - 1, 2 * LEAF / ty.size() + 3, n - 1] {
+                let mut b = bytes.clone();
+                b[at * ty.size()..(at + 1) * ty.size()].copy_from_slice(&bad);
+                // A later one too: the first is reported.
+                b[(n - 1) * ty.size()..].copy_from_slice(&bad);
+                assert_eq!(first_nonfinite(ty, &b), Some(at));
+                assert_eq!(
+                    sealed(&b, Some(ty)),
+                    (checksum(&b), Some(at)),
+                    "{ty:?} {at}"
+                );
+                // Copies are not checked.
+                assert_eq!(sealed(&b, None), (checksum(&b), None));
+            }
+        }
+    }
 
     static NO_STOP: AtomicBool = AtomicBool::new(false);
 

@@ -165,13 +165,17 @@ fn kernels_for(plan: &Plan, device: Device) -> Result<Device> {
         return Ok(device);
     };
     if device == Device::Cuda {
-        return Err(Error::Other(format!(
-            "--device cuda: {why} has no CUDA kernels yet; merge with --device cpu (or auto, \
-             which picks the CPU for it)"
-        )));
+        return Err(no_kernels(&why));
     }
     tracing::info!("using the cpu backend ({why} has no CUDA kernels yet)");
     Ok(Device::Cpu)
+}
+
+fn no_kernels(why: &str) -> Error {
+    Error::Other(format!(
+        "--device cuda: {why} has no CUDA kernels yet; merge with --device cpu (or auto, which \
+         picks the CPU for it)"
+    ))
 }
 
 /// Every input path of a recipe (for the output-folder checks).
@@ -265,6 +269,14 @@ fn verify_output(plan: &Plan, outcome: &pipeline::Outcome, dir: &Path) -> Result
 
 /// Runs a whole merge: plan, compute, write into a temporary folder, rename into `out_dir`.
 pub fn merge(recipe: &Recipe, out_dir: &Path, opts: &Options) -> Result<Report> {
+    // A method without kernels is refused before the plan reads any checkpoint; a setting
+    // without them (`cuda_lacks`) once the plan has resolved it.
+    if opts.device == Device::Cuda && !recipe.method.has_cuda_kernels() {
+        return Err(no_kernels(&format!(
+            "merge_method `{}`",
+            recipe.method.name()
+        )));
+    }
     let plan = plan(recipe, Some(out_dir), opts)?;
     merge_planned(&plan, out_dir, opts)
 }

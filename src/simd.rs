@@ -20,11 +20,14 @@ const AVX2: u8 = 2;
 
 static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-/// Whether the CPU has AVX2 and POPCNT (false off x86-64).
+/// Whether the CPU has AVX2, POPCNT and BMI2 (false off x86-64). Every CPU with AVX2 sold has
+/// BMI2 too; the window select's bit deposit (`select::window`) uses its `pdep`.
 pub fn avx2_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("popcnt")
+            && std::arch::is_x86_feature_detected!("bmi2")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -73,7 +76,7 @@ pub fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         if enabled() {
-            // SAFETY: `enabled` is true only when the CPU has AVX2 and POPCNT.
+            // SAFETY: `enabled` is true only when the CPU has AVX2 and POPCNT (and BMI2).
             return unsafe { avx2_popcnt(f) };
         }
     }

@@ -120,8 +120,11 @@ pub fn fault_problem(plan: &Plan, name: &str, shape: &[usize], e: BackendError) 
 }
 
 /// The first element of a merged tensor's output that is not finite, if any (exponent bits all
-/// set: Inf or NaN).
+/// set: Inf or NaN). Inlined so that the pipeline's scan, next to the checksum, runs in its AVX2
+/// copy (`crate::simd`).
+#[inline(always)]
 pub fn first_nonfinite(ty: FloatType, bytes: &[u8]) -> Option<usize> {
+    #[inline(always)]
     fn find<const N: usize>(bytes: &[u8], mask: u32) -> Option<usize> {
         let bad = |c: &[u8]| {
             let mut w = [0u8; 4];

@@ -102,7 +102,51 @@ fn three(d: f64) -> Vec<RefTask> {
     ]
 }
 
+/// Five tasks: more than the CPU fuse's one-loop versions take (four), so its task-by-task
+/// loops run.
+fn five(d: f64) -> Vec<RefTask> {
+    let mut t = three(d);
+    t.extend(three(d * 0.8).into_iter().take(2));
+    t
+}
+
 const DTYPES: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::BF16];
+
+#[test]
+fn five_tasks_match_reference() {
+    for dt in DTYPES {
+        check(
+            Method::Ties,
+            dt,
+            1,
+            true,
+            "  normalize: true\n",
+            five(0.4),
+            |_| {},
+        );
+        check(
+            Method::TaskArithmetic,
+            dt,
+            2,
+            false,
+            "  normalize: true\n  lambda: 0.7\n",
+            five(1.0),
+            |c| {
+                c.normalize = true;
+                c.lambda = 0.7;
+            },
+        );
+        check(
+            Method::Sta,
+            dt,
+            1,
+            false,
+            "  lambda: 1.0\n",
+            five(0.3),
+            |_| {},
+        );
+    }
+}
 
 #[test]
 fn task_arithmetic_matches_reference() {

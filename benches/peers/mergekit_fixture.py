@@ -88,8 +88,161 @@ merge_method: passthrough
 dtype: float16
 """
 
+# mergekit's examples/gradient-slerp.yml with local paths (orca → m0, platypus → m1, 5 layers).
+SLERP_EXAMPLE = """slices:
+  - sources:
+      - model: m0
+        layer_range: [0, 5]
+      - model: m1
+        layer_range: [0, 5]
+# or, the equivalent models: syntax:
+# models:
+#   - model: m0
+#   - model: m1
+merge_method: slerp
+base_model: m0
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5 # fallback for rest of tensors
+dtype: float16
+"""
+
+# mergekit's examples/linear.yml with local paths (orca → m0, WizardLM → m2, platypus → m1).
+LINEAR_EXAMPLE = """models:
+  - model: m0
+    parameters:
+      weight: 1.0
+  - model: m2
+    parameters:
+      weight: 0.3
+  - model: m1
+    parameters:
+      weight: 0.5
+merge_method: linear
+dtype: float16
+"""
+
+# The interpolating methods (issue 17), computing in float32 as stamerge does.
+INTERP = {
+    "linear_base": """models:
+  - model: m0
+    parameters:
+      weight: 0.5
+  - model: base
+    parameters:
+      weight: [0.25, 1]
+  - model: m1
+merge_method: linear
+base_model: base
+parameters:
+  weight: 0.75
+  normalize:
+    - filter: layernorm
+      value: false
+    - value: true
+dtype: float32
+""",
+    "slerp_models": """models:
+  - model: base
+  - model: m1
+merge_method: slerp
+base_model: base
+parameters:
+  t: [0, 0.3, 1]
+dtype: float32
+""",
+    "nuslerp_base_rows": """models:
+  - model: m0
+    parameters:
+      weight: 0.3
+  - model: m1
+    parameters:
+      weight: [0.2, 0.9]
+merge_method: nuslerp
+base_model: base
+parameters:
+  nuslerp_flatten: false
+  nuslerp_row_wise:
+    - filter: mlp
+      value: true
+    - value: false
+dtype: float32
+""",
+    "nuslerp_flat": """models:
+  - model: m0
+    parameters:
+      weight: 1.0
+  - model: m2
+    parameters:
+      weight: 3.0
+merge_method: nuslerp
+dtype: float32
+""",
+    "multislerp": """models:
+  - model: m0
+    parameters:
+      weight: 1.0
+  - model: m1
+    parameters:
+      weight: [0.5, 2]
+  - model: m2
+    parameters:
+      weight: 0.7
+merge_method: multislerp
+base_model: base
+parameters:
+  eps: 1e-7
+dtype: float32
+""",
+    "karcher": """models:
+  - model: m0
+  - model: m1
+  - model: m2
+merge_method: karcher
+base_model: base
+parameters:
+  max_iter: 20
+  tol: [1e-6, 1e-4]
+dtype: float32
+""",
+    "model_stock": """models:
+  - model: m0
+  - model: m1
+  - model: m2
+merge_method: model_stock
+base_model: base
+parameters:
+  filter_wise:
+    - filter: mlp
+      value: true
+    - value: false
+dtype: float32
+""",
+    "nearswap": """models:
+  - model: m0
+merge_method: nearswap
+base_model: base
+parameters:
+  t: [0.02, 0.1]
+dtype: float32
+""",
+    "arcee_fusion": """models:
+  - model: m1
+merge_method: arcee_fusion
+base_model: base
+dtype: float32
+""",
+}
+
 RECIPES = {
     "ties_example": TIES_EXAMPLE,
+    "gradient_slerp_example": SLERP_EXAMPLE,
+    "linear_example": LINEAR_EXAMPLE,
+    **INTERP,
     "franken": FRANKEN,
     # Gradients of several lengths, strings that are numbers, a boolean list (picked, not
     # interpolated), filters with `*`, a filter that matches nothing (falls through to the
@@ -527,7 +680,9 @@ def compare_with_stamerge(root, stamerge, name, text, mk_out):
             if fn.endswith(".safetensors"):
                 into.update(load_file(os.path.join(d, fn)))
     worst = 0.0
+    rel = 0.0
     same = 0
+    elements = differ = 0
     for k in a:
         if k not in b:
             print(f"  {name}: stamerge lacks {k}")
@@ -536,11 +691,16 @@ def compare_with_stamerge(root, stamerge, name, text, mk_out):
         if torch.equal(a[k], b[k]):
             same += 1
         worst = max(worst, (x - y).abs().max().item())
+        # The difference against the tensor's largest magnitude, in float32 ulps of it.
+        rel = max(rel, ((x - y).abs().max() / x.abs().max().clamp(min=1e-30)).item() / 2**-23)
+        elements += x.numel()
+        differ += (a[k] != b[k]).sum().item()
     extra = sorted(set(b) - set(a))
-    print(f"  {name}: {len(a)} tensors, {same} bit-identical, largest difference {worst:.3g}, extra {extra}")
+    print(f"  {name}: {len(a)} tensors, {same} bit-identical, {differ} of {elements} elements differ, largest difference {worst:.3g} ({rel:.2f} float32 ulps of the tensor's largest value), extra {extra}")
     with open(os.path.join(out, "config.json")) as f:
         ours = json.load(f)
-    print(f"    num_hidden_layers stamerge {ours.get('num_hidden_layers')}, tensors' layers {1 + max(int(k.split('.')[2]) for k in b if k.startswith('model.layers.'))}")
+    if "num_hidden_layers" in ours:
+        print(f"    num_hidden_layers stamerge {ours.get('num_hidden_layers')}, tensors' layers {1 + max(int(k.split('.')[2]) for k in b if k.startswith('model.layers.'))}")
     if "franken" in name:
         from transformers import AutoModelForCausalLM
 

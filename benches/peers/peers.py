@@ -55,6 +55,16 @@ METHODS = {
     "breadcrumbs": ("breadcrumbs", {}, {"weight": 1.0, "density": 0.9, "gamma": 0.01}),
     "sce": ("sce", {"select_topk": 0.5}, {}),
     "ram": ("ram", {}, {}),
+    # The interpolating methods (issue 17); slerp, nearswap and arcee_fusion take one model,
+    # nuslerp two. linear weighs the base as one more input (the global weight).
+    "linear": ("linear", {"weight": 0.5}, {"weight": 1.0}),
+    "slerp": ("slerp", {"t": 0.4}, {}),
+    "nuslerp": ("nuslerp", {}, {"weight": 1.0}),
+    "multislerp": ("multislerp", {}, {"weight": 1.0}),
+    "karcher": ("karcher", {}, {}),
+    "model_stock": ("model_stock", {}, {}),
+    "nearswap": ("nearswap", {"t": 0.001}, {}),
+    "arcee_fusion": ("arcee_fusion", {}, {}),
 }
 
 

@@ -38,6 +38,7 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__  // (the emulation inlines as it likes)
 #define __shared__ static
 #define __launch_bounds__(...)
 

@@ -138,7 +138,7 @@ static void fill_scores_inputs(Tensor& th, Tensor& b, Tensor& g, int dist) {
 
 static void test_score_keys() {
     int cases = 0;
-    for (int tdt = 0; tdt < 3; ++tdt) for (int gdt = 0; gdt < 3; gdt += (tdt == 0 ? 1 : 2))
+    for (int tdt = 0; tdt < 3; ++tdt) for (int gdt = 0; gdt < 3; ++gdt)
     for (int mode = 0; mode < 3; ++mode) for (size_t n : {1ul, 7ul, 8ul, 9ul, 1000ul, 20001ul})
     for (int mis = 0; mis < 2; ++mis) for (int norm = 0; norm < 2; ++norm) for (int bad_case = 0; bad_case < 3; ++bad_case) {
         if (n < 1000 && (norm || bad_case)) continue;
@@ -552,13 +552,16 @@ static void test_fuse_nan() {
 
 static void test_fuse() {
     test_fuse_nan();
-    int cases = 0;
+    int cases = 0, typed_cases = 0;
     for (int rep = 0; rep < 120; ++rep) {
         int T = rep < 110 ? 1 + (int)urand(5) : 9;
         int method = rep % 2;
         int in_dt = (int)urand(3), out_dt = (int)urand(3), start_dt = (int)urand(3);
         size_t n = rep % 7 == 0 ? 1 + urand(20) : 1 + urand(30000);
-        bool mis = rep % 5 == 3;
+        // every fourth case is one the typed kernels take: one dtype, aligned, no rescale
+        const bool uniform = rep % 4 == 2;
+        if (uniform) start_dt = in_dt;
+        bool mis = rep % 5 == 3 && !uniform;
         bool use_start = rep % 3 == 0;
         int normalize = (int)urand(2);
         float lambda = rep % 4 == 0 ? 1.0f : unif(0.3f, 1.5f);
@@ -569,7 +572,7 @@ static void test_fuse() {
         std::vector<FuseTask> tasks(T);
         for (size_t i = 0; i < n; ++i) { base.set(i, normal(0.05f)); start.set(i, normal(0.05f)); }
         for (int t = 0; t < T; ++t) {
-            int tdt = urand(4) == 0 ? (int)urand(3) : in_dt;
+            int tdt = urand(4) == 0 && !uniform ? (int)urand(3) : in_dt;
             th.push_back(std::make_unique<Tensor>(tdt, n));
             for (size_t i = 0; i < n; ++i) th[t]->set(i, base.v[i] + (urand(10) == 0 ? 0.0f : normal(0.01f)));
             if (rep % 6 == 1)  // exact cancellations: S == 0 with nonzero terms, gamma must be +
@@ -579,7 +582,7 @@ static void test_fuse() {
             if (has_mask) for (size_t i = 0; i < n; ++i) if (urand(3) != 0) masks[t][i / 32] |= 1u << (i % 32);
             tasks[t].theta = th[t]->buf.ptr(); tasks[t].mask = has_mask ? masks[t].data() : nullptr;
             tasks[t].weight = urand(5) == 0 ? -unif(0.1f, 1.0f) : unif(0.1f, 1.5f);
-            tasks[t].rescale = urand(3) == 0 ? unif(0.2f, 0.9f) : 1.0f;
+            tasks[t].rescale = urand(3) == 0 && !uniform ? unif(0.2f, 0.9f) : 1.0f;
             if (rep % 6 == 1) { tasks[t].weight = urand(2) ? 1.0f : -1.0f; tasks[t].rescale = 1.0f; }
             tasks[t].sign = (method == 0 && urand(3) == 0) ? -1 : 1;
             tasks[t].dtype = tdt;
@@ -642,8 +645,26 @@ static void test_fuse() {
         else CHECK(std::all_of(hist.begin(), hist.end(), [](u64 x) { return x == 0; }), "hist touched for T > 8");
         CHECK(bad == rbad, "fuse rep %d bad %llx vs %llx", rep, bad, rbad);
         ++cases;
+        // The typed kernel of in_dt, where the launch fits it (the host's rule, device.rs): the
+        // same bytes, counts and error word as the general kernel just checked.
+        bool fits = !mis && (!use_start || start_dt == in_dt);
+        for (int t = 0; t < T; ++t) fits = fits && tasks[t].dtype == in_dt && tasks[t].rescale == 1.0f;
+        if (!fits) continue;
+        using K = void (*)(const void*, int, const void*, int, const FuseTask*, int, size_t, int, float, float, void*, int, u64*, u64*, u64*);
+        const K typed[2][3] = {{fuse_linear_f32, fuse_linear_f16, fuse_linear_bf16}, {fuse_ties_f32, fuse_ties_f16, fuse_ties_bf16}};
+        Tensor out2(out_dt, n);
+        std::vector<u64> kept2(T, 0), hist2(hist.size(), 0);
+        u64 bad2 = ~0ull;
+        launch(grid_for((n + 7) / 8, 256, 3), 256, typed[method][in_dt], base.buf.ptr(), in_dt, use_start ? start.buf.ptr() : nullptr,
+               start_dt, (const FuseTask*)tasks.data(), T, n, normalize, lin_div, lambda, out2.buf.ptr(), out_dt, kept2.data(),
+               hist2.data(), &bad2);
+        const size_t bytes = n * (out_dt == DT_F32 ? 4 : 2);
+        CHECK(std::memcmp(out2.buf.ptr(), out.buf.ptr(), bytes) == 0, "typed fuse rep %d method %d dt %d T %d: output differs", rep, method, in_dt, T);
+        CHECK(kept2 == kept && hist2 == hist && bad2 == bad, "typed fuse rep %d: statistics differ", rep);
+        ++typed_cases;
     }
-    std::printf("fuse: %d cases\n", cases);
+    std::printf("fuse: %d cases, %d of them also on the typed kernels\n", cases, typed_cases);
+    CHECK(typed_cases >= 30, "only %d typed fuse cases", typed_cases);
 }
 
 int main(int argc, char** argv) {

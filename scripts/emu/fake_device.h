@@ -50,7 +50,10 @@ enum : int {
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_ILLEGAL_ADDRESS = 700,
+    CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712,
+    CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED = 713,
     CUDA_ERROR_NOT_PERMITTED = 800,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
     CUDA_ERROR_UNKNOWN = 999,
 };
 
@@ -102,6 +105,11 @@ struct Block {
 
 inline std::map<uintptr_t, Block> g_blocks;      // every device block, live or in the pool
 inline std::map<uintptr_t, size_t> g_pinned;     // cuMemHostAlloc blocks: start -> bytes
+struct Registered {
+    size_t bytes;
+    bool read_only;
+};
+inline std::map<uintptr_t, Registered> g_registered;  // cuMemHostRegister ranges
 inline size_t g_allocated = 0;                   // bytes of live device allocations
 inline size_t g_pooled = 0;                      // bytes of freed blocks kept for reuse
 constexpr size_t TOTAL = size_t(16) << 30;       // the fake GPU's memory
@@ -117,12 +125,33 @@ inline Block* live_block(uintptr_t at, size_t n) {
     return &b;
 }
 
+// The cuMemHostRegister range holding all of [p, p + n), or null.
+inline const Registered* registered(const void* p, size_t n) {
+    uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    auto it = g_registered.upper_bound(a);
+    if (it == g_registered.begin()) return nullptr;
+    --it;
+    return a >= it->first && a + n <= it->first + it->second.bytes ? &it->second : nullptr;
+}
+
+// Page-locked: allocated by cuMemHostAlloc or registered by cuMemHostRegister.
 inline bool is_pinned(const void* p, size_t n) {
     uintptr_t a = reinterpret_cast<uintptr_t>(p);
     auto it = g_pinned.upper_bound(a);
-    if (it == g_pinned.begin()) return false;
-    --it;
-    return a >= it->first && a + n <= it->first + it->second;
+    if (it != g_pinned.begin()) {
+        --it;
+        if (a >= it->first && a + n <= it->first + it->second) return true;
+    }
+    return registered(p, n) != nullptr;
+}
+
+// Whether [a, a + n) overlaps any page-locked memory (allocated or registered).
+inline bool overlaps_pinned(uintptr_t a, size_t n) {
+    for (const auto& [at, len] : g_pinned)
+        if (a < at + len && at < a + n) return true;
+    for (const auto& [at, r] : g_registered)
+        if (a < at + r.bytes && at < a + n) return true;
+    return false;
 }
 
 // A device allocation: a pooled block that fits (poisoned by its free), else fresh memory.

@@ -16,6 +16,9 @@
 // - freed device memory poisoned and reused; use after free, a free that is not ordered after the
 //   streams using the memory, and pinned host memory freed or rewritten while a copy uses it are
 //   violations (a sticky error on every later call, like a GPU fault);
+// - host memory registered (cuMemHostRegister) counts as pinned while registered; overlapping
+//   registrations are refused, unregistering it while a copy uses it is a violation, a copy into
+//   a read-only registration is refused (FAKE_CUDA_NO_REGISTER=1: every registration refused);
 // - FAKE_CUDA_STRICT (default 1): a copy from pageable host memory into a stream with kernels
 //   queued since the host last waited for it is refused with CUDA_ERROR_NOT_PERMITTED (800): the
 //   driver stages pageable copies and may make the host wait for those kernels.
@@ -86,6 +89,8 @@ const std::map<std::string, Function>& kernels() {
         KERNEL(select_init),       KERNEL(select_filter),  KERNEL(select_tie_count),
         KERNEL(select_tie_cutoff), KERNEL(select_mask),    KERNEL(dare_mask),
         KERNEL(fuse_linear),       KERNEL(fuse_ties),
+        KERNEL(fuse_linear_f32),   KERNEL(fuse_linear_f16), KERNEL(fuse_linear_bf16),
+        KERNEL(fuse_ties_f32),     KERNEL(fuse_ties_f16),   KERNEL(fuse_ties_bf16),
     };
     return k;
 }
@@ -253,6 +258,35 @@ CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     *p = m;
     return CUDA_SUCCESS;
 }
+// Registering the caller's memory (page-locking it for DMA). As on the driver: a range that
+// overlaps page-locked memory is refused (712), unregistering takes the registered pointer (713
+// otherwise), and a copy into a range registered read-only is refused. Unregistering while a
+// copy still uses the range is a violation, like freeing pinned memory in use.
+// FAKE_CUDA_NO_REGISTER=1 refuses every registration (801), as a device without it would.
+CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned flags) {
+    CTX;
+    if (!p || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (env_int("FAKE_CUDA_NO_REGISTER", 0)) return CUDA_ERROR_NOT_SUPPORTED;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (overlaps_pinned(a, bytes)) return CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
+    g_registered[a] = {bytes, (flags & 0x08) != 0};  // CU_MEMHOSTREGISTER_READ_ONLY
+    return CUDA_SUCCESS;
+}
+CUresult cuMemHostUnregister(void* p) {
+    CTX;
+    auto it = g_registered.find(reinterpret_cast<uintptr_t>(p));
+    if (it == g_registered.end()) return CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
+    const Stream* where = nullptr;
+    const Op* o = in_flight(nullptr, it->first, it->second.bytes, false, &where);
+    g_registered.erase(it);
+    if (o) {
+        violation(CUDA_ERROR_UNKNOWN,
+                  "cuMemHostUnregister unregistered host memory at %p while %s on stream %d, "
+                  "which uses it, was in flight",
+                  p, o->what.c_str(), where->index);
+    }
+    return CUDA_SUCCESS;
+}
 CUresult cuMemFreeHost(void* p) {
     CTX;
     auto it = g_pinned.find(reinterpret_cast<uintptr_t>(p));
@@ -348,6 +382,10 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, uint64_t src, size_t n, void* s) {
     CTX;
     Stream* st = stream_of(s);
     const void* from = reinterpret_cast<const void*>(src);
+    if (const Registered* r = registered(dst, n); r && r->read_only) {
+        std::fprintf(stderr, "fake libcuda: cuMemcpyDtoHAsync into host memory registered read-only\n");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
     const bool pinned = is_pinned(dst, n);
     Op op;
     op.what = what("cuMemcpyDtoHAsync", n);

@@ -143,6 +143,13 @@ pub trait Compute: Send + Sync {
 pub trait Backend: Compute {
     fn name(&self) -> &'static str;
 
+    /// Whether the backend maps its inputs' pages itself, on the threads that read them (the
+    /// CUDA backend's staging threads populate each piece they copy). Otherwise the pipeline
+    /// populates a group's inputs before its compute.
+    fn populates_inputs(&self) -> bool {
+        false
+    }
+
     /// Merges `g`; `next` is the group the caller merges after it, if known (its inputs may be
     /// copied in early, and are used by the next call only if its group has `next`'s name and
     /// `seq`). The output buffer is handed over and its bytes may arrive one call

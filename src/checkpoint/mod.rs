@@ -5,6 +5,7 @@ pub mod guard;
 pub mod model;
 pub mod outdir;
 pub mod paths;
+pub mod prefault;
 pub mod side;
 pub mod writer;
 

@@ -3,7 +3,9 @@
 //! follows in plan order: no tensor is held back, and no shard is rewritten.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
+
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
@@ -90,7 +92,7 @@ pub struct ShardWriter {
     /// Checksum of every tensor written, in plan order (for the report and `--verify`).
     checksums: Vec<u64>,
     shard: usize,
-    current: Option<(BufWriter<File>, PathBuf)>,
+    current: Option<(File, PathBuf)>,
 }
 
 impl ShardWriter {
@@ -113,6 +115,12 @@ impl ShardWriter {
 
     /// Writes the next tensor in plan order; `data` must have the planned byte size.
     pub fn write_next(&mut self, data: &[u8]) -> Result<()> {
+        self.write_summed(data, checksum(data))
+    }
+
+    /// [`ShardWriter::write_next`] with the tensor's [`checksum`] taken by the caller (the
+    /// pipeline takes it on its worker threads, not serially on the writer's).
+    pub fn write_summed(&mut self, data: &[u8], sum: u64) -> Result<()> {
         let i = self.next;
         let t = &self.tensors[i];
         if data.len() as u64 != t.nbytes {
@@ -134,27 +142,24 @@ impl ShardWriter {
                 path.display(),
                 self.plan.ranges[self.shard].len()
             );
-            let f = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
-            let mut w = BufWriter::with_capacity(8 << 20, f);
+            let mut f = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
             let header = shard_header(&self.tensors[self.plan.ranges[self.shard].clone()]);
-            w.write_all(&header)
+            f.write_all(&header)
                 .ctx(|| format!("writing {}", path.display()))?;
-            self.current = Some((w, path));
+            self.current = Some((f, path));
         }
-        let (w, path) = self.current.as_mut().expect("opened above");
-        w.write_all(data)
+        // Straight from the caller's buffer: a BufWriter copied every tensor under its capacity
+        // once more before the kernel's own copy.
+        let (f, path) = self.current.as_mut().expect("opened above");
+        f.write_all(data)
             .ctx(|| format!("writing {}", path.display()))?;
-        self.checksums.push(checksum(data));
+        self.checksums.push(sum);
         self.next += 1;
         Ok(())
     }
 
     fn close_shard(&mut self) -> Result<()> {
-        if let Some((w, path)) = self.current.take() {
-            let f = w
-                .into_inner()
-                .map_err(|e| e.into_error())
-                .ctx(|| format!("writing {}", path.display()))?;
+        if let Some((f, path)) = self.current.take() {
             f.sync_all().ctx(|| format!("syncing {}", path.display()))?;
             tracing::debug!("closed and synced {}", path.display());
         }
@@ -231,21 +236,61 @@ impl ShardWriter {
     }
 }
 
-/// A fast 64-bit checksum of a tensor's bytes (integrity, not security): 8-byte words folded
-/// with a multiply-rotate, then the tail and the length.
+/// Bytes per leaf of the checksum tree.
+pub const LEAF: usize = 1 << 16;
+
+const K: u64 = 0x9E37_79B9_7F4A_7C15;
+
+#[inline(always)]
+fn step(h: u64, w: u64) -> u64 {
+    (h ^ w).wrapping_mul(K).rotate_left(29)
+}
+
+/// A fast 64-bit checksum of a tensor's bytes (integrity, not security), as a tree so that it
+/// is computed in parallel: the bytes are cut into [`LEAF`]-byte leaves (the last one shorter);
+/// each leaf is hashed by [`leaf`]; the root folds the byte length and the leaf hashes in order
+/// with the same multiply-rotate step and finishes with `fmix`. `--verify` and the report use
+/// this one definition (docs/SEMANTICS.md, "Checksums").
 pub fn checksum(data: &[u8]) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h = 0x243F_6A88_85A3_08D3u64 ^ data.len() as u64;
-    let mut words = data.chunks_exact(8);
+    let leaves: Vec<u64> = data.par_chunks(LEAF).map(leaf).collect();
+    root(data.len() as u64, &leaves)
+}
+
+/// The root of the tree over `len` bytes with these leaf hashes, in order.
+pub fn root(len: u64, leaves: &[u64]) -> u64 {
+    let h = leaves
+        .iter()
+        .fold(0x243F_6A88_85A3_08D3u64 ^ len, |h, &l| step(h, l));
+    crate::select::dare::fmix(h)
+}
+
+/// One leaf: four independent lanes over its 8-byte words (word i to lane i % 4), so that four
+/// multiplies are in flight where one chain of them waited on each other; then the lanes, the
+/// words of a tail under 32 bytes and its last bytes, folded in order; then the leaf's length.
+pub fn leaf(data: &[u8]) -> u64 {
+    let mut lanes = [
+        0x1319_8A2E_0370_7344u64,
+        0xA409_3822_299F_31D0,
+        0x082E_FA98_EC4E_6C89,
+        0x4528_21E6_38D0_1377,
+    ];
+    let mut blocks = data.chunks_exact(32);
+    for b in &mut blocks {
+        for (l, w) in lanes.iter_mut().zip(b.chunks_exact(8)) {
+            *l = step(*l, u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        }
+    }
+    let mut h = lanes
+        .iter()
+        .fold(0xBE54_66CF_34E9_0C6Cu64, |h, &l| step(h, l));
+    let mut words = blocks.remainder().chunks_exact(8);
     for w in &mut words {
-        h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes")))
-            .wrapping_mul(K)
-            .rotate_left(29);
+        h = step(h, u64::from_le_bytes(w.try_into().expect("8 bytes")));
     }
     for &b in words.remainder() {
-        h = (h ^ b as u64).wrapping_mul(K).rotate_left(29);
+        h = step(h, b as u64);
     }
-    crate::select::dare::fmix(h)
+    crate::select::dare::fmix(step(h, data.len() as u64))
 }
 
 #[cfg(test)]
@@ -259,6 +304,46 @@ mod tests {
             shape: vec![n as usize / 4],
             nbytes: n,
         }
+    }
+
+    /// The tree's definition, written out serially: leaves of LEAF bytes, each four lanes then
+    /// the tail, then the root; every byte counts, in place.
+    #[test]
+    fn the_checksum_is_its_tree_and_sees_every_byte() {
+        let data: Vec<u8> = (0..3 * LEAF as u64 + 1234)
+            .map(|i| crate::select::dare::fmix(i) as u8)
+            .collect();
+        for len in [
+            0,
+            1,
+            7,
+            8,
+            31,
+            32,
+            33,
+            100,
+            LEAF - 1,
+            LEAF,
+            LEAF + 1,
+            data.len(),
+        ] {
+            let d = &data[..len];
+            let leaves: Vec<u64> = d.chunks(LEAF).map(leaf).collect();
+            assert_eq!(checksum(d), root(len as u64, &leaves), "len {len}");
+        }
+        let want = checksum(&data);
+        for i in [0, 5, 31, 32, LEAF - 1, LEAF, 2 * LEAF + 17, data.len() - 1] {
+            let mut d = data.clone();
+            d[i] ^= 1;
+            assert_ne!(checksum(&d), want, "a flipped bit at {i}");
+        }
+        // Two leaves swapped, and a zero byte appended, change it too.
+        let mut d = data.clone();
+        d[..2 * LEAF].rotate_left(LEAF);
+        assert_ne!(checksum(&d), want);
+        let mut d = data.clone();
+        d.push(0);
+        assert_ne!(checksum(&d), want);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! Plain data with the meaning of docs/SEMANTICS.md; `plan::work` is the one place that builds
 //! them from a recipe, and every backend interprets them the same way.
 
-use super::{FuseRule, ScoreKind};
+use super::{FuseRule, InterpSpec, ScoreKind};
 use crate::dtype::FloatType;
 
 /// How one task's keys are computed for one tensor.
@@ -103,6 +103,9 @@ pub struct FuseSpec {
     /// sta's normalisation and cross-task mask rule (the defaults change nothing).
     pub sta: StaSelect,
     pub out: FloatType,
+    /// `FuseRule::Interp`: the method and its inputs. The fields above keep one entry per task
+    /// then, but only `out` and this decide the result.
+    pub interp: Option<Box<InterpSpec>>,
 }
 
 /// How one task's importance is normalised in one tensor before it is compared with a
@@ -215,8 +218,13 @@ impl FuseSpec {
                     )
                 })
             }
-            // Their weights come from their own rules, never from a division by Σw.
-            FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus | FuseRule::Fisher => None,
+            // Their weights come from their own rules, never from a division by Σw; linear's
+            // zero sum of weights is refused by plan/interp.rs, which sees the base's weight.
+            FuseRule::Sce
+            | FuseRule::Ram
+            | FuseRule::RamPlus
+            | FuseRule::Fisher
+            | FuseRule::Interp => None,
             FuseRule::Linear => {
                 let sum: f64 = w.iter().map(|&w| w as f64).sum();
                 let abs: f64 = w.iter().map(|&w| (w as f64).abs()).sum();

@@ -2,9 +2,11 @@
 //! entries fuse. Backends interpret these rules; no backend re-implements a method by hand.
 //! The bit-level definitions are in docs/SEMANTICS.md.
 
+pub mod interp;
 mod job;
 pub mod sparse;
 
+pub use interp::{Interp, InterpSpec, Operand};
 pub use job::{FuseSpec, KeySpec, MaskJob, Norm, Overlap, Rows, SparseParams, StaSelect};
 
 /// STA's importance: what the gradient statistic multiplies (a recipe parameter, read here
@@ -45,6 +47,46 @@ pub enum MethodKind {
     /// Fisher merging: the models averaged entry by entry, weighted by w_t · F_t (the squared
     /// gradient statistic).
     Fisher,
+    // Methods that combine whole models rather than task vectors (method/interp.rs).
+    /// Weighted mean of the inputs.
+    Linear,
+    /// Spherical interpolation of the base and one model, one angle per tensor.
+    Slerp,
+    /// Spherical interpolation of two models (or their task vectors), per tensor or per row.
+    Nuslerp,
+    /// Barycentric interpolation of several models on the hypersphere.
+    Multislerp,
+    /// The Karcher (Riemannian) mean of the inputs on the hypersphere.
+    Karcher,
+    /// Model Stock: the base moved towards the models' mean by their mutual angle.
+    ModelStock,
+    /// Takes the model's value where it is near the base's.
+    Nearswap,
+    /// Keeps the model's changes whose importance is an outlier.
+    ArceeFusion,
+}
+
+/// What a method does with `base_model` (mergekit's `BasePolicy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BasePolicy {
+    /// The base is needed (task vectors are taken against it, or it is an end of the path).
+    Required,
+    /// With a base the method works on task vectors, without one on the models themselves.
+    Optional,
+    /// The base is one more input like the models, when the recipe names one.
+    Ignored,
+}
+
+/// The inputs a method takes per output tensor (mergekit's `InputContract`): counts include
+/// the base where it is an input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Contract {
+    pub base: BasePolicy,
+    pub min_inputs: usize,
+    pub max_inputs: Option<usize>,
+    /// Models besides the base.
+    pub min_non_base: usize,
+    pub max_non_base: Option<usize>,
 }
 
 /// How the kept entries of each task are chosen.
@@ -78,6 +120,8 @@ pub enum FuseRule {
     RamPlus,
     /// Fisher merging: Σ c_t F'_t θ_t / Σ c_t F'_t (docs/SEMANTICS.md, "fisher").
     Fisher,
+    /// A method of method/interp.rs: the whole-tensor rule of `FuseSpec::interp`.
+    Interp,
 }
 
 /// What one task's entries are ranked by, for one tensor.
@@ -99,7 +143,7 @@ impl ScoreKind {
 }
 
 impl MethodKind {
-    pub const ALL: [MethodKind; 15] = [
+    pub const ALL: [MethodKind; 23] = [
         Self::TaskArithmetic,
         Self::Magnitude,
         Self::Ties,
@@ -115,6 +159,14 @@ impl MethodKind {
         Self::Ram,
         Self::RamplusTl,
         Self::Fisher,
+        Self::Linear,
+        Self::Slerp,
+        Self::Nuslerp,
+        Self::Multislerp,
+        Self::Karcher,
+        Self::ModelStock,
+        Self::Nearswap,
+        Self::ArceeFusion,
     ];
 
     pub fn name(self) -> &'static str {
@@ -134,6 +186,14 @@ impl MethodKind {
             Self::Ram => "ram",
             Self::RamplusTl => "ramplus_tl",
             Self::Fisher => "fisher",
+            Self::Linear => "linear",
+            Self::Slerp => "slerp",
+            Self::Nuslerp => "nuslerp",
+            Self::Multislerp => "multislerp",
+            Self::Karcher => "karcher",
+            Self::ModelStock => "model_stock",
+            Self::Nearswap => "nearswap",
+            Self::ArceeFusion => "arcee_fusion",
         }
     }
 
@@ -149,7 +209,15 @@ impl MethodKind {
             | Self::Sce
             | Self::Ram
             | Self::RamplusTl
-            | Self::Fisher => SelectKind::All,
+            | Self::Fisher
+            | Self::Linear
+            | Self::Slerp
+            | Self::Nuslerp
+            | Self::Multislerp
+            | Self::Karcher
+            | Self::ModelStock
+            | Self::Nearswap
+            | Self::ArceeFusion => SelectKind::All,
             Self::Magnitude | Self::Ties | Self::Sta => SelectKind::TopK,
             Self::DareLinear | Self::DareTies => SelectKind::Random,
             Self::Breadcrumbs | Self::BreadcrumbsTies => SelectKind::Band,
@@ -159,6 +227,7 @@ impl MethodKind {
 
     pub fn fuse(self) -> FuseRule {
         match self {
+            _ if self.is_interp() => FuseRule::Interp,
             Self::Ties | Self::DareTies | Self::BreadcrumbsTies | Self::Della => FuseRule::Ties,
             Self::Sce => FuseRule::Sce,
             Self::Ram => FuseRule::Ram,
@@ -168,10 +237,11 @@ impl MethodKind {
         }
     }
 
-    /// mergekit 0.1.5's `default_normalize` (merge_methods/registry.py): true for `ties` and
-    /// `della` only (`dare_ties` and `breadcrumbs_ties` elect signs but do not normalise).
+    /// mergekit 0.1.5's `default_normalize` (merge_methods/registry.py): true for `ties`,
+    /// `della` and `linear` (`dare_ties` and `breadcrumbs_ties` elect signs but do not
+    /// normalise; `linear` divides by the sum of the weights).
     pub fn default_normalize(self) -> bool {
-        matches!(self, Self::Ties | Self::Della)
+        matches!(self, Self::Ties | Self::Della | Self::Linear)
     }
 
     /// Whether the method reads mergekit's task-arithmetic parameters (`weight`, `lambda`,
@@ -206,10 +276,57 @@ impl MethodKind {
         matches!(self.select(), SelectKind::Random | SelectKind::Della)
     }
 
-    /// Whether `--device cuda` has kernels for this method. The methods without are refused
-    /// there before any work (`--device auto` runs them on the CPU and says why).
+    /// The methods of method/interp.rs, which combine the inputs themselves (not task vectors
+    /// kept by a mask).
+    pub fn is_interp(self) -> bool {
+        matches!(
+            self,
+            Self::Linear
+                | Self::Slerp
+                | Self::Nuslerp
+                | Self::Multislerp
+                | Self::Karcher
+                | Self::ModelStock
+                | Self::Nearswap
+                | Self::ArceeFusion
+        )
+    }
+
+    /// The methods that add masked task vectors (model − base) to the base: what `lambda`,
+    /// `density`, `rescale` and the rest of the task-vector parameters are for.
+    pub fn uses_task_vectors(self) -> bool {
+        self != Self::Passthrough && !self.is_interp()
+    }
+
+    /// What the method needs of its inputs, as mergekit 0.1.5 declares it.
+    pub fn contract(self) -> Contract {
+        let c = |base, min_inputs, max_inputs, min_non_base, max_non_base| Contract {
+            base,
+            min_inputs,
+            max_inputs,
+            min_non_base,
+            max_non_base,
+        };
+        use BasePolicy::*;
+        match self {
+            Self::Linear | Self::Karcher => c(Ignored, 1, None, 0, None),
+            Self::Passthrough => c(Ignored, 1, Some(1), 0, None),
+            Self::Slerp | Self::Nearswap | Self::ArceeFusion => c(Required, 2, Some(2), 0, None),
+            Self::Nuslerp => c(Optional, 1, None, 2, Some(2)),
+            Self::Multislerp => c(Optional, 1, None, 1, None),
+            Self::ModelStock => c(Required, 3, None, 0, None),
+            // forget-only recipes have no models besides the base.
+            _ => c(Required, 1, None, 0, None),
+        }
+    }
+
+    /// Whether `--device cuda` can run this method: the CUDA backend has kernels for the mask
+    /// and fuse rules of the task-vector methods of DESIGN.md only (yet), not for mergekit's
+    /// sparsifying methods (method/sparse.rs) or the interpolating ones (method/interp.rs).
+    /// run.rs refuses the others before any work, by name; `--device auto` runs them on the CPU
+    /// and says why. (passthrough copies tensors and needs none.)
     pub fn has_cuda_kernels(self) -> bool {
-        !matches!(
+        let sparse = matches!(
             self,
             Self::Breadcrumbs
                 | Self::BreadcrumbsTies
@@ -219,7 +336,8 @@ impl MethodKind {
                 | Self::Ram
                 | Self::RamplusTl
                 | Self::Fisher
-        )
+        );
+        (self.uses_task_vectors() && !sparse) || self == Self::Passthrough
     }
 
     /// Whether each model needs a gradient statistic (`gradients:`): sta ranks by it, fisher

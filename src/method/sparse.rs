@@ -13,7 +13,8 @@ pub fn cuda_lacks(jobs: &[MaskJob], f: &FuseSpec) -> Option<String> {
         FuseRule::Sce => Some("sce's fuse"),
         FuseRule::Ram | FuseRule::RamPlus => Some("ram's fuse"),
         FuseRule::Fisher => Some("fisher's fuse"),
-        FuseRule::Linear | FuseRule::Ties => None,
+        // run.rs refuses the interpolating methods by name before it asks.
+        FuseRule::Linear | FuseRule::Ties | FuseRule::Interp => None,
     };
     let job = jobs.iter().find_map(|j| match j {
         MaskJob::Band { .. } => Some("breadcrumbs' band of ranks"),

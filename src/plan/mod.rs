@@ -3,6 +3,7 @@
 //! plan that fails costs seconds, not the hour a merge would.
 
 mod checks;
+mod interp;
 pub mod layers;
 pub mod layout;
 pub mod show;
@@ -289,6 +290,8 @@ struct Tally {
     /// Tensors whose `normalize` would divide by (nearly) zero: the first one's name and
     /// reason, and how many.
     bad_normalize: Option<(String, String, usize)>,
+    /// Tensors of slerp and nearswap that no setting of `t` applies to.
+    missing_t: Vec<String>,
 }
 
 impl Plan {
@@ -312,11 +315,14 @@ impl Plan {
             },
             missing_grad_fallbacks: 0,
             bad_normalize: None,
+            missing_t: Vec::new(),
         };
         let mut items = Vec::new();
         for slot in layout.slots {
             let item = if recipe.method == MethodKind::Passthrough {
                 passthrough_item(recipe, &inputs, slot, &mut problems)
+            } else if recipe.method.is_interp() {
+                interp::item(recipe, &inputs, slot, &mut tally, &mut problems)
             } else {
                 merge_item(recipe, &inputs, slot, &mut tally, &mut problems)
             };
@@ -370,6 +376,14 @@ impl Plan {
                 "`parameters.normalize`: in tensor `{first}`{others}, {why}: set `normalize: \
                  false` (the task vectors are then added with their weights as given), or give \
                  weights that do not cancel"
+            )));
+        }
+        if let Some(first) = tally.missing_t.first() {
+            problems.push(Problem::new(format!(
+                "`parameters.t`: no setting of `t` applies to {} tensor(s), e.g. `{first}` (its \
+                 filters match none of them): add a last entry without a filter (`- value: …`) \
+                 as a fallback",
+                tally.missing_t.len()
             )));
         }
         if tally.missing_grad_fallbacks > 0 {
@@ -656,8 +670,18 @@ impl Plan {
         let name = item.name.as_str();
         let at = (item as *const Item as usize).wrapping_sub(self.items.as_ptr() as usize);
         debug_assert!(at / std::mem::size_of::<Item>() < self.items.len());
-        let base_name = item.slot.base.as_deref().unwrap_or(name);
-        let base = raw(&self.inputs.base, base_name);
+        // A slice of a method without a base has none: its first input stands in (unread).
+        let first_task = || {
+            item.slot
+                .tasks
+                .iter()
+                .enumerate()
+                .find_map(|(t, n)| Some(raw(&self.inputs.tasks[t].model, n.as_deref()?)))
+        };
+        let base = match item.slot.base.as_deref() {
+            Some(b) => raw(&self.inputs.base, b),
+            None => first_task().unwrap_or_else(|| raw(&self.inputs.base, name)),
+        };
         Group {
             name,
             seq: (at / std::mem::size_of::<Item>()) as u64,

@@ -49,6 +49,20 @@ fn shown(recipe: &Recipe) -> Vec<&'static params::ParamSpec> {
 }
 
 fn task_lines(out: &mut String, r: &Recipe) {
+    // The base's own values where the method weighs it as an input (linear).
+    let base_own: Vec<String> = params::of(r.method)
+        .filter(|p| p.scope == Scope::Input && p.name != "scale" && !r.sliced())
+        .filter_map(|p| {
+            let v = match r.base_params.get(p.name).or(r.params.get(p.name)) {
+                Some(q) => spell(&q.setting),
+                None => (p.default)(r.method)?.to_string(),
+            };
+            Some(format!("  {} {v}", p.name))
+        })
+        .collect();
+    if !r.baseless && r.order.contains(&crate::recipe::InputRef::Base) && !base_own.is_empty() {
+        let _ = writeln!(out, "  base {}{}", r.base.display(), base_own.concat());
+    }
     for (i, t) in r.tasks.iter().enumerate() {
         let role = if t.forget {
             "forget"
@@ -157,12 +171,16 @@ fn values(plan: &Plan, shown: &[&params::ParamSpec], item: &super::Item) -> Stri
 pub fn render(plan: &Plan, max_memory: Option<u64>) -> String {
     let mut out = String::new();
     let r = &plan.recipe;
+    let base = if r.baseless {
+        format!("none ({}'s layout, config and tokenizer)", r.base.display())
+    } else {
+        r.base.display().to_string()
+    };
     let _ = writeln!(
         out,
-        "method: {}   tasks: {}   base: {}",
+        "method: {}   tasks: {}   base: {base}",
         r.method.name(),
         r.tasks.len(),
-        r.base.display()
     );
     task_lines(&mut out, r);
     for l in &plan.side.lines {

@@ -8,6 +8,7 @@
 //! `recipe/params.rs`, a fuse rule in each backend, and tests.
 
 use crate::dtype::FloatType;
+use crate::method::interp::{self, Interp, InterpSpec, Operand, Vectors};
 use crate::method::{
     keep_count, sparse, FuseSpec, KeySpec, MaskJob, MethodKind, Norm, Overlap, Rows, SelectKind,
     SparseParams, StaSelect,
@@ -338,6 +339,91 @@ fn fuse_spec(recipe: &Recipe, p: &Resolved, out: FloatType) -> FuseSpec {
         },
         sta: sta_select(recipe, p),
         out,
+        interp: None,
+    }
+}
+
+/// The work of an interpolating method (method/interp.rs) on a tensor of `shape`, whose inputs
+/// are `inputs` in mergekit's order (the base among them where the method weighs it as one
+/// more input) and, with `uses_base`, the base as the base. Every task keeps every entry.
+pub fn interp_work(
+    recipe: &Recipe,
+    p: &Resolved,
+    inputs: &[Operand],
+    uses_base: bool,
+    shape: &[usize],
+    out: FloatType,
+) -> TensorWork {
+    let method = recipe.method;
+    let nt = recipe.tasks.len();
+    let weight = |o: &Operand| -> f64 {
+        match *o {
+            Operand::Base => p.base("weight").map_or(1.0, |v| v.num()),
+            Operand::Task(t) => p.task_num(t, "weight"),
+        }
+    };
+    let weights: Vec<f64> = inputs.iter().map(weight).collect();
+    let vectors = match method {
+        MethodKind::Nuslerp if p.flag("nuslerp_flatten") => Vectors::Whole,
+        MethodKind::Nuslerp if p.flag("nuslerp_row_wise") => Vectors::columns(shape),
+        MethodKind::Nuslerp => Vectors::rows(shape),
+        MethodKind::ModelStock if p.flag("filter_wise") => Vectors::rows(shape),
+        MethodKind::ArceeFusion => Vectors::rows(shape),
+        _ => Vectors::Whole,
+    };
+    let rule = match method {
+        MethodKind::Linear => Interp::Linear {
+            normalize: p.flag("normalize"),
+        },
+        MethodKind::Slerp => Interp::Slerp {
+            t: p.num("t") as f32,
+        },
+        MethodKind::Nuslerp => Interp::Nuslerp {
+            t: interp::nuslerp_t(weights[0], weights[1]),
+        },
+        MethodKind::Multislerp => Interp::Multislerp {
+            normalize_weights: p.flag("normalize_weights"),
+            eps: p.num("eps") as f32,
+        },
+        MethodKind::Karcher => Interp::Karcher {
+            max_iter: p.num("max_iter") as u32,
+            tol: p.num("tol"),
+        },
+        MethodKind::ModelStock => Interp::ModelStock,
+        MethodKind::Nearswap => Interp::Nearswap {
+            t: p.num("t") as f32,
+        },
+        MethodKind::ArceeFusion => Interp::ArceeFusion,
+        other => unreachable!("{} is not an interpolating method", other.name()),
+    };
+    let mut task_weights = vec![0f32; nt];
+    for (o, w) in inputs.iter().zip(&weights) {
+        if let Operand::Task(t) = *o {
+            task_weights[t] = *w as f32;
+        }
+    }
+    TensorWork {
+        masks: vec![MaskPlan::All; nt],
+        fuse: FuseSpec {
+            rule: method.fuse(),
+            lambda: 1.0,
+            normalize: false,
+            weights: task_weights,
+            forget: vec![false; nt],
+            rescale: vec![None; nt],
+            rescale_l1: vec![false; nt],
+            scale: vec![None; nt],
+            sparse: SparseParams::default(),
+            sta: StaSelect::default(),
+            out,
+            interp: Some(Box::new(InterpSpec {
+                rule,
+                inputs: inputs.to_vec(),
+                weights: weights.iter().map(|&w| w as f32).collect(),
+                uses_base,
+                vectors,
+            })),
+        },
     }
 }
 

@@ -1,35 +1,11 @@
-//! mergekit's vocabulary that stamerge does not implement (yet): merge methods, method
-//! parameters and recipe keys. A recipe that uses one is refused naming the feature, before the
-//! typed parse, whose "unknown field `t`" would blame the spelling instead. Every such use is
-//! reported at once, each with the recipe field it is in.
+//! mergekit's vocabulary that stamerge does not implement (yet): since every merge method of
+//! mergekit 0.1.5 and its parameters are implemented, only recipe keys. A recipe that uses one is
+//! refused naming the feature, before the typed parse, whose "unknown field" would blame the
+//! spelling instead. Every such use is reported at once, each with the recipe field it is in.
 
 use serde_yaml_ng::Value;
 
 use crate::error::Problem;
-use crate::method::MethodKind;
-
-/// mergekit 0.1.5's methods that stamerge lacks.
-const METHODS: &[&str] = &[
-    "linear",
-    "slerp",
-    "nuslerp",
-    "multislerp",
-    "karcher",
-    "model_stock",
-    "nearswap",
-    "arcee_fusion",
-];
-
-/// Parameters of those methods, with the methods that take them.
-const PARAMETERS: &[(&str, &str)] = &[
-    ("t", "slerp, nuslerp and nearswap"),
-    ("nuslerp_flatten", "nuslerp"),
-    ("nuslerp_row_wise", "nuslerp"),
-    ("eps", "multislerp"),
-    ("max_iter", "karcher"),
-    ("tol", "karcher"),
-    ("filter_wise", "model_stock"),
-];
 
 /// Top-level recipe keys of mergekit that stamerge does not read.
 const KEYS: &[(&str, &str)] = &[(
@@ -44,15 +20,6 @@ pub fn unsupported(recipe: &Value) -> Vec<Problem> {
     let Value::Mapping(top) = recipe else {
         return out;
     };
-    if let Some(Value::String(m)) = top.get("merge_method") {
-        if MethodKind::parse(m).is_none() && METHODS.contains(&m.as_str()) {
-            out.push(Problem::new(format!(
-                "unknown merge_method `{m}`: a mergekit method that stamerge does not support \
-                 yet; supported: {}",
-                MethodKind::ALL.map(|k| k.name()).join(", ")
-            )));
-        }
-    }
     for (key, what) in KEYS {
         if top.contains_key(*key) {
             out.push(Problem::new(format!(
@@ -60,56 +27,13 @@ pub fn unsupported(recipe: &Value) -> Vec<Problem> {
             )));
         }
     }
-    params(top.get("parameters"), "parameters", &mut out);
-    for list in ["models", "forget"] {
-        if let Some(Value::Sequence(entries)) = top.get(list) {
-            for (i, e) in entries.iter().enumerate() {
-                params(
-                    e.get("parameters"),
-                    &format!("{list}[{i}].parameters"),
-                    &mut out,
-                );
-            }
-        }
-    }
-    if let Some(Value::Sequence(slices)) = top.get("slices") {
-        for (i, s) in slices.iter().enumerate() {
-            params(
-                s.get("parameters"),
-                &format!("slices[{i}].parameters"),
-                &mut out,
-            );
-            if let Some(Value::Sequence(sources)) = s.get("sources") {
-                for (j, src) in sources.iter().enumerate() {
-                    params(
-                        src.get("parameters"),
-                        &format!("slices[{i}].sources[{j}].parameters"),
-                        &mut out,
-                    );
-                }
-            }
-        }
-    }
     out
-}
-
-fn params(p: Option<&Value>, field: &str, out: &mut Vec<Problem>) {
-    let Some(Value::Mapping(p)) = p else {
-        return;
-    };
-    for (name, methods) in PARAMETERS {
-        if p.contains_key(*name) {
-            out.push(Problem::new(format!(
-                "`{field}.{name}` is a parameter of mergekit's {methods}, which stamerge does not \
-                 support yet"
-            )));
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::method::MethodKind;
 
     fn problems(yaml: &str) -> Vec<String> {
         let v: Value = serde_yaml_ng::from_str(yaml).unwrap();
@@ -117,31 +41,41 @@ mod tests {
     }
 
     #[test]
-    fn names_each_unsupported_feature_with_its_field() {
-        let ps = problems(
-            "merge_method: karcher\nbase_model: b\nmodules: {}\nparameters:\n  max_iter: 3\n\
-             models:\n  - model: a\n  - model: c\n    parameters:\n      t: 0.5\n\
-             slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n\
-             \x20       parameters: {eps: 0.1}\n",
-        );
-        assert_eq!(ps.len(), 5, "{ps:?}");
-        assert!(
-            ps[0].contains("merge_method `karcher`") && ps[0].contains("ties"),
-            "{ps:?}"
-        );
-        assert!(ps[1].contains("`modules:`"), "{ps:?}");
-        assert!(
-            ps[2].contains("`parameters.max_iter`") && ps[2].contains("karcher"),
-            "{ps:?}"
-        );
-        assert!(
-            ps[3].contains("`models[1].parameters.t`") && ps[3].contains("slerp"),
-            "{ps:?}"
-        );
-        assert!(
-            ps[4].contains("`slices[0].sources[0].parameters.eps`"),
-            "{ps:?}"
-        );
+    fn names_each_unsupported_key() {
+        let ps =
+            problems("merge_method: ties\nbase_model: b\nmodules: {}\nmodels:\n  - model: a\n");
+        assert_eq!(ps.len(), 1, "{ps:?}");
+        assert!(ps[0].contains("`modules:`"), "{ps:?}");
+    }
+
+    /// mergekit 0.1.5's registry (merge_methods/registry.py and the modules it registers):
+    /// every name parses, so no recipe needs this module's method list any more.
+    #[test]
+    fn every_mergekit_method_is_a_stamerge_method() {
+        for m in [
+            "linear",
+            "slerp",
+            "nuslerp",
+            "multislerp",
+            "karcher",
+            "task_arithmetic",
+            "ties",
+            "dare_ties",
+            "dare_linear",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della",
+            "della_linear",
+            "model_stock",
+            "sce",
+            "nearswap",
+            "arcee_fusion",
+            "passthrough",
+            "ram",
+            "ramplus_tl",
+        ] {
+            assert!(MethodKind::parse(m).is_some(), "{m}");
+        }
     }
 
     #[test]

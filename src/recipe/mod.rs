@@ -4,6 +4,7 @@
 
 pub mod chat;
 mod crosscheck;
+mod inputs;
 mod locate;
 mod mergekit;
 pub mod params;
@@ -28,7 +29,7 @@ use read::{MapKind, Models, Reader};
 
 use crate::dtype::FloatType;
 use crate::error::Problem;
-use crate::method::MethodKind;
+use crate::method::{BasePolicy, MethodKind};
 
 /// One model entering the merge besides the base: a `models` entry or slice source (sign +1) or a
 /// `forget` entry (sign −1). For `passthrough`, every model besides the first.
@@ -108,6 +109,12 @@ pub struct Recipe {
     pub params: Params,
     /// The base's own `parameters` (its `models:` entry): per-input parameters of the base.
     pub base_params: Params,
+    /// A method that needs no base, without `base_model`: `base` is the first model, read for
+    /// the layout, config.json and tokenizer only; it is `tasks[0]` of the merge.
+    pub baseless: bool,
+    /// A `models:` recipe's inputs in mergekit's order: the models as listed (the base where
+    /// it is listed), then a base the list leaves out. (`slices:`: each slice's sources.)
+    pub order: Vec<InputRef>,
     /// `slices:` (empty for a `models:` recipe).
     pub slices: Vec<SliceSpec>,
     pub seed: u64,
@@ -213,12 +220,23 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
         .and_then(|s| s.sources.first())
         .map(|s| s.model.as_str())
         .or(raw.models.first().map(|m| m.model.as_str()));
+    // Methods that need no base (mergekit's optional and ignored base policies) read the
+    // first model's layout, config and tokenizer instead, and take it as a model like the others.
+    let baseless = method.is_interp()
+        && raw.base_model.is_none()
+        && method.contract().base != BasePolicy::Required;
     let base_spelled = match (raw.base_model.as_deref(), first_model) {
         (Some(b), _) => Some(b.to_string()),
-        (None, Some(m)) if passthrough => Some(m.to_string()),
+        (None, Some(m)) if passthrough || baseless => Some(m.to_string()),
+        (None, None) if passthrough || baseless => None,
         _ => {
+            let why = if method.is_interp() {
+                "(mergekit requires it too): the path goes from the base to the models"
+            } else {
+                "works on task vectors (model − base)"
+            };
             rd.problems.push(Problem::new(format!(
-                "`base_model` is required: {} works on task vectors (model − base)",
+                "`base_model` is required: {} {why}",
                 method.name()
             )));
             None
@@ -226,9 +244,13 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
     };
     let mut models = Models {
         dir,
-        base: base_spelled.as_deref().map(|b| path_in(dir, b)),
+        base: base_spelled
+            .as_deref()
+            .filter(|_| !baseless)
+            .map(|b| path_in(dir, b)),
         tasks: Vec::new(),
     };
+    let mut order = Vec::new();
     let mut base_params = Params::default();
     for (list, entries, forget) in [
         ("models", &raw.models, false),
@@ -241,9 +263,13 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
                 &format!("{field}.parameters"),
                 MapKind::Model,
             );
-            match models.input(&m.model, &field, forget) {
+            let input = models.input(&m.model, &field, forget);
+            if !forget && !order.contains(&input) {
+                order.push(input);
+            }
+            match input {
                 InputRef::Base => {
-                    if !passthrough {
+                    if method.uses_task_vectors() {
                         // mergekit recipes often list the base among the models; it has no task vector.
                         rd.note(format!(
                             "`{}` is the base model: skipped as a task (as mergekit does)",
@@ -279,6 +305,25 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
     let mut tasks = models.tasks;
     if passthrough {
         slices::check_passthrough(&mut rd, &tasks, &slices);
+    }
+    // mergekit adds a base that the models do not list as the last input.
+    if raw.base_model.is_some() && !sliced && !order.contains(&InputRef::Base) {
+        order.push(InputRef::Base);
+    }
+    if method.is_interp() {
+        let has_t =
+            |m: &Option<serde_yaml_ng::Mapping>| m.as_ref().is_some_and(|m| m.contains_key("t"));
+        let writes_t =
+            has_t(&raw.parameters) || (sliced && raw.slices.iter().all(|s| has_t(&s.parameters)));
+        inputs::check(
+            &mut rd,
+            &params,
+            &base_params,
+            &order,
+            &slices,
+            !baseless,
+            writes_t,
+        );
     }
     if !raw.forget.is_empty() && !method.allows_forget() {
         rd.problems.push(Problem::new(format!(
@@ -331,7 +376,10 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
         Some(v) if v.str() == "zero" => NonFinite::Zero,
         _ => NonFinite::Error,
     };
-    let (Some(base), Some(base_spelled)) = (models.base, base_spelled) else {
+    let base = models
+        .base
+        .or_else(|| base_spelled.as_deref().map(|b| path_in(dir, b)));
+    let (Some(base), Some(base_spelled)) = (base, base_spelled) else {
         rd.problems.extend(missing_inputs(&raw, dir));
         return Err(rd.problems);
     };
@@ -350,6 +398,8 @@ fn build(raw: RawRecipe, text: &str, dir: &Path) -> Result<Recipe, Vec<Problem>>
         tasks,
         params,
         base_params,
+        baseless,
+        order,
         slices,
         seed,
         missing_gradients,

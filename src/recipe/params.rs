@@ -134,8 +134,17 @@ fn unit_interval(v: &Value) -> Result<(), String> {
     }
 }
 
+fn iterations(v: &Value) -> Result<(), String> {
+    if (0.0..=1e6).contains(&v.num()) {
+        Ok(())
+    } else {
+        Err("must be a whole number from 0 to 1000000".into())
+    }
+}
+
 /// The parameter table (mergekit's names and defaults where mergekit has the parameter).
 pub const PARAMS: &[ParamSpec] = &[
+    // Per model besides the base (mergekit requires it; stamerge's default is 1).
     ParamSpec {
         name: "weight",
         kind: Kind::Float,
@@ -143,7 +152,19 @@ pub const PARAMS: &[ParamSpec] = &[
         per_tensor: true,
         default: |_| Some(Value::Num(1.0)),
         check: finite_f32,
-        methods: MethodKind::reads_weight,
+        methods: |m| {
+            MethodKind::reads_weight(m) || matches!(m, MethodKind::Nuslerp | MethodKind::Multislerp)
+        },
+    },
+    // linear weighs every input, the base too where it is one (mergekit's INPUT scope).
+    ParamSpec {
+        name: "weight",
+        kind: Kind::Float,
+        scope: Scope::Input,
+        per_tensor: true,
+        default: |_| Some(Value::Num(1.0)),
+        check: finite_f32,
+        methods: |m| m == MethodKind::Linear,
     },
     ParamSpec {
         name: "density",
@@ -170,7 +191,7 @@ pub const PARAMS: &[ParamSpec] = &[
         per_tensor: true,
         default: |m| Some(Value::Bool(m.default_normalize())),
         check: any,
-        methods: task_vector_methods,
+        methods: |m| task_vector_methods(m) || m == MethodKind::Linear,
     },
     ParamSpec {
         name: "rescale",
@@ -234,7 +255,7 @@ pub const PARAMS: &[ParamSpec] = &[
         methods: |m| m.select() == crate::method::SelectKind::Della,
     },
     // ram and ramplus_tl: |τ| above it counts as a change. The same name as della's row, another
-    // scope and default: the reader takes the row of the recipe's method (`spec_for`).
+    // scope and default: the reader takes the row of the recipe's method (`spec`).
     ParamSpec {
         name: "epsilon",
         kind: Kind::Float,
@@ -371,6 +392,89 @@ pub const PARAMS: &[ParamSpec] = &[
         check: finite_f32,
         methods: |m| m == MethodKind::Passthrough,
     },
+    // slerp's interpolation point: 0 gives the base, 1 the model (mergekit requires it).
+    ParamSpec {
+        name: "t",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| None,
+        check: unit_interval,
+        methods: |m| m == MethodKind::Slerp,
+    },
+    // nearswap's distance: the model's value is taken where |model − base| ≤ t.
+    ParamSpec {
+        name: "t",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| None,
+        check: finite_f32,
+        methods: |m| m == MethodKind::Nearswap,
+    },
+    ParamSpec {
+        name: "nuslerp_flatten",
+        kind: Kind::Bool,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Bool(true)),
+        check: any,
+        methods: |m| m == MethodKind::Nuslerp,
+    },
+    ParamSpec {
+        name: "nuslerp_row_wise",
+        kind: Kind::Bool,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Bool(false)),
+        check: any,
+        methods: |m| m == MethodKind::Nuslerp,
+    },
+    ParamSpec {
+        name: "normalize_weights",
+        kind: Kind::Bool,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Bool(true)),
+        check: any,
+        methods: |m| m == MethodKind::Multislerp,
+    },
+    ParamSpec {
+        name: "eps",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Num(1e-8)),
+        check: finite_f32,
+        methods: |m| m == MethodKind::Multislerp,
+    },
+    ParamSpec {
+        name: "max_iter",
+        kind: Kind::Int,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Num(10.0)),
+        check: iterations,
+        methods: |m| m == MethodKind::Karcher,
+    },
+    ParamSpec {
+        name: "tol",
+        kind: Kind::Float,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Num(1e-5)),
+        check: finite_f32,
+        methods: |m| m == MethodKind::Karcher,
+    },
+    ParamSpec {
+        name: "filter_wise",
+        kind: Kind::Bool,
+        scope: Scope::Shared,
+        per_tensor: true,
+        default: |_| Some(Value::Bool(false)),
+        check: any,
+        methods: |m| m == MethodKind::ModelStock,
+    },
     // stamerge: where a non-float tensor (position ids, …) that differs between the inputs is
     // taken from. mergekit refuses such tensors.
     ParamSpec {
@@ -384,18 +488,14 @@ pub const PARAMS: &[ParamSpec] = &[
     },
 ];
 
-/// The row of parameter `name`.
-pub fn spec(name: &str) -> Option<&'static ParamSpec> {
-    PARAMS.iter().find(|p| p.name == name)
-}
-
-/// The row of parameter `name` as `method` reads it: a name two methods use with different
-/// scopes or defaults (`epsilon`: della's per model, ram's shared) has a row for each.
-pub fn spec_for(name: &str, method: MethodKind) -> Option<&'static ParamSpec> {
+/// The row of parameter `name` as `method` reads it (a name can have a row per method family:
+/// `weight` per model for task vectors and per input for linear, `epsilon` per model for della
+/// and shared for ram), else its first row.
+pub fn spec(method: MethodKind, name: &str) -> Option<&'static ParamSpec> {
     PARAMS
         .iter()
         .find(|p| p.name == name && (p.methods)(method))
-        .or_else(|| spec(name))
+        .or_else(|| PARAMS.iter().find(|p| p.name == name))
 }
 
 /// The parameters `method` reads, in table order.

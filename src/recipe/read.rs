@@ -62,7 +62,7 @@ impl Reader<'_> {
                 continue;
             };
             let f = format!("{field}.{name}");
-            let Some(spec) = params::spec_for(name, self.method) else {
+            let Some(spec) = params::spec(self.method, name) else {
                 let known: Vec<&str> = params::of(self.method).map(|p| p.name).collect();
                 self.problem(
                     &f,

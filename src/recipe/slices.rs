@@ -5,7 +5,7 @@ use std::path::Path;
 use super::raw::RawSlice;
 use super::read::{MapKind, Models, Reader};
 use super::{path_in, same_path, InputRef, SliceSpec, SourceSpec, TaskSpec};
-use crate::method::MethodKind;
+use crate::method::BasePolicy;
 
 pub fn read(
     rd: &mut Reader,
@@ -96,15 +96,23 @@ pub fn read(
                 format!("every source of a slice has the same number of layers (as in mergekit), got {lens:?}"),
             );
         }
-        if rd.method != MethodKind::Passthrough
-            && !sources.is_empty()
-            && !sources.iter().any(|s| s.input == InputRef::Base)
-        {
+        // A base policy of `optional` needs the base in the slice when the recipe names one.
+        let needs_base = match rd.method.contract().base {
+            BasePolicy::Required => true,
+            BasePolicy::Optional => base_model.is_some(),
+            BasePolicy::Ignored => false,
+        };
+        if needs_base && !sources.is_empty() && !sources.iter().any(|s| s.input == InputRef::Base) {
+            let what = if rd.method.uses_task_vectors() {
+                "merges task vectors against the base"
+            } else {
+                "takes the base as an input of every slice"
+            };
             rd.problem(
                 &format!("{field}.sources"),
                 format!(
-                    "{} merges task vectors against the base: list `base_model` among the slice's \
-                     sources with the layers to use (mergekit requires it too)",
+                    "{} {what}: list `base_model` among the slice's sources with the layers to \
+                     use (mergekit requires it too)",
                     rd.method.name()
                 ),
             );

@@ -3,11 +3,14 @@
 
 pub mod dare;
 pub mod digits;
+pub mod dot;
 pub mod dsum;
 pub mod radix;
+pub mod window;
 
 pub use digits::{DigitPass, DigitSearch};
 pub use radix::{radix_select, Threshold};
+pub use window::Window;
 
 /// Maps an f32 to a u32 whose unsigned order is the float order (NaN excluded).
 #[inline(always)]

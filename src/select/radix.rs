@@ -248,11 +248,17 @@ pub fn fill_mask(keys: &[u32], th: &Threshold, words: &mut [u64]) {
 /// first (a loop the compiler vectorises), then each 8 bytes of 0/1 fold into 8 bits with one
 /// multiply: shifting bits into a u64 one key at a time cost ~14 instructions per key.
 #[inline(always)]
-fn word_bits(c: &[u32], keep: impl Fn(u32) -> bool) -> u64 {
+pub(super) fn word_bits(c: &[u32], keep: impl Fn(u32) -> bool) -> u64 {
     let mut flags = [0u8; 64];
     for (f, &x) in flags.iter_mut().zip(c) {
         *f = keep(x) as u8;
     }
+    fold_bytes(&flags)
+}
+
+/// 64 bytes of 0/1 as the bits of a word (byte j to bit j).
+#[inline(always)]
+pub(super) fn fold_bytes(flags: &[u8; 64]) -> u64 {
     let mut bits = 0u64;
     for (i, f8) in flags.chunks_exact(8).enumerate() {
         let v = u64::from_le_bytes(f8.try_into().expect("8 bytes"));

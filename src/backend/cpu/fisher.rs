@@ -1,7 +1,7 @@
 //! fisher's fuse on the CPU (docs/SEMANTICS.md, "fisher"): each entry is the average of the
 //! models weighted by c_t · (F_t + 1e-6), with F_t the squared-gradient statistic, and the pass
 //! that finds each model's Fisher norm over the whole model (`normalize_fisher_weight`).
-//! cpu.rs dispatches here; the loaders and the fixed-order sum are its own.
+//! cpu/mod.rs dispatches here; the loaders and the fixed-order sum are its own.
 //!
 //! What a GPU port must reproduce: per element, in task order from +0.0, `p = c_t * (F + 1e-6)`,
 //! `num += p * θ`, `den += p`, then `num / den`, each one fp32 rounding; the norm pass is `dsum`'s
@@ -9,7 +9,8 @@
 
 use rayon::prelude::*;
 
-use super::{fault_result, first_fault, load, CANONICAL_NAN, CH};
+use super::fuse::CANONICAL_NAN;
+use super::{fault_result, first_fault, load, CH};
 use crate::backend::{BResult, Fault, FuseSpec, Group, GroupStats, Source, TaskStats};
 use crate::dtype::narrow;
 use crate::select::dsum;

@@ -1,8 +1,8 @@
 //! The CPU rules of the sparsifying methods (`method::sparse`, docs/SEMANTICS.md "Sparsifying
 //! methods"): breadcrumbs' band of ranks and DELLA's per-row keeps (task masks), mergekit's L1
 //! rescale (one factor per task, after the mask), and the sce and ram fuses (which make their
-//! own masks from every task at once). cpu.rs dispatches here; the loaders, the key pass and the
-//! fixed-order sum are its own.
+//! own masks from every task at once). cpu/mod.rs dispatches here; the loaders, the key pass and
+//! the fixed-order sum are its own.
 //!
 //! What a GPU port must reproduce: every per-tensor sum is `dsum`'s tree over fp32 terms; counts
 //! are exact; ranks break ties by the lowest index (largest first); element arithmetic is fp32
@@ -78,7 +78,7 @@ pub(super) fn mask(
                 },
             ))
         }
-        _ => unreachable!("cpu.rs makes the other masks"),
+        _ => unreachable!("cpu/mod.rs makes the other masks"),
     }
 }
 
@@ -233,7 +233,7 @@ fn l1_sums(g: &Group, t: usize, mask: Option<&[u64]>) -> (f64, f64) {
 }
 
 /// Loads the base and each input task's τ of elements `off..off+len` into `sc`; the first
-/// non-finite τ as a fault (the base blamed when it is the bad input), as cpu.rs's fuse does.
+/// non-finite τ as a fault (the base blamed when it is the bad input), as cpu/fuse.rs does.
 fn load_taus(
     g: &Group,
     inputs: &[usize],

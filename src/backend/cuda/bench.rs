@@ -10,7 +10,8 @@
 //!   count and cutoff, mask), i.e. everything after `score_keys` that turns keys into a mask;
 //! - `dare_mask`: one task's DARE mask;
 //! - `fuse_linear`, `fuse_ties`: T tasks with masks, with the kept counts, the combination
-//!   histogram (T <= 8) and the error word, as a merge launches them.
+//!   histogram (T <= 8) and the error word, as a merge launches them: the general kernels and
+//!   the typed ones of the dtype (loads in flight), which a merge of one-dtype inputs launches.
 //!
 //! GB/s counts the bytes each kernel must move (docs/KERNELS.md, "Bytes per element"); for the
 //! select, the keys it reads (pass 1, the mask, the tie count when it runs) plus the candidates
@@ -343,7 +344,12 @@ fn run(gpu: &Gpu, arena: &mut super::Arena, spec: &KernelBenchSpec) -> DResult<K
     init_stats[0] = u64::MAX;
     let stats_p = arena.at(stats);
     let fuse_bytes = (n * (sz * (1 + nt) + sz)) as f64 + (nt * n) as f64 / 8.0;
-    for rule in [FuseRule::Linear, FuseRule::Ties] {
+    for (rule, typed) in [
+        (FuseRule::Linear, false),
+        (FuseRule::Linear, true),
+        (FuseRule::Ties, false),
+        (FuseRule::Ties, true),
+    ] {
         let args = FuseArgs {
             rule,
             base: arena.at(base),
@@ -365,17 +371,25 @@ fn run(gpu: &Gpu, arena: &mut super::Arena, spec: &KernelBenchSpec) -> DResult<K
                 0
             },
             bad: stats_p,
+            // one dtype, arena addresses, no rescale: the typed kernel is what a merge of these
+            // inputs launches; the general one is timed beside it (issue 20's before/after)
+            uniform: typed,
         };
         // The statistics start at zero (the error word at u64::MAX) before every run, untimed.
         let zero_stats = || arena.upload(gpu, stats, bytemuck::cast_slice(&init_stats));
         let ms = time(gpu, spec.iters, zero_stats, || unsafe { gpu.fuse(&args) })?;
         kernels.push(KernelTiming {
             name: format!(
-                "{} (T = {nt}, masks)",
+                "{}{} (T = {nt}, masks)",
                 if rule == FuseRule::Linear {
                     "fuse_linear"
                 } else {
                     "fuse_ties"
+                },
+                if typed {
+                    format!("_{}", ty.torch_name())
+                } else {
+                    String::new()
                 }
             ),
             ms,

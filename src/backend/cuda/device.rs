@@ -50,11 +50,13 @@ const OUT_OF_MEMORY: &str = "the GPU ran out of memory ";
 /// histogram-building launches use fewer blocks (fewer global atomics), the others fill the SMs.
 mod per_sm {
     pub const HISTOGRAM: u32 = 4;
-    pub const SCORE: u32 = 5;
+    pub const SCORE: u32 = 4;
     pub const NORMALIZE: u32 = 6;
     pub const MASK: u32 = 8;
-    pub const FUSE_LINEAR: u32 = 5;
+    pub const FUSE_LINEAR: u32 = 4;
     pub const FUSE_TIES: u32 = 3;
+    /// The typed fuse kernels are held to 80 registers (`__launch_bounds__(256, 3)`).
+    pub const FUSE_TYPED: u32 = 3;
 }
 
 /// "CUDA_ERROR_NO_DEVICE (no CUDA-capable device is detected)".
@@ -95,6 +97,9 @@ pub struct Kernels {
     dare_mask: CudaFunction,
     fuse_linear: CudaFunction,
     fuse_ties: CudaFunction,
+    /// The typed fuse kernels (loads in flight), by dtype code: f32, f16, bf16.
+    fuse_linear_typed: [CudaFunction; 3],
+    fuse_ties_typed: [CudaFunction; 3],
 }
 
 /// An opened GPU: context, the stream every launch of this backend goes to, the copy stream that
@@ -255,6 +260,16 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> DResult<Kernels> {
         dare_mask: get("select", "dare_mask")?,
         fuse_linear: get("fuse", "fuse_linear")?,
         fuse_ties: get("fuse", "fuse_ties")?,
+        fuse_linear_typed: [
+            get("fuse", "fuse_linear_f32")?,
+            get("fuse", "fuse_linear_f16")?,
+            get("fuse", "fuse_linear_bf16")?,
+        ],
+        fuse_ties_typed: [
+            get("fuse", "fuse_ties_f32")?,
+            get("fuse", "fuse_ties_f16")?,
+            get("fuse", "fuse_ties_bf16")?,
+        ],
     })
 }
 
@@ -263,23 +278,25 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> DResult<Kernels> {
 
 /// Launches `$f` on the backend's stream with `$grid` × `$block` threads. The arguments must be
 /// plain local variables (u64, i32, f32): cudarc keeps their addresses until the launch.
+/// (`launch!(gpu, [function expr] "name", ...)` launches a function chosen at run time.)
 macro_rules! launch {
-    ($gpu:expr, $f:ident, $grid:expr, $block:expr; $($arg:ident),* $(,)?) => {{
+    ($gpu:expr, $f:ident, $grid:expr, $block:expr; $($arg:ident),* $(,)?) => {
+        launch!($gpu, [&$gpu.k.$f] stringify!($f), $grid, $block; $($arg),*)
+    };
+    ($gpu:expr, [$func:expr] $name:expr, $grid:expr, $block:expr; $($arg:ident),* $(,)?) => {{
         let cfg = LaunchConfig {
             grid_dim: ($grid, 1, 1),
             block_dim: ($block, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = $gpu.stream.launch_builder(&$gpu.k.$f);
+        let mut b = $gpu.stream.launch_builder($func);
         $( b.arg(&$arg); )*
         // SAFETY: the argument list matches the kernel's C signature (docs/KERNELS.md); the
         // caller guarantees that every pointer addresses device memory of the size the kernel
         // reads or writes (see the `# Safety` sections below).
         unsafe { b.launch(cfg) }
             .map(|_| ())
-            .map_err(|e| {
-                DeviceError::Driver(format!("launching `{}`: {}", stringify!($f), describe(&e)))
-            })
+            .map_err(|e| DeviceError::Driver(format!("launching `{}`: {}", $name, describe(&e))))
     }};
 }
 
@@ -323,6 +340,11 @@ pub struct FuseArgs {
     pub combo_hist: Ptr,
     /// One u64 set to u64::MAX; or NULL.
     pub bad: Ptr,
+    /// Base, start and every task's theta have dtype `base_dtype`, every address is 16-byte
+    /// aligned and no task has a rescale: the typed kernel of that dtype takes the launch (loads
+    /// in flight, docs/KERNELS.md), else the general one. (A typed kernel traps on anything
+    /// else.)
+    pub uniform: bool,
 }
 
 /// Per-task entry of the fuse kernels' task table (docs/KERNELS.md; 32 bytes, `#[repr(C)]`).
@@ -531,23 +553,36 @@ impl Gpu {
             ..
         } = *a;
         let normalize = a.normalize as i32;
-        match a.rule {
-            FuseRule::Linear => {
-                let grid = self.grid(n.div_ceil(8), per_sm::FUSE_LINEAR);
-                launch!(self, fuse_linear, grid, BLOCK;
-                    base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
-                    linear_div, lambda, out, out_dtype, kept, combo_hist, bad)
-            }
-            FuseRule::Ties => {
-                let grid = self.grid(n.div_ceil(8), per_sm::FUSE_TIES);
-                launch!(self, fuse_ties, grid, BLOCK;
-                    base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
-                    linear_div, lambda, out, out_dtype, kept, combo_hist, bad)
-            }
-            FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus | FuseRule::Fisher => Err(
-                DeviceError::Unsupported("the sce and ram fuses have no CUDA kernels yet".into()),
+        let typed = usize::try_from(base_dtype).ok().filter(|_| a.uniform);
+        let (func, name, per_sm) = match (a.rule, typed) {
+            (FuseRule::Linear, None) => (&self.k.fuse_linear, "fuse_linear", per_sm::FUSE_LINEAR),
+            (FuseRule::Ties, None) => (&self.k.fuse_ties, "fuse_ties", per_sm::FUSE_TIES),
+            (FuseRule::Linear, Some(d)) => (
+                &self.k.fuse_linear_typed[d],
+                ["fuse_linear_f32", "fuse_linear_f16", "fuse_linear_bf16"][d],
+                per_sm::FUSE_TYPED,
             ),
-        }
+            (FuseRule::Ties, Some(d)) => (
+                &self.k.fuse_ties_typed[d],
+                ["fuse_ties_f32", "fuse_ties_f16", "fuse_ties_bf16"][d],
+                per_sm::FUSE_TYPED,
+            ),
+            // run.rs refuses these methods on this backend before any work; no kernels yet.
+            (FuseRule::Interp, _) => {
+                return Err(DeviceError::Unsupported(
+                    "the interpolating methods (linear, slerp, …) have no CUDA kernels yet".into(),
+                ))
+            }
+            (FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus | FuseRule::Fisher, _) => {
+                return Err(DeviceError::Unsupported(
+                    "the sce, ram and fisher fuses have no CUDA kernels yet".into(),
+                ))
+            }
+        };
+        let grid = self.grid(n.div_ceil(8), per_sm);
+        launch!(self, [func] name, grid, BLOCK;
+            base, base_dtype, start, start_dtype, tasks, num_tasks, n, normalize,
+            linear_div, lambda, out, out_dtype, kept, combo_hist, bad)
     }
 }
 
@@ -703,6 +738,7 @@ impl Arena {
             return Ok(());
         }
         self.slice_bounds(off, data.len())?;
+        super::fill::count_to_device(data.len());
         let buf = self.buf.as_mut().expect("checked by slice_bounds");
         let mut dst = buf.slice_mut(off..off + data.len());
         gpu.stream
@@ -716,6 +752,7 @@ impl Arena {
             return Ok(());
         }
         self.slice_bounds(off, dst.len())?;
+        super::fill::count_to_host(dst.len());
         let buf = self.buf.as_ref().expect("checked by slice_bounds");
         let src = buf.slice(off..off + dst.len());
         gpu.stream

@@ -305,6 +305,12 @@ impl CudaBackend {
                 0
             },
             bad: l.stat_ptr(StatsWords::FUSE_BAD),
+            uniform: false,
+        };
+        let thetas: Vec<Ptr> = (0..g.tasks.len()).map(|t| arena.at(lay.theta[t])).collect();
+        let args = FuseArgs {
+            uniform: fuse_is_uniform(&args, g, f, &thetas),
+            ..args
         };
         // SAFETY: the task table holds nt entries whose theta/mask addresses are buffers of the
         // layout; kept, combos and bad are words of the stats block.
@@ -320,7 +326,7 @@ impl CudaBackend {
         let out_dev = w.arena.at(l.lay.out);
         match sink {
             Sink::Now(out) => {
-                let download = dev(w.down.download(&gpu.stream, out_dev, out.len()))?;
+                let download = dev(w.down.download_into(&gpu.stream, out_dev, out, w.outputs))?;
                 dev(w.down.finish(&gpu.stream, download, out))
             }
             Sink::Later(slot, next) => {
@@ -383,6 +389,18 @@ impl CudaBackend {
         let combos = stats[sw.combos()..sw.combos() + l.ncombo].to_vec();
         Ok(GroupStats { tasks, combos })
     }
+}
+
+/// Whether the typed fuse kernel of the base's dtype takes this launch (`FuseArgs::uniform`):
+/// one dtype for base, start and every theta, 16-byte aligned addresses, no rescale.
+pub(super) fn fuse_is_uniform(a: &FuseArgs, g: &Group, f: &FuseSpec, thetas: &[Ptr]) -> bool {
+    let aligned = |p: Ptr| p % 16 == 0;
+    let ty = g.base.ty;
+    aligned(a.base)
+        && g.start.is_none_or(|s| s.ty == ty && aligned(a.start))
+        && g.tasks.iter().all(|t| t.theta.ty == ty)
+        && thetas.iter().all(|&p| aligned(p))
+        && f.rescale.iter().all(|r| r.is_none_or(|r| r == 1.0))
 }
 
 /// The caller's buffers against the group: one job and one weight per task, and an output of

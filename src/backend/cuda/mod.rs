@@ -20,6 +20,7 @@
 mod chunked;
 mod device;
 mod faults;
+pub mod fill;
 mod group;
 mod layout;
 mod model;
@@ -35,6 +36,7 @@ use std::sync::{Mutex, MutexGuard};
 pub use device::HAVE_KERNELS;
 use device::{Arena, DResult, Gpu, SelectHeader, STATE_BYTES};
 use layout::group_bytes;
+pub use staging::SLOT_MAX;
 use transfer::{Sink, Work};
 
 use super::cpu::CpuBackend;
@@ -326,7 +328,7 @@ impl Compute for CudaBackend {
             return self.cpu.merge_group(g, jobs, f, out);
         }
         let mut w = dev(self.enter())?;
-        guarded(|| {
+        let r = guarded(|| {
             self.finish_pending(&mut w)?;
             retry_smaller(|| {
                 if group_bytes(g, jobs, f)? <= w.arena.limit() {
@@ -335,7 +337,8 @@ impl Compute for CudaBackend {
                     self.merge_chunked(&mut w, g, jobs, f, out)
                 }
             })
-        })
+        });
+        leave(&mut w, r)
     }
 
     fn score_sum(&self, g: &Group, task: usize, spec: &KeySpec) -> BResult<f64> {
@@ -343,10 +346,11 @@ impl Compute for CudaBackend {
             return self.cpu.score_sum(g, task, spec);
         }
         let mut w = dev(self.enter())?;
-        guarded(|| {
+        let r = guarded(|| {
             self.finish_pending(&mut w)?;
             retry_smaller(|| self.score_sum_chunked(&mut w, g, task, spec))
-        })
+        });
+        leave(&mut w, r)
     }
 
     fn histogram(
@@ -368,15 +372,24 @@ impl Compute for CudaBackend {
             return Ok(());
         }
         let mut w = dev(self.enter())?;
-        guarded(|| {
+        let r = guarded(|| {
             self.finish_pending(&mut w)?;
             retry_smaller(|| self.histogram_chunked(&mut w, g, task, spec, pass, d.prefix, hist))
-        })
+        });
+        leave(&mut w, r)
     }
 
     fn model_digits(&self) -> &'static [(u32, u32)] {
         &MODEL_DIGITS
     }
+}
+
+/// The end of every entry point: inputs copied straight from the caller's memory
+/// (`fill::InputPath::Register`) are waited for and unregistered, so that the caller may drop them
+/// once the call returns, as after a copy through the ring.
+fn leave<T>(w: &mut Work, r: BResult<T>) -> BResult<T> {
+    let released = dev(w.up.release_held());
+    r.and_then(|v| released.map(|_| v))
 }
 
 /// Whether the kernels take this group (see the module comment); the CPU merges the others.
@@ -385,6 +398,10 @@ fn takes(g: &Group) -> bool {
 }
 
 impl Backend for CudaBackend {
+    fn populates_inputs(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "cuda"
     }
@@ -428,7 +445,7 @@ impl Backend for CudaBackend {
             w.done.clear();
             w.staged = None;
         }
-        r
+        leave(&mut w, r)
     }
 
     fn flush(&self) -> BResult<Vec<Vec<u8>>> {

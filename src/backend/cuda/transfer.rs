@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use cudarc::driver::{result, CudaEvent};
 
 use super::device::{self, Arena, DResult, Gpu, Layout, Ptr};
+use super::fill::{self, InputPath, OutputPath};
 use super::staging::{self, Download, Ring, Scratch};
 use super::{dev, internal, work_share, CudaBackend, MAX_FUSE_TASKS, OUT_SHARE};
 use crate::backend::{BResult, BackendError, DeviceError, Group, GroupStats, Raw};
@@ -41,6 +42,9 @@ pub(super) struct Work {
     pub(super) outbuf: Arena,
     /// Recorded on the compute stream once the output is in `outbuf`; the download stream waits.
     pub(super) out_ready: CudaEvent,
+    /// How inputs and outputs cross the link (`fill.rs`; `STAMERGE_CUDA_INPUTS` / `_OUTPUTS`).
+    pub(super) inputs: InputPath,
+    pub(super) outputs: OutputPath,
 }
 
 /// The inputs of the group named as the next one, copied into `ahead`: whose they are (the
@@ -55,8 +59,10 @@ pub(super) struct Staged {
 /// A merged group's output being copied back on the download stream.
 pub(super) struct Pending {
     pub(super) name: String,
-    pub(super) buf: Vec<u8>,
+    /// Declared before `buf` so that it drops first: a direct download's drop waits for the DMA
+    /// into `buf` before `buf` is freed.
     pub(super) download: Download,
+    pub(super) buf: Vec<u8>,
 }
 
 impl Work {
@@ -83,6 +89,8 @@ impl Work {
             done: Vec::new(),
             outbuf: Arena::with_limit(outbuf),
             out_ready: event()?,
+            inputs: fill::paths_from_env().0,
+            outputs: fill::paths_from_env().1,
         })
     }
 }
@@ -135,7 +143,7 @@ impl CudaBackend {
                 Some((len, src)) => from_ahead.push((off, src, len)),
                 None => {
                     dev(w.arena.view(off, data.len()).map(|_| ()))?;
-                    dev(w.up.upload(&gpu.copy, w.arena.at(off), data))?;
+                    dev(w.up.upload(&gpu.copy, w.arena.at(off), data, w.inputs))?;
                     uploaded = true;
                 }
             }
@@ -222,7 +230,7 @@ impl CudaBackend {
         let gpu = &self.gpu;
         let len = out.len();
         if len > w.outbuf.limit() || w.outbuf.reserve(gpu, len).is_err() {
-            let download = dev(w.down.download(&gpu.stream, src, len))?;
+            let download = dev(w.down.download_into(&gpu.stream, src, &mut out, w.outputs))?;
             dev(w.down.finish(&gpu.stream, download, &mut out))?;
             w.done.push(out);
             return Ok(());
@@ -236,7 +244,11 @@ impl CudaBackend {
         .map_err(device::drv("moving the output aside on the GPU")))?;
         dev(w.out_ready.record(&gpu.stream).map_err(&ev))?;
         dev(gpu.down.wait(&w.out_ready).map_err(&ev))?;
-        let download = dev(w.down.download(&gpu.down, w.outbuf.at(0), len))?;
+        // (A direct download writes `out`'s heap buffer, which moves with the Vec into
+        // `pending` and is not touched before finish_pending.)
+        let download = dev(w
+            .down
+            .download_into(&gpu.down, w.outbuf.at(0), &mut out, w.outputs))?;
         self.deferred_outputs.fetch_add(1, Ordering::Relaxed);
         w.pending = Some(Pending {
             name: name.to_string(),
@@ -281,7 +293,7 @@ impl CudaBackend {
         dev(gpu.copy.wait(&w.ahead_free).map_err(&ev))?;
         let mut inputs = Vec::with_capacity(all.len());
         for (data, off) in all.iter().zip(offs) {
-            dev(w.up.upload(&gpu.copy, w.ahead.at(off), data))?;
+            dev(w.up.upload(&gpu.copy, w.ahead.at(off), data, w.inputs))?;
             inputs.push((data.len(), off));
         }
         dev(w.ahead_ready.record(&gpu.copy).map_err(&ev))?;
