@@ -8,55 +8,24 @@ use std::sync::mpsc::{channel, sync_channel, SyncSender};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use memmap2::Mmap;
 
 use crate::backend::{Backend, MaskJob};
 use crate::checkpoint::writer::{ShardPlan, ShardWriter};
-use crate::checkpoint::Checkpoint;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
-use crate::method::keep_count;
-use crate::plan::work::model_wide_tasks;
-use crate::plan::{Convert, CopyFrom, Item, ItemKind, ModelCut, Plan};
+use crate::plan::{Convert, CopyFrom, ItemKind, ModelCut, Plan};
 use crate::report::{
     overlaps, ModelSelectionRecord, TaskRecord, TensorRecord, ThresholdDensityRecord,
 };
 use crate::run::ProgressFn;
-use crate::select::{key_value, DigitSearch};
+use crate::select::key_value;
 use crate::values::{fault_problem, first_nonfinite, overflow_problem};
 
-/// The mapped input tensors an item reads: its source for a copy, every input for a merge.
-fn inputs_of<'a>(plan: &'a Plan, item: &Item) -> Vec<(&'a Mmap, usize, usize)> {
-    let ins = &plan.inputs;
-    let mut named: Vec<(&Checkpoint, &str)> = Vec::new();
-    match &item.kind {
-        ItemKind::Copy { from, name, .. } => named.push((
-            match from {
-                CopyFrom::Base => &ins.base,
-                CopyFrom::Start => ins.start.as_ref().expect("start"),
-                CopyFrom::Task(t) => &ins.tasks[*t].model,
-            },
-            name,
-        )),
-        ItemKind::Merge { .. } => {
-            named.push((&ins.base, item.slot.base.as_deref().unwrap_or(&item.name)));
-            if let Some(s) = &ins.start {
-                named.push((s, &item.name));
-            }
-            for (t, n) in ins.tasks.iter().zip(&item.slot.tasks) {
-                if let Some(n) = n.as_deref() {
-                    named.push((&t.model, n));
-                    named.extend(t.grads.iter().map(|g| (g, n)));
-                }
-            }
-        }
-    }
-    named
-        .into_iter()
-        .filter_map(|(ck, n)| ck.get(n))
-        .map(|(f, t)| (&f.map, t.start, t.nbytes()))
-        .collect()
-}
+mod model_wide;
+mod pages;
+
+use model_wide::{fisher_scales, model_selection};
+use pages::{populate, prefetch, release};
 
 /// A copy that converts: widened to fp32, scaled (one rounding), narrowed to the output dtype.
 fn convert(c: &Convert, src: &[u8]) -> Vec<u8> {
@@ -80,45 +49,6 @@ fn convert(c: &Convert, src: &[u8]) -> Vec<u8> {
         );
     }
     out
-}
-
-/// Asks the kernel to start reading the next group's inputs while this one computes.
-fn prefetch(plan: &Plan, item: &Item) {
-    for (map, start, len) in inputs_of(plan, item) {
-        let _ = map.advise_range(memmap2::Advice::WillNeed, start, len);
-    }
-}
-
-/// Maps a group's input pages into this process just before its compute reads them: one system
-/// call per input range (`MADV_POPULATE_READ`, Linux 5.14 and later), where touching the mapping
-/// took a page fault every few pages. Elsewhere, or if the kernel refuses, `WILLNEED` (read-ahead).
-/// A populate that fails (the file shrank, a read error) is not an error here: the compute's own
-/// read of the page raises the SIGBUS that `checkpoint::guard` turns into an error naming the
-/// file. Only the group about to be computed is populated, so the mapped inputs resident at once
-/// stay one group's, as without it.
-fn populate(plan: &Plan, item: &Item) {
-    for (map, start, len) in inputs_of(plan, item) {
-        #[cfg(target_os = "linux")]
-        if map
-            .advise_range(memmap2::Advice::PopulateRead, start, len)
-            .is_ok()
-        {
-            continue;
-        }
-        let _ = map.advise_range(memmap2::Advice::WillNeed, start, len);
-    }
-}
-
-/// Drops a processed merge group's input pages from this process's resident set. They stay in
-/// the page cache, so a later pass refaults them cheaply; without this, mapped inputs that were
-/// read once count in RSS until the end and the process looks as large as the model.
-fn release(plan: &Plan, item: &Item) {
-    for (map, start, len) in inputs_of(plan, item) {
-        // SAFETY: the maps are read-only shared file mappings: MADV_DONTNEED only drops our page
-        // table entries; the next access reads the same bytes back from the page cache.
-        let _ =
-            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
-    }
 }
 
 /// How a caller follows and stops a running [`execute`].
@@ -217,168 +147,6 @@ fn check_interrupt(plan: &Plan, stop: &[&AtomicBool]) -> Result<()> {
     } else {
         plan.inputs.check_readable()
     }
-}
-
-/// The model-wide threshold of one task: the key at the k-th place and how many keys equal to it
-/// may still be kept (spent in plan order).
-struct ModelThreshold {
-    key: u32,
-    quota: u64,
-    k: u64,
-    total: u64,
-}
-
-struct ModelSelection {
-    /// Per merge item (by item index), per task: the tensor's mean score.
-    means: Vec<Vec<f32>>,
-    thresholds: Vec<Option<ModelThreshold>>,
-}
-
-/// fisher with `normalize_fisher_weight`: one pass over the statistics for each model's Fisher
-/// norm over the whole model, then each model's scale (`backend::cpu::fisher::norm_scales`).
-/// On the host: `--device cuda` refuses fisher before any work.
-fn fisher_scales(
-    plan: &Plan,
-    progress: &mut Progress,
-    stop: &[&AtomicBool],
-) -> Result<Option<Vec<f32>>> {
-    use crate::backend::cpu::fisher;
-    let normalised = plan.items.iter().any(|item| match &item.kind {
-        ItemKind::Merge { work, .. } => {
-            work.fuse.rule == crate::method::FuseRule::Fisher && work.fuse.normalize
-        }
-        ItemKind::Copy { .. } => false,
-    });
-    if !normalised {
-        return Ok(None);
-    }
-    progress.message("fisher — the Fisher norm of each model");
-    let mut sums = vec![0f64; plan.recipe.tasks.len()];
-    for item in &plan.items {
-        check_interrupt(plan, stop)?;
-        if !matches!(item.kind, ItemKind::Merge { .. }) {
-            continue;
-        }
-        let g = plan.group(item);
-        for (t, s) in sums.iter_mut().enumerate() {
-            *s += fisher::sq_sum(&g, t)
-                .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
-        }
-        release(plan, item);
-    }
-    let scales = fisher::norm_scales(&sums);
-    tracing::info!(
-        "fisher: the models' Fisher norms {:?}, scales {scales:?}",
-        { sums.iter().map(|s| s.sqrt()).collect::<Vec<_>>() }
-    );
-    Ok(Some(scales))
-}
-
-/// `selection: model`: a pass for the per-tensor means, then one histogram pass per digit over
-/// every tensor of the model, then the threshold of each task is known.
-fn model_selection(
-    plan: &Plan,
-    backend: &dyn Backend,
-    progress: &mut Progress,
-    stop: &[&AtomicBool],
-) -> Result<Option<ModelSelection>> {
-    let tasks = model_wide_tasks(&plan.recipe);
-    if tasks.is_empty() {
-        return Ok(None);
-    }
-    let started = Instant::now();
-    let nt = plan.recipe.tasks.len();
-    let mut means = vec![vec![0f32; nt]; plan.items.len()];
-    let mut total = 0u64;
-    let spec = |item: &Item, t: usize| match &item.kind {
-        ItemKind::Merge { work, .. } => work.spec(t),
-        ItemKind::Copy { .. } => None,
-    };
-    progress.message("selection: model — pass 1: per-tensor mean scores");
-    for (ii, item) in plan.items.iter().enumerate() {
-        check_interrupt(plan, stop)?;
-        let ItemKind::Merge { n, .. } = item.kind else {
-            continue;
-        };
-        total += n as u64;
-        let g = plan.group(item);
-        for &t in &tasks {
-            let spec = spec(item, t).expect("a model-wide task ranks");
-            let sum = backend
-                .score_sum(&g, t, &spec)
-                .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
-            means[ii][t] = (sum / n as f64) as f32;
-        }
-        release(plan, item);
-        progress.inc(item.read_bytes, &item.name);
-    }
-    if total == 0 {
-        // Only tensors without elements: nothing to rank, nothing kept, no threshold to find.
-        let thresholds = (0..nt)
-            .map(|t| {
-                tasks.contains(&t).then_some(ModelThreshold {
-                    key: 0,
-                    quota: 0,
-                    k: 0,
-                    total: 0,
-                })
-            })
-            .collect();
-        return Ok(Some(ModelSelection { means, thresholds }));
-    }
-    let ks: Vec<u64> = (0..nt)
-        .map(|t| keep_count(plan.recipe.tasks[t].model_density, total))
-        .collect();
-    let mut search: Vec<DigitSearch> = ks.iter().map(|&k| DigitSearch::new(k)).collect();
-    for (pass, &(shift, bits)) in backend.model_digits().iter().enumerate() {
-        progress.message(&format!(
-            "selection: model — pass {}: histogram of bits {shift}..{}",
-            pass + 2,
-            shift + bits
-        ));
-        let mut hists = vec![vec![0u64; 1 << bits]; nt];
-        for (ii, item) in plan.items.iter().enumerate() {
-            check_interrupt(plan, stop)?;
-            if !matches!(item.kind, ItemKind::Merge { .. }) {
-                continue;
-            }
-            let g = plan.group(item);
-            for &t in &tasks {
-                let mut spec = spec(item, t).expect("a model-wide task ranks");
-                spec.mean = Some(means[ii][t]);
-                backend
-                    .histogram(&g, t, &spec, search[t].pass(shift, bits), &mut hists[t])
-                    .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
-            }
-            release(plan, item);
-            progress.inc(item.read_bytes, &item.name);
-        }
-        for &t in &tasks {
-            search[t].advance(bits, &hists[t]).map_err(|e| {
-                Error::Other(format!(
-                    "internal error in the model-wide select of task {t}: {e}"
-                ))
-            })?;
-        }
-    }
-    let mut thresholds: Vec<Option<ModelThreshold>> = (0..nt).map(|_| None).collect();
-    for &t in &tasks {
-        tracing::debug!(
-            "selection: model, task {t}: keep {} of {total}; threshold key {:#010x}, {} tie(s) \
-             to keep, after {:.3} s",
-            ks[t],
-            search[t].prefix(),
-            search[t].quota(),
-            started.elapsed().as_secs_f64()
-        );
-        thresholds[t] = Some(ModelThreshold {
-            key: search[t].prefix(),
-            quota: search[t].quota(),
-            k: ks[t],
-            total,
-        });
-    }
-    Ok(Some(ModelSelection { means, thresholds }))
 }
 
 /// A tensor for the writer (sent with its checksum by `ToWriter`).
