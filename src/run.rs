@@ -41,10 +41,7 @@ impl CancelToken {
     }
 }
 
-/// Called after each tensor of each pass with (bytes done, bytes in all, bytes per second since
-/// the start): the numbers the progress bar shows, for a caller's own display. It runs on the
-/// merge's thread, so it should return quickly.
-pub type ProgressFn = dyn Fn(u64, u64, f64) + Send + Sync;
+pub use crate::pipeline::ProgressFn;
 
 /// A [`ProgressFn`] that [`Options`] can hold (cloned, printed by its `Debug`).
 #[derive(Clone)]
@@ -232,8 +229,7 @@ pub fn plan(recipe: &Recipe, out_dir: Option<&Path>, opts: &Options) -> Result<P
     }
 }
 
-pub const RECIPE_NAME: &str = "stamerge_recipe.yml";
-pub const REPORT_NAME: &str = "stamerge_report.json";
+pub use crate::checkpoint::paths::{RECIPE_NAME, REPORT_NAME};
 
 /// Re-reads every tensor of the output shards and compares it with the checksum taken while it
 /// was written: a disk or filesystem that corrupts data is caught before the rename.
@@ -325,8 +321,10 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
         t0.elapsed().as_secs_f64()
     );
     let torch_dtype = plan.recipe.out_dtype.or(plan.recipe.dtype);
+    let base = &plan.inputs.base;
     checkpoint::side::write(
-        &plan.inputs.base,
+        base.folder.as_deref(),
+        base.config.as_ref(),
         torch_dtype.map(|d| d.torch_name()),
         out.path(),
     )?;

@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Component, Path, PathBuf};
 
 use super::file::{SafetensorsFile, TensorEntry};
+use super::paths::{inside, stays_inside};
 use crate::error::Problem;
 
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
@@ -319,49 +320,6 @@ pub fn parse_index(index: &Path, text: &[u8]) -> Result<Vec<(String, String)>, P
         return Err(Problem::in_file(index, "`weight_map` is empty"));
     }
     Ok(entries)
-}
-
-/// Whether `target` (resolved) is the model's own: inside `folder` (resolved), or a blob of the
-/// Hugging Face cache repository that holds it.
-fn inside(folder: &Path, target: &Path) -> bool {
-    target.starts_with(folder) || in_hf_cache_blobs(folder, target)
-}
-
-/// Where `path`, a file of the model folder `folder` (resolved), leads when it stays inside the
-/// folder (a symlink may lead into the same Hugging Face cache repository's blobs); else why it
-/// may not be read. Shards, side files and config.json all follow this rule: a crafted folder
-/// must not make stamerge read (and copy into the output) a file from elsewhere.
-pub(crate) fn stays_inside(folder: &Path, path: &Path) -> Result<PathBuf, String> {
-    match path.canonicalize() {
-        Ok(c) if inside(folder, &c) => Ok(c),
-        Ok(c) => Err(format!(
-            "a symlink leading outside the model folder (to {}): not read; put the file itself \
-             in the folder",
-            c.display()
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let to = std::fs::read_link(path).unwrap_or_default();
-            Err(format!(
-                "a dangling symlink (to {}, which does not exist)",
-                to.display()
-            ))
-        }
-        Err(e) => Err(format!("cannot resolve: {e}")),
-    }
-}
-
-/// Whether `target` is a blob of the Hugging Face cache repository that holds the snapshot
-/// `folder` (`REPO/snapshots/REV` → `REPO/blobs/…`): the hub client stores every file of a
-/// snapshot as a symlink there, so this is the model's own data, not an escape.
-fn in_hf_cache_blobs(folder: &Path, target: &Path) -> bool {
-    let Some(snapshots) = folder.parent() else {
-        return false;
-    };
-    let Some(repo) = snapshots.parent() else {
-        return false;
-    };
-    snapshots.file_name().is_some_and(|n| n == "snapshots")
-        && target.starts_with(repo.join("blobs"))
 }
 
 /// The index must agree with the shards: every mapped tensor in its shard, no tensor twice.

@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 
 use crate::error::Problem;
 
+/// The files stamerge writes into an output folder besides the model's: the recipe and the
+/// report (checked against the report path a user asks for, and written by run.rs).
+pub const RECIPE_NAME: &str = "stamerge_recipe.yml";
+pub const REPORT_NAME: &str = "stamerge_report.json";
+
 /// `.NAME.stamerge-tmp-PID`: the output (or report) being written.
 pub(crate) const TMP_TAG: &str = ".stamerge-tmp-";
 /// `.NAME.stamerge-old-PID`: the replaced output, during a commit without exchange-rename.
@@ -405,7 +410,7 @@ pub fn check_report(
             problem(format!(
                 "is inside the output folder, which gets its own `{}` (the folder is replaced \
                  as a whole when the merge is committed); choose a path outside it",
-                crate::run::REPORT_NAME
+                REPORT_NAME
             ));
         }
     }
@@ -427,6 +432,49 @@ pub fn check_report(
         },
     }
     problems
+}
+
+/// Whether `target` (resolved) is the model's own: inside `folder` (resolved), or a blob of the
+/// Hugging Face cache repository that holds it.
+pub(crate) fn inside(folder: &Path, target: &Path) -> bool {
+    target.starts_with(folder) || in_hf_cache_blobs(folder, target)
+}
+
+/// Where `path`, a file of the model folder `folder` (resolved), leads when it stays inside the
+/// folder (a symlink may lead into the same Hugging Face cache repository's blobs); else why it
+/// may not be read. Shards, side files and config.json all follow this rule: a crafted folder
+/// must not make stamerge read (and copy into the output) a file from elsewhere.
+pub(crate) fn stays_inside(folder: &Path, path: &Path) -> Result<PathBuf, String> {
+    match path.canonicalize() {
+        Ok(c) if inside(folder, &c) => Ok(c),
+        Ok(c) => Err(format!(
+            "a symlink leading outside the model folder (to {}): not read; put the file itself \
+             in the folder",
+            c.display()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let to = std::fs::read_link(path).unwrap_or_default();
+            Err(format!(
+                "a dangling symlink (to {}, which does not exist)",
+                to.display()
+            ))
+        }
+        Err(e) => Err(format!("cannot resolve: {e}")),
+    }
+}
+
+/// Whether `target` is a blob of the Hugging Face cache repository that holds the snapshot
+/// `folder` (`REPO/snapshots/REV` → `REPO/blobs/…`): the hub client stores every file of a
+/// snapshot as a symlink there, so this is the model's own data, not an escape.
+fn in_hf_cache_blobs(folder: &Path, target: &Path) -> bool {
+    let Some(snapshots) = folder.parent() else {
+        return false;
+    };
+    let Some(repo) = snapshots.parent() else {
+        return false;
+    };
+    snapshots.file_name().is_some_and(|n| n == "snapshots")
+        && target.starts_with(repo.join("blobs"))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! What a model folder holds besides its tensors: `config.json` (read for the plan and written,
 //! with `torch_dtype` set, into the output) and the side files copied from the base (tokenizer,
 //! generation config). Each must be a regular, readable file that stays inside the model folder,
-//! under the rule of the shards (`model::stays_inside`: a symlink may lead into the same Hugging
+//! under the rule of the shards (`paths::stays_inside`: a symlink may lead into the same Hugging
 //! Face cache repository's blobs, nowhere else), checked at plan time: a broken side file is an
 //! error before any tensor is read, never a warning after the work, and a crafted
 //! `tokenizer.json -> /etc/shadow` is never copied into an output.
@@ -9,9 +9,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::model::stays_inside;
 use super::paths::file_kind;
-use super::Checkpoint;
+use super::paths::stays_inside;
 use crate::error::{IoContext, Problem, Result};
 
 /// Files copied from the base folder beside the merged weights (config.json is written, not
@@ -111,15 +110,21 @@ pub fn read_config(folder: &Path) -> Result<Option<serde_json::Value>, Problem> 
     Ok(Some(v))
 }
 
-/// Writes the base's `config.json` (with `torch_dtype` when the recipe sets a dtype) and copies
-/// its side files into `dir`. The files are checked again here (the plan checked them first):
+/// Writes the base's `config.json` (`config`, the base's as read, with `torch_dtype` when the
+/// recipe sets a dtype) and copies the side files of the base's `folder` into `dir` (nothing for
+/// a base that is one file). The files are checked again here (the plan checked them first):
 /// what is copied is the file inside the model folder, as a new file (never a link, never the
 /// source's permissions).
-pub fn write(base: &Checkpoint, torch_dtype: Option<&str>, dir: &Path) -> Result<()> {
-    let Some(folder) = base.folder.as_ref() else {
+pub fn write(
+    folder: Option<&Path>,
+    config: Option<&serde_json::Value>,
+    torch_dtype: Option<&str>,
+    dir: &Path,
+) -> Result<()> {
+    let Some(folder) = folder else {
         return Ok(());
     };
-    if let Some(cfg) = &base.config {
+    if let Some(cfg) = config {
         let mut cfg = cfg.clone();
         if let (Some(d), Some(obj)) = (torch_dtype, cfg.as_object_mut()) {
             obj.insert("torch_dtype".into(), serde_json::Value::String(d.into()));

@@ -17,7 +17,6 @@ use crate::plan::{Convert, CopyFrom, ItemKind, ModelCut, Plan};
 use crate::report::{
     overlaps, ModelSelectionRecord, TaskRecord, TensorRecord, ThresholdDensityRecord,
 };
-use crate::run::ProgressFn;
 use crate::select::key_value;
 use crate::values::{fault_problem, first_nonfinite, overflow_problem};
 
@@ -50,6 +49,11 @@ fn convert(c: &Convert, src: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// Called after each tensor of each pass with (bytes done, bytes in all, bytes per second since
+/// the start): the numbers the progress bar shows, for a caller's own display. It runs on the
+/// merge's thread, so it should return quickly.
+pub type ProgressFn = dyn Fn(u64, u64, f64) + Send + Sync;
 
 /// How a caller follows and stops a running [`execute`].
 #[derive(Clone, Copy)]

@@ -19,10 +19,11 @@ use std::path::{Path, PathBuf};
 use serde_yaml_ng::Value as Yaml;
 
 pub use chat::ChatTemplate;
+pub use params::Value;
 pub use params::{Kind, ParamSpec, Scope, PARAMS};
 pub use raw::{Importance, MissingGradients, NonFinite, Selection};
 pub use resolve::{Param, Params, Resolved, Site, Values};
-pub use setting::{Setting, Value};
+pub use setting::Setting;
 
 use raw::{RawModel, RawRecipe};
 use read::{MapKind, Models, Reader};

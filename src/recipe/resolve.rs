@@ -10,8 +10,9 @@
 //! A scope that sets the parameter but says nothing for this tensor (no filter matches, an empty
 //! list) passes to the next one.
 
+use super::params::Value;
 use super::params::{self, ParamSpec, Scope};
-use super::setting::{Setting, Value};
+use super::setting::Setting;
 use super::{InputRef, Recipe};
 
 /// One parameter as one scope sets it.

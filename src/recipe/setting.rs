@@ -15,50 +15,7 @@
 
 use serde_yaml_ng::Value as Yaml;
 
-use super::params::{Kind, ParamSpec};
-
-/// One value of a parameter, after its kind's conversion (mergekit's pydantic validation).
-#[derive(Clone, Debug, PartialEq)]
-pub enum Value {
-    Num(f64),
-    Bool(bool),
-    Str(String),
-}
-
-impl Value {
-    pub fn num(&self) -> f64 {
-        match self {
-            Value::Num(x) => *x,
-            Value::Bool(b) => *b as u8 as f64,
-            Value::Str(_) => f64::NAN,
-        }
-    }
-
-    pub fn bool(&self) -> bool {
-        match self {
-            Value::Bool(b) => *b,
-            Value::Num(x) => *x != 0.0,
-            Value::Str(_) => false,
-        }
-    }
-
-    pub fn str(&self) -> &str {
-        match self {
-            Value::Str(s) => s,
-            _ => "",
-        }
-    }
-}
-
-impl std::fmt::Display for Value {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Value::Num(x) => write!(f, "{x}"),
-            Value::Bool(b) => write!(f, "{b}"),
-            Value::Str(s) => write!(f, "{s}"),
-        }
-    }
-}
+use super::params::{Kind, ParamSpec, Value};
 
 /// A setting as people read it: a value, a per-layer list, or filters (`{self_attn: 0.5; *: 1}`).
 impl std::fmt::Display for Setting {
