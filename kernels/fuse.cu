@@ -3,7 +3,9 @@
 // One pass over the elements; each thread handles groups of 8 consecutive elements (16-byte
 // loads: one uint4 of 8 halves or two float4 per input, a scalar tail). For every task t in
 // order: tau = theta_t - base, kept entries (mask bit set) contribute u = w_t * tau' in fp32, with
-// tau' = tau / rescale_t for DARE. Every operation is a single IEEE rounding (__fadd_rn, __fsub_rn,
+// tau' = tau / rescale_t for DARE's 1/d, tau' = tau * scale_t for mergekit's L1 rescale (a
+// per-tensor factor the host computes, method::sparse::l1_factor; a task has one or the other),
+// else tau. Every operation is a single IEEE rounding (__fadd_rn, __fsub_rn,
 // __fmul_rn, __fdiv_rn), never a fused multiply-add, so the bits equal the CPU backend's.
 //   fuse_linear: acc = 0; acc = sign_t > 0 ? acc + u : acc - u (skipped terms skipped);
 //                [normalize: acc = acc / div]; out = start + lambda * acc
@@ -30,7 +32,7 @@
 #define FUSE_LINEAR 0  // template tags of fuse_body
 #define FUSE_TIES 1
 
-// One task of the fuse, #[repr(C)] on the Rust side (32 bytes); see docs/KERNELS.md.
+// One task of the fuse, #[repr(C)] on the Rust side (40 bytes); see docs/KERNELS.md.
 struct FuseTask {
     const void* theta;  //  0  the task's tensor, n elements of `dtype`
     const u32* mask;    //  8  bit mask (common.cuh layout), NULL: every entry kept
@@ -38,8 +40,11 @@ struct FuseTask {
     float rescale;      // 20  kept tau is divided by this (DARE: d); 1: no division
     int sign;           // 24  +1 for models, -1 for forget (linear only; ties ignores it)
     int dtype;          // 28  dtype code of theta
+    float scale;        // 32  kept tau is multiplied by this (L1 rescale); 1: none. Never
+                        //     beside a rescale != 1 (the host sets one or the other)
+    u32 pad;            // 36
 };
-static_assert(sizeof(FuseTask) == 32, "FuseTask layout");
+static_assert(sizeof(FuseTask) == 40, "FuseTask layout");
 
 // The bad word, lowest wins: (index << 9) | (slot << 2) | (base_is_bad << 1) | is_nan, with
 // slot 0 = the start value, slot 1 + t = task t's tau (then base_is_bad: base[i] is NaN/Inf, so
@@ -56,12 +61,14 @@ __device__ __forceinline__ u32 mask_byte(const FuseTask& task, size_t g) {
     return __ldg(reinterpret_cast<const unsigned char*>(task.mask) + g);
 }
 
-// A kept entry's contribution u = w * tau' (tau' = tau / rescale for DARE). RESCALE false (the
-// typed kernels, whose launches have no rescale): no division. __fdiv_rn's rare slow path is a
-// call, and what is live across it (the other tasks' loads in flight) would be spilled.
+// A kept entry's contribution u = w * tau' (tau' = tau / rescale for DARE's 1/d, tau * scale
+// for the L1 rescale: cpu/fuse.rs `term`, w * (tau * s), two roundings). RESCALE false (the
+// typed kernels, whose launches have neither): no division or factor. __fdiv_rn's rare slow path
+// is a call, and what is live across it (the other tasks' loads in flight) would be spilled.
 template <bool RESCALE = true>
 __device__ __forceinline__ float contribution(const FuseTask& task, float tau) {
     if (RESCALE && task.rescale != 1.0f) tau = __fdiv_rn(tau, task.rescale);
+    if (RESCALE && task.scale != 1.0f) tau = __fmul_rn(tau, task.scale);
     return __fmul_rn(task.weight, tau);
 }
 
@@ -250,7 +257,8 @@ __device__ __forceinline__ void fuse_ties_group(const FuseTask* tasks, int num_t
                 bad);
 }
 
-// ---- the fast path (DT = the launch's one dtype, every pointer 16-byte aligned, no rescale).
+// ---- the fast path (DT = the launch's one dtype, every pointer 16-byte aligned, no rescale or
+// scale).
 // Base, start and the thetas and mask bytes of a batch of tasks (Batch below) are loaded raw,
 // back to back, before anything is widened: 4 to 7 loads in flight per thread instead of one
 // (docs/KERNELS.md, "Loads in flight"). More tasks go in further batches. Whole groups only: a
@@ -440,10 +448,10 @@ __device__ __noinline__ u64 fuse_general(const FuseTask* tasks, int num_tasks, c
 }
 
 // Both fuse kernels, for every dtype template DT: DT_MIXED is the general kernel (`fuse_linear`,
-// `fuse_ties`), which takes any dtypes, alignment and rescale; DT_F32/F16/BF16 the typed ones
-// (`fuse_linear_bf16`, ...), for launches whose base, start and thetas all have dtype DT, are
-// 16-byte aligned and have no rescale (the host checks; a typed kernel launched on anything else
-// traps, like num_tasks out of range: a host bug).
+// `fuse_ties`), which takes any dtypes, alignment, rescale and scale; DT_F32/F16/BF16 the typed
+// ones (`fuse_linear_bf16`, ...), for launches whose base, start and thetas all have dtype DT,
+// are 16-byte aligned and have no rescale or scale (the host checks; a typed kernel launched on
+// anything else traps, like num_tasks out of range: a host bug).
 template <int METHOD, int DT>
 __device__ __forceinline__ void fuse_body(const void* base, int base_dtype, const void* start,
                                           int start_dtype, const FuseTask* tasks, int num_tasks,
@@ -472,7 +480,7 @@ __device__ __forceinline__ void fuse_body(const void* base, int base_dtype, cons
         bool rescale = false;
         for (int t = 0; t < num_tasks; ++t) {
             dt = uniform_dtype(dt, s_tasks[t].theta, s_tasks[t].dtype);
-            rescale |= s_tasks[t].rescale != 1.0f;
+            rescale |= s_tasks[t].rescale != 1.0f || s_tasks[t].scale != 1.0f;
         }
         typed = dt == DT && !rescale;
     }
@@ -545,7 +553,7 @@ __device__ __forceinline__ void fuse_body(const void* base, int base_dtype, cons
 // tasks: device array of num_tasks FuseTask (1 <= num_tasks <= 64).
 // kept: NULL or u64[num_tasks], added to; combo_hist: NULL or u64[1 << num_tasks] (used only when
 // num_tasks <= 8), added to; bad: NULL (no check) or one u64, lowered to fuse_bad_word's.
-// The general kernel: any dtypes (each pointer its own), any alignment, any rescale.
+// The general kernel: any dtypes (each pointer its own), any alignment, any rescale or scale.
 #define FUSE_LINEAR_ARGS                                                                         \
     const void *base, int base_dtype, const void *start, /* NULL: start = base */               \
         int start_dtype, const FuseTask *tasks, int num_tasks, size_t n,                         \
@@ -569,9 +577,10 @@ extern "C" __global__ void __launch_bounds__(FUSE_THREADS, 3) fuse_ties(FUSE_LIN
 }
 
 // The typed kernels: the same arguments and results, for launches whose inputs all have the
-// kernel's dtype, are 16-byte aligned and have no rescale (docs/KERNELS.md: the host picks the
-// kernel once per launch). One kernel per dtype rather than a switch inside one: ptxas allocates
-// a kernel's registers for all its paths together, and the three fast paths side by side spill.
+// kernel's dtype, are 16-byte aligned and have no rescale or scale (docs/KERNELS.md: the host
+// picks the kernel once per launch). One kernel per dtype rather than a switch inside one: ptxas
+// allocates a kernel's registers for all its paths together, and the three fast paths side by
+// side spill.
 // fuse_linear_*: at least 3 blocks per SM (<= 80 registers, ~78 used).
 extern "C" __global__ void __launch_bounds__(FUSE_THREADS, 3) fuse_linear_f32(FUSE_LINEAR_ARGS) {
     fuse_body<FUSE_LINEAR, DT_F32>(FUSE_PASS);

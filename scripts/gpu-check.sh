@@ -272,7 +272,7 @@ tiny() {
             mkdir -p "$dir/$dev"
             if ! "$BIN" --quiet merge "$recipe" "$dir/$dev/$name" --device "$dev" --overwrite 2> "$dir/err"; then
                 cat "$dir/err"
-                # Methods and settings without kernels (della, sce, DARE's L1 rescale, ...) must
+                # Methods and settings without kernels (della, sce, ties' L1 rescale, ...) must
                 # be refused clearly on cuda, with nothing written.
                 if [ "$dev" = cuda ] && grep -q 'no CUDA kernels yet' "$dir/err" && [ ! -e "$dir/cuda/$name" ]; then
                     refused=1

@@ -769,7 +769,7 @@ fn cuda_refuses_methods_and_rescales_without_kernels_before_any_work() {
     for (text, what) in [
         ("merge_method: della\nbase_model: base\nparameters:\n  density: 0.5\nmodels:\n  - model: task_0\n", "merge_method `della`"),
         ("merge_method: sce\nbase_model: base\nmodels:\n  - model: task_0\n", "merge_method `sce`"),
-        ("merge_method: dare_linear\nbase_model: base\nparameters:\n  density: 0.5\nmodels:\n  - model: task_0\n", "L1 rescale"),
+        ("merge_method: ties\nbase_model: base\nparameters:\n  density: 0.5\n  rescale: true\nmodels:\n  - model: task_0\n", "L1 rescale after a top-k mask"),
     ] {
         std::fs::write(s.path("r.yml"), text).unwrap();
         let recipe = stamerge::Recipe::from_file(&s.path("r.yml")).unwrap();
@@ -788,19 +788,27 @@ fn cuda_refuses_methods_and_rescales_without_kernels_before_any_work() {
         stamerge::merge(&recipe, &s.path("out"), &opts).unwrap();
         std::fs::remove_dir_all(s.path("out")).unwrap();
     }
-    // DARE with the kernels' rescale is not refused for want of kernels.
-    std::fs::write(
-        s.path("r.yml"),
-        "merge_method: dare_linear\nbase_model: base\nparameters:\n  density: 0.5\n  rescale_norm: inv_density\nmodels:\n  - model: task_0\n",
-    )
-    .unwrap();
-    let recipe = stamerge::Recipe::from_file(&s.path("r.yml")).unwrap();
-    let opts = stamerge::Options {
-        device: stamerge::Device::Cuda,
-        ..Default::default()
-    };
-    if let Err(e) = stamerge::merge(&recipe, &s.path("out"), &opts) {
-        assert!(!e.to_string().contains("no CUDA kernels yet"), "{e}");
+    // DARE with either rescale (mergekit's L1, the default, or 1/d) is not refused for want of
+    // kernels (with no GPU here the merge fails for that instead; tests/gpu compares the bytes).
+    for norm in ["", "  rescale_norm: l1\n", "  rescale_norm: inv_density\n"] {
+        for method in ["dare_linear", "dare_ties"] {
+            std::fs::write(
+                s.path("r.yml"),
+                format!("merge_method: {method}\nbase_model: base\nparameters:\n  density: 0.5\n{norm}models:\n  - model: task_0\n"),
+            )
+            .unwrap();
+            let recipe = stamerge::Recipe::from_file(&s.path("r.yml")).unwrap();
+            let plan = stamerge::plan(&recipe, None, &Default::default()).unwrap();
+            assert_eq!(stamerge::cuda_lacks(&plan), None, "{method} {norm}");
+            let opts = stamerge::Options {
+                device: stamerge::Device::Cuda,
+                ..Default::default()
+            };
+            if let Err(e) = stamerge::merge(&recipe, &s.path("out"), &opts) {
+                assert!(!e.to_string().contains("no CUDA kernels yet"), "{e}");
+            }
+            let _ = std::fs::remove_dir_all(s.path("out"));
+        }
     }
 }
 

@@ -536,7 +536,7 @@ static void test_fuse_nan() {
     const size_t n = 37;
     Tensor base(DT_F32, n), a(DT_F32, n), b(DT_F32, n);
     for (size_t i = 0; i < n; ++i) { base.set(i, 0); a.set(i, i % 2 ? 3e38f : 0.5f); b.set(i, i % 2 ? -3e38f : 0.25f); }
-    FuseTask tasks[2] = {{a.buf.ptr(), nullptr, 2.0f, 1.0f, 1, DT_F32}, {b.buf.ptr(), nullptr, 2.0f, 1.0f, 1, DT_F32}};
+    FuseTask tasks[2] = {{a.buf.ptr(), nullptr, 2.0f, 1.0f, 1, DT_F32, 1.0f, 0}, {b.buf.ptr(), nullptr, 2.0f, 1.0f, 1, DT_F32, 1.0f, 0}};
     for (int dt = 0; dt < 3; ++dt) {
         Tensor out(dt, n);
         u64 bad = ~0ull;
@@ -552,7 +552,7 @@ static void test_fuse_nan() {
 
 static void test_fuse() {
     test_fuse_nan();
-    int cases = 0, typed_cases = 0;
+    int cases = 0, typed_cases = 0, scaled_cases = 0;
     for (int rep = 0; rep < 120; ++rep) {
         int T = rep < 110 ? 1 + (int)urand(5) : 9;
         int method = rep % 2;
@@ -583,7 +583,9 @@ static void test_fuse() {
             tasks[t].theta = th[t]->buf.ptr(); tasks[t].mask = has_mask ? masks[t].data() : nullptr;
             tasks[t].weight = urand(5) == 0 ? -unif(0.1f, 1.0f) : unif(0.1f, 1.5f);
             tasks[t].rescale = urand(3) == 0 && !uniform ? unif(0.2f, 0.9f) : 1.0f;
-            if (rep % 6 == 1) { tasks[t].weight = urand(2) ? 1.0f : -1.0f; tasks[t].rescale = 1.0f; }
+            // the L1 rescale's factor (>= 1 in practice; any value here), never beside a rescale
+            tasks[t].scale = tasks[t].rescale == 1.0f && urand(3) == 0 && !uniform ? unif(0.5f, 4.0f) : 1.0f;
+            if (rep % 6 == 1) { tasks[t].weight = urand(2) ? 1.0f : -1.0f; tasks[t].rescale = 1.0f; tasks[t].scale = 1.0f; }
             tasks[t].sign = (method == 0 && urand(3) == 0) ? -1 : 1;
             tasks[t].dtype = tdt;
             if (!has_mask) masks[t].assign(masks[t].size(), 0), [&] { for (size_t i = 0; i < n; ++i) masks[t][i / 32] |= 1u << (i % 32); }();
@@ -613,7 +615,10 @@ static void test_fuse() {
                 if (!fin(tau)) rbad = std::min<u64>(rbad, ((u64)i << 9) | ((u64)(t + 1) << 2) | (fin(b) ? 0 : 2) | (std::isnan(tau) ? 1 : 0));
                 m[t] = (masks[t][i / 32] >> (i % 32)) & 1;
                 if (m[t]) { rkept[t]++; combo |= 1u << t; }
-                float tp = tasks[t].rescale != 1.0f ? tau / tasks[t].rescale : tau;
+                // cpu/fuse.rs `term`: w * (tau / d) for DARE's 1/d, w * (tau * s) for the L1 factor
+                float tp = tau;
+                if (tasks[t].rescale != 1.0f) tp = tau / tasks[t].rescale;
+                else if (tasks[t].scale != 1.0f) tp = tau * tasks[t].scale;
                 u[t] = tasks[t].weight * tp;
             }
             if (T <= 8) rhist[combo]++;
@@ -645,10 +650,11 @@ static void test_fuse() {
         else CHECK(std::all_of(hist.begin(), hist.end(), [](u64 x) { return x == 0; }), "hist touched for T > 8");
         CHECK(bad == rbad, "fuse rep %d bad %llx vs %llx", rep, bad, rbad);
         ++cases;
+        scaled_cases += std::any_of(tasks.begin(), tasks.end(), [](const FuseTask& k) { return k.scale != 1.0f; });
         // The typed kernel of in_dt, where the launch fits it (the host's rule, device.rs): the
         // same bytes, counts and error word as the general kernel just checked.
         bool fits = !mis && (!use_start || start_dt == in_dt);
-        for (int t = 0; t < T; ++t) fits = fits && tasks[t].dtype == in_dt && tasks[t].rescale == 1.0f;
+        for (int t = 0; t < T; ++t) fits = fits && tasks[t].dtype == in_dt && tasks[t].rescale == 1.0f && tasks[t].scale == 1.0f;
         if (!fits) continue;
         using K = void (*)(const void*, int, const void*, int, const FuseTask*, int, size_t, int, float, float, void*, int, u64*, u64*, u64*);
         const K typed[2][3] = {{fuse_linear_f32, fuse_linear_f16, fuse_linear_bf16}, {fuse_ties_f32, fuse_ties_f16, fuse_ties_bf16}};
@@ -663,8 +669,10 @@ static void test_fuse() {
         CHECK(kept2 == kept && hist2 == hist && bad2 == bad, "typed fuse rep %d: statistics differ", rep);
         ++typed_cases;
     }
-    std::printf("fuse: %d cases, %d of them also on the typed kernels\n", cases, typed_cases);
+    std::printf("fuse: %d cases, %d of them also on the typed kernels, %d with an L1 scale\n", cases, typed_cases,
+                scaled_cases);
     CHECK(typed_cases >= 30, "only %d typed fuse cases", typed_cases);
+    CHECK(scaled_cases >= 30, "only %d fuse cases with an L1 scale", scaled_cases);
 }
 
 int main(int argc, char** argv) {

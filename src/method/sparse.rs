@@ -21,10 +21,17 @@ pub fn cuda_lacks(jobs: &[MaskJob], f: &FuseSpec) -> Option<String> {
         MaskJob::Della { .. } => Some("della's rank-based keeps"),
         _ => None,
     });
-    let l1 = f.rescale_l1.iter().any(|&b| b).then_some(
-        "mergekit's L1 rescale (`rescale_norm: l1`, the default; `rescale_norm: inv_density` \
-         runs on the GPU)",
-    );
+    // The L1 factor is found on the host from the same keep decisions as the CPU's
+    // (`cpu::l1_scales`): DARE's counter-based ones, which need no device pass. A top-k mask
+    // (ties with `rescale: true`) is only known on the device.
+    let l1 = jobs
+        .iter()
+        .zip(&f.rescale_l1)
+        .any(|(j, &l1)| l1 && matches!(j, MaskJob::TopK { .. } | MaskJob::Fixed { .. }))
+        .then_some(
+            "mergekit's L1 rescale after a top-k mask (`rescale: true` with ties; \
+             `rescale_norm: inv_density` runs on the GPU)",
+        );
     rule.or(job)
         .or(l1)
         .map(str::to_string)

@@ -32,7 +32,7 @@ fn end_to_end_merges_are_identical() {
     stamerge::synth::generate(&spec, dir.path()).unwrap();
     for (name, _) in stamerge::synth::recipes(spec.tasks) {
         let recipe = stamerge::Recipe::from_file(&dir.path().join(&name)).unwrap();
-        // Methods and settings without kernels yet (della, sce, DARE's L1 rescale…) are refused
+        // Methods and settings without kernels yet (della, sce…) are refused
         // on CUDA before any work (tests/methods_sparse.rs); the rest must match the CPU.
         let plan = stamerge::plan(&recipe, None, &Default::default()).unwrap();
         if let Some(why) = stamerge::cuda_lacks(&plan) {

@@ -25,7 +25,7 @@ use crate::chunked::budget_gpu;
 use crate::common::file_names;
 use crate::compare::{compare, compare_then};
 use crate::inputs::{make, Buf, Inputs, Make};
-use crate::recipes::{method_jobs, Method};
+use crate::recipes::{method_jobs, method_jobs_with, Extra, Method};
 use crate::{gpu, max_elems, stamerge_cli, TYPES};
 
 /// Defect 1: a backend opened on one thread and used from others, as the CLI does (it opens the
@@ -282,10 +282,10 @@ fn canonical_nan(ty: FloatType) -> Vec<u8> {
 }
 
 /// Defect 4: NaN outputs from finite inputs. Task vectors of ±3e38 (finite) weighted by 2
-/// overflow to ±Inf and cancel to NaN in task arithmetic; DARE's rescale (τ / 0.3 and τ / 0.5)
-/// overflows ±2e38 the same way. x86 keeps NaN signs and payloads, NVIDIA hardware writes its
-/// own canonical NaN; both backends must write the one of docs/SEMANTICS.md, in every output
-/// dtype.
+/// overflow to ±Inf and cancel to NaN in task arithmetic; DARE's 1/d rescale (`rescale_norm:
+/// inv_density`: τ / 0.3 and τ / 0.5) overflows ±2e38 the same way. x86 keeps NaN signs and
+/// payloads, NVIDIA hardware writes its own canonical NaN; both backends must write the one of
+/// docs/SEMANTICS.md, in every output dtype.
 #[test]
 #[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn nans_from_finite_inputs_are_canonical_on_both_backends() {
@@ -316,7 +316,11 @@ fn nans_from_finite_inputs_are_canonical_on_both_backends() {
                 };
                 (vec![MaskJob::All, MaskJob::All], fuse)
             } else {
-                method_jobs(Method::DareLinear, 2, n, &inp.name, ty)
+                let extra = Extra {
+                    inv_density: true,
+                    ..Extra::default()
+                };
+                method_jobs_with(Method::DareLinear, 2, n, &inp.name, ty, extra)
             };
             let what = format!("NaN from ±{big:e} into {ty:?}");
             compare(cuda, &inp.group(), &jobs, &fuse, &what);

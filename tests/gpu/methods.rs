@@ -5,11 +5,15 @@ use stamerge::dtype::FloatType;
 
 use crate::compare::compare;
 use crate::inputs::{make, Make};
-use crate::recipes::{method_jobs, Method};
+use crate::recipes::{method_jobs_with, Extra, Method};
 use crate::{gpu, sizes, TYPES};
 
 /// Every size and dtype, continuous and grid values, for one method.
 fn check_method(method: Method) {
+    check_method_with(method, Extra::default());
+}
+
+fn check_method_with(method: Method, extra: Extra) {
     let cuda = gpu();
     for ty in TYPES {
         for grid in [false, true] {
@@ -23,8 +27,8 @@ fn check_method(method: Method) {
                     m.grad_ty = FloatType::F32;
                 }
                 let inp = make(n, m);
-                let (jobs, fuse) = method_jobs(method, 3, n, &inp.name, ty);
-                let what = format!("{method:?} {ty:?} n={n} grid={grid}");
+                let (jobs, fuse) = method_jobs_with(method, 3, n, &inp.name, ty, extra);
+                let what = format!("{method:?} {extra:?} {ty:?} n={n} grid={grid}");
                 let stats = compare(cuda, &inp.group(), &jobs, &fuse, &what)
                     .unwrap_or_else(|| panic!("{what}: unexpected fault"));
                 for (t, job) in jobs.iter().enumerate() {
@@ -65,6 +69,18 @@ fn dare_linear_matches_cpu() {
 #[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn dare_ties_matches_cpu() {
     check_method(Method::DareTies);
+}
+
+/// DARE's default is mergekit's L1 rescale (the tests above); this is the 1/d one.
+#[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
+fn dare_inv_density_matches_cpu() {
+    let extra = Extra {
+        inv_density: true,
+        ..Extra::default()
+    };
+    check_method_with(Method::DareLinear, extra);
+    check_method_with(Method::DareTies, extra);
 }
 
 #[test]

@@ -90,6 +90,7 @@ pub fn check_model_selection_on(
     let extra = Extra {
         model_wide: true,
         nonfinite_zero,
+        ..Extra::default()
     };
     let recipe = recipe(method, nt, extra);
     assert_eq!(model_wide_tasks(&recipe), (0..nt).collect::<Vec<_>>());

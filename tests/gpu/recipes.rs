@@ -63,12 +63,14 @@ pub struct Extra {
     pub model_wide: bool,
     /// `nonfinite_scores: zero`.
     pub nonfinite_zero: bool,
+    /// DARE with `rescale_norm: inv_density` (τ / d) instead of the default L1 rescale.
+    pub inv_density: bool,
 }
 
 /// The recipe of `method` with `nt` tasks: per task `WEIGHTS[t % 4]` and `DENSITIES[t % 4]` (none
 /// for task arithmetic, which keeps everything);
 /// λ 0.5 for task arithmetic, else 0.8; normalised for ties, dare_ties and dare_linear; seed 42
-/// for DARE; Forget is sta with the last of several tasks under `forget:` and a start model.
+/// and the default rescale (mergekit's L1) for DARE; Forget is sta with the last of several tasks under `forget:` and a start model.
 pub fn recipe_text(method: Method, nt: usize, extra: Extra) -> String {
     let forgets = method == Method::Forget && nt > 1;
     let entry = |t: usize| {
@@ -104,8 +106,10 @@ pub fn recipe_text(method: Method, nt: usize, extra: Extra) -> String {
     let normalize = matches!(method, Method::Ties | Method::DareTies | Method::DareLinear);
     y += &format!("parameters:\n  lambda: {lambda:?}\n  normalize: {normalize}\n");
     if method.dare() {
-        // The kernels rescale by 1/d; mergekit's L1 rescale (the default) has none yet.
-        y += "  seed: 42\n  rescale_norm: inv_density\n";
+        y += "  seed: 42\n";
+        if extra.inv_density {
+            y += "  rescale_norm: inv_density\n";
+        }
     }
     if method == Method::StaTaskVector {
         y += "  importance: task_vector\n";

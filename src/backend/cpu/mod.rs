@@ -14,6 +14,8 @@ mod sparse;
 mod sta;
 mod topk;
 
+pub use sparse::l1_scales;
+
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

@@ -201,6 +201,39 @@ pub(super) fn with_l1_scales(
     Some(out)
 }
 
+/// mergekit's L1 factors for a backend that applies them in its own fuse (the CUDA kernels'
+/// `FuseTask::scale`): the masks this backend would make for the tasks that rescale (DARE's
+/// counter-based keeps, or everything kept) and [`with_l1_scales`] over them, so the factors are
+/// this backend's by construction. None when no task asks for the rescale; an error when a
+/// rescaling task's mask needs the tensor's keys (top-k and the other ranked masks), which only
+/// a merge computes.
+pub fn l1_scales(g: &Group, jobs: &[MaskJob], f: &FuseSpec) -> Result<Option<FuseSpec>, String> {
+    if !f.rescale_l1.iter().any(|&b| b) {
+        return Ok(None);
+    }
+    let n = g.n;
+    let mut masks: Vec<Option<Vec<u64>>> = Vec::with_capacity(jobs.len());
+    for (t, job) in jobs.iter().enumerate() {
+        let rescales = f.rescale_l1.get(t).copied().unwrap_or(false);
+        masks.push(match *job {
+            _ if !rescales => None,
+            MaskJob::All => None,
+            MaskJob::TopK { k, .. } if k >= n as u64 => None,
+            MaskJob::Random { stream, threshold } => {
+                Some(super::dare_mask(n, stream, threshold, Vec::new()))
+            }
+            ref job => {
+                return Err(format!(
+                    "the L1 rescale of task {t} of `{}` needs its {job:?} mask, which only a \
+                     merge computes",
+                    g.name
+                ))
+            }
+        });
+    }
+    Ok(with_l1_scales(g, &masks, f))
+}
+
 fn l1_sums(g: &Group, t: usize, mask: Option<&[u64]>) -> (f64, f64) {
     let n = g.n;
     let parts: Vec<(f64, f64)> = (0..n.div_ceil(dsum::CHUNK))

@@ -337,6 +337,8 @@ fn run(gpu: &Gpu, arena: &mut super::Arena, spec: &KernelBenchSpec) -> DResult<K
             rescale: 1.0,
             sign: 1,
             dtype: dtype_code(ty),
+            scale: 1.0,
+            pad: 0,
         })
         .collect();
     arena.upload(gpu, table, bytemuck::cast_slice(&tasks))?;

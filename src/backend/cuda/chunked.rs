@@ -6,7 +6,9 @@
 //! the 11/11/10-bit histogram passes over all chunks, exactly as `selection: model` finds a
 //! model-wide threshold over tensors; then every chunk keeps the keys above the threshold and,
 //! in index order, as many keys equal to it as the tie quota still allows (`MaskJob::Fixed`),
-//! which is the top-k rule's "lowest indices first".
+//! which is the top-k rule's "lowest indices first". mergekit's L1 rescale factor is per tensor
+//! too: it is found on the host before the chunks (`cuda::l1_scaled`), and every chunk's fuse
+//! multiplies by the same one.
 
 use super::faults::{fault_result, score_fault};
 use super::group::{fixed_header, score_inputs};

@@ -341,13 +341,13 @@ pub struct FuseArgs {
     /// One u64 set to u64::MAX; or NULL.
     pub bad: Ptr,
     /// Base, start and every task's theta have dtype `base_dtype`, every address is 16-byte
-    /// aligned and no task has a rescale: the typed kernel of that dtype takes the launch (loads
-    /// in flight, docs/KERNELS.md), else the general one. (A typed kernel traps on anything
-    /// else.)
+    /// aligned and no task has a rescale or a scale: the typed kernel of that dtype takes the
+    /// launch (loads in flight, docs/KERNELS.md), else the general one. (A typed kernel traps on
+    /// anything else.)
     pub uniform: bool,
 }
 
-/// Per-task entry of the fuse kernels' task table (docs/KERNELS.md; 32 bytes, `#[repr(C)]`).
+/// Per-task entry of the fuse kernels' task table (docs/KERNELS.md; 40 bytes, `#[repr(C)]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FuseTask {
@@ -360,6 +360,10 @@ pub struct FuseTask {
     /// +1 models, −1 forget.
     pub sign: i32,
     pub dtype: i32,
+    /// Kept τ is multiplied by this before the weight (mergekit's L1 rescale, found on the host
+    /// per tensor); 1.0: none. Never beside a `rescale` other than 1.0.
+    pub scale: f32,
+    pub pad: u32,
 }
 
 /// The first 96 bytes of the device `SelectState` (kernels/common.cuh; docs/KERNELS.md).
@@ -395,7 +399,11 @@ pub fn state_hist(pass: usize) -> usize {
 }
 
 const _: () = assert!(std::mem::size_of::<SelectHeader>() == 96);
-const _: () = assert!(std::mem::size_of::<FuseTask>() == 32);
+const _: () = assert!(std::mem::size_of::<FuseTask>() == 40);
+// The byte offsets of kernels/fuse.cu's `FuseTask`.
+const _: () = assert!(std::mem::offset_of!(FuseTask, rescale) == 20);
+const _: () = assert!(std::mem::offset_of!(FuseTask, dtype) == 28);
+const _: () = assert!(std::mem::offset_of!(FuseTask, scale) == 32);
 
 // Each wrapper below launches one kernel.
 //

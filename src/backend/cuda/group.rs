@@ -171,6 +171,8 @@ impl CudaBackend {
                 rescale: f.rescale[t].unwrap_or(1.0),
                 sign: if f.forget[t] { -1 } else { 1 },
                 dtype: dtype_code(g.tasks[t].theta.ty),
+                scale: task_scale(f, t),
+                pad: 0,
             })
             .collect();
         let means: Vec<f32> = sels
@@ -391,8 +393,18 @@ impl CudaBackend {
     }
 }
 
+/// Task t's `FuseTask::scale`: the L1 factor (`FuseSpec::scale`, filled by
+/// `cuda::l1_scaled`) unless DARE's 1/d rescale is set, which wins as in cpu/fuse.rs `scaling`.
+pub(super) fn task_scale(f: &FuseSpec, t: usize) -> f32 {
+    match (f.rescale[t], f.scale.get(t).copied().flatten()) {
+        (None, Some(s)) => s,
+        _ => 1.0,
+    }
+}
+
 /// Whether the typed fuse kernel of the base's dtype takes this launch (`FuseArgs::uniform`):
-/// one dtype for base, start and every theta, 16-byte aligned addresses, no rescale.
+/// one dtype for base, start and every theta, 16-byte aligned addresses, no rescale and no
+/// scale (the typed kernels have neither).
 pub(super) fn fuse_is_uniform(a: &FuseArgs, g: &Group, f: &FuseSpec, thetas: &[Ptr]) -> bool {
     let aligned = |p: Ptr| p % 16 == 0;
     let ty = g.base.ty;
@@ -401,6 +413,7 @@ pub(super) fn fuse_is_uniform(a: &FuseArgs, g: &Group, f: &FuseSpec, thetas: &[P
         && g.tasks.iter().all(|t| t.theta.ty == ty)
         && thetas.iter().all(|&p| aligned(p))
         && f.rescale.iter().all(|r| r.is_none_or(|r| r == 1.0))
+        && (0..g.tasks.len()).all(|t| task_scale(f, t) == 1.0)
 }
 
 /// The caller's buffers against the group: one job and one weight per task, and an output of

@@ -299,6 +299,15 @@ fn lacks(jobs: &[MaskJob], f: &FuseSpec) -> BResult<()> {
     }
 }
 
+/// The fuse with mergekit's L1 factors (`FuseSpec::scale`) filled in, or None when no task
+/// rescales so. They are found on the host by the CPU backend's own code (`cpu::l1_scales`: the
+/// same DARE keeps, the same `dsum` trees over f32 |τ|), once per tensor, so they are the CPU's
+/// bits by construction and every chunk of a chunked merge uses the same ones; the kernels only
+/// multiply (`FuseTask::scale`). This reads each rescaled task's inputs once more on the host.
+fn l1_scaled(g: &Group, jobs: &[MaskJob], f: &FuseSpec) -> BResult<Option<FuseSpec>> {
+    guarded(|| super::cpu::l1_scales(g, jobs, f).map_err(internal))
+}
+
 /// A failed check between the host code and the kernels (a bug, never the user's input).
 fn internal(msg: String) -> BackendError {
     BackendError::Device(DeviceError::Internal(msg))
@@ -327,6 +336,8 @@ impl Compute for CudaBackend {
         if !takes(g) {
             return self.cpu.merge_group(g, jobs, f, out);
         }
+        let l1 = l1_scaled(g, jobs, f)?;
+        let f = l1.as_ref().unwrap_or(f);
         let mut w = dev(self.enter())?;
         let r = guarded(|| {
             self.finish_pending(&mut w)?;
@@ -418,6 +429,12 @@ impl Backend for CudaBackend {
         next: Option<&Group>,
     ) -> BResult<(GroupStats, Vec<Vec<u8>>)> {
         lacks(jobs, f)?;
+        let l1 = if takes(g) {
+            l1_scaled(g, jobs, f)?
+        } else {
+            None
+        };
+        let f = l1.as_ref().unwrap_or(f);
         let mut w = dev(self.enter())?;
         let r = guarded(|| {
             let mut slot = Some(out);
