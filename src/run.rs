@@ -140,8 +140,8 @@ pub fn open_backend(device: Device, max_memory: Option<u64>) -> Result<Box<dyn B
     }
 }
 
-/// What of the plan's work the CUDA kernels lack (the method, or a setting such as
-/// `rescale_norm: l1`), if anything.
+/// What of the plan's work the CUDA kernels lack (the method, or a setting such as sta's
+/// `threshold` or ties' L1 rescale after its top-k mask), if anything.
 pub fn cuda_lacks(plan: &Plan) -> Option<String> {
     let method = plan.recipe.method;
     if !method.has_cuda_kernels() {
