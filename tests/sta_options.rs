@@ -465,3 +465,42 @@ fn cuda_refuses_each_option_by_name_before_any_work() {
         assert!(!s.path("out").exists());
     }
 }
+
+/// `stamerge plan` shows a threshold where it selects, and no `density 1` beside it (density's
+/// default would say every entry is kept); a recipe with a density still shows it.
+#[test]
+fn plan_shows_the_threshold_not_density_s_default() {
+    let ex = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = |select: &str| {
+        format!(
+            "merge_method: sta\nbase_model: {b}\nparameters:\n  normalize_importance: mean\n  \
+             {select}\nmodels:\n  - model: {t}\n    gradients: {g}\n",
+            b = ex.join("base").display(),
+            t = ex.join("task_0").display(),
+            g = ex.join("grads_0").display(),
+        )
+    };
+    let plan = |text: &str| {
+        let p = dir.path().join("r.yml");
+        std::fs::write(&p, text).unwrap();
+        let o = std::process::Command::new(stamerge_bin())
+            .arg("plan")
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let t = plan(&recipe("threshold: 2.0"));
+    assert!(
+        t.contains("threshold 2") && t.contains("threshold=2"),
+        "{t}"
+    );
+    assert!(!t.contains("density"), "{t}");
+    let d = plan(&recipe("density: 0.3"));
+    assert!(
+        d.contains("density 0.3") && d.contains("density=0.3"),
+        "{d}"
+    );
+}

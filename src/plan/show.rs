@@ -37,13 +37,14 @@ pub fn spell(s: &Setting) -> String {
 }
 
 /// The parameters shown per tensor: those the method reads that the recipe sets somewhere, and
-/// weight and density, which every reader of a merge looks for.
+/// weight and density, which every reader of a merge looks for (density's default not where
+/// sta's `threshold` replaces it).
 fn shown(recipe: &Recipe) -> Vec<&'static params::ParamSpec> {
+    let set = |name: &str| recipe.scopes().any(|s| s.get(name).is_some());
     params::of(recipe.method)
         .filter(|p| {
             p.per_tensor
-                && (matches!(p.name, "weight" | "density")
-                    || recipe.scopes().any(|s| s.get(p.name).is_some()))
+                && (p.name == "weight" || (p.name == "density" && !set("threshold")) || set(p.name))
         })
         .collect()
 }
@@ -76,8 +77,12 @@ fn task_lines(out: &mut String, r: &Recipe) {
         let own = params::of(r.method).filter(|p| p.scope != Scope::Shared && !r.sliced());
         for p in own {
             let own = t.params.get(p.name).or(r.params.get(p.name));
+            let thresholded = t.params.get("threshold").or(r.params.get("threshold"));
             let v = match own {
                 Some(q) => spell(&q.setting),
+                // A threshold selects instead of density's default: showing `density 1` beside
+                // it would say every entry is kept.
+                None if p.name == "density" && thresholded.is_some() => continue,
                 None => match (p.default)(r.method) {
                     Some(v) => v.to_string(),
                     None => continue,
