@@ -45,26 +45,6 @@ fn order_desc(a: &[f32]) -> Vec<usize> {
     idx
 }
 
-/// The sum of docs/SEMANTICS.md ("Deterministic sum"), restated.
-fn tree_sum(s: &[f32]) -> f64 {
-    let mut total = 0f64;
-    for chunk in s.chunks(65536) {
-        let mut lanes = vec![0f64; 256];
-        for (i, v) in chunk.iter().enumerate() {
-            lanes[i % 256] += *v as f64;
-        }
-        let mut stride = 128;
-        while stride > 0 {
-            for l in 0..stride {
-                lanes[l] += lanes[l + stride];
-            }
-            stride /= 2;
-        }
-        total += lanes[0];
-    }
-    total
-}
-
 #[derive(Clone, Copy, Debug)]
 struct Task {
     weight: f32,
@@ -225,7 +205,7 @@ fn task_arithmetic(cfg: &Cfg, b: &[f32], tau: &[Vec<f32>], masks: &[Vec<bool>]) 
             let kept: Vec<f32> = (0..n)
                 .map(|i| if masks[t][i] { abs[i] } else { 0.0 })
                 .collect();
-            let (before, after) = (tree_sum(&abs) as f32, tree_sum(&kept) as f32);
+            let (before, after) = (det_sum(&abs) as f32, det_sum(&kept) as f32);
             (before >= 1e-7 && after >= 1e-7).then(|| before / after)
         })
         .collect();
@@ -297,7 +277,7 @@ fn sce(cfg: &Cfg, b: &[f32], tau: &[Vec<f32>]) -> Vec<f32> {
         .iter()
         .map(|x| {
             let sq: Vec<f32> = x.iter().map(|v| v * v).collect();
-            (tree_sum(&sq) / n as f64) as f32
+            (det_sum(&sq) / n as f64) as f32
         })
         .collect();
     let total = energy.iter().fold(0f32, |a, e| a + e);

@@ -482,19 +482,20 @@ CONVERSATIONS = [
 ]
 
 
-def llama_tensors(layers):
-    t = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+def llama_tensors(layers, hidden=HIDDEN, inter=INTER, vocab=VOCAB):
+    """A Llama checkpoint's tensor names and shapes (sparse_parity.py uses other sizes)."""
+    t = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}"
-        t += [(f"{p}.self_attn.{n}.weight", (HIDDEN, HIDDEN)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        t += [(f"{p}.self_attn.{n}.weight", (hidden, hidden)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         t += [
-            (f"{p}.mlp.gate_proj.weight", (INTER, HIDDEN)),
-            (f"{p}.mlp.up_proj.weight", (INTER, HIDDEN)),
-            (f"{p}.mlp.down_proj.weight", (HIDDEN, INTER)),
-            (f"{p}.input_layernorm.weight", (HIDDEN,)),
-            (f"{p}.post_attention_layernorm.weight", (HIDDEN,)),
+            (f"{p}.mlp.gate_proj.weight", (inter, hidden)),
+            (f"{p}.mlp.up_proj.weight", (inter, hidden)),
+            (f"{p}.mlp.down_proj.weight", (hidden, inter)),
+            (f"{p}.input_layernorm.weight", (hidden,)),
+            (f"{p}.post_attention_layernorm.weight", (hidden,)),
         ]
-    return t + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+    return t + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
 def config(dtype):

@@ -48,24 +48,12 @@ import mergekit.sparsify
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mergekit_fixture import llama_tensors  # noqa: E402
+
 STAMERGE = os.environ.get("STAMERGE", "target/release/stamerge")
 LAYERS, HIDDEN, INTER, VOCAB = 2, 64, 176, 131
 TASKS = 3
-
-
-def llama(dtype):
-    t = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
-    for i in range(LAYERS):
-        p = f"model.layers.{i}"
-        t += [(f"{p}.self_attn.{n}.weight", (HIDDEN, HIDDEN)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        t += [
-            (f"{p}.mlp.gate_proj.weight", (INTER, HIDDEN)),
-            (f"{p}.mlp.up_proj.weight", (INTER, HIDDEN)),
-            (f"{p}.mlp.down_proj.weight", (HIDDEN, INTER)),
-            (f"{p}.input_layernorm.weight", (HIDDEN,)),
-            (f"{p}.post_attention_layernorm.weight", (HIDDEN,)),
-        ]
-    return t + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
 
 
 def make_set(root, dtype, grid):
@@ -77,7 +65,7 @@ def make_set(root, dtype, grid):
     }
     g = torch.Generator().manual_seed(1234)
     base = {}
-    for name, shape in llama(LAYERS):
+    for name, shape in llama_tensors(LAYERS, HIDDEN, INTER, VOCAB):
         if grid:
             base[name] = (torch.randint(-8, 9, shape, generator=g) / 16.0)
         else:

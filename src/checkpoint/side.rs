@@ -13,9 +13,9 @@ use super::paths::file_kind;
 use super::paths::stays_inside;
 use crate::error::{IoContext, Problem, Result};
 
-/// Files copied from the base folder beside the merged weights (config.json is written, not
-/// copied).
-pub const COPIED_FILES: &[&str] = &[
+/// Tokenizer files, replaced together when the tokenizer comes from another model
+/// (`plan::side`).
+pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -27,9 +27,11 @@ pub const COPIED_FILES: &[&str] = &[
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
-    "generation_config.json",
-    "preprocessor_config.json",
 ];
+
+/// Files copied from the base folder beside the merged weights: the tokenizer's and these
+/// (config.json is written, not copied).
+const OTHER_COPIED_FILES: &[&str] = &["generation_config.json", "preprocessor_config.json"];
 
 pub const CONFIG_NAME: &str = "config.json";
 
@@ -72,7 +74,7 @@ pub fn scan(folder: &Path) -> Result<Vec<SideFile>, Vec<Problem>> {
     let canon = canonical(folder).map_err(|p| vec![p])?;
     let mut files = Vec::new();
     let mut problems = Vec::new();
-    for &name in COPIED_FILES {
+    for &name in TOKENIZER_FILES.iter().chain(OTHER_COPIED_FILES) {
         match checked(folder, &canon, name) {
             Ok(Some(source)) => files.push(SideFile { name, source }),
             Ok(None) => {}

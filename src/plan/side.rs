@@ -8,24 +8,10 @@ use std::path::{Path, PathBuf};
 
 use super::layout::{checkpoint, Layout};
 use super::Inputs;
+use crate::checkpoint::side::TOKENIZER_FILES;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Problem, Result};
 use crate::recipe::{ChatTemplate, Recipe, TokenizerSource};
-
-/// Tokenizer files, replaced together when the tokenizer comes from another model.
-pub const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-];
 
 /// The files that hold a vocabulary when there is no tokenizer.json.
 const VOCAB_FILES: &[&str] = &[
