@@ -6,8 +6,9 @@
 // histograms per block, added into the SelectState), and the LAST block of the pass (atomic
 // ticket) scans the histogram from the top and picks the bucket that holds the k-th largest key,
 // updating the prefix, k_rem and count_gt on the device: no host round trip between passes.
-// (For selection: model, score_keys/keys_normalize build each tensor's histogram with pick = 0;
-// the host reads them back, adds them up over the task's tensors and picks each digit itself.)
+// (For selection: model, score_keys/keys_normalize build each tensor's histogram with pick = 0,
+// or select_filter does over keys kept on the device since pass 1, its pick unused; the host
+// reads them back, adds them up over the task's tensors and picks each digit itself.)
 // Pass 1 also copies the keys that match the pass-0 prefix into a candidate buffer, so pass 2
 // reads only those. Keys equal to T are kept in increasing index order: select_tie_count counts
 // keys == T per 8192-key tile, select_tie_cutoff finds the tile and then the index of the r-th

@@ -50,8 +50,9 @@
 #                   a % of a device copy (predicted: fuse_linear and fuse_ties >= 85 %)
 #   ratio-ties  60  `stamerge bench merge --recipe ties --device cuda` on that set: GPU ÷ warm read
 #                   (predicted <= 1.3), ÷ CPU, bytes over the link (1.0x the inputs read)
-#   ratio-sta-model 60  the same for sta_model (model-wide selection, which still re-uploads:
-#                   predicted, and seen under the fake, about 6x the inputs over the link)
+#   ratio-sta-model 60  the same for sta_model (model-wide selection: its keys stay on the GPU
+#                   when they fit, predicted, and seen under the fake, 2.0x the inputs over the
+#                   link; 6.1x before; `stamerge plan` prints the prediction for the set)
 #   register    40  ties again with STAMERGE_CUDA_INPUTS=register STAMERGE_CUDA_OUTPUTS=register
 #                   (predicted slower than ratio-ties' copy paths; if faster, make it the default)
 # Its budget is 295 s, preflight included; the same two files come back.

@@ -105,6 +105,20 @@ pub enum BackendError {
 
 pub type BResult<T> = Result<T, BackendError>;
 
+/// One model-wide task of a tensor group: the task's index and its key rule.
+pub type RankTask = (usize, KeySpec);
+
+/// Where a backend keeps `selection: model`'s keys between its passes
+/// ([`Compute::begin_model_passes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeysHome {
+    /// Computed again from the inputs in every pass.
+    Recomputed,
+    /// Kept in the backend's own memory from pass 1 to the last digit pass, so only pass 1
+    /// reads the inputs (the GPU, when every task's keys fit its budget).
+    Kept,
+}
+
 /// What a backend computes, each operation on one tensor group with the meaning of
 /// docs/SEMANTICS.md; every backend gives the same bits. (The ops; [`Backend`] is the plumbing.)
 pub trait Compute: Send + Sync {
@@ -134,6 +148,43 @@ pub trait Compute: Send + Sync {
 
     /// The digits (shift, bits) this backend prefers for the model-wide passes, from the top.
     fn model_digits(&self) -> &'static [(u32, u32)];
+
+    /// [`Compute::score_sum`] for several tasks of one group, in their order (a device backend
+    /// moves the group's inputs once for all of them).
+    fn score_sums(&self, g: &Group, tasks: &[RankTask]) -> BResult<Vec<f64>> {
+        tasks
+            .iter()
+            .map(|(t, s)| self.score_sum(g, *t, s))
+            .collect()
+    }
+
+    /// [`Compute::histogram`] for several tasks of one group: `hists[i]` gains task i's digit
+    /// `d[i]` (one digit position, each task's own prefix).
+    fn histograms(
+        &self,
+        g: &Group,
+        tasks: &[RankTask],
+        d: &[DigitPass],
+        hists: &mut [Vec<u64>],
+    ) -> BResult<()> {
+        for (((t, s), d), h) in tasks.iter().zip(d).zip(hists) {
+            self.histogram(g, *t, s, *d, h)?;
+        }
+        Ok(())
+    }
+
+    /// The model-wide passes over `groups` (each with its ranking tasks) begin: where the keys
+    /// will live between them. [`Compute::score_sums`] and [`Compute::histograms`] calls follow,
+    /// then [`Compute::end_model_passes`], which the caller must reach on every path.
+    fn begin_model_passes(&self, groups: &[(Group, Vec<RankTask>)]) -> BResult<KeysHome> {
+        let _ = groups;
+        Ok(KeysHome::Recomputed)
+    }
+
+    /// Frees what [`Compute::begin_model_passes`] kept.
+    fn end_model_passes(&self) -> BResult<()> {
+        Ok(())
+    }
 }
 
 /// How a backend takes a stream of tensor groups from the pipeline (docs/STREAMING.md): the one

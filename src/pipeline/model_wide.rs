@@ -6,12 +6,12 @@ use std::time::Instant;
 
 use super::pages::release;
 use super::{check_interrupt, Progress};
-use crate::backend::Backend;
+use crate::backend::{Backend, Group, RankTask};
 use crate::error::{Error, Result};
 use crate::method::keep_count;
 use crate::plan::work::model_wide_tasks;
 use crate::plan::{Item, ItemKind, Plan};
-use crate::select::DigitSearch;
+use crate::select::{tensor_mean, DigitSearch};
 use crate::values::fault_problem;
 
 /// The model-wide threshold of one task: the key at the k-th place and how many keys equal to it
@@ -70,7 +70,10 @@ pub(super) fn fisher_scales(
 }
 
 /// `selection: model`: a pass for the per-tensor means, then one histogram pass per digit over
-/// every tensor of the model, then the threshold of each task is known.
+/// every tensor of the model, then the threshold of each task is known. Each pass hands the
+/// backend every ranking task of a tensor at once, and the backend says first where it keeps
+/// the keys between the passes (the GPU: on the device when they fit, so that only pass 1
+/// moves the inputs).
 pub(super) fn model_selection(
     plan: &Plan,
     backend: &dyn Backend,
@@ -81,14 +84,47 @@ pub(super) fn model_selection(
     if tasks.is_empty() {
         return Ok(None);
     }
+    let specs = |item: &Item| -> Vec<RankTask> {
+        match &item.kind {
+            ItemKind::Merge { work, .. } => tasks
+                .iter()
+                .map(|&t| (t, work.spec(t).expect("a model-wide task ranks")))
+                .collect(),
+            ItemKind::Copy { .. } => Vec::new(),
+        }
+    };
+    let groups: Vec<(Group, Vec<RankTask>)> = plan
+        .items
+        .iter()
+        .filter(|item| matches!(item.kind, ItemKind::Merge { .. }))
+        .map(|item| (plan.group(item), specs(item)))
+        .collect();
+    let home = backend
+        .begin_model_passes(&groups)
+        .map_err(|e| Error::Other(format!("selection: model on {}: {e}", backend.name())))?;
+    drop(groups);
+    tracing::debug!("selection: model: keys {home:?} between the passes");
+    let r = passes(plan, backend, progress, stop, &tasks, &specs);
+    let end = backend
+        .end_model_passes()
+        .map_err(|e| Error::Other(format!("selection: model on {}: {e}", backend.name())));
+    let r = r?;
+    end?;
+    Ok(Some(r))
+}
+
+fn passes(
+    plan: &Plan,
+    backend: &dyn Backend,
+    progress: &mut Progress,
+    stop: &[&AtomicBool],
+    tasks: &[usize],
+    specs: &dyn Fn(&Item) -> Vec<RankTask>,
+) -> Result<ModelSelection> {
     let started = Instant::now();
     let nt = plan.recipe.tasks.len();
     let mut means = vec![vec![0f32; nt]; plan.items.len()];
     let mut total = 0u64;
-    let spec = |item: &Item, t: usize| match &item.kind {
-        ItemKind::Merge { work, .. } => work.spec(t),
-        ItemKind::Copy { .. } => None,
-    };
     progress.message("selection: model — pass 1: per-tensor mean scores");
     for (ii, item) in plan.items.iter().enumerate() {
         check_interrupt(plan, stop)?;
@@ -97,12 +133,11 @@ pub(super) fn model_selection(
         };
         total += n as u64;
         let g = plan.group(item);
-        for &t in &tasks {
-            let spec = spec(item, t).expect("a model-wide task ranks");
-            let sum = backend
-                .score_sum(&g, t, &spec)
-                .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
-            means[ii][t] = (sum / n as f64) as f32;
+        let sums = backend
+            .score_sums(&g, &specs(item))
+            .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
+        for (&t, sum) in tasks.iter().zip(sums) {
+            means[ii][t] = tensor_mean(sum, n);
         }
         release(plan, item);
         progress.inc(item.read_bytes, &item.name);
@@ -119,7 +154,7 @@ pub(super) fn model_selection(
                 })
             })
             .collect();
-        return Ok(Some(ModelSelection { means, thresholds }));
+        return Ok(ModelSelection { means, thresholds });
     }
     let ks: Vec<u64> = (0..nt)
         .map(|t| keep_count(plan.recipe.tasks[t].model_density, total))
@@ -131,25 +166,26 @@ pub(super) fn model_selection(
             pass + 2,
             shift + bits
         ));
-        let mut hists = vec![vec![0u64; 1 << bits]; nt];
+        let mut hists = vec![vec![0u64; 1 << bits]; tasks.len()];
+        let digits: Vec<_> = tasks.iter().map(|&t| search[t].pass(shift, bits)).collect();
         for (ii, item) in plan.items.iter().enumerate() {
             check_interrupt(plan, stop)?;
             if !matches!(item.kind, ItemKind::Merge { .. }) {
                 continue;
             }
             let g = plan.group(item);
-            for &t in &tasks {
-                let mut spec = spec(item, t).expect("a model-wide task ranks");
-                spec.mean = Some(means[ii][t]);
-                backend
-                    .histogram(&g, t, &spec, search[t].pass(shift, bits), &mut hists[t])
-                    .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
+            let mut specs = specs(item);
+            for (t, spec) in specs.iter_mut() {
+                spec.mean = Some(means[ii][*t]);
             }
+            backend
+                .histograms(&g, &specs, &digits, &mut hists)
+                .map_err(|e| fault_problem(plan, &item.name, &item.shape, e))?;
             release(plan, item);
             progress.inc(item.read_bytes, &item.name);
         }
-        for &t in &tasks {
-            search[t].advance(bits, &hists[t]).map_err(|e| {
+        for (i, &t) in tasks.iter().enumerate() {
+            search[t].advance(bits, &hists[i]).map_err(|e| {
                 Error::Other(format!(
                     "internal error in the model-wide select of task {t}: {e}"
                 ))
@@ -157,7 +193,7 @@ pub(super) fn model_selection(
         }
     }
     let mut thresholds: Vec<Option<ModelThreshold>> = (0..nt).map(|_| None).collect();
-    for &t in &tasks {
+    for &t in tasks {
         tracing::debug!(
             "selection: model, task {t}: keep {} of {total}; threshold key {:#010x}, {} tie(s) \
              to keep, after {:.3} s",
@@ -173,5 +209,5 @@ pub(super) fn model_selection(
             total,
         });
     }
-    Ok(Some(ModelSelection { means, thresholds }))
+    Ok(ModelSelection { means, thresholds })
 }

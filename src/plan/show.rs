@@ -256,12 +256,18 @@ pub fn render(plan: &Plan, max_memory: Option<u64>) -> String {
     let (passes, read) = if cuda_passes == e.passes {
         (e.passes.to_string(), human_bytes(e.read_bytes))
     } else {
+        // With its keys on the GPU, the cuda backend reads the inputs in pass 1 and the merge.
+        let kept_read = 2 * e.merge_read_bytes + e.copy_read_bytes;
         (
-            format!("{} (cpu) or {cuda_passes} (cuda)", e.passes),
             format!(
-                "{} (cpu) or {} (cuda)",
+                "{} (cpu) or {cuda_passes} (cuda; 2 with the keys on the GPU)",
+                e.passes
+            ),
+            format!(
+                "{} (cpu) or {} (cuda; {} with the keys on the GPU)",
                 human_bytes(e.read_bytes),
-                human_bytes(cuda_read)
+                human_bytes(cuda_read),
+                human_bytes(kept_read)
             ),
         )
     };
@@ -309,8 +315,63 @@ pub fn render(plan: &Plan, max_memory: Option<u64>) -> String {
             );
         }
     }
+    if e.model_wide {
+        model_link_line(&mut out, plan, max_memory);
+    }
     end(&mut out, plan);
     out
+}
+
+/// What `selection: model` would move to the GPU for this plan (`plan_model_link` over its
+/// merged tensors).
+pub fn model_link(plan: &Plan) -> crate::backend::cuda::ModelLink {
+    use crate::backend::cuda::{plan_model_link, MODEL_DIGITS};
+    let tasks = crate::plan::work::model_wide_tasks(&plan.recipe);
+    let groups = plan.items.iter().filter_map(|it| match &it.kind {
+        ItemKind::Merge { work, .. } => Some((
+            plan.group(it),
+            tasks
+                .iter()
+                .filter_map(|&t| work.spec(t).map(|s| (t, s)))
+                .collect(),
+            work.shape_jobs(),
+        )),
+        ItemKind::Copy { .. } => None,
+    });
+    plan_model_link(groups, MODEL_DIGITS.len())
+}
+
+/// `selection: model` on the GPU: where the keys live between the passes and what crosses the
+/// link either way.
+fn model_link_line(out: &mut String, plan: &Plan, max_memory: Option<u64>) {
+    let m = model_link(plan);
+    let inputs = plan.estimate.merge_read_bytes.max(1) as f64;
+    let kept = format!(
+        "the keys ({}) stay on the GPU between the passes, which with the merge move {} over \
+         the link ({:.2}x the merged inputs)",
+        human_bytes(m.key_bytes),
+        human_bytes(m.kept),
+        m.kept as f64 / inputs
+    );
+    let recomputed = format!(
+        "every pass moves each tensor once for all tasks: {} with the merge ({:.2}x)",
+        human_bytes(m.recomputed),
+        m.recomputed as f64 / inputs
+    );
+    let line = match max_memory {
+        Some(b) if m.budget_needed <= b => kept,
+        Some(_) => format!(
+            "the keys ({}) and the largest tensor's pass need {}, more than the budget: \
+             {recomputed}",
+            human_bytes(m.key_bytes),
+            human_bytes(m.budget_needed)
+        ),
+        None => format!(
+            "with a budget of at least {}, {kept}; with less, {recomputed}",
+            human_bytes(m.budget_needed)
+        ),
+    };
+    let _ = writeln!(out, "cuda, selection: model: {line}");
 }
 
 fn end(out: &mut String, plan: &Plan) {

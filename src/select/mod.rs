@@ -31,6 +31,12 @@ pub fn key_value(k: u32) -> f32 {
 
 /// The kernels' digit schedule (docs/KERNELS.md, SelectState, "Radix digits"): 11-bit digits from the top
 /// (11 + 11 + 10 bits).
+/// A tensor's mean score from its deterministic score sum (`selection: model` divides each
+/// tensor's scores by it): f32(sum / n), rounded once, the same on every backend.
+pub fn tensor_mean(sum: f64, n: usize) -> f32 {
+    (sum / n as f64) as f32
+}
+
 pub const DIGITS_11: [(u32, u32); 3] = [(21, 11), (10, 11), (0, 10)];
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 
 use stamerge::backend::cpu::CpuBackend;
 use stamerge::backend::cuda::CudaBackend;
-use stamerge::backend::{BackendError, Compute, DeviceError, KeySpec, MaskJob};
+use stamerge::backend::{
+    BackendError, Compute, DeviceError, KeySpec, KeysHome, MaskJob, RankTask, Source,
+};
 use stamerge::dtype::FloatType;
 use stamerge::method::ScoreKind;
 use stamerge::select::dare;
@@ -12,7 +14,7 @@ use stamerge::select::dare;
 use crate::compare::{compare, compare_then};
 use crate::inputs::{make, Inputs, Make};
 use crate::model_selection::check_model_selection_on;
-use crate::recipes::{method_jobs, Method, METHODS};
+use crate::recipes::{method_jobs, recipe, tensor_work, Extra, Method, METHODS};
 use crate::{gpu, max_elems, TYPES};
 
 /// A second backend on the same GPU whose memory budget is `budget` bytes.
@@ -205,8 +207,60 @@ fn chunked_model_selection_matches_cpu() {
         .into_iter()
         .filter(|&n| n <= max_elems())
         .collect();
-    check_model_selection_on(&small, &sizes, Method::StaTaskVector, false);
-    check_model_selection_on(&small, &sizes, Method::StaFinetuned, true);
+    let mut homes = check_model_selection_on(&small, &sizes, Method::StaTaskVector, false);
+    homes.extend(check_model_selection_on(
+        &small,
+        &sizes,
+        Method::StaFinetuned,
+        true,
+    ));
+    // Under 1.8 MiB the keys of the 70 000-element tensors do not fit beside their pass 1:
+    // every pass from the inputs, f32's two tasks one at a time.
+    let smaller = budget_gpu(1_887_436);
+    homes.extend(check_model_selection_on(
+        &smaller,
+        &sizes,
+        Method::StaTaskVector,
+        false,
+    ));
+    eprintln!("keys under the 2 and 1.8 MiB budgets: {homes:?}");
+    if sizes.contains(&70_000) {
+        assert!(homes.contains(&KeysHome::Kept) && homes.contains(&KeysHome::Recomputed));
+    }
+}
+
+/// A pass over every task at once, in chunks, that meets a later task's fault first (task 1 in
+/// the first chunk, task 0 in the second): the error is the CPU's, task 0's.
+#[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
+fn chunked_model_passes_report_the_first_task_s_fault() {
+    let n = 70_000;
+    if n > max_elems() {
+        eprintln!("skipped: needs {n} elements (STAMERGE_TEST_MAX_ELEMS)");
+        return;
+    }
+    // f32 with f32 gradients, 2 tasks: 24 bytes an element, so 65 536 fit 1.65 MB, 70 000 not.
+    let b = budget_gpu(2_200_000);
+    let extra = Extra {
+        model_wide: true,
+        ..Extra::default()
+    };
+    let recipe = recipe(Method::StaTaskVector, 2, extra);
+    let mut inputs = make(n, Make::new(FloatType::F32, 2, false, 77));
+    inputs.theta[1].set(5, f32::NAN);
+    inputs.theta[0].set(66_000, f32::INFINITY);
+    let g = inputs.group();
+    let work = tensor_work(&recipe, g.name, n, FloatType::F32);
+    let tasks: Vec<RankTask> = (0..2).map(|t| (t, work.spec(t).unwrap())).collect();
+    let cpu = CpuBackend::new();
+    let fault = |r: Result<Vec<f64>, BackendError>| match r {
+        Err(BackendError::Fault(f)) => f,
+        r => panic!("expected a fault, got {r:?}"),
+    };
+    let want = fault(cpu.score_sums(&g, &tasks));
+    assert_eq!(want.source, Source::Theta(0));
+    assert_eq!(want.index, 66_000);
+    assert_eq!(fault(b.score_sums(&g, &tasks)), want);
 }
 
 /// A GPU with less free memory than the budget says: the arena shrinks to what is free and the

@@ -71,6 +71,53 @@ fn plan_reports_the_gpu_memory_budget() {
     );
 }
 
+/// `stamerge plan` says where `selection: model` keeps its keys on the GPU and what crosses the
+/// link: with every task ranking, pass 1 and the merge move the inputs twice, five passes five
+/// times; the line follows the budget and is absent for a per-tensor selection.
+#[test]
+fn plan_reports_where_model_wide_keys_live() {
+    let bin = crate::stamerge_cli();
+    let dir = tempfile::tempdir().unwrap();
+    stamerge::synth::generate(&stamerge::synth::SynthSpec::default(), dir.path()).unwrap();
+    let recipe = dir.path().join("sta_model.yml");
+    let plan = stamerge::plan(
+        &stamerge::Recipe::from_file(&recipe).unwrap(),
+        None,
+        &Default::default(),
+    )
+    .unwrap();
+    let need = stamerge::plan::show::model_link(&plan).budget_needed;
+    let line = |recipe: &std::path::Path, mem: Option<u64>| {
+        let mut c = std::process::Command::new(&bin);
+        c.args(["plan", recipe.to_str().unwrap()]);
+        if let Some(m) = mem {
+            c.args(["--max-memory", &m.to_string()]);
+        }
+        let o = c.output().expect("run stamerge");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.starts_with("cuda, selection: model:"))
+            .map(str::to_string)
+    };
+    let kept = line(&recipe, Some(need)).expect("a model-wide line");
+    assert!(
+        kept.contains("stay on the GPU") && kept.contains("(2.00x"),
+        "{kept}"
+    );
+    let over = line(&recipe, Some(need - 1)).expect("a model-wide line");
+    assert!(
+        over.contains("more than the budget") && over.contains("(5.00x)"),
+        "{over}"
+    );
+    let either = line(&recipe, None).expect("a model-wide line");
+    assert!(
+        either.contains("(2.00x") && either.contains("(5.00x)"),
+        "{either}"
+    );
+    assert_eq!(line(&dir.path().join("sta.yml"), None), None);
+}
+
 /// The CLI without a GPU: `merge --device cuda` and `bench kernels` exit non-zero with the
 /// reason; `merge --device auto` merges on the CPU.
 #[test]

@@ -52,7 +52,7 @@ pub(super) fn normalized(
         let raw = KeySpec { mean: None, ..spec };
         let c = match norm {
             Norm::None => unreachable!("filtered above"),
-            Norm::Mean => (cpu.score_sum(g, t, &raw)? / g.n as f64) as f32,
+            Norm::Mean => crate::select::tensor_mean(cpu.score_sum(g, t, &raw)?, g.n),
             Norm::Sum => cpu.score_sum(g, t, &raw)? as f32,
             Norm::Max => score_max(g, t, &raw)?,
         };

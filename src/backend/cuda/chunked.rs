@@ -12,8 +12,8 @@
 
 use super::faults::{fault_result, score_fault};
 use super::group::{fixed_header, score_inputs};
-use super::layout::{group_bytes, selections, ScoreBufs, Sel};
-use super::transfer::{Sink, Work};
+use super::layout::{group_bytes, selections, ModelBufs, ModelPass, ScoreBufs, Sel};
+use super::transfer::{elems, Sink, Work};
 use super::{dev, launches, CudaBackend};
 use crate::backend::{
     BResult, BackendError, DeviceError, Fault, FuseSpec, Group, GroupStats, KeySpec, MaskJob, Raw,
@@ -21,7 +21,7 @@ use crate::backend::{
 };
 use crate::select::{DigitSearch, Threshold, DIGITS_11};
 
-use super::device::{SUM_CHUNK, TIE_TILE};
+use super::device::TIE_TILE;
 
 /// DARE's index increment (`select::dare::keep`): a chunk starting at element `at` uses the
 /// stream advanced by `at` steps, so its local index i hashes like the global `at + i`.
@@ -29,13 +29,13 @@ const DARE_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// Chunks of a tensor group hold a multiple of this many elements (the tie tile, so that the
 /// tie search's tiles and the masks' words never straddle two chunks).
-const GRANULE: usize = TIE_TILE;
+pub(super) const GRANULE: usize = TIE_TILE;
 
 use super::internal;
 
 /// The largest chunk, a multiple of `granule` elements (or all `n`), whose buffers (`bytes` of a
 /// chunk length) fit `budget`; a clear error when not even one granule fits.
-fn chunk_len(
+pub(super) fn chunk_len(
     name: &str,
     n: usize,
     granule: usize,
@@ -65,7 +65,7 @@ fn chunk_len(
 }
 
 /// `(first element, length)` of each chunk.
-fn spans(n: usize, len: usize) -> Vec<(usize, usize)> {
+pub(super) fn spans(n: usize, len: usize) -> Vec<(usize, usize)> {
     (0..n)
         .step_by(len.max(1))
         .map(|at| (at, len.min(n - at)))
@@ -86,7 +86,7 @@ fn sub_raw<'a>(r: &Raw<'a>, at: usize, len: usize) -> BResult<Raw<'a>> {
 }
 
 /// Elements `at..at + len` of every input of `g`.
-fn sub_group<'a>(g: &Group<'a>, at: usize, len: usize) -> BResult<Group<'a>> {
+pub(super) fn sub_group<'a>(g: &Group<'a>, at: usize, len: usize) -> BResult<Group<'a>> {
     Ok(Group {
         name: g.name,
         seq: g.seq,
@@ -107,7 +107,7 @@ fn sub_group<'a>(g: &Group<'a>, at: usize, len: usize) -> BResult<Group<'a>> {
 }
 
 /// A chunk's fault, with the index of the whole tensor.
-fn shifted<T>(r: BResult<T>, at: usize) -> BResult<T> {
+pub(super) fn shifted<T>(r: BResult<T>, at: usize) -> BResult<T> {
     r.map_err(|e| match e {
         BackendError::Fault(f) => BackendError::Fault(Fault {
             index: f.index + at as u64,
@@ -163,7 +163,7 @@ fn merge_chunk_len(g: &Group, sels: &[Sel], f: &FuseSpec, budget: usize) -> BRes
         for (t, s) in sels.iter().enumerate() {
             if let Some(spec) = s.spec() {
                 most = most
-                    .max(ScoreBufs::for_histogram(&sub, t, spec).bytes)
+                    .max(ModelBufs::new(&sub, &[(t, *spec)], ModelPass::Digit, &[false]).bytes)
                     .max(ScoreBufs::for_tie_search(&sub, t, spec).bytes);
             }
         }
@@ -378,7 +378,7 @@ impl CudaBackend {
         let n = g.n;
         let l = ScoreBufs::for_tie_search(g, t, &c.spec);
         dev(w.arena.reserve(gpu, l.bytes))?;
-        self.upload_inputs(w, g, t, &l)?;
+        self.upload_tie_inputs(w, g, t, &l)?;
         let words = [u64::MAX, u64::from(c.spec.mean.unwrap_or(0.0).to_bits())];
         let h = fixed_header(n as u64, c.key, 0);
         dev(w
@@ -430,68 +430,17 @@ impl CudaBackend {
         Ok((first + i) as u64)
     }
 
-    /// `score_sum` in chunks of whole [`SUM_CHUNK`]s, their sums added in order on the host.
-    pub(super) fn score_sum_chunked(
-        &self,
-        w: &mut Work,
-        g: &Group,
-        t: usize,
-        spec: &KeySpec,
-    ) -> BResult<f64> {
-        let bytes = |len: usize| {
-            Ok(ScoreBufs::for_sums(
-                &Group {
-                    n: len,
-                    ..g.clone()
-                },
-                t,
-                spec,
-            )
-            .bytes)
-        };
-        let len = chunk_len(g.name, g.n, SUM_CHUNK, w.arena.limit(), bytes)?;
-        let mut sum = 0f64;
-        for (at, len) in spans(g.n, len) {
-            let sub = sub_group(g, at, len)?;
-            for s in shifted(self.chunk_sums_on_device(w, &sub, t, spec), at)? {
-                sum += s;
-            }
+    /// Task `t`'s score inputs into the arena buffers of the tie search `l`.
+    fn upload_tie_inputs(&self, w: &mut Work, g: &Group, t: usize, l: &ScoreBufs) -> BResult<()> {
+        let n = g.n;
+        let mut inputs = vec![
+            (l.base, elems(&g.base, n, "the base tensor")?),
+            (l.theta, elems(&g.tasks[t].theta, n, "a task tensor")?),
+        ];
+        if let (Some(off), Some(gr)) = (l.grad, g.tasks[t].grad) {
+            inputs.push((off, elems(&gr, n, "a gradient tensor")?));
         }
-        Ok(sum)
-    }
-
-    /// `histogram` over chunks that fit the budget (histograms add up).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn histogram_chunked(
-        &self,
-        w: &mut Work,
-        g: &Group,
-        t: usize,
-        spec: &KeySpec,
-        pass: usize,
-        prefix: u32,
-        hist: &mut [u64],
-    ) -> BResult<()> {
-        let bytes = |len: usize| {
-            Ok(ScoreBufs::for_histogram(
-                &Group {
-                    n: len,
-                    ..g.clone()
-                },
-                t,
-                spec,
-            )
-            .bytes)
-        };
-        let len = chunk_len(g.name, g.n, GRANULE, w.arena.limit(), bytes)?;
-        for (at, len) in spans(g.n, len) {
-            let sub = sub_group(g, at, len)?;
-            shifted(
-                self.histogram_on_device(w, &sub, t, spec, pass, prefix, hist),
-                at,
-            )?;
-        }
-        Ok(())
+        self.put_inputs(w, g, &inputs)
     }
 }
 

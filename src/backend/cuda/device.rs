@@ -645,6 +645,11 @@ impl Arena {
         self.limit
     }
 
+    /// Changes the limit; an allocation already larger stays until the caller releases it.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     /// Makes the arena at least `bytes` long. The old allocation is freed on the compute stream
     /// once every stream has finished with it (docs/STREAMING.md, "Teardown": the copy stream
     /// may be staging into an arena, the download stream reading one); arenas grow a handful of

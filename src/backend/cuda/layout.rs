@@ -8,6 +8,7 @@ use super::device::{FuseTask, Layout, STATE_BYTES, SUM_CHUNK, TIE_TILE};
 use super::internal;
 use crate::backend::cpu::MAX_COMBO_TASKS;
 use crate::backend::{BResult, FuseSpec, Group, KeySpec, MaskJob};
+use crate::method::ScoreKind;
 
 /// What one task's mask needs on the device.
 #[derive(Clone, Copy, Debug)]
@@ -189,71 +190,143 @@ pub(super) fn group_layout(g: &Group, sels: &[Sel], fuse: &FuseSpec, ncombo: usi
     }
 }
 
-/// Where the buffers of one task's score pass live in the arena (`score_sum`, `histogram`, and
-/// the chunked path's tie search).
+/// Where the buffers of the chunked top-k's tie search live in the arena (one task).
 pub(super) struct ScoreBufs {
     pub(super) base: usize,
     pub(super) theta: usize,
     pub(super) grad: Option<usize>,
-    /// n u32 keys (histogram: only with a mean; else unused, offset 0).
+    /// n u32 keys.
     pub(super) keys: usize,
-    /// score_sum's per-chunk f64 sums; histogram: none.
-    pub(super) chunks: usize,
-    /// A SelectState (histogram, tie search); score_sum: none.
+    /// A SelectState.
     pub(super) state: usize,
-    /// Tie-count tiles (tie search only).
+    /// Tie-count tiles.
     pub(super) tiles: usize,
-    /// 8 bytes: the score error word; histogram and tie search: 16 (the mean after it).
+    /// 16 bytes: the score error word, then the mean.
     pub(super) small: usize,
     pub(super) bytes: usize,
 }
 
 impl ScoreBufs {
-    pub(super) fn inputs(g: &Group, t: usize, spec: &KeySpec) -> (Layout, Self) {
+    pub(super) fn for_tie_search(g: &Group, t: usize, spec: &KeySpec) -> Self {
         let mut l = Layout::default();
         let (base, theta, grad) = input_layout(&mut l, g, t, spec);
-        let b = Self {
+        Self {
             base,
             theta,
             grad,
-            keys: 0,
-            chunks: 0,
-            state: 0,
-            tiles: 0,
-            small: 0,
-            bytes: 0,
-        };
-        (l, b)
-    }
-
-    pub(super) fn for_sums(g: &Group, t: usize, spec: &KeySpec) -> Self {
-        let (mut l, mut b) = Self::inputs(g, t, spec);
-        b.keys = l.take(4 * g.n);
-        b.chunks = l.take(8 * g.n.div_ceil(SUM_CHUNK));
-        b.small = l.take(8);
-        b.bytes = l.bytes();
-        b
-    }
-
-    pub(super) fn for_histogram(g: &Group, t: usize, spec: &KeySpec) -> Self {
-        let (mut l, mut b) = Self::inputs(g, t, spec);
-        if spec.mean.is_some() {
-            b.keys = l.take(4 * g.n);
+            keys: l.take(4 * g.n),
+            tiles: l.take(4 * g.n.div_ceil(TIE_TILE)),
+            state: l.take(STATE_BYTES),
+            small: l.take(16),
+            bytes: l.bytes(),
         }
-        b.state = l.take(STATE_BYTES);
-        b.small = l.take(16);
-        b.bytes = l.bytes();
-        b
     }
+}
 
-    pub(super) fn for_tie_search(g: &Group, t: usize, spec: &KeySpec) -> Self {
-        let (mut l, mut b) = Self::inputs(g, t, spec);
-        b.keys = l.take(4 * g.n);
-        b.tiles = l.take(4 * g.n.div_ceil(TIE_TILE));
-        b.state = l.take(STATE_BYTES);
-        b.small = l.take(16);
-        b.bytes = l.bytes();
-        b
+/// The input bytes a one-piece merge of `g` moves to the device (`group.rs`, `upload_group`).
+pub(super) fn group_input_bytes(g: &Group, jobs: &[MaskJob]) -> BResult<usize> {
+    let (sels, _) = selections(jobs, g.n)?;
+    let n = g.n;
+    let mut bytes = n * g.base.ty.size() + g.start.map_or(0, |s| n * s.ty.size());
+    for (task, sel) in g.tasks.iter().zip(&sels) {
+        bytes += n * task.theta.ty.size();
+        if let (Some(spec), Some(gr)) = (sel.spec(), task.grad) {
+            if spec.score.needs_grad() {
+                bytes += n * gr.ty.size();
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// Which of the model-wide passes a [`ModelBufs`] is laid out for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum ModelPass {
+    /// Pass 1: each task's deterministic chunk sums of its raw scores.
+    Sums,
+    /// A digit pass: each task's histogram of one digit.
+    Digit,
+}
+
+/// Where the buffers of one model-wide pass over a group (or chunk) live, for several tasks at
+/// once (`model.rs`): the inputs once, the base shared, then per task its own small words, chunk
+/// sums or selection state, so every task's launches queue before one wait. A task whose keys
+/// are in the key store (`stored[i]`) needs no key buffer and, in a digit pass, no inputs.
+pub(super) struct ModelBufs {
+    /// The base, when some task's score reads it (not |θ·G|).
+    pub(super) base: Option<usize>,
+    /// Per task of the call: its θ and G, where this pass reads them.
+    pub(super) theta: Vec<Option<usize>>,
+    pub(super) grad: Vec<Option<usize>>,
+    /// n u32 keys shared by the tasks computed from their inputs (their launches run in order
+    /// on one stream); 0 when none needs it.
+    pub(super) keys: usize,
+    /// Per task: the chunk sums (f64 each, `Sums`) or a SelectState (`Digit`).
+    pub(super) per_task: Vec<usize>,
+    /// Per task: 16 bytes, the score error word and the f32 mean.
+    pub(super) small: Vec<usize>,
+    pub(super) bytes: usize,
+    /// The input bytes this layout's call moves to the device.
+    pub(super) input_bytes: usize,
+}
+
+impl ModelBufs {
+    pub(super) fn new(
+        g: &Group,
+        tasks: &[(usize, KeySpec)],
+        pass: ModelPass,
+        stored: &[bool],
+    ) -> Self {
+        let n = g.n;
+        let mut l = Layout::default();
+        // A digit pass over stored keys reads none of the task's inputs.
+        let reads = |i: usize| pass == ModelPass::Sums || !stored[i];
+        let needs_base = tasks
+            .iter()
+            .enumerate()
+            .any(|(i, (_, s))| reads(i) && s.score != ScoreKind::AbsWeightGrad);
+        let mut input_bytes = 0;
+        let mut input = |l: &mut Layout, bytes: usize| {
+            input_bytes += bytes;
+            l.take(bytes)
+        };
+        let base = needs_base.then(|| input(&mut l, n * g.base.ty.size()));
+        let theta = (0..tasks.len())
+            .map(|i| reads(i).then(|| input(&mut l, n * g.tasks[tasks[i].0].theta.ty.size())))
+            .collect();
+        let grad = tasks
+            .iter()
+            .enumerate()
+            .map(
+                |(i, (t, spec))| match (reads(i) && spec.score.needs_grad(), g.tasks[*t].grad) {
+                    (true, Some(gr)) => Some(input(&mut l, n * gr.ty.size())),
+                    _ => None,
+                },
+            )
+            .collect();
+        let shared_keys = tasks
+            .iter()
+            .enumerate()
+            .any(|(i, (_, s))| !stored[i] && (pass == ModelPass::Sums || s.mean.is_some()));
+        let keys = if shared_keys { l.take(4 * n) } else { 0 };
+        let per_task = tasks
+            .iter()
+            .map(|_| match pass {
+                ModelPass::Sums => l.take(8 * n.div_ceil(SUM_CHUNK)),
+                ModelPass::Digit => l.take(STATE_BYTES),
+            })
+            .collect();
+        let small = tasks.iter().map(|_| l.take(16)).collect();
+        Self {
+            base,
+            theta,
+            grad,
+            keys,
+            per_task,
+            small,
+            bytes: l.bytes(),
+            input_bytes,
+        }
     }
 }
 

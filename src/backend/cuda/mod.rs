@@ -35,14 +35,14 @@ use std::sync::{Mutex, MutexGuard};
 
 pub use device::HAVE_KERNELS;
 use device::{Arena, DResult, Gpu, SelectHeader, STATE_BYTES};
-use layout::group_bytes;
+use layout::{group_bytes, ModelBufs, ModelPass};
 pub use staging::SLOT_MAX;
 use transfer::{Sink, Work};
 
 use super::cpu::CpuBackend;
 use super::{
     BResult, Backend, BackendError, Compute, DeviceError, DigitPass, FuseSpec, Group, GroupStats,
-    KeySpec, MaskJob,
+    KeySpec, KeysHome, MaskJob, RankTask,
 };
 use crate::select::DIGITS_11;
 
@@ -220,6 +220,7 @@ impl Drop for CudaBackend {
         let _ = self.gpu.bind();
         let _ = self.gpu.sync_all();
         let w = self.work.get_mut().unwrap_or_else(|p| p.into_inner());
+        w.keys = None;
         w.arena.release();
         w.ahead.release();
         w.outbuf.release();
@@ -245,6 +246,46 @@ pub fn plan_memory<'a>(
         over += budget.is_some_and(|b| bytes > work_share(b)) as usize;
     }
     (largest, over)
+}
+
+/// What `selection: model` moves to the GPU (`stamerge plan`; docs/STREAMING.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelLink {
+    /// Every model-wide task's keys of every tensor, as the key store holds them.
+    pub key_bytes: u64,
+    /// The budget that keeps the keys on the device: they and the largest tensor's pass 1.
+    pub budget_needed: u64,
+    /// Input bytes to the device over the model-wide passes and the merge, with the keys kept
+    /// on the device between the passes.
+    pub kept: u64,
+    /// The same when the keys do not fit: each pass moves each tensor's inputs once.
+    pub recomputed: u64,
+}
+
+/// [`ModelLink`] of the merged tensor groups `groups` (each with its ranking tasks and its
+/// merge jobs), for a model-wide select of `digits` digit passes. Tensors without elements run
+/// on the CPU and move nothing.
+pub fn plan_model_link<'a>(
+    groups: impl IntoIterator<Item = (Group<'a>, Vec<RankTask>, Vec<MaskJob>)>,
+    digits: usize,
+) -> ModelLink {
+    let (mut m, mut largest, mut pass1, mut digit, mut merge) = (ModelLink::default(), 0, 0, 0, 0);
+    for (g, tasks, jobs) in groups {
+        if g.n == 0 {
+            continue;
+        }
+        m.key_bytes += (tasks.len() * model::run_bytes(g.n)) as u64;
+        let first = ModelBufs::new(&g, &tasks, ModelPass::Sums, &vec![true; tasks.len()]);
+        largest = largest.max(first.bytes);
+        pass1 += first.input_bytes as u64;
+        digit += ModelBufs::new(&g, &tasks, ModelPass::Digit, &vec![false; tasks.len()]).input_bytes
+            as u64;
+        merge += layout::group_input_bytes(&g, &jobs).unwrap_or(0) as u64;
+    }
+    m.budget_needed = m.key_bytes + largest as u64;
+    m.kept = pass1 + merge;
+    m.recomputed = pass1 + digits as u64 * digit + merge;
+    m
 }
 
 /// Why `--device cuda` cannot run here, or None when it can (opens device 0 to find out).
@@ -353,15 +394,7 @@ impl Compute for CudaBackend {
     }
 
     fn score_sum(&self, g: &Group, task: usize, spec: &KeySpec) -> BResult<f64> {
-        if g.n == 0 {
-            return self.cpu.score_sum(g, task, spec);
-        }
-        let mut w = dev(self.enter())?;
-        let r = guarded(|| {
-            self.finish_pending(&mut w)?;
-            retry_smaller(|| self.score_sum_chunked(&mut w, g, task, spec))
-        });
-        leave(&mut w, r)
+        Ok(self.score_sums(g, &[(task, *spec)])?[0])
     }
 
     fn histogram(
@@ -372,27 +405,129 @@ impl Compute for CudaBackend {
         d: DigitPass,
         hist: &mut [u64],
     ) -> BResult<()> {
-        let Some(pass) = DIGITS_11.iter().position(|&x| x == (d.shift, d.bits)) else {
+        let mut h = vec![vec![0u64; hist.len()]];
+        self.histograms(g, &[(task, *spec)], &[d], &mut h)?;
+        for (x, y) in hist.iter_mut().zip(&h[0]) {
+            *x += y;
+        }
+        Ok(())
+    }
+
+    fn score_sums(&self, g: &Group, tasks: &[RankTask]) -> BResult<Vec<f64>> {
+        if g.n == 0 {
+            return self.cpu.score_sums(g, tasks);
+        }
+        let mut w = dev(self.enter())?;
+        let r = guarded(|| {
+            self.finish_pending(&mut w)?;
+            in_task_order(tasks, |tasks| {
+                retry_smaller(|| self.score_sums_chunked(&mut w, g, tasks))
+            })
+        });
+        leave(&mut w, r)
+    }
+
+    fn histograms(
+        &self,
+        g: &Group,
+        tasks: &[RankTask],
+        d: &[DigitPass],
+        hists: &mut [Vec<u64>],
+    ) -> BResult<()> {
+        let Some(first) = d.first() else {
+            return Ok(());
+        };
+        let Some(pass) = DIGITS_11
+            .iter()
+            .position(|&x| x == (first.shift, first.bits))
+            .filter(|_| {
+                d.iter()
+                    .all(|x| (x.shift, x.bits) == (first.shift, first.bits))
+            })
+        else {
             return Err(BackendError::Device(DeviceError::Unsupported(format!(
-                "the cuda backend builds histograms of the digits {DIGITS_11:?} only, not \
-                 (shift {}, bits {})",
-                d.shift, d.bits
+                "the cuda backend builds histograms of one of the digits {DIGITS_11:?} at a \
+                 time, not (shift {}, bits {})",
+                first.shift, first.bits
             ))));
         };
         if g.n == 0 {
             return Ok(());
         }
+        let prefixes: Vec<u32> = d.iter().map(|x| x.prefix).collect();
         let mut w = dev(self.enter())?;
         let r = guarded(|| {
             self.finish_pending(&mut w)?;
-            retry_smaller(|| self.histogram_chunked(&mut w, g, task, spec, pass, d.prefix, hist))
+            in_task_order(tasks, |tasks| {
+                // Into zeroed histograms, added to the caller's only once complete: a retry in
+                // smaller chunks starts again from zero.
+                retry_smaller(|| {
+                    let mut got: Vec<Vec<u64>> = hists.iter().map(|h| vec![0; h.len()]).collect();
+                    self.histograms_chunked(&mut w, g, tasks, pass, &prefixes, &mut got)?;
+                    Ok(got)
+                })
+            })
         });
+        let got = leave(&mut w, r)?;
+        for (h, x) in hists.iter_mut().zip(got) {
+            for (a, b) in h.iter_mut().zip(x) {
+                *a += b;
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_model_passes(&self, groups: &[(Group, Vec<RankTask>)]) -> BResult<KeysHome> {
+        let (mut key_bytes, mut largest) = (0usize, 0usize);
+        for (g, tasks) in groups.iter().filter(|(g, _)| g.n > 0) {
+            key_bytes += tasks.len() * model::run_bytes(g.n);
+            let stored = vec![true; tasks.len()];
+            largest = largest.max(ModelBufs::new(g, tasks, ModelPass::Sums, &stored).bytes);
+        }
+        let mut w = dev(self.enter())?;
+        let r = guarded(|| self.open_key_store(&mut w, key_bytes, largest));
+        let kept = leave(&mut w, r)?;
+        tracing::info!(
+            "selection: model on cuda: the keys ({}) {}",
+            crate::inspect::human_bytes(key_bytes as u64),
+            if kept {
+                "kept on the GPU between the passes (the inputs cross the link in pass 1 only)"
+            } else {
+                "do not fit the budget beside the passes: every pass moves each tensor group once"
+            }
+        );
+        Ok(if kept {
+            KeysHome::Kept
+        } else {
+            KeysHome::Recomputed
+        })
+    }
+
+    fn end_model_passes(&self) -> BResult<()> {
+        let mut w = dev(self.enter())?;
+        let r = guarded(|| self.close_key_store(&mut w));
         leave(&mut w, r)
     }
 
     fn model_digits(&self) -> &'static [(u32, u32)] {
         &MODEL_DIGITS
     }
+}
+
+/// Runs `f` over all of `tasks` at once; on a value fault, again one task at a time in their
+/// order, so the fault reported is the CPU's: the first task's lowest bad index (a chunk of a
+/// later task may have met its fault first).
+fn in_task_order<T>(
+    tasks: &[RankTask],
+    mut f: impl FnMut(&[RankTask]) -> BResult<T>,
+) -> BResult<T> {
+    let r = f(tasks);
+    if matches!(r, Err(BackendError::Fault(_))) && tasks.len() > 1 {
+        for t in tasks {
+            f(std::slice::from_ref(t))?;
+        }
+    }
+    r
 }
 
 /// The end of every entry point: inputs copied straight from the caller's memory

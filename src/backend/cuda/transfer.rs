@@ -9,6 +9,7 @@ use cudarc::driver::{result, CudaEvent};
 
 use super::device::{self, Arena, DResult, Gpu, Layout, Ptr};
 use super::fill::{self, InputPath, OutputPath};
+use super::model::KeyStore;
 use super::staging::{self, Download, Ring, Scratch};
 use super::{dev, internal, work_share, CudaBackend, MAX_FUSE_TASKS, OUT_SHARE};
 use crate::backend::{BResult, BackendError, DeviceError, Group, GroupStats, Raw};
@@ -45,6 +46,8 @@ pub(super) struct Work {
     /// How inputs and outputs cross the link (`fill.rs`; `STAMERGE_CUDA_INPUTS` / `_OUTPUTS`).
     pub(super) inputs: InputPath,
     pub(super) outputs: OutputPath,
+    /// `selection: model`'s keys between its passes, when they fit (`model.rs`).
+    pub(super) keys: Option<KeyStore>,
 }
 
 /// The inputs of the group named as the next one, copied into `ahead`: whose they are (the
@@ -91,6 +94,7 @@ impl Work {
             out_ready: event()?,
             inputs: fill::paths_from_env().0,
             outputs: fill::paths_from_env().1,
+            keys: None,
         })
     }
 }
