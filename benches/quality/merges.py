@@ -44,6 +44,15 @@ def grid(method):
     return [(d, lam) for d in densities for lam in lambdas]
 
 
+def default_point(method):
+    """The untuned configuration, for the robustness figures: λ = 1 (mergekit's default, and the
+    STA paper's fixed λ) at the operating density 0.1 where the grid has it, else its first
+    density (or threshold). Always a point of the grid."""
+    _, _, densities, lambdas = METHODS[method]
+    density = 0.1 if 0.1 in densities else densities[0]
+    return density, (1.0 if 1.0 in lambdas else lambdas[0])
+
+
 def config_name(method, density, lam):
     d = "" if density is None else f"-{'t' if method in AXIS else 'd'}{density:g}"
     return f"{method}{d}-l{lam:g}"

@@ -81,6 +81,9 @@ def summarise(runs, tasks):
             paired = paired_difference(per_seed, tasks, m)
             if paired:
                 entry["vs_task_arithmetic"] = paired
+        robust = _robustness(per_seed, m, tasks)
+        if robust:
+            entry["robustness"] = robust
         masks = [r["mask_stats"][m] for r in per_seed if m in r.get("mask_stats", {})]
         if m == "task_arithmetic":
             entry["mask"] = {"mean_energy_kept": 1.0, "mean_pairwise_overlap": 1.0, "note": "every entry kept"}
@@ -93,6 +96,37 @@ def summarise(runs, tasks):
     if forget:
         out["forgetting"] = _forgetting(forget, runs)
     return out
+
+
+def _robustness(runs, method, tasks):
+    """How much the choice of λ and density matters: per seed, the 7-task mean test accuracy at
+    every point of the method's validation grid (its min, max and range), and at the untuned
+    default (`merges.default_point`: λ = 1); then the mean over seeds (± the spread of the
+    default). None when the runs hold no test accuracy for the grid."""
+    per_seed = []
+    for r in runs:
+        pts = [g for g in r.get("grid", {}).get(method, []) if "test" in g]
+        if not pts:
+            return None
+        d0, l0 = merges.default_point(method)
+        acc = {(g["density"], g["lambda"]): statistics.fmean(g["test"][t] for t in tasks) for g in pts}
+        if (d0, l0) not in acc:
+            return None
+        per_seed.append((min(acc.values()), max(acc.values()), acc[(d0, l0)], len(acc)))
+    if not per_seed:
+        return None
+    lo, hi, dflt, n = zip(*per_seed)
+    dm, ds = _mean_spread(dflt)
+    d0, l0 = merges.default_point(method)
+    return {
+        "grid_points": max(n),
+        "test_min": round(statistics.fmean(lo), 2),
+        "test_max": round(statistics.fmean(hi), 2),
+        "test_range": round(statistics.fmean(h - l for h, l in zip(hi, lo)), 2),
+        "default": {merges.AXIS.get(method, "density"): d0, "lambda": l0},
+        "at_default": round(dm, 2),
+        "at_default_spread": round(ds, 2),
+    }
 
 
 def _forgetting(rows, runs):
@@ -150,6 +184,21 @@ def markdown(summary, tasks):
         cells = [f"{p['difference']:+.2f}", f"[{p['interval_95'][0]:+.2f}, {p['interval_95'][1]:+.2f}]", p["verdict"]] if p else ["", "", ""]
         cells += [f"{mk['mean_energy_kept']:.3f}", f"{mk['mean_pairwise_overlap']:.3f}"] if mk else ["", ""]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    robust = {m: e["robustness"] for m, e in summary["methods"].items() if "robustness" in e}
+    if robust:
+        lines += [
+            "",
+            "Robustness (test, 7-task mean, mean over seeds): the range over each method's validation grid, the untuned default (λ = 1), and the configuration chosen on validation:",
+            "",
+            "| method | grid points | test min | test max | range | default | at default | chosen (test avg) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for m, rb in robust.items():
+            dflt = ", ".join(f"{k} {v:g}" for k, v in rb["default"].items() if v is not None)
+            lines.append(
+                f"| {m} | {rb['grid_points']} | {rb['test_min']:.1f} | {rb['test_max']:.1f} | {rb['test_range']:.1f} | {dflt} | "
+                f"{rb['at_default']:.1f} ± {rb['at_default_spread']:.1f} | {summary['methods'][m]['avg']:.1f} |"
+            )
     lines += ["", "Normalised (merged ÷ the task's fine-tuned accuracy, %):", ""]
     lines += lines[:2]
     for m, e in summary["methods"].items():
@@ -170,32 +219,56 @@ def plots(runs, summary, work):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # Accuracy vs density: for each density the best λ on validation, averaged over seeds.
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for m in merges.METHODS:
-        pts = {}
+    # Accuracy vs density (and sta_threshold's threshold): for each value the λ best on
+    # validation, its test accuracy where the run has it (else validation), averaged over seeds.
+    def curve(m):
+        pts, split = {}, "test"
         for r in runs:
+            best = {}
             for g in r.get("grid", {}).get(m, []):
                 if g["density"] is None:
                     continue
-                avg = statistics.fmean(g["val"].values())
-                key = (r["seed"], g["density"])
-                pts[key] = max(pts.get(key, 0.0), avg)
-        dens = sorted({d for _, d in pts})
-        if dens:
-            ax.plot(dens, [statistics.fmean(v for (s, d), v in pts.items() if d == x) for x in dens], marker="o", label=m)
-    for m, style in (("task_arithmetic", "--"), ("zero_shot", ":")):
-        if m in summary["methods"]:
-            ax.axhline(summary["methods"][m]["avg"], linestyle=style, color="grey", label=f"{m} (test)")
-    ax.set_xscale("log")
-    _finish(
-        fig,
-        ax,
-        "density (fraction of each task vector kept)",
-        "7-task mean validation accuracy (%), best λ",
-        "MiniLM-7: accuracy vs density",
-        os.path.join(work, "accuracy_vs_density.png"),
-    )
+                v = statistics.fmean(g["val"].values())
+                if g["density"] not in best or v > best[g["density"]][0] + 1e-9:
+                    best[g["density"]] = (v, g)
+            for d, (v, g) in best.items():
+                if "test" in g:
+                    pts[(r["seed"], d)] = statistics.fmean(g["test"].values())
+                else:
+                    pts[(r["seed"], d)], split = v, "val"
+        xs = sorted({d for _, d in pts})
+        return xs, [statistics.fmean(v for (s, d), v in pts.items() if d == x) for x in xs], split
+
+    for axis, xlabel, name in (
+        ("density", "density (fraction of each task vector kept)", "accuracy_vs_density.png"),
+        ("threshold", "threshold on the normalised importance (sta_threshold)", "accuracy_vs_threshold.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        splits = set()
+        for m in merges.METHODS:
+            if merges.AXIS.get(m, "density") != axis:
+                continue
+            xs, ys, split = curve(m)
+            if xs:
+                splits.add(split)
+                ax.plot(xs, ys, marker="o", label=m)
+        if not splits:
+            plt.close(fig)
+            continue
+        for m, style in (("task_arithmetic", "--"), ("zero_shot", ":")):
+            if m in summary["methods"]:
+                ax.axhline(summary["methods"][m]["avg"], linestyle=style, color="grey", label=f"{m} (test)")
+        if axis == "density":
+            ax.set_xscale("log")
+        which = "test" if splits == {"test"} else "validation"
+        _finish(
+            fig,
+            ax,
+            xlabel,
+            f"7-task mean {which} accuracy (%), λ chosen on validation",
+            f"MiniLM-7: accuracy vs {axis}",
+            os.path.join(work, name),
+        )
 
     if "forgetting" in summary:
         fig, ax = plt.subplots(figsize=(5.5, 4.2))

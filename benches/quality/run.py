@@ -54,6 +54,8 @@ class Bench:
         self.forget_tasks = forget_tasks
         # Mask statistics cost one merge per task for each method's chosen configuration.
         self.mask_stats_on = True
+        # The test accuracy of every validation grid point (the robustness figures).
+        self.robustness = True
         self.tok = tokenizer()
         self.tasks = {}
         for task, path in data.prepare(work).items():
@@ -302,8 +304,16 @@ class Bench:
         for method in methods:
             log(f"seed {seed}: {method}: validation grid of {len(merges.grid(method))}")
             density, lam, points = self.select(seed, method)
+            if self.robustness:
+                # Robustness (issue 22): the test accuracy of every grid point, reported as a
+                # spread beside the chosen point; the choice above saw validation only.
+                for d, lm in points:
+                    self.merge_eval(seed, method, d, lm, "test")
             ev = self.evals(seed)
-            grid_val[method] = [{"density": d, "lambda": lm, "val": ev[merges.config_name(method, d, lm)]["val"]} for d, lm in points]
+            grid_val[method] = [
+                {"density": d, "lambda": lm} | {k: ev[merges.config_name(method, d, lm)][k] for k in ("val", "test") if k in ev[merges.config_name(method, d, lm)]}
+                for d, lm in points
+            ]
             keep = method == "sta" and self.forget_scales
             test = self.merge_eval(seed, method, density, lam, "test", keep=keep)
             items = self.test_items(seed, merges.config_name(method, density, lam))
@@ -342,6 +352,7 @@ def main():
     ap.add_argument("--stamerge", default=os.path.join(REPO, "target", "release", "stamerge"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-mask-stats", action="store_true", help="skip the per-method mask statistics (7 merges each)")
+    ap.add_argument("--no-robustness", action="store_true", help="skip the test accuracy of every grid point (one test pass each)")
     ap.add_argument("--report-only", action="store_true", help="report the saved WORK/PROFILE/seedN/run.json files")
     ap.add_argument("--results", help="default: benches/quality/results.json (full), results-quick.json (quick)")
     args = ap.parse_args()
@@ -370,6 +381,7 @@ def main():
         return
     bench = Bench(args.work, args.profile, args.stamerge, seeds, scales, forget_tasks)
     bench.mask_stats_on = not args.no_mask_stats
+    bench.robustness = not args.no_robustness
     runs = [bench.run_seed(seed, methods) for seed in seeds]
     report.write(runs, list(bench.tasks), out_dir, args.results, args.profile)
     log(f"wrote {args.results} and {os.path.join(out_dir, 'results.md')}")

@@ -276,7 +276,7 @@ pub fn plan_model_link<'a>(
         }
         m.key_bytes += (tasks.len() * model::run_bytes(g.n)) as u64;
         let first = ModelBufs::new(&g, &tasks, ModelPass::Sums, &vec![true; tasks.len()]);
-        largest = largest.max(first.bytes);
+        largest = largest.max(kept_pass_bytes(&g, &tasks));
         pass1 += first.input_bytes as u64;
         digit += ModelBufs::new(&g, &tasks, ModelPass::Digit, &vec![false; tasks.len()]).input_bytes
             as u64;
@@ -286,6 +286,14 @@ pub fn plan_model_link<'a>(
     m.kept = pass1 + merge;
     m.recomputed = pass1 + digits as u64 * digit + merge;
     m
+}
+
+/// The working arena a model-wide pass over `g` needs with its keys in the key store: pass 1
+/// (the inputs, chunk sums) or a digit pass (a select state per task), whichever is larger.
+fn kept_pass_bytes(g: &Group, tasks: &[RankTask]) -> usize {
+    let stored = vec![true; tasks.len()];
+    let sums = ModelBufs::new(g, tasks, ModelPass::Sums, &stored).bytes;
+    sums.max(ModelBufs::new(g, tasks, ModelPass::Digit, &stored).bytes)
 }
 
 /// Why `--device cuda` cannot run here, or None when it can (opens device 0 to find out).
@@ -481,8 +489,7 @@ impl Compute for CudaBackend {
         let (mut key_bytes, mut largest) = (0usize, 0usize);
         for (g, tasks) in groups.iter().filter(|(g, _)| g.n > 0) {
             key_bytes += tasks.len() * model::run_bytes(g.n);
-            let stored = vec![true; tasks.len()];
-            largest = largest.max(ModelBufs::new(g, tasks, ModelPass::Sums, &stored).bytes);
+            largest = largest.max(kept_pass_bytes(g, tasks));
         }
         let mut w = dev(self.enter())?;
         let r = guarded(|| self.open_key_store(&mut w, key_bytes, largest));

@@ -115,7 +115,7 @@ impl CudaBackend {
         if w.arena.capacity() > limit {
             w.arena.release();
         }
-        w.arena.set_limit(limit.min(budget));
+        w.arena.set_limit(limit);
         let mut arena = Arena::with_limit(key_bytes);
         if let Err(e) = arena.reserve(&self.gpu, key_bytes) {
             tracing::info!("selection: model: the keys stay off the GPU ({e})");
