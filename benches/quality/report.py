@@ -123,7 +123,8 @@ def _robustness(runs, method, tasks):
         "test_min": round(statistics.fmean(lo), 2),
         "test_max": round(statistics.fmean(hi), 2),
         "test_range": round(statistics.fmean(h - l for h, l in zip(hi, lo)), 2),
-        "default": {merges.AXIS.get(method, "density"): d0, "lambda": l0},
+        # fisher has no λ (nor density): its grid is one point.
+        "default": {} if merges.METHODS[method][0] == "fisher" else {merges.AXIS.get(method, "density"): d0, "lambda": l0},
         "at_default": round(dm, 2),
         "at_default_spread": round(ds, 2),
     }
@@ -194,7 +195,7 @@ def markdown(summary, tasks):
             "|---|---|---|---|---|---|---|---|",
         ]
         for m, rb in robust.items():
-            dflt = ", ".join(f"{k} {v:g}" for k, v in rb["default"].items() if v is not None)
+            dflt = ", ".join(f"{k} {v:g}" for k, v in rb["default"].items() if v is not None) or "—"
             lines.append(
                 f"| {m} | {rb['grid_points']} | {rb['test_min']:.1f} | {rb['test_max']:.1f} | {rb['test_range']:.1f} | {dflt} | "
                 f"{rb['at_default']:.1f} ± {rb['at_default_spread']:.1f} | {summary['methods'][m]['avg']:.1f} |"
