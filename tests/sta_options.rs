@@ -432,16 +432,12 @@ fn option_misuse_is_a_recipe_error_naming_the_fields() {
 }
 
 #[test]
-fn cuda_refuses_each_option_by_name_before_any_work() {
+fn cuda_refuses_each_overlap_rule_by_name_before_any_work() {
     let s = Scenario::new(Dtype::F32, 2, 1, false, 7);
     let models = "models:\n  - model: task_0\n    gradients: grads_0\n  - model: task_1\n    \
                   gradients: grads_1\n";
+    // (`normalize_importance` and `threshold` run on the GPU: tests/gpu/sta_options.rs.)
     for (params, what) in [
-        (
-            "  density: 0.5\n  normalize_importance: max\n",
-            "`normalize_importance: max`",
-        ),
-        ("  threshold: 0.5\n", "`threshold`"),
         (
             "  density: 0.5\n  overlap: exclusive\n",
             "`overlap: exclusive`",

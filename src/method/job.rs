@@ -46,6 +46,30 @@ pub enum MaskJob {
     },
 }
 
+impl MaskJob {
+    /// The key rule of a job that ranks keys by a threshold (top-k or a known threshold): the
+    /// jobs sta's selection options apply to.
+    pub fn ranking_spec(&self) -> Option<KeySpec> {
+        match *self {
+            MaskJob::TopK { spec, .. } | MaskJob::Fixed { spec, .. } => Some(spec),
+            _ => None,
+        }
+    }
+
+    /// The same job with another key rule (only top-k and known-threshold jobs have one here).
+    pub fn with_ranking_spec(&self, spec: KeySpec) -> MaskJob {
+        match *self {
+            MaskJob::TopK { k, .. } => MaskJob::TopK { spec, k },
+            MaskJob::Fixed { key, tie_quota, .. } => MaskJob::Fixed {
+                spec,
+                key,
+                tie_quota,
+            },
+            other => other,
+        }
+    }
+}
+
 /// How a tensor splits into the rows DELLA ranks within (mergekit ranks along dimension 1 of
 /// the tensor, a 1-D tensor being one row): shape `[a, len, rest…]` has `a · stride` rows of
 /// `len` entries, entry j of row (i, r) at flat index `(i · len + j) · stride + r`.

@@ -38,20 +38,10 @@ pub fn cuda_lacks(jobs: &[MaskJob], f: &FuseSpec) -> Option<String> {
         .or_else(|| sta_lacks(f))
 }
 
-/// sta's selection options, which the CUDA kernels lack, by the recipe field that sets them.
+/// sta's selection options that the CUDA kernels lack, by the recipe field that sets them
+/// (`normalize_importance` and `threshold` run on the GPU: cuda/sta.rs).
 fn sta_lacks(f: &FuseSpec) -> Option<String> {
-    use super::{Norm, Overlap};
-    if let Some(n) = f.sta.norm.iter().find(|&&n| n != Norm::None) {
-        let word = match n {
-            Norm::Mean => "mean",
-            Norm::Max => "max",
-            _ => "sum",
-        };
-        return Some(format!("sta's `normalize_importance: {word}`"));
-    }
-    if f.sta.threshold.iter().any(Option::is_some) {
-        return Some("sta's `threshold`".into());
-    }
+    use super::Overlap;
     match f.sta.overlap {
         Overlap::Sum => None,
         Overlap::Exclusive => Some("sta's `overlap: exclusive`".into()),

@@ -37,6 +37,7 @@ mod methods;
 mod model_selection;
 mod recipes;
 mod shapes;
+mod sta_options;
 mod streaming;
 
 use std::sync::OnceLock;

@@ -13,26 +13,6 @@ use super::{scores, CpuBackend, SCRATCH};
 use crate::backend::{BResult, BackendError, Compute, FuseSpec, Group, MaskJob, TaskStats};
 use crate::method::{KeySpec, Norm, Overlap};
 
-/// The key spec of a job that ranks keys (the jobs the options apply to).
-fn spec_of(job: &MaskJob) -> Option<KeySpec> {
-    match *job {
-        MaskJob::TopK { spec, .. } | MaskJob::Fixed { spec, .. } => Some(spec),
-        _ => None,
-    }
-}
-
-fn with_spec(job: &MaskJob, spec: KeySpec) -> MaskJob {
-    match *job {
-        MaskJob::TopK { k, .. } => MaskJob::TopK { spec, k },
-        MaskJob::Fixed { key, tie_quota, .. } => MaskJob::Fixed {
-            spec,
-            key,
-            tie_quota,
-        },
-        other => other,
-    }
-}
-
 /// The jobs with each normalised task's divisor in its key spec (None: no task normalises).
 pub(super) fn normalized(
     cpu: &CpuBackend,
@@ -46,7 +26,7 @@ pub(super) fn normalized(
     let mut out = jobs.to_vec();
     for (t, job) in jobs.iter().enumerate() {
         let norm = f.sta.norm.get(t).copied().unwrap_or_default();
-        let Some(spec) = spec_of(job).filter(|_| norm != Norm::None) else {
+        let Some(spec) = job.ranking_spec().filter(|_| norm != Norm::None) else {
             continue;
         };
         let raw = KeySpec { mean: None, ..spec };
@@ -56,13 +36,10 @@ pub(super) fn normalized(
             Norm::Sum => cpu.score_sum(g, t, &raw)? as f32,
             Norm::Max => score_max(g, t, &raw)?,
         };
-        out[t] = with_spec(
-            job,
-            KeySpec {
-                mean: Some(c),
-                ..spec
-            },
-        );
+        out[t] = job.with_ranking_spec(KeySpec {
+            mean: Some(c),
+            ..spec
+        });
     }
     Ok(Some(out))
 }
@@ -99,7 +76,7 @@ pub(super) fn overlap(
     let n = g.n;
     let words = n.div_ceil(64);
     let part: Vec<usize> = (0..jobs.len())
-        .filter(|&t| spec_of(&jobs[t]).is_some() && !f.forget[t])
+        .filter(|&t| jobs[t].ranking_spec().is_some() && !f.forget[t])
         .collect();
     if f.sta.overlap == Overlap::Sum || part.is_empty() {
         return;
@@ -170,7 +147,7 @@ fn exclusive(
     let s: Vec<Vec<f32>> = part
         .iter()
         .map(|&t| {
-            let spec = spec_of(&jobs[t]).expect("taking part");
+            let spec = jobs[t].ranking_spec().expect("taking part");
             SCRATCH.with_borrow_mut(|sc| {
                 let _ = scores(g, t, &spec, off, len, sc);
                 sc.s.clone()

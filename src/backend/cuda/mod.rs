@@ -8,6 +8,7 @@
 //!   `merge_group`, and the statistics the CPU would report;
 //! - `model.rs`: the model-wide passes (score sum, one digit's histogram);
 //! - `chunked.rs`: a group larger than the memory budget, in chunks with the same bits;
+//! - `sta.rs`: sta's `normalize_importance` divisors, from the model-wide passes;
 //! - `transfer.rs`: how bytes move (docs/STREAMING.md): pinned rings, the next group staged
 //!   while this one computes, the output copied back while the next call computes;
 //! - `layout.rs`: where each buffer lives in the device arena;
@@ -24,6 +25,7 @@ pub mod fill;
 mod group;
 mod layout;
 mod model;
+mod sta;
 mod staging;
 mod transfer;
 
@@ -385,6 +387,8 @@ impl Compute for CudaBackend {
         if !takes(g) {
             return self.cpu.merge_group(g, jobs, f, out);
         }
+        let normalized = self.sta_normalized(g, jobs, f)?;
+        let jobs = normalized.as_deref().unwrap_or(jobs);
         let l1 = l1_scaled(g, jobs, f)?;
         let f = l1.as_ref().unwrap_or(f);
         let mut w = dev(self.enter())?;
@@ -571,6 +575,13 @@ impl Backend for CudaBackend {
         next: Option<&Group>,
     ) -> BResult<(GroupStats, Vec<Vec<u8>>)> {
         lacks(jobs, f)?;
+        // sta's divisors first: their passes take the backend's lock themselves.
+        let normalized = if takes(g) {
+            self.sta_normalized(g, jobs, f)?
+        } else {
+            None
+        };
+        let jobs = normalized.as_deref().unwrap_or(jobs);
         let l1 = if takes(g) {
             l1_scaled(g, jobs, f)?
         } else {

@@ -1,0 +1,97 @@
+//! sta's `normalize_importance` and `threshold` on the GPU (docs/SEMANTICS.md, "sta's selection
+//! options"; src/backend/cuda/sta.rs): whole merges against the CPU's, byte for byte, in one
+//! piece and in chunks.
+
+use stamerge::dtype::FloatType;
+use stamerge::Device;
+
+use crate::common::file_names;
+use crate::gpu;
+
+/// A budget that splits the synthetic embedding (64 000 elements, 3 tasks) into chunks.
+const CHUNKED: u64 = 1 << 20;
+
+#[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
+fn normalisation_and_thresholds_match_cpu() {
+    let _ = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = stamerge::synth::SynthSpec {
+        layers: 2,
+        hidden: 64,
+        intermediate: 176,
+        vocab: 1000,
+        tasks: 3,
+        dtype: FloatType::BF16,
+        grad_dtype: FloatType::F32,
+        shard_bytes: 200_000,
+        seed: 11,
+    };
+    stamerge::synth::generate(&spec, dir.path()).unwrap();
+    let models = "models:\n  - model: task_0\n    gradients: grads_0\n  - model: task_1\n    \
+                  gradients: grads_1\n  - model: task_2\n    gradients: grads_2\n";
+    // Each normalisation with a top-k; thresholds on mean- and max-normalised importance (a
+    // mean-normalised threshold of 1 keeps about the entries above the tensor's mean; ŝ ≤ 1
+    // under max); and per-model settings, one task left raw.
+    let cases = [
+        "  density: 0.3\n  normalize_importance: mean\n",
+        "  density: 0.3\n  normalize_importance: sum\n",
+        "  density: 0.2\n  normalize_importance: max\n  importance: task_vector\n",
+        "  threshold: 1.0\n  normalize_importance: mean\n",
+        "  threshold: 0.25\n  normalize_importance: max\n",
+    ];
+    let per_model = "merge_method: sta\nbase_model: base\nmodels:\n  - model: task_0\n    \
+                     gradients: grads_0\n    parameters:\n      density: 0.3\n      \
+                     normalize_importance: max\n  - model: task_1\n    gradients: grads_1\n    \
+                     parameters:\n      threshold: 2.0\n      normalize_importance: mean\n  - \
+                     model: task_2\n    gradients: grads_2\n    parameters:\n      density: 0.3\n";
+    let texts: Vec<String> = cases
+        .iter()
+        .map(|p| format!("merge_method: sta\nbase_model: base\nparameters:\n{p}{models}"))
+        .chain([per_model.to_string()])
+        .collect();
+    for (i, text) in texts.iter().enumerate() {
+        let path = dir.path().join(format!("opt{i}.yml"));
+        std::fs::write(&path, text).unwrap();
+        let recipe = stamerge::Recipe::from_file(&path).unwrap();
+        let plan = stamerge::plan(&recipe, None, &Default::default()).unwrap();
+        assert_eq!(stamerge::cuda_lacks(&plan), None, "{text}");
+        let mut outs = Vec::new();
+        for (device, max_memory) in [
+            (Device::Cpu, None),
+            (Device::Cuda, None),
+            (Device::Cuda, Some(CHUNKED)),
+        ] {
+            let opts = stamerge::Options {
+                device,
+                out_shard_size: 300_000,
+                overwrite: true,
+                max_memory,
+                ..Default::default()
+            };
+            // One folder name for every run: the model card is titled with it.
+            let out = dir
+                .path()
+                .join(format!("{i}-{device:?}-{}", max_memory.unwrap_or(0)))
+                .join("out");
+            let rep = stamerge::merge(&recipe, &out, &opts)
+                .unwrap_or_else(|e| panic!("{text} on {device:?}: {e}"));
+            let rows = serde_json::to_value(&rep.tensors).unwrap();
+            outs.push((out, rows));
+        }
+        let (a, rows_a) = &outs[0];
+        for (b, rows_b) in &outs[1..] {
+            assert_eq!(file_names(a), file_names(b), "{text}");
+            for f in file_names(a) {
+                if f != stamerge::REPORT_NAME {
+                    assert!(
+                        std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(),
+                        "{text}: {f} differs between cpu and {}",
+                        b.display()
+                    );
+                }
+            }
+            assert_eq!(rows_a, rows_b, "{text}: report rows");
+        }
+    }
+}
