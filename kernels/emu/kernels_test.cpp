@@ -4,6 +4,7 @@
 #include "score.cu"
 #include "select.cu"
 #include "fuse.cu"
+#include "overlap.cu"
 #include <algorithm>
 #include <map>
 #include <memory>
@@ -525,6 +526,56 @@ static void test_dare() {
     std::printf("dare_mask: ok\n");
 }
 
+// sta's overlap rules against the rule written out per entry (docs/SEMANTICS.md): consensus
+// keeps an entry where at least k parts have it; exclusive gives it to the part with the largest
+// key among those that have it, the lowest part among equal keys. Keys on a coarse grid (ties).
+static void test_overlap() {
+    for (size_t n : {1ul, 31ul, 32ul, 33ul, 1000ul, 4099ul}) for (int parts = 1; parts <= 5; ++parts) {
+        const size_t words = (n + 31) / 32;
+        std::vector<std::vector<uint32_t>> m(parts, std::vector<uint32_t>(words + 1, 0xcdcdcdcd));
+        std::vector<std::vector<uint32_t>> keys(parts, std::vector<uint32_t>(n));
+        std::vector<std::vector<char>> has(parts, std::vector<char>(n));
+        for (int p = 0; p < parts; ++p) {
+            for (size_t i = 0; i < n; ++i) { has[p][i] = rng() % 3 != 0; keys[p][i] = (uint32_t)(rng() % 7) << 20; }
+            auto w = mask_words_of(has[p]);
+            std::copy(w.begin(), w.begin() + words, m[p].begin());
+            // garbage beyond n in the last word, which the kernels must clear
+            if (n % 32) m[p][words - 1] |= ~((1u << (n % 32)) - 1u);
+        }
+        auto run = [&](auto&& launch_it, const std::vector<std::vector<char>>& want, const char* what) {
+            auto mm = m;
+            std::vector<u32*> tab(parts);
+            for (int p = 0; p < parts; ++p) tab[p] = mm[p].data();
+            launch_it(tab.data());
+            for (int p = 0; p < parts; ++p) {
+                auto ref = mask_words_of(want[p]);
+                CHECK(std::equal(ref.begin(), ref.begin() + words, mm[p].begin()), "%s n %zu parts %d part %d", what, n, parts, p);
+                CHECK(mm[p][words] == 0xcdcdcdcd, "%s overrun", what);
+            }
+        };
+        for (int k = 1; k <= parts + 1; ++k) {
+            std::vector<std::vector<char>> want = has;
+            for (size_t i = 0; i < n; ++i) {
+                int c = 0;
+                for (int p = 0; p < parts; ++p) c += has[p][i];
+                for (int p = 0; p < parts; ++p) want[p][i] = has[p][i] && c >= k;
+            }
+            run([&](u32* const* tab) { launch(grid_for(words, 64, 3), 64, masks_consensus, tab, parts, n, (u32)k); }, want, "consensus");
+        }
+        std::vector<std::vector<char>> want(parts, std::vector<char>(n, 0));
+        for (size_t i = 0; i < n; ++i) {
+            int best = -1;
+            for (int p = 0; p < parts; ++p)
+                if (has[p][i] && (best < 0 || keys[p][i] > keys[best][i])) best = p;
+            if (best >= 0) want[best][i] = 1;
+        }
+        std::vector<const u32*> ktab(parts);
+        for (int p = 0; p < parts; ++p) ktab[p] = keys[p].data();
+        run([&](u32* const* tab) { launch(grid_for(words, 64, 3), 64, masks_exclusive, tab, (const u32* const*)ktab.data(), parts, n); }, want, "exclusive");
+    }
+    std::printf("overlap: ok\n");
+}
+
 // An output's stored bits; every NaN is the canonical one (docs/SEMANTICS.md, "Output dtype").
 static uint32_t ref_out_bits(float o, int dt) {
     if (std::isnan(o)) return dt == DT_F32 ? 0x7FC00000u : dt == DT_F16 ? 0x7E00u : 0x7FC0u;
@@ -692,6 +743,7 @@ int main(int argc, char** argv) {
     if (want("tensor")) test_tensor_select();
     if (want("model")) test_model_select();
     if (want("chunked")) test_chunked_select();
+    if (want("overlap")) test_overlap();
     // The plain closing line CI reads: checks made, checks that failed.
     std::printf("kernels: %ld passed, %d failed\n", checks - failures, failures);
     return failures != 0;

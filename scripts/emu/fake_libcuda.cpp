@@ -39,6 +39,7 @@
 #include "score.cu"
 #include "select.cu"
 #include "fuse.cu"
+#include "overlap.cu"
 
 #include "fake_device.h"
 
@@ -91,6 +92,7 @@ const std::map<std::string, Function>& kernels() {
         KERNEL(fuse_linear),       KERNEL(fuse_ties),
         KERNEL(fuse_linear_f32),   KERNEL(fuse_linear_f16), KERNEL(fuse_linear_bf16),
         KERNEL(fuse_ties_f32),     KERNEL(fuse_ties_f16),   KERNEL(fuse_ties_bf16),
+        KERNEL(masks_consensus),   KERNEL(masks_exclusive),
     };
     return k;
 }
