@@ -9,3 +9,7 @@ set -euo pipefail
 source "$(dirname "$0")/session-env.sh"
 methods=dare_ties,della,breadcrumbs,sce,ram,linear,slerp,nuslerp,multislerp,karcher,model_stock,nearswap,arcee_fusion
 p methods17 25m bfloat16 3 "$methods" stamerge,mergekit-fp32 2 3 nocompare
+# slerp, nearswap and arcee_fusion take the base and one model, nuslerp two (both tools refuse
+# more; the first case above recorded those refusals): the same set, fewer models.
+p methods17 25m bfloat16 1 slerp,nearswap,arcee_fusion stamerge,mergekit-fp32 2 3 nocompare
+p methods17 25m bfloat16 2 nuslerp stamerge,mergekit-fp32 2 3 nocompare
