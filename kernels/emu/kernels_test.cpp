@@ -5,6 +5,7 @@
 #include "select.cu"
 #include "fuse.cu"
 #include "overlap.cu"
+#include "fisher.cu"
 #include <algorithm>
 #include <map>
 #include <memory>
@@ -582,6 +583,45 @@ static uint32_t ref_out_bits(float o, int dt) {
     return dt == DT_F32 ? f_bits(o) : dt == DT_F16 ? ref_f32_to_f16(o) : ref_f32_to_bf16(o);
 }
 
+// fisher's fuse against the formula written out (docs/SEMANTICS.md, "fisher"), every dtype, a
+// task without a statistic, zero statistics (den = 1e-6·Σc), and planted NaN/Inf inputs.
+static void test_fisher() {
+    for (int dt : {DT_F32, DT_F16, DT_BF16}) for (size_t n : {1ul, 33ul, 1000ul}) for (int nt = 1; nt <= 3; ++nt) {
+        std::vector<Tensor> th, gr;
+        std::vector<FisherTask> tab(nt);
+        std::normal_distribution<float> nd(0.0f, 1.0f);
+        for (int t = 0; t < nt; ++t) {
+            th.emplace_back(dt, n); gr.emplace_back(DT_F32, n);
+            for (size_t i = 0; i < n; ++i) { th[t].set(i, nd(rng)); gr[t].set(i, (t == 1 && i % 5 == 0) ? 0.0f : std::fabs(nd(rng)) * 1e-3f); }
+        }
+        for (int t = 0; t < nt; ++t) tab[t] = FisherTask{th[t].buf.ptr(), t == 2 ? nullptr : gr[t].buf.ptr(), 0.5f + t, dt, DT_F32, 0};
+        for (int planted = 0; planted < 2; ++planted) {
+            size_t at = n / 2;
+            if (planted) { th[nt - 1].set(at, NAN); if (nt > 1) gr[0].set(at, INFINITY); }
+            for (int t = 0; t < nt; ++t) tab[t].theta = th[t].buf.ptr();
+            Tensor out(dt, n);
+            u64 bad = ~0ULL;
+            launch(grid_for(n, 128, 3), 128, fuse_fisher, (const FisherTask*)tab.data(), nt, n, out.buf.ptr(), dt, &bad);
+            u64 want_bad = ~0ULL;
+            for (size_t i = 0; i < n; ++i) {
+                float num = 0.0f, den = 0.0f;
+                for (int t = 0; t < nt; ++t) {
+                    float x = th[t].v[i], f = t == 2 ? 0.0f : gr[t].v[i];
+                    auto word = [&](int slot, float v) { return ((u64)i << 8) | ((u64)slot << 1) | (std::isnan(v) ? 1u : 0u); };
+                    if (!std::isfinite(x)) want_bad = std::min(want_bad, word(2 * t, x));
+                    if (!std::isfinite(f)) want_bad = std::min(want_bad, word(2 * t + 1, f));
+                    float p = tab[t].c * (f + 1e-6f);
+                    num = num + p * x;
+                    den = den + p;
+                }
+                if (want_bad == ~0ULL) CHECK((dt == DT_F32 ? f_bits(out.get_out(i)) : (uint32_t)out.raw16(i)) == ref_out_bits(num / den, dt), "fisher dt %d n %zu nt %d i %zu", dt, n, nt, i);
+            }
+            CHECK(bad == want_bad, "fisher bad word %llx vs %llx (dt %d n %zu nt %d)", (unsigned long long)bad, (unsigned long long)want_bad, dt, n, nt);
+        }
+    }
+    std::printf("fuse_fisher: ok\n");
+}
+
 // NaN from finite inputs: task vectors of +-3e38 weighted by 2 overflow to +-Inf and cancel.
 static void test_fuse_nan() {
     const size_t n = 37;
@@ -744,6 +784,7 @@ int main(int argc, char** argv) {
     if (want("model")) test_model_select();
     if (want("chunked")) test_chunked_select();
     if (want("overlap")) test_overlap();
+    if (want("fisher")) test_fisher();
     // The plain closing line CI reads: checks made, checks that failed.
     std::printf("kernels: %ld passed, %d failed\n", checks - failures, failures);
     return failures != 0;

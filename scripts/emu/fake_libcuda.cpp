@@ -40,6 +40,7 @@
 #include "select.cu"
 #include "fuse.cu"
 #include "overlap.cu"
+#include "fisher.cu"
 
 #include "fake_device.h"
 
@@ -92,7 +93,7 @@ const std::map<std::string, Function>& kernels() {
         KERNEL(fuse_linear),       KERNEL(fuse_ties),
         KERNEL(fuse_linear_f32),   KERNEL(fuse_linear_f16), KERNEL(fuse_linear_bf16),
         KERNEL(fuse_ties_f32),     KERNEL(fuse_ties_f16),   KERNEL(fuse_ties_bf16),
-        KERNEL(masks_consensus),   KERNEL(masks_exclusive),
+        KERNEL(masks_consensus),   KERNEL(masks_exclusive), KERNEL(fuse_fisher),
     };
     return k;
 }

@@ -335,9 +335,8 @@ impl MethodKind {
                 | Self::Sce
                 | Self::Ram
                 | Self::RamplusTl
-                | Self::Fisher
         );
-        (self.uses_task_vectors() && !sparse) || self == Self::Passthrough
+        (self.uses_task_vectors() && !sparse) || matches!(self, Self::Passthrough | Self::Fisher)
     }
 
     /// Whether each model needs a gradient statistic (`gradients:`): sta ranks by it, fisher

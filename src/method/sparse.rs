@@ -12,9 +12,8 @@ pub fn cuda_lacks(jobs: &[MaskJob], f: &FuseSpec) -> Option<String> {
     let rule = match f.rule {
         FuseRule::Sce => Some("sce's fuse"),
         FuseRule::Ram | FuseRule::RamPlus => Some("ram's fuse"),
-        FuseRule::Fisher => Some("fisher's fuse"),
         // run.rs refuses the interpolating methods by name before it asks.
-        FuseRule::Linear | FuseRule::Ties | FuseRule::Interp => None,
+        FuseRule::Linear | FuseRule::Ties | FuseRule::Fisher | FuseRule::Interp => None,
     };
     let job = jobs.iter().find_map(|j| match j {
         MaskJob::Band { .. } => Some("breadcrumbs' band of ranks"),

@@ -31,7 +31,7 @@ pub(super) struct ModelSelection {
 
 /// fisher with `normalize_fisher_weight`: one pass over the statistics for each model's Fisher
 /// norm over the whole model, then each model's scale (`backend::cpu::fisher::norm_scales`).
-/// On the host: `--device cuda` refuses fisher before any work.
+/// On the host for both backends (the CUDA backend's fisher fuse takes the scales from here).
 pub(super) fn fisher_scales(
     plan: &Plan,
     progress: &mut Progress,

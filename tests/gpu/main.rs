@@ -30,6 +30,7 @@ mod compare;
 mod device;
 mod end_to_end;
 mod faults;
+mod fisher;
 mod host;
 mod huge;
 mod inputs;

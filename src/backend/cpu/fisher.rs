@@ -3,9 +3,9 @@
 //! that finds each model's Fisher norm over the whole model (`normalize_fisher_weight`).
 //! cpu/mod.rs dispatches here; the loaders and the fixed-order sum are its own.
 //!
-//! What a GPU port must reproduce: per element, in task order from +0.0, `p = c_t * (F + 1e-6)`,
-//! `num += p * θ`, `den += p`, then `num / den`, each one fp32 rounding; the norm pass is `dsum`'s
-//! tree over fp32 squares.
+//! Its CUDA twin, `cuda/fisher.rs` with `kernels/fisher.cu`, reproduces per element, in task
+//! order from +0.0, `p = c_t * (F + 1e-6)`, `num += p * θ`, `den += p`, then `num / den`, each
+//! one fp32 rounding; the norm pass (`dsum`'s tree over fp32 squares) runs on the host for both.
 
 use rayon::prelude::*;
 

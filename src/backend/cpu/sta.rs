@@ -3,9 +3,10 @@
 //! are made, and the cross-task rule (`overlap`) applied to the finished masks before the fuse.
 //! cpu.rs dispatches here; the score pass, the fixed-order sum and the mask words are its own.
 //!
-//! What a GPU port must reproduce: the divisor is f32 of `dsum`'s f64 sum (mean: that sum / n in
-//! f64 first), or the exact max; ŝ = s / c in fp32 (0 for c ≤ 0), the same division the
-//! model-wide selection makes; the overlap rules compare ŝ exactly and count exactly.
+//! What the CUDA twin (`cuda/sta.rs`) reproduces: the divisor is f32 of `dsum`'s f64 sum (mean:
+//! that sum / n in f64 first), or the exact max; ŝ = s / c in fp32 (0 for c ≤ 0), the same
+//! division the model-wide selection makes. The overlap rules (not yet on the GPU) compare ŝ
+//! exactly and count exactly.
 
 use rayon::prelude::*;
 

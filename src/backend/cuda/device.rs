@@ -57,6 +57,7 @@ mod per_sm {
     pub const FUSE_TIES: u32 = 3;
     /// The typed fuse kernels are held to 80 registers (`__launch_bounds__(256, 3)`).
     pub const FUSE_TYPED: u32 = 3;
+    pub const FISHER: u32 = 4;
 }
 
 /// "CUDA_ERROR_NO_DEVICE (no CUDA-capable device is detected)".
@@ -100,6 +101,7 @@ pub struct Kernels {
     /// The typed fuse kernels (loads in flight), by dtype code: f32, f16, bf16.
     fuse_linear_typed: [CudaFunction; 3],
     fuse_ties_typed: [CudaFunction; 3],
+    fuse_fisher: CudaFunction,
 }
 
 /// An opened GPU: context, the stream every launch of this backend goes to, the copy stream that
@@ -270,6 +272,7 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> DResult<Kernels> {
             get("fuse", "fuse_ties_f16")?,
             get("fuse", "fuse_ties_bf16")?,
         ],
+        fuse_fisher: get("fisher", "fuse_fisher")?,
     })
 }
 
@@ -346,6 +349,22 @@ pub struct FuseArgs {
     /// anything else.)
     pub uniform: bool,
 }
+
+/// Per-task entry of `fuse_fisher`'s task table (kernels/fisher.cu; 32 bytes, `#[repr(C)]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FisherTask {
+    pub theta: u64,
+    /// 0: no statistic (F = 0).
+    pub grad: u64,
+    /// weight · the model's norm scale.
+    pub c: f32,
+    pub theta_dtype: i32,
+    pub grad_dtype: i32,
+    pub pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<FisherTask>() == 32);
 
 /// Per-task entry of the fuse kernels' task table (docs/KERNELS.md; 40 bytes, `#[repr(C)]`).
 #[repr(C)]
@@ -532,6 +551,21 @@ impl Gpu {
     ) -> DResult<()> {
         let grid = self.grid(n, per_sm::MASK);
         launch!(self, dare_mask, grid, BLOCK; n, stream, threshold, mask, kept)
+    }
+
+    /// `fuse_fisher`: fisher's weighted average of `nt` tasks (a table of [`FisherTask`]) into
+    /// `out`, the lowest bad input into `bad`.
+    pub unsafe fn fuse_fisher(
+        &self,
+        tasks: Ptr,
+        nt: i32,
+        n: u64,
+        out: Ptr,
+        out_dtype: i32,
+        bad: Ptr,
+    ) -> DResult<()> {
+        let grid = self.grid(n, per_sm::FISHER);
+        launch!(self, fuse_fisher, grid, BLOCK; tasks, nt, n, out, out_dtype, bad)
     }
 
     /// `fuse_linear` or `fuse_ties`. `num_tasks` must be in 1..=64 (the kernel traps otherwise,

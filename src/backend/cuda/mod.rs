@@ -9,6 +9,7 @@
 //! - `model.rs`: the model-wide passes (score sum, one digit's histogram);
 //! - `chunked.rs`: a group larger than the memory budget, in chunks with the same bits;
 //! - `sta.rs`: sta's `normalize_importance` divisors, from the model-wide passes;
+//! - `fisher.rs`: fisher's fuse (`kernels/fisher.cu`), in chunks;
 //! - `transfer.rs`: how bytes move (docs/STREAMING.md): pinned rings, the next group staged
 //!   while this one computes, the output copied back while the next call computes;
 //! - `layout.rs`: where each buffer lives in the device arena;
@@ -22,6 +23,7 @@ mod chunked;
 mod device;
 mod faults;
 pub mod fill;
+mod fisher;
 mod group;
 mod layout;
 mod model;
@@ -46,6 +48,7 @@ use super::{
     BResult, Backend, BackendError, Compute, DeviceError, DigitPass, FuseSpec, Group, GroupStats,
     KeySpec, KeysHome, MaskJob, RankTask,
 };
+use crate::method::FuseRule;
 use crate::select::DIGITS_11;
 
 /// The message of a build without kernels.
@@ -387,6 +390,14 @@ impl Compute for CudaBackend {
         if !takes(g) {
             return self.cpu.merge_group(g, jobs, f, out);
         }
+        if f.rule == FuseRule::Fisher {
+            let mut w = dev(self.enter())?;
+            let r = guarded(|| {
+                self.finish_pending(&mut w)?;
+                retry_smaller(|| self.fisher_group(&mut w, g, f, out))
+            });
+            return leave(&mut w, r);
+        }
         let normalized = self.sta_normalized(g, jobs, f)?;
         let jobs = normalized.as_deref().unwrap_or(jobs);
         let l1 = l1_scaled(g, jobs, f)?;
@@ -594,6 +605,11 @@ impl Backend for CudaBackend {
             let stats = if !takes(g) {
                 self.merge_now(&mut w, &mut slot, |_, out| {
                     self.cpu.merge_group(g, jobs, f, out)
+                })?
+            } else if f.rule == FuseRule::Fisher {
+                // Output at once, in chunks: fisher's fuse is its own short sequence.
+                self.merge_now(&mut w, &mut slot, |w, out| {
+                    retry_smaller(|| self.fisher_group(w, g, f, out))
                 })?
             } else {
                 retry_smaller(|| {
