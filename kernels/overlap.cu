@@ -9,15 +9,12 @@
 //   the parts that have it, the lowest part among equal keys (keys order the normalised scores ŝ
 //   exactly, so this is the CPU's `s[p] > s[best]` on floats). One thread per mask word; bytes
 //   per element: P/8 read and written, 4·P of keys read (only where some part has the lane).
-// Both clear the lanes at and beyond n in the last word, as the CPU's words hold zeros there.
+// Both clear the lanes at and beyond n in the last word, as the CPU's words hold zeros there,
+// and add each part's kept count before the rule to kept_before[p] (the selection's own
+// statistics are checked against it; the fuse counts the kept entries after it).
 // The parts' masks (and keys) arrive as tables of device pointers, in task order.
 //
-// NOT LAUNCHED YET: the kernels are checked against the rule in the kernel emulation
-// (kernels/emu: `overlap`), but the host does not call them, and `--device cuda` still refuses
-// the overlap rules by name. What the host side needs is in docs/KERNELS.md ("Not yet on the
-// GPU"): a mask for a taking-part task that keeps everything, every part's keys at once for
-// `exclusive`, and statistics that count the kept entries before and after the rule (the
-// chunked path's checks compare them with k).
+// The host side: src/backend/cuda/group.rs (step 3b).
 
 #include "common.cuh"
 
@@ -28,7 +25,8 @@ __device__ __forceinline__ u32 valid_lanes(size_t w, size_t n) {
 }
 
 // Grid: any (grid-stride over the ceil(n / 32) words), block: any.
-extern "C" __global__ void masks_consensus(u32* const* masks, int parts, size_t n, u32 k) {
+extern "C" __global__ void masks_consensus(u32* const* masks, int parts, size_t n, u32 k,
+                                           u64* kept_before) {
     const size_t words = (n + 31) / 32;
     const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
     for (size_t w = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < words;
@@ -39,8 +37,13 @@ extern "C" __global__ void masks_consensus(u32* const* masks, int parts, size_t 
             for (int p = 0; p < parts; ++p) count += (masks[p][w] >> lane) & 1u;
             keep |= static_cast<u32>(count >= k) << lane;
         }
-        keep &= valid_lanes(w, n);
-        for (int p = 0; p < parts; ++p) masks[p][w] &= keep;
+        const u32 valid = valid_lanes(w, n);
+        keep &= valid;
+        for (int p = 0; p < parts; ++p) {
+            const u32 before = masks[p][w] & valid;
+            if (before != 0) atomicAdd(&kept_before[p], static_cast<u64>(__popc(before)));
+            masks[p][w] = before & keep;
+        }
     }
 }
 
@@ -50,7 +53,7 @@ extern "C" __global__ void masks_consensus(u32* const* masks, int parts, size_t 
 // which keeps its bit, so "some part with the bit beats p" reads the same on the rewritten words.
 // O(P² · 32) per word, with no per-lane array (which would live in local memory).
 extern "C" __global__ void masks_exclusive(u32* const* masks, const u32* const* keys, int parts,
-                                           size_t n) {
+                                           size_t n, u64* kept_before) {
     const size_t words = (n + 31) / 32;
     const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
     for (size_t w = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < words;
@@ -58,6 +61,7 @@ extern "C" __global__ void masks_exclusive(u32* const* masks, const u32* const* 
         const u32 valid = valid_lanes(w, n);
         for (int p = 0; p < parts; ++p) {
             const u32 mine = masks[p][w] & valid;
+            if (mine != 0) atomicAdd(&kept_before[p], static_cast<u64>(__popc(mine)));
             u32 word = 0;
             for (int lane = 0; lane < 32; ++lane) {
                 if (((mine >> lane) & 1u) == 0) continue;

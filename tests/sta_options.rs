@@ -431,34 +431,24 @@ fn option_misuse_is_a_recipe_error_naming_the_fields() {
     .is_ok());
 }
 
+/// Every option runs on the GPU too (tests/gpu/sta_options.rs compares the bytes there): the
+/// plan asks nothing the CUDA kernels lack.
 #[test]
-fn cuda_refuses_each_overlap_rule_by_name_before_any_work() {
+fn no_option_is_refused_on_cuda() {
     let s = Scenario::new(Dtype::F32, 2, 1, false, 7);
     let models = "models:\n  - model: task_0\n    gradients: grads_0\n  - model: task_1\n    \
                   gradients: grads_1\n";
-    // (`normalize_importance` and `threshold` run on the GPU: tests/gpu/sta_options.rs.)
-    for (params, what) in [
-        (
-            "  density: 0.5\n  overlap: exclusive\n",
-            "`overlap: exclusive`",
-        ),
-        (
-            "  density: 0.5\n  overlap: consensus\n",
-            "`overlap: consensus`",
-        ),
+    for params in [
+        "  density: 0.5\n  normalize_importance: max\n",
+        "  threshold: 0.5\n",
+        "  density: 0.5\n  overlap: exclusive\n",
+        "  density: 0.5\n  overlap: consensus\n",
     ] {
         let text = format!("merge_method: sta\nbase_model: base\nparameters:\n{params}{models}");
         std::fs::write(s.path("r.yml"), &text).unwrap();
         let recipe = stamerge::Recipe::from_file(&s.path("r.yml")).unwrap();
-        let opts = stamerge::Options {
-            device: stamerge::Device::Cuda,
-            ..Default::default()
-        };
-        let e = stamerge::merge(&recipe, &s.path("out"), &opts)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(what) && e.contains("no CUDA kernels"), "{e}");
-        assert!(!s.path("out").exists());
+        let plan = stamerge::plan(&recipe, None, &Default::default()).unwrap();
+        assert_eq!(stamerge::cuda_lacks(&plan), None, "{text}");
     }
 }
 

@@ -547,8 +547,11 @@ static void test_overlap() {
             auto mm = m;
             std::vector<u32*> tab(parts);
             for (int p = 0; p < parts; ++p) tab[p] = mm[p].data();
-            launch_it(tab.data());
+            std::vector<u64> before(parts, 0);
+            launch_it(tab.data(), before.data());
             for (int p = 0; p < parts; ++p) {
+                size_t had = std::count(has[p].begin(), has[p].end(), 1);
+                CHECK(before[p] == had, "%s kept before: %llu vs %zu", what, (unsigned long long)before[p], had);
                 auto ref = mask_words_of(want[p]);
                 CHECK(std::equal(ref.begin(), ref.begin() + words, mm[p].begin()), "%s n %zu parts %d part %d", what, n, parts, p);
                 CHECK(mm[p][words] == 0xcdcdcdcd, "%s overrun", what);
@@ -561,7 +564,7 @@ static void test_overlap() {
                 for (int p = 0; p < parts; ++p) c += has[p][i];
                 for (int p = 0; p < parts; ++p) want[p][i] = has[p][i] && c >= k;
             }
-            run([&](u32* const* tab) { launch(grid_for(words, 64, 3), 64, masks_consensus, tab, parts, n, (u32)k); }, want, "consensus");
+            run([&](u32* const* tab, u64* before) { launch(grid_for(words, 64, 3), 64, masks_consensus, tab, parts, n, (u32)k, before); }, want, "consensus");
         }
         std::vector<std::vector<char>> want(parts, std::vector<char>(n, 0));
         for (size_t i = 0; i < n; ++i) {
@@ -572,7 +575,7 @@ static void test_overlap() {
         }
         std::vector<const u32*> ktab(parts);
         for (int p = 0; p < parts; ++p) ktab[p] = keys[p].data();
-        run([&](u32* const* tab) { launch(grid_for(words, 64, 3), 64, masks_exclusive, tab, (const u32* const*)ktab.data(), parts, n); }, want, "exclusive");
+        run([&](u32* const* tab, u64* before) { launch(grid_for(words, 64, 3), 64, masks_exclusive, tab, (const u32* const*)ktab.data(), parts, n, before); }, want, "exclusive");
     }
     std::printf("overlap: ok\n");
 }

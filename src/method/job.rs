@@ -172,15 +172,6 @@ pub struct StaSelect {
     pub overlap: Overlap,
 }
 
-impl StaSelect {
-    /// Whether any option differs from today's selection (the CUDA kernels have none of them).
-    pub fn is_set(&self) -> bool {
-        self.overlap != Overlap::Sum
-            || self.norm.iter().any(|&n| n != Norm::None)
-            || self.threshold.iter().any(Option::is_some)
-    }
-}
-
 /// The parameters of the fuse rules of `method::sparse` (docs/SEMANTICS.md).
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct SparseParams {

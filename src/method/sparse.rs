@@ -31,21 +31,7 @@ pub fn cuda_lacks(jobs: &[MaskJob], f: &FuseSpec) -> Option<String> {
             "mergekit's L1 rescale after a top-k mask (`rescale: true` with ties; \
              `rescale_norm: inv_density` runs on the GPU)",
         );
-    rule.or(job)
-        .or(l1)
-        .map(str::to_string)
-        .or_else(|| sta_lacks(f))
-}
-
-/// sta's selection options that the CUDA kernels lack, by the recipe field that sets them
-/// (`normalize_importance` and `threshold` run on the GPU: cuda/sta.rs).
-fn sta_lacks(f: &FuseSpec) -> Option<String> {
-    use super::Overlap;
-    match f.sta.overlap {
-        Overlap::Sum => None,
-        Overlap::Exclusive => Some("sta's `overlap: exclusive`".into()),
-        Overlap::Consensus(_) => Some("sta's `overlap: consensus`".into()),
-    }
+    rule.or(job).or(l1).map(str::to_string)
 }
 
 /// Breadcrumbs (`sparsify.py::magnitude_outliers`): of `n` entries ranked by |τ|, the largest

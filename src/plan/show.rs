@@ -335,6 +335,7 @@ pub fn model_link(plan: &Plan) -> crate::backend::cuda::ModelLink {
                 .filter_map(|&t| work.spec(t).map(|s| (t, s)))
                 .collect(),
             work.shape_jobs(),
+            &work.fuse,
         )),
         ItemKind::Copy { .. } => None,
     });

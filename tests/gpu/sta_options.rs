@@ -1,6 +1,6 @@
-//! sta's `normalize_importance` and `threshold` on the GPU (docs/SEMANTICS.md, "sta's selection
-//! options"; src/backend/cuda/sta.rs): whole merges against the CPU's, byte for byte, in one
-//! piece and in chunks.
+//! sta's selection options on the GPU (docs/SEMANTICS.md, "sta's selection options";
+//! src/backend/cuda/sta.rs, the overlap step of group.rs, kernels/overlap.cu): whole merges
+//! against the CPU's, byte for byte, with the report's rows, in one piece and in chunks.
 
 use stamerge::dtype::FloatType;
 use stamerge::Device;
@@ -39,16 +39,30 @@ fn normalisation_and_thresholds_match_cpu() {
         "  density: 0.2\n  normalize_importance: max\n  importance: task_vector\n",
         "  threshold: 1.0\n  normalize_importance: mean\n",
         "  threshold: 0.25\n  normalize_importance: max\n",
+        // The overlap rules: consensus of 2 and of 3, exclusive on raw and normalised keys,
+        // with thresholds, and with a task whose density keeps everything.
+        "  density: 0.4\n  overlap: consensus\n  consensus: 2\n",
+        "  density: 0.6\n  overlap: consensus\n  consensus: 3\n",
+        "  density: 0.3\n  overlap: exclusive\n",
+        "  density: 0.3\n  overlap: exclusive\n  normalize_importance: max\n",
+        "  threshold: 0.5\n  normalize_importance: mean\n  overlap: exclusive\n",
     ];
     let per_model = "merge_method: sta\nbase_model: base\nmodels:\n  - model: task_0\n    \
                      gradients: grads_0\n    parameters:\n      density: 0.3\n      \
                      normalize_importance: max\n  - model: task_1\n    gradients: grads_1\n    \
                      parameters:\n      threshold: 2.0\n      normalize_importance: mean\n  - \
                      model: task_2\n    gradients: grads_2\n    parameters:\n      density: 0.3\n";
+    // Task 1 keeps everything (density 1) yet takes part in the rule, so it can lose entries.
+    let dense = "merge_method: sta\nbase_model: base\nparameters:\n  overlap: OVERLAP\n  \
+                 normalize_importance: mean\nmodels:\n  - model: task_0\n    gradients: \
+                 grads_0\n    parameters:\n      density: 0.3\n  - model: task_1\n    \
+                 gradients: grads_1\n    parameters:\n      density: 1.0\n  - model: task_2\n    \
+                 gradients: grads_2\n    parameters:\n      density: 0.5\n";
     let texts: Vec<String> = cases
         .iter()
         .map(|p| format!("merge_method: sta\nbase_model: base\nparameters:\n{p}{models}"))
         .chain([per_model.to_string()])
+        .chain(["exclusive", "consensus"].map(|o| dense.replace("OVERLAP", o)))
         .collect();
     for (i, text) in texts.iter().enumerate() {
         let path = dir.path().join(format!("opt{i}.yml"));

@@ -5,7 +5,7 @@
 //!
 //! What the CUDA twin (`cuda/sta.rs`) reproduces: the divisor is f32 of `dsum`'s f64 sum (mean:
 //! that sum / n in f64 first), or the exact max; ŝ = s / c in fp32 (0 for c ≤ 0), the same
-//! division the model-wide selection makes. The overlap rules (not yet on the GPU) compare ŝ
+//! division the model-wide selection makes; the overlap rules (kernels/overlap.cu) compare ŝ
 //! exactly and count exactly.
 
 use rayon::prelude::*;
@@ -144,14 +144,26 @@ fn exclusive(
 ) -> Vec<Vec<u64>> {
     let off = w0 * 64;
     let len = (w1 * 64).min(g.n) - off;
-    // The key pass computed these scores already and failed on a bad one.
+    // The key pass computed these scores already and failed on a bad one, except for a task
+    // whose density keeps everything, which ranks nothing: its non-finite scores count as 0
+    // here (as the GPU scores them), never as NaN, which would lose or win every comparison.
     let s: Vec<Vec<f32>> = part
         .iter()
         .map(|&t| {
             let spec = jobs[t].ranking_spec().expect("taking part");
+            let raw = KeySpec { mean: None, ..spec };
             SCRATCH.with_borrow_mut(|sc| {
-                let _ = scores(g, t, &spec, off, len, sc);
-                sc.s.clone()
+                let _ = scores(g, t, &raw, off, len, sc);
+                sc.s.iter()
+                    .map(|&v| {
+                        let v = if v.is_finite() { v } else { 0.0 };
+                        match spec.mean {
+                            Some(c) if c > 0.0 => v / c,
+                            Some(_) => 0.0,
+                            None => v,
+                        }
+                    })
+                    .collect()
             })
         })
         .collect();

@@ -12,7 +12,7 @@
 
 use super::faults::{fault_result, score_fault};
 use super::group::{fixed_header, score_inputs};
-use super::layout::{group_bytes, selections, ModelBufs, ModelPass, ScoreBufs, Sel};
+use super::layout::{group_bytes, overlap_parts, selections, ModelBufs, ModelPass, ScoreBufs, Sel};
 use super::transfer::{elems, Sink, Work};
 use super::{dev, launches, CudaBackend};
 use crate::backend::{
@@ -152,6 +152,7 @@ fn merge_chunk_len(g: &Group, sels: &[Sel], f: &FuseSpec, budget: usize) -> BRes
                 tie_quota: 0,
             },
             Sel::Random { stream, threshold } => MaskJob::Random { stream, threshold },
+            Sel::Ones { spec } => MaskJob::TopK { spec, k: u64::MAX },
         })
         .collect();
     let bytes = |len: usize| -> BResult<usize> {
@@ -179,7 +180,7 @@ impl CudaBackend {
         if g.n == 0 || group_bytes(g, jobs, f)? <= limit {
             return Ok(1);
         }
-        let (sels, _) = selections(jobs, g.n)?;
+        let (sels, _) = selections(jobs, f, g.n)?;
         Ok(g.n.div_ceil(merge_chunk_len(g, &sels, f, limit)?))
     }
 
@@ -201,7 +202,8 @@ impl CudaBackend {
                 out.len()
             )));
         }
-        let (sels, ncombo) = selections(jobs, n)?;
+        let (sels, ncombo) = selections(jobs, f, n)?;
+        let parts = overlap_parts(&sels, f);
         let len = merge_chunk_len(g, &sels, f, w.arena.limit())?;
         let spans = spans(n, len);
         let subs = spans
@@ -252,6 +254,8 @@ impl CudaBackend {
         for (ci, (sub, &(at, len))) in subs.iter().zip(&spans).enumerate() {
             let cjobs: Vec<MaskJob> = (0..nt)
                 .map(|t| match (sels[t], cuts[t]) {
+                    // Still a taking part task with every entry selected, in each chunk.
+                    (Sel::Ones { spec }, _) => MaskJob::TopK { spec, k: u64::MAX },
                     (Sel::Random { stream, threshold }, _) => MaskJob::Random {
                         stream: stream.wrapping_add((at as u64).wrapping_mul(DARE_STEP)),
                         threshold,
@@ -314,13 +318,22 @@ impl CudaBackend {
                     .0,
                 ),
             };
+            // sta's overlap rule may clear kept entries after the selection: the counts of the
+            // selection are still checked, the kept total (after the rule) is not.
+            let ruled = parts.contains(&t);
             let ok = match *sel {
                 Sel::Keep => a.kept == n as u64,
+                Sel::Ones { .. } => ruled,
                 Sel::Random { .. } => true,
                 Sel::TopK { k, .. } => {
-                    a.kept == k && a.ties == quota0[t] && a.eq == topk_eq[t] && a.gt + a.ties == k
+                    (ruled || a.kept == k)
+                        && a.ties == quota0[t]
+                        && a.eq == topk_eq[t]
+                        && a.gt + a.ties == k
                 }
-                Sel::Fixed { .. } => a.kept == a.gt + a.ties && a.ties == a.eq.min(quota0[t]),
+                Sel::Fixed { .. } => {
+                    (ruled || a.kept == a.gt + a.ties) && a.ties == a.eq.min(quota0[t])
+                }
             };
             if !ok {
                 return Err(internal(format!(
@@ -359,7 +372,10 @@ impl CudaBackend {
             return e;
         }
         for (t, sel) in sels.iter().enumerate() {
-            let Some(spec) = sel.spec() else { continue };
+            // A task that keeps everything scores nothing on the CPU either.
+            let Some(spec) = sel.spec().filter(|_| !matches!(sel, Sel::Ones { .. })) else {
+                continue;
+            };
             for (sub, &(at, _)) in subs.iter().zip(spans) {
                 let mut hist = vec![0u64; 1 << DIGITS_11[0].1];
                 let r = self.histogram_on_device(w, sub, t, spec, 0, 0, &mut hist);

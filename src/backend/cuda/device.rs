@@ -58,6 +58,7 @@ mod per_sm {
     /// The typed fuse kernels are held to 80 registers (`__launch_bounds__(256, 3)`).
     pub const FUSE_TYPED: u32 = 3;
     pub const FISHER: u32 = 4;
+    pub const OVERLAP: u32 = 4;
 }
 
 /// "CUDA_ERROR_NO_DEVICE (no CUDA-capable device is detected)".
@@ -102,6 +103,8 @@ pub struct Kernels {
     fuse_linear_typed: [CudaFunction; 3],
     fuse_ties_typed: [CudaFunction; 3],
     fuse_fisher: CudaFunction,
+    masks_consensus: CudaFunction,
+    masks_exclusive: CudaFunction,
 }
 
 /// An opened GPU: context, the stream every launch of this backend goes to, the copy stream that
@@ -273,6 +276,8 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> DResult<Kernels> {
             get("fuse", "fuse_ties_bf16")?,
         ],
         fuse_fisher: get("fisher", "fuse_fisher")?,
+        masks_consensus: get("overlap", "masks_consensus")?,
+        masks_exclusive: get("overlap", "masks_exclusive")?,
     })
 }
 
@@ -439,6 +444,40 @@ impl Gpu {
         sys::cuMemsetD32Async(dst, v, 1, self.stream.cu_stream())
             .result()
             .map_err(drv("setting a word on the GPU"))
+    }
+
+    /// Sets `count` u32 words at `dst` to `v`, stream-ordered on the compute stream.
+    pub unsafe fn fill_u32(&self, dst: Ptr, v: u32, count: usize) -> DResult<()> {
+        sys::cuMemsetD32Async(dst, v, count, self.stream.cu_stream())
+            .result()
+            .map_err(drv("filling GPU memory"))
+    }
+
+    /// `masks_consensus`: sta's `overlap: consensus` over the `parts` masks of the table at
+    /// `masks`, their kept counts before it added to `kept_before`.
+    pub unsafe fn masks_consensus(
+        &self,
+        masks: Ptr,
+        parts: i32,
+        n: u64,
+        k: u32,
+        kept_before: Ptr,
+    ) -> DResult<()> {
+        let grid = self.grid(n.div_ceil(32), per_sm::OVERLAP);
+        launch!(self, masks_consensus, grid, BLOCK; masks, parts, n, k, kept_before)
+    }
+
+    /// `masks_exclusive`: sta's `overlap: exclusive` by the keys of the table at `keys`.
+    pub unsafe fn masks_exclusive(
+        &self,
+        masks: Ptr,
+        keys: Ptr,
+        parts: i32,
+        n: u64,
+        kept_before: Ptr,
+    ) -> DResult<()> {
+        let grid = self.grid(n.div_ceil(32), per_sm::OVERLAP);
+        launch!(self, masks_exclusive, grid, BLOCK; masks, keys, parts, n, kept_before)
     }
 
     /// `select_init(st, n, k)`: zeroes the histograms and sets the header.

@@ -8,11 +8,13 @@ use super::device::{
     dtype_code, Arena, FuseArgs, FuseTask, Ptr, ScoreInputs, SelectHeader, STATE_BAD,
 };
 use super::faults::{fault_result, fuse_fault, score_fault};
-use super::layout::{group_layout, selections, GroupLayout, Sel, StatsWords};
+use super::layout::{
+    group_layout, overlap_parts, selections, GroupLayout, OverlapTable, Sel, StatsWords,
+};
 use super::transfer::{elems, Sink, Work};
 use super::{dev, internal, launches, read_header, CudaBackend};
 use crate::backend::{BResult, FuseSpec, Group, GroupStats, KeySpec, MaskJob, TaskStats};
-use crate::method::ScoreKind;
+use crate::method::{Overlap, ScoreKind};
 use crate::select::Threshold;
 
 /// `SelectState.flags` bits (kernels/common.cuh).
@@ -116,7 +118,7 @@ impl CudaBackend {
         sink: Sink,
     ) -> BResult<GroupStats> {
         check_shapes(g, jobs, f, &sink)?;
-        let (sels, ncombo) = selections(jobs, g.n)?;
+        let (sels, ncombo) = selections(jobs, f, g.n)?;
         let lay = group_layout(g, &sels, f, ncombo);
         dev(w.arena.reserve(&self.gpu, lay.bytes))?;
         self.upload_group(w, g, &lay)?;
@@ -127,11 +129,15 @@ impl CudaBackend {
                 Sel::Random { stream, threshold } => self.dare_mask(w, &l, t, stream, threshold)?,
                 Sel::TopK { spec, k } => self.topk_mask(w, &l, t, &spec, k)?,
                 Sel::Fixed { spec, .. } => self.fixed_mask(w, &l, t, &spec)?,
+                Sel::Ones { .. } => self.ones_mask(w, &l, t)?,
             }
+        }
+        if l.lay.overlap.is_some() {
+            self.overlap(w, &l, f)?;
         }
         self.fuse(w, &l, f)?;
         self.send_output(w, &l, sink)?;
-        self.results(w, &l)
+        self.results(w, &l, f)
     }
 
     /// Step 1, inputs: staged by the previous call, or through the pinned ring now.
@@ -195,6 +201,20 @@ impl CudaBackend {
                 let h = fixed_header(g.n as u64, key, quota);
                 dev(scratch.put(arena.at(off), bytemuck::bytes_of(&h)))?;
             }
+        }
+        if let Some(off) = lay.overlap {
+            // The overlap rule's pointer table, its kept-before counts at zero and a word for
+            // the score errors it ignores (`overlap`).
+            let parts = overlap_parts(&sels, f);
+            let mut table: Vec<u64> = parts
+                .iter()
+                .map(|&t| lay.mask[t].map_or(0, |m| arena.at(m)))
+                .collect();
+            table
+                .extend((0..parts.len()).map(|i| lay.part_keys.get(i).map_or(0, |&k| arena.at(k))));
+            table.extend(std::iter::repeat_n(0, parts.len()));
+            table.push(u64::MAX);
+            dev(scratch.put(arena.at(off), bytemuck::cast_slice(&table)))?;
         }
         dev(scratch.send(&gpu.stream))?;
         Ok(Launch {
@@ -282,6 +302,61 @@ impl CudaBackend {
         })
     }
 
+    /// Step 3, a taking-part task that keeps everything: a mask of all ones (the overlap rule
+    /// clears the lanes past n and those the task loses).
+    fn ones_mask(&self, w: &Work, l: &Launch, t: usize) -> BResult<()> {
+        let mask = w.arena.at(l.lay.mask[t].expect("a mask"));
+        let words = 2 * l.n.div_ceil(64);
+        // SAFETY: the mask buffer holds ceil(n / 64) u64 words.
+        dev(unsafe { self.gpu.fill_u32(mask, u32::MAX, words) })
+    }
+
+    /// Step 3b, sta's overlap rule (cpu/sta.rs `overlap`) over the finished masks of the taking
+    /// part tasks, in place; `exclusive` first computes every part's normalised keys into its own
+    /// buffer. A part that keeps everything scores no keys on the CPU, so its score errors go to
+    /// an ignored word and its non-finite scores count as 0, as the CPU's `exclusive` takes them.
+    fn overlap(&self, w: &Work, l: &Launch, f: &FuseSpec) -> BResult<()> {
+        let (gpu, arena, lay, n64) = (&self.gpu, &w.arena, &l.lay, l.n as u64);
+        let parts = overlap_parts(&l.sels, f);
+        let tab = OverlapTable { parts: parts.len() };
+        let off = lay.overlap.expect("an overlap table");
+        let (masks, keys) = (arena.at(off), arena.at(off + tab.keys()));
+        let (before, ignored) = (
+            arena.at(off + tab.kept_before()),
+            arena.at(off + tab.ignored()),
+        );
+        let np = parts.len() as i32;
+        match f.sta.overlap {
+            Overlap::Sum => Ok(()),
+            Overlap::Consensus(k) => {
+                // SAFETY: the table holds P mask pointers (ceil(n / 64) words each) and P counts.
+                dev(unsafe { gpu.masks_consensus(masks, np, n64, k, before) })
+            }
+            Overlap::Exclusive => {
+                for (i, &t) in parts.iter().enumerate() {
+                    let spec = *l.sels[t].spec().expect("a taking part task ranks");
+                    let s =
+                        score_inputs(l.g, t, &spec, arena, lay.base, lay.theta[t], lay.grad[t])?;
+                    let bad = match (l.sels[t], lay.state[t]) {
+                        (Sel::Ones { .. }, _) | (_, None) => ignored,
+                        (_, Some(st)) => arena.at(st) + STATE_BAD,
+                    };
+                    let out = arena.at(lay.part_keys[i]);
+                    // SAFETY: `out` holds n keys; `bad` is a word of the state or the table.
+                    launches(|| unsafe {
+                        gpu.score_keys(&s, n64, out, bad, 0, 0, false)?;
+                        if spec.mean.is_some() {
+                            gpu.keys_normalize(out, n64, l.mean_ptr(t), 0, 0, false)?;
+                        }
+                        Ok(())
+                    })?;
+                }
+                // SAFETY: the table holds P mask pointers, P key pointers (n keys each), P counts.
+                dev(unsafe { gpu.masks_exclusive(masks, keys, np, n64, before) })
+            }
+        }
+    }
+
     /// Step 4, the fuse (cpu.rs `fuse_chunk`), which also counts each task's kept entries and
     /// the mask combinations.
     fn fuse(&self, w: &Work, l: &Launch, f: &FuseSpec) -> BResult<()> {
@@ -346,7 +421,7 @@ impl CudaBackend {
 
     /// Step 6: the stats block and the select states back, then the faults the CPU would
     /// report and each task's statistics.
-    fn results(&self, w: &mut Work, l: &Launch) -> BResult<GroupStats> {
+    fn results(&self, w: &mut Work, l: &Launch, f: &FuseSpec) -> BResult<GroupStats> {
         let (gpu, arena, lay, nt) = (&self.gpu, &mut w.arena, &l.lay, l.sels.len());
         let mut stats = vec![0u64; lay.stats_words];
         dev(arena.download(gpu, lay.stats, bytemuck::cast_slice_mut(&mut stats)))?;
@@ -355,6 +430,14 @@ impl CudaBackend {
             if let Some(off) = off {
                 headers[t] = Some(dev(read_header(gpu, arena, *off))?);
             }
+        }
+        // Under the overlap rule, each part's kept count before it: the selection is checked
+        // against that, and the report gives the count after it (the fuse's), as the CPU.
+        let parts = overlap_parts(&l.sels, f);
+        let mut before = vec![0u64; parts.len()];
+        if let Some(off) = lay.overlap {
+            let at = off + OverlapTable { parts: parts.len() }.kept_before();
+            dev(arena.download(gpu, at, bytemuck::cast_slice_mut(&mut before)))?;
         }
         dev(gpu.sync())?;
 
@@ -373,13 +456,17 @@ impl CudaBackend {
             .iter()
             .enumerate()
             .map(|(t, sel)| {
+                let after = stats[sw.kept(t)];
+                let part = parts.iter().position(|&p| p == t);
+                let selected = part.map_or(after, |i| before[i]);
                 task_stats(
                     sel,
                     l.n as u64,
                     headers[t].as_ref(),
                     stats[sw.tie_total(t)],
-                    stats[sw.kept(t)],
+                    selected,
                 )
+                .map(|ts| TaskStats { kept: after, ..ts })
                 .map_err(|e| {
                     internal(format!(
                         "in the selection of task {t} for `{}` ({} elements): {e}",
@@ -463,7 +550,7 @@ pub(super) fn task_stats(
         Ok(())
     };
     match *sel {
-        Sel::Keep => {
+        Sel::Keep | Sel::Ones { .. } => {
             if kept != n {
                 return Err(format!("{kept} entries kept without a mask, expected {n}"));
             }

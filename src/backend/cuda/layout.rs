@@ -8,7 +8,7 @@ use super::device::{FuseTask, Layout, STATE_BYTES, SUM_CHUNK, TIE_TILE};
 use super::internal;
 use crate::backend::cpu::MAX_COMBO_TASKS;
 use crate::backend::{BResult, FuseSpec, Group, KeySpec, MaskJob};
-use crate::method::ScoreKind;
+use crate::method::{Overlap, ScoreKind};
 
 /// What one task's mask needs on the device.
 #[derive(Clone, Copy, Debug)]
@@ -27,6 +27,11 @@ pub(super) enum Sel {
     Random {
         stream: u64,
         threshold: u64,
+    },
+    /// Every entry kept, but with a mask (all ones) and keys: a task whose density keeps
+    /// everything and that takes part in sta's overlap rule, which may clear entries of it.
+    Ones {
+        spec: KeySpec,
     },
 }
 
@@ -59,7 +64,7 @@ impl Sel {
 
     pub(super) fn spec(&self) -> Option<&KeySpec> {
         match self {
-            Sel::TopK { spec, .. } | Sel::Fixed { spec, .. } => Some(spec),
+            Sel::TopK { spec, .. } | Sel::Fixed { spec, .. } | Sel::Ones { spec } => Some(spec),
             _ => None,
         }
     }
@@ -70,19 +75,40 @@ impl Sel {
 }
 
 /// The selections of `jobs` and how many mask-combination buckets are counted (as the CPU: when
-/// some task has a mask and T <= 8).
-pub(super) fn selections(jobs: &[MaskJob], n: usize) -> BResult<(Vec<Sel>, usize)> {
-    let sels = jobs
+/// some task has a mask and T <= 8). Under sta's overlap rule a taking-part task that keeps
+/// everything gets a mask of its own ([`Sel::Ones`]).
+pub(super) fn selections(jobs: &[MaskJob], f: &FuseSpec, n: usize) -> BResult<(Vec<Sel>, usize)> {
+    let mut sels = jobs
         .iter()
         .map(|j| Sel::of(j, n))
         .collect::<BResult<Vec<_>>>()?;
+    if f.sta.overlap != Overlap::Sum {
+        for (t, job) in jobs.iter().enumerate() {
+            if let (Sel::Keep, Some(spec)) = (sels[t], job.ranking_spec()) {
+                if !f.forget[t] {
+                    sels[t] = Sel::Ones { spec };
+                }
+            }
+        }
+    }
     let track = jobs.len() <= MAX_COMBO_TASKS && sels.iter().any(Sel::has_mask);
     Ok((sels, if track { 1usize << jobs.len() } else { 0 }))
 }
 
+/// The tasks that take part in sta's overlap rule (cpu/sta.rs `overlap`): those that rank keys
+/// and are not `forget:` entries; none under `overlap: sum`.
+pub(super) fn overlap_parts(sels: &[Sel], f: &FuseSpec) -> Vec<usize> {
+    if f.sta.overlap == Overlap::Sum {
+        return Vec::new();
+    }
+    (0..sels.len())
+        .filter(|&t| sels[t].spec().is_some() && !f.forget[t])
+        .collect()
+}
+
 /// The device bytes [`CudaBackend::merge_on_device`] needs for this group in one piece.
 pub(super) fn group_bytes(g: &Group, jobs: &[MaskJob], f: &FuseSpec) -> BResult<usize> {
-    let (sels, ncombo) = selections(jobs, g.n)?;
+    let (sels, ncombo) = selections(jobs, f, g.n)?;
     Ok(group_layout(g, &sels, f, ncombo).bytes)
 }
 
@@ -104,7 +130,32 @@ pub(super) struct GroupLayout {
     pub(super) stats: usize,
     pub(super) stats_words: usize,
     pub(super) out: usize,
+    /// sta's overlap rule: the table the kernel reads (P mask pointers, P key pointers, then P
+    /// kept-before counts and a word where ignored score errors go) and, for `exclusive`, each
+    /// part's keys (n u32 each), parts in task order.
+    pub(super) overlap: Option<usize>,
+    pub(super) part_keys: Vec<usize>,
     pub(super) bytes: usize,
+}
+
+/// Offsets inside the overlap table of P parts.
+pub(super) struct OverlapTable {
+    pub(super) parts: usize,
+}
+
+impl OverlapTable {
+    pub(super) fn bytes(&self) -> usize {
+        8 * (3 * self.parts + 1)
+    }
+    pub(super) fn keys(&self) -> usize {
+        8 * self.parts
+    }
+    pub(super) fn kept_before(&self) -> usize {
+        16 * self.parts
+    }
+    pub(super) fn ignored(&self) -> usize {
+        24 * self.parts
+    }
 }
 
 /// Offsets of the words in the stats block.
@@ -165,12 +216,19 @@ pub(super) fn group_layout(g: &Group, sels: &[Sel], fuse: &FuseSpec, ncombo: usi
         .collect();
     let state = sels
         .iter()
-        .map(|s| s.spec().is_some().then(|| l.take(STATE_BYTES)))
+        .map(|s| matches!(s, Sel::TopK { .. } | Sel::Fixed { .. }).then(|| l.take(STATE_BYTES)))
         .collect();
     let params = l.take(nt * std::mem::size_of::<FuseTask>() + nt * 4);
     let stats_words = 1 + 2 * nt + ncombo;
     let stats = l.take(8 * stats_words);
     let out = l.take(n * fuse.out.size());
+    let parts = overlap_parts(sels, fuse);
+    let overlap = (!parts.is_empty()).then(|| l.take(OverlapTable { parts: parts.len() }.bytes()));
+    let part_keys = if fuse.sta.overlap == Overlap::Exclusive {
+        parts.iter().map(|_| l.take(4 * n)).collect()
+    } else {
+        Vec::new()
+    };
     GroupLayout {
         base,
         start,
@@ -186,6 +244,8 @@ pub(super) fn group_layout(g: &Group, sels: &[Sel], fuse: &FuseSpec, ncombo: usi
         stats,
         stats_words,
         out,
+        overlap,
+        part_keys,
         bytes: l.bytes(),
     }
 }
@@ -224,8 +284,8 @@ impl ScoreBufs {
 }
 
 /// The input bytes a one-piece merge of `g` moves to the device (`group.rs`, `upload_group`).
-pub(super) fn group_input_bytes(g: &Group, jobs: &[MaskJob]) -> BResult<usize> {
-    let (sels, _) = selections(jobs, g.n)?;
+pub(super) fn group_input_bytes(g: &Group, jobs: &[MaskJob], f: &FuseSpec) -> BResult<usize> {
+    let (sels, _) = selections(jobs, f, g.n)?;
     let n = g.n;
     let mut bytes = n * g.base.ty.size() + g.start.map_or(0, |s| n * s.ty.size());
     for (task, sel) in g.tasks.iter().zip(&sels) {

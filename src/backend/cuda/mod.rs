@@ -271,11 +271,11 @@ pub struct ModelLink {
 /// merge jobs), for a model-wide select of `digits` digit passes. Tensors without elements run
 /// on the CPU and move nothing.
 pub fn plan_model_link<'a>(
-    groups: impl IntoIterator<Item = (Group<'a>, Vec<RankTask>, Vec<MaskJob>)>,
+    groups: impl IntoIterator<Item = (Group<'a>, Vec<RankTask>, Vec<MaskJob>, &'a FuseSpec)>,
     digits: usize,
 ) -> ModelLink {
     let (mut m, mut largest, mut pass1, mut digit, mut merge) = (ModelLink::default(), 0, 0, 0, 0);
-    for (g, tasks, jobs) in groups {
+    for (g, tasks, jobs, f) in groups {
         if g.n == 0 {
             continue;
         }
@@ -285,7 +285,7 @@ pub fn plan_model_link<'a>(
         pass1 += first.input_bytes as u64;
         digit += ModelBufs::new(&g, &tasks, ModelPass::Digit, &vec![false; tasks.len()]).input_bytes
             as u64;
-        merge += layout::group_input_bytes(&g, &jobs).unwrap_or(0) as u64;
+        merge += layout::group_input_bytes(&g, &jobs, f).unwrap_or(0) as u64;
     }
     m.budget_needed = m.key_bytes + largest as u64;
     m.kept = pass1 + merge;

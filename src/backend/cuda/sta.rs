@@ -6,7 +6,7 @@
 //!
 //! Each divisor costs passes over the task's inputs before the merge: one for `mean` and `sum`
 //! (the deterministic score sum), three for `max` (a select of the one largest key by the 11/11/10
-//! bit digit passes). The overlap rules (`exclusive`, `consensus`) have no kernels yet.
+//! bit digit passes). The overlap rules run in the group's launch sequence (group.rs, step 3b).
 
 use super::CudaBackend;
 use crate::backend::{BResult, BackendError, Compute, DeviceError, FuseSpec, Group, MaskJob};
