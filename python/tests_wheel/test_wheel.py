@@ -200,10 +200,13 @@ def test_an_exception_in_the_progress_callback_stops_the_merge(tmp_path):
 
 def test_ctrl_c_interrupts_the_merge_as_on_the_command_line(tmp_path):
     # A real SIGINT to the process, sent when the merge is under way (its first progress call):
-    # Python's handler raises KeyboardInterrupt, the merge stops and removes its output.
+    # Python's handler raises KeyboardInterrupt, the merge stops and removes its output. The
+    # handler is set first, as an interactive Python has it: a process started in the background
+    # by a non-interactive shell inherits SIGINT ignored, and Python then installs none.
     script = textwrap.dedent(
         f"""
         import os, signal, stamerge
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         calls = []
         def progress(done, total, rate):
             calls.append(done)
