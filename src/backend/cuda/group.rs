@@ -1,8 +1,9 @@
 //! One tensor group on the device, the twin of `cpu.rs`'s `merge_group`: the launch sequence
 //! as named steps (inputs in, the fuse's task table, one mask per task — DARE, top-k or a fixed
-//! threshold — the fuse, the results back), then the statistics the CPU would report, checked
-//! against each other. All launches run on the compute stream with no host round trip between
-//! the selection passes: the radix picks happen on the device.
+//! threshold — sta's overlap rule over the masks, the fuse, the results back), then the
+//! statistics the CPU would report, checked against each other. All launches run on the compute
+//! stream with no host round trip between the selection passes: the radix picks happen on the
+//! device.
 
 use super::device::{
     dtype_code, Arena, FuseArgs, FuseTask, Ptr, ScoreInputs, SelectHeader, STATE_BAD,
