@@ -119,6 +119,43 @@ pub enum KeysHome {
     Kept,
 }
 
+/// sta's `normalize_importance` (docs/SEMANTICS.md, "sta's selection options"), the rule both
+/// backends share: the jobs with each normalised task's divisor c in its key spec, or None when
+/// no task normalises. c is f32(sum / n) for `mean` (`select::tensor_mean`), f32(sum) for `sum`
+/// and the largest score for `max`, each of the task's raw scores: `sum(t, raw)` and
+/// `max(t, raw)` are the backend's own deterministic sum and maximum.
+pub fn normalized_jobs(
+    g: &Group,
+    jobs: &[MaskJob],
+    f: &FuseSpec,
+    sum: impl Fn(usize, &KeySpec) -> BResult<f64>,
+    max: impl Fn(usize, &KeySpec) -> BResult<f32>,
+) -> BResult<Option<Vec<MaskJob>>> {
+    use crate::method::Norm;
+    if f.sta.norm.iter().all(|&n| n == Norm::None) {
+        return Ok(None);
+    }
+    let mut out = jobs.to_vec();
+    for (t, job) in jobs.iter().enumerate() {
+        let norm = f.sta.norm.get(t).copied().unwrap_or_default();
+        let Some(spec) = job.ranking_spec().filter(|_| norm != Norm::None) else {
+            continue;
+        };
+        let raw = KeySpec { mean: None, ..spec };
+        let c = match norm {
+            Norm::None => unreachable!("filtered above"),
+            Norm::Mean => crate::select::tensor_mean(sum(t, &raw)?, g.n),
+            Norm::Sum => sum(t, &raw)? as f32,
+            Norm::Max => max(t, &raw)?,
+        };
+        out[t] = job.with_ranking_spec(KeySpec {
+            mean: Some(c),
+            ..spec
+        });
+    }
+    Ok(Some(out))
+}
+
 /// What a backend computes, each operation on one tensor group with the meaning of
 /// docs/SEMANTICS.md; every backend gives the same bits. (The ops; [`Backend`] is the plumbing.)
 pub trait Compute: Send + Sync {

@@ -12,37 +12,23 @@ use rayon::prelude::*;
 
 use super::{scores, CpuBackend, SCRATCH};
 use crate::backend::{BResult, BackendError, Compute, FuseSpec, Group, MaskJob, TaskStats};
-use crate::method::{KeySpec, Norm, Overlap};
+use crate::method::{KeySpec, Overlap};
 
-/// The jobs with each normalised task's divisor in its key spec (None: no task normalises).
+/// The jobs with each normalised task's divisor in its key spec (None: no task normalises),
+/// by this backend's score sum and maximum.
 pub(super) fn normalized(
     cpu: &CpuBackend,
     g: &Group,
     jobs: &[MaskJob],
     f: &FuseSpec,
 ) -> BResult<Option<Vec<MaskJob>>> {
-    if f.sta.norm.iter().all(|&n| n == Norm::None) {
-        return Ok(None);
-    }
-    let mut out = jobs.to_vec();
-    for (t, job) in jobs.iter().enumerate() {
-        let norm = f.sta.norm.get(t).copied().unwrap_or_default();
-        let Some(spec) = job.ranking_spec().filter(|_| norm != Norm::None) else {
-            continue;
-        };
-        let raw = KeySpec { mean: None, ..spec };
-        let c = match norm {
-            Norm::None => unreachable!("filtered above"),
-            Norm::Mean => crate::select::tensor_mean(cpu.score_sum(g, t, &raw)?, g.n),
-            Norm::Sum => cpu.score_sum(g, t, &raw)? as f32,
-            Norm::Max => score_max(g, t, &raw)?,
-        };
-        out[t] = job.with_ranking_spec(KeySpec {
-            mean: Some(c),
-            ..spec
-        });
-    }
-    Ok(Some(out))
+    crate::backend::normalized_jobs(
+        g,
+        jobs,
+        f,
+        |t, raw| cpu.score_sum(g, t, raw),
+        |t, raw| score_max(g, t, raw),
+    )
 }
 
 /// The largest score of task `t` (0 for an empty tensor); a bad score fails as in the key pass.

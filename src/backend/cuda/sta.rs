@@ -10,39 +10,25 @@
 
 use super::CudaBackend;
 use crate::backend::{BResult, BackendError, Compute, DeviceError, FuseSpec, Group, MaskJob};
-use crate::method::{KeySpec, Norm};
-use crate::select::{key_value, tensor_mean, DigitSearch, DIGITS_11};
+use crate::method::KeySpec;
+use crate::select::{key_value, DigitSearch, DIGITS_11};
 
 impl CudaBackend {
-    /// The jobs with each normalised task's divisor in its key spec (None: no task normalises).
+    /// The jobs with each normalised task's divisor in its key spec (None: no task normalises),
+    /// by the device's score sum and maximum.
     pub(super) fn sta_normalized(
         &self,
         g: &Group,
         jobs: &[MaskJob],
         f: &FuseSpec,
     ) -> BResult<Option<Vec<MaskJob>>> {
-        if f.sta.norm.iter().all(|&n| n == Norm::None) {
-            return Ok(None);
-        }
-        let mut out = jobs.to_vec();
-        for (t, job) in jobs.iter().enumerate() {
-            let norm = f.sta.norm.get(t).copied().unwrap_or_default();
-            let Some(spec) = job.ranking_spec().filter(|_| norm != Norm::None) else {
-                continue;
-            };
-            let raw = KeySpec { mean: None, ..spec };
-            let c = match norm {
-                Norm::None => unreachable!("filtered above"),
-                Norm::Mean => tensor_mean(self.score_sum(g, t, &raw)?, g.n),
-                Norm::Sum => self.score_sum(g, t, &raw)? as f32,
-                Norm::Max => self.score_max(g, t, &raw)?,
-            };
-            out[t] = job.with_ranking_spec(KeySpec {
-                mean: Some(c),
-                ..spec
-            });
-        }
-        Ok(Some(out))
+        crate::backend::normalized_jobs(
+            g,
+            jobs,
+            f,
+            |t, raw| self.score_sum(g, t, raw),
+            |t, raw| self.score_max(g, t, raw),
+        )
     }
 
     /// Task `t`'s largest score (0 for an empty tensor): the key a select of one finds, by the
