@@ -3,44 +3,9 @@
 //! and in chunks; and a planted NaN reported as the CPU reports it.
 
 use stamerge::dtype::FloatType;
-use stamerge::Device;
 
-use crate::common::file_names;
 use crate::gpu;
-
-/// A budget that splits the synthetic embedding (64 000 elements, 3 tasks) into chunks.
-const CHUNKED: u64 = 1 << 20;
-
-fn synth(dir: &std::path::Path, dtype: FloatType) {
-    let spec = stamerge::synth::SynthSpec {
-        layers: 2,
-        hidden: 64,
-        intermediate: 176,
-        vocab: 1000,
-        tasks: 3,
-        dtype,
-        grad_dtype: FloatType::F32,
-        shard_bytes: 200_000,
-        seed: 13,
-    };
-    stamerge::synth::generate(&spec, dir).unwrap();
-}
-
-fn merge(
-    recipe: &stamerge::Recipe,
-    out: &std::path::Path,
-    device: Device,
-    max_memory: Option<u64>,
-) -> Result<stamerge::Report, String> {
-    let opts = stamerge::Options {
-        device,
-        out_shard_size: 300_000,
-        overwrite: true,
-        max_memory,
-        ..Default::default()
-    };
-    stamerge::merge(recipe, out, &opts).map_err(|e| e.to_string())
-}
+use crate::sets::{same_as_cpu, synth};
 
 #[test]
 #[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
@@ -48,46 +13,24 @@ fn fisher_matches_cpu() {
     let _ = gpu();
     for dtype in [FloatType::BF16, FloatType::F32] {
         let dir = tempfile::tempdir().unwrap();
-        synth(dir.path(), dtype);
+        synth(dir.path(), dtype, FloatType::F32, 13);
         let models = "models:\n  - model: task_0\n    gradients: grads_0\n    parameters:\n      \
                       weight: 0.7\n  - model: task_1\n    gradients: grads_1\n  - model: task_2\n    \
                       gradients: grads_2\n";
-        for params in [
+        for (i, params) in [
             "parameters:\n  normalize_fisher_weight: false\n  missing_gradients: magnitude\n",
             "parameters:\n  normalize_fisher_weight: true\n  missing_gradients: magnitude\n",
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let text = format!("merge_method: fisher\nbase_model: base\n{params}{models}");
             let path = dir.path().join("fisher.yml");
             std::fs::write(&path, &text).unwrap();
             let recipe = stamerge::Recipe::from_file(&path).unwrap();
-            let mut outs = Vec::new();
-            for (device, mm) in [
-                (Device::Cpu, None),
-                (Device::Cuda, None),
-                (Device::Cuda, Some(CHUNKED)),
-            ] {
-                let out = dir
-                    .path()
-                    .join(format!("{device:?}-{}", mm.unwrap_or(0)))
-                    .join("out");
-                let rep = merge(&recipe, &out, device, mm)
-                    .unwrap_or_else(|e| panic!("{text} on {device:?}: {e}"));
-                outs.push((out, serde_json::to_value(&rep.tensors).unwrap()));
-            }
-            let (a, ra) = &outs[0];
-            for (b, rb) in &outs[1..] {
-                for f in file_names(a) {
-                    if f != stamerge::REPORT_NAME {
-                        assert!(
-                            std::fs::read(a.join(&f)).unwrap()
-                                == std::fs::read(b.join(&f)).unwrap(),
-                            "{dtype:?} {text}: {f} differs between cpu and {}",
-                            b.display()
-                        );
-                    }
-                }
-                assert_eq!(ra, rb, "{text}: report rows");
-            }
+            same_as_cpu(&recipe, dir.path(), &format!("{dtype:?}-{i}"), |r| {
+                serde_json::to_value(&r.tensors).unwrap()
+            });
         }
     }
 }
@@ -135,7 +78,7 @@ fn fisher_faults_match_cpu() {
     };
     // fisher's fuse rule as the plan makes it, for two models of an f32 set.
     let dir = tempfile::tempdir().unwrap();
-    synth(dir.path(), FloatType::F32);
+    synth(dir.path(), FloatType::F32, FloatType::F32, 13);
     std::fs::write(
         dir.path().join("f.yml"),
         "merge_method: fisher\nbase_model: base\nmodels:\n  - model: task_0\n    gradients: \

@@ -37,6 +37,7 @@ mod inputs;
 mod methods;
 mod model_selection;
 mod recipes;
+mod sets;
 mod shapes;
 mod sta_options;
 mod streaming;

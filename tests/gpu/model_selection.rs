@@ -267,18 +267,7 @@ fn model_selection_finetuned_and_magnitude_match_cpu() {
 fn model_selection_moves_its_inputs_as_planned() {
     let _ = gpu();
     let dir = tempfile::tempdir().unwrap();
-    let spec = stamerge::synth::SynthSpec {
-        layers: 2,
-        hidden: 64,
-        intermediate: 176,
-        vocab: 1000,
-        tasks: 3,
-        dtype: FloatType::BF16,
-        grad_dtype: FloatType::F32,
-        shard_bytes: 200_000,
-        seed: 9,
-    };
-    stamerge::synth::generate(&spec, dir.path()).unwrap();
+    crate::sets::synth(dir.path(), FloatType::BF16, FloatType::F32, 9);
     let recipe = stamerge::Recipe::from_file(&dir.path().join("sta_model.yml")).unwrap();
     let plan = stamerge::plan(&recipe, None, &Default::default()).unwrap();
     let link = stamerge::plan::show::model_link(&plan);

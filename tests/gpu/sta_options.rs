@@ -3,31 +3,16 @@
 //! against the CPU's, byte for byte, with the report's rows, in one piece and in chunks.
 
 use stamerge::dtype::FloatType;
-use stamerge::Device;
 
-use crate::common::file_names;
 use crate::gpu;
-
-/// A budget that splits the synthetic embedding (64 000 elements, 3 tasks) into chunks.
-const CHUNKED: u64 = 1 << 20;
+use crate::sets::{same_as_cpu, synth};
 
 #[test]
 #[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
 fn normalisation_and_thresholds_match_cpu() {
     let _ = gpu();
     let dir = tempfile::tempdir().unwrap();
-    let spec = stamerge::synth::SynthSpec {
-        layers: 2,
-        hidden: 64,
-        intermediate: 176,
-        vocab: 1000,
-        tasks: 3,
-        dtype: FloatType::BF16,
-        grad_dtype: FloatType::F32,
-        shard_bytes: 200_000,
-        seed: 11,
-    };
-    stamerge::synth::generate(&spec, dir.path()).unwrap();
+    synth(dir.path(), FloatType::BF16, FloatType::F32, 11);
     let models = "models:\n  - model: task_0\n    gradients: grads_0\n  - model: task_1\n    \
                   gradients: grads_1\n  - model: task_2\n    gradients: grads_2\n";
     // Each normalisation with a top-k; thresholds on mean- and max-normalised importance (a
@@ -70,42 +55,8 @@ fn normalisation_and_thresholds_match_cpu() {
         let recipe = stamerge::Recipe::from_file(&path).unwrap();
         let plan = stamerge::plan(&recipe, None, &Default::default()).unwrap();
         assert_eq!(stamerge::cuda_lacks(&plan), None, "{text}");
-        let mut outs = Vec::new();
-        for (device, max_memory) in [
-            (Device::Cpu, None),
-            (Device::Cuda, None),
-            (Device::Cuda, Some(CHUNKED)),
-        ] {
-            let opts = stamerge::Options {
-                device,
-                out_shard_size: 300_000,
-                overwrite: true,
-                max_memory,
-                ..Default::default()
-            };
-            // One folder name for every run: the model card is titled with it.
-            let out = dir
-                .path()
-                .join(format!("{i}-{device:?}-{}", max_memory.unwrap_or(0)))
-                .join("out");
-            let rep = stamerge::merge(&recipe, &out, &opts)
-                .unwrap_or_else(|e| panic!("{text} on {device:?}: {e}"));
-            let rows = serde_json::to_value(&rep.tensors).unwrap();
-            outs.push((out, rows));
-        }
-        let (a, rows_a) = &outs[0];
-        for (b, rows_b) in &outs[1..] {
-            assert_eq!(file_names(a), file_names(b), "{text}");
-            for f in file_names(a) {
-                if f != stamerge::REPORT_NAME {
-                    assert!(
-                        std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(),
-                        "{text}: {f} differs between cpu and {}",
-                        b.display()
-                    );
-                }
-            }
-            assert_eq!(rows_a, rows_b, "{text}: report rows");
-        }
+        same_as_cpu(&recipe, dir.path(), &format!("opt{i}"), |r| {
+            serde_json::to_value(&r.tensors).unwrap()
+        });
     }
 }
