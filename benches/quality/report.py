@@ -7,6 +7,13 @@ import statistics
 import merges
 
 ORDER = ["zero_shot", "fine_tuned", *merges.METHODS]
+# What the tables and plots call the benchmark and its per-task score (run_lm.py sets them).
+NAME, SCORE = "MiniLM-7", "accuracy"
+
+
+def configure(name, score):
+    global NAME, SCORE
+    NAME, SCORE = name, score
 
 
 def _mean_spread(xs):
@@ -81,6 +88,11 @@ def summarise(runs, tasks):
             paired = paired_difference(per_seed, tasks, m)
             if paired:
                 entry["vs_task_arithmetic"] = paired
+        # Issue 22 asks whether STA beats TIES too.
+        if m not in ("zero_shot", "fine_tuned", "ties"):
+            paired = paired_difference(per_seed, tasks, m, against="ties")
+            if paired:
+                entry["vs_ties"] = paired
         robust = _robustness(per_seed, m, tasks)
         if robust:
             entry["robustness"] = robust
@@ -105,24 +117,28 @@ def _robustness(runs, method, tasks):
     default). None when the runs hold no test accuracy for the grid."""
     per_seed = []
     for r in runs:
-        pts = [g for g in r.get("grid", {}).get(method, []) if "test" in g]
+        grid = r.get("grid", {}).get(method, [])
+        pts = [g for g in grid if "test" in g]
         if not pts:
             return None
         d0, l0 = merges.default_point(method)
         acc = {(g["density"], g["lambda"]): statistics.fmean(g["test"][t] for t in tasks) for g in pts}
         if (d0, l0) not in acc:
             return None
-        per_seed.append((min(acc.values()), max(acc.values()), acc[(d0, l0)], len(acc)))
+        # The grid's range only where every point has a test score (run_lm.py tests the default).
+        whole = len(pts) == len(grid)
+        per_seed.append((min(acc.values()) if whole else None, max(acc.values()) if whole else None, acc[(d0, l0)], len(grid)))
     if not per_seed:
         return None
     lo, hi, dflt, n = zip(*per_seed)
     dm, ds = _mean_spread(dflt)
     d0, l0 = merges.default_point(method)
+    whole = None not in lo
     return {
         "grid_points": max(n),
-        "test_min": round(statistics.fmean(lo), 2),
-        "test_max": round(statistics.fmean(hi), 2),
-        "test_range": round(statistics.fmean(h - l for h, l in zip(hi, lo)), 2),
+        "test_min": round(statistics.fmean(lo), 2) if whole else None,
+        "test_max": round(statistics.fmean(hi), 2) if whole else None,
+        "test_range": round(statistics.fmean(h - l for h, l in zip(hi, lo)), 2) if whole else None,
         # fisher has no λ (nor density): its grid is one point.
         "default": {} if merges.METHODS[method][0] == "fisher" else {merges.AXIS.get(method, "density"): d0, "lambda": l0},
         "at_default": round(dm, 2),
@@ -173,34 +189,37 @@ def markdown(summary, tasks):
         )
     lines += [
         "",
-        "Against task arithmetic (test, paired 95 % interval over test examples; a difference only where it excludes 0), and the masks of the chosen configuration (energy kept ‖m⊙τ‖²/‖τ‖², mean pairwise overlap |m_i∧m_j|/|m_i|):",
+        "Against task arithmetic and TIES (test, paired 95 % interval over test examples; a difference only where it excludes 0), and the masks of the chosen configuration (energy kept ‖m⊙τ‖²/‖τ‖², mean pairwise overlap |m_i∧m_j|/|m_i|):",
         "",
-        "| method | − task arithmetic (points) | 95 % interval | verdict | energy kept | overlap |",
-        "|---|---|---|---|---|---|",
+        "| method | − task arithmetic (points) | 95 % interval | verdict | − TIES (points) | 95 % interval | verdict | energy kept | overlap |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, e in summary["methods"].items():
-        p, mk = e.get("vs_task_arithmetic"), e.get("mask")
-        if not p and not mk:
+        p, q, mk = e.get("vs_task_arithmetic"), e.get("vs_ties"), e.get("mask")
+        if not p and not q and not mk:
             continue
-        cells = [f"{p['difference']:+.2f}", f"[{p['interval_95'][0]:+.2f}, {p['interval_95'][1]:+.2f}]", p["verdict"]] if p else ["", "", ""]
+        cells = []
+        for x in (p, q):
+            cells += [f"{x['difference']:+.2f}", f"[{x['interval_95'][0]:+.2f}, {x['interval_95'][1]:+.2f}]", x["verdict"]] if x else ["", "", ""]
         cells += [f"{mk['mean_energy_kept']:.3f}", f"{mk['mean_pairwise_overlap']:.3f}"] if mk else ["", ""]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     robust = {m: e["robustness"] for m, e in summary["methods"].items() if "robustness" in e}
     if robust:
         lines += [
             "",
-            "Robustness (test, 7-task mean, mean over seeds): the range over each method's validation grid, the untuned default (λ = 1), and the configuration chosen on validation:",
+            f"Robustness (test, {len(tasks)}-task mean, mean over seeds): the range over each method's validation grid, the untuned default (λ = 1), and the configuration chosen on validation:",
             "",
             "| method | grid points | test min | test max | range | default | at default | chosen (test avg) |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for m, rb in robust.items():
             dflt = ", ".join(f"{k} {v:g}" for k, v in rb["default"].items() if v is not None) or "—"
+            lo, hi, rg = ("—" if rb[k] is None else f"{rb[k]:.1f}" for k in ("test_min", "test_max", "test_range"))
             lines.append(
-                f"| {m} | {rb['grid_points']} | {rb['test_min']:.1f} | {rb['test_max']:.1f} | {rb['test_range']:.1f} | {dflt} | "
+                f"| {m} | {rb['grid_points']} | {lo} | {hi} | {rg} | {dflt} | "
                 f"{rb['at_default']:.1f} ± {rb['at_default_spread']:.1f} | {summary['methods'][m]['avg']:.1f} |"
             )
-    lines += ["", "Normalised (merged ÷ the task's fine-tuned accuracy, %):", ""]
+    lines += ["", f"Normalised (merged ÷ the task's fine-tuned {SCORE}, %):", ""]
     lines += lines[:2]
     for m, e in summary["methods"].items():
         cells = [f"{e['normalized_tasks'][t]:.1f}" for t in tasks]
@@ -214,7 +233,7 @@ def markdown(summary, tasks):
     return "\n".join(lines) + "\n"
 
 
-def plots(runs, summary, work):
+def plots(runs, summary, work, tasks):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,8 +285,8 @@ def plots(runs, summary, work):
             fig,
             ax,
             xlabel,
-            f"7-task mean {which} accuracy (%), λ chosen on validation",
-            f"MiniLM-7: accuracy vs {axis}",
+            f"{len(tasks)}-task mean {which} {SCORE} (%), λ chosen on validation",
+            f"{NAME}: {SCORE} vs {axis}",
             os.path.join(work, name),
         )
 
@@ -313,5 +332,5 @@ def write(runs, tasks, work, results_path, profile):
         json.dump(summary, f, indent=1)
     with open(os.path.join(work, "results.md"), "w") as f:
         f.write(markdown(summary, tasks))
-    plots(runs, summary, work)
+    plots(runs, summary, work, tasks)
     return summary

@@ -306,9 +306,12 @@ class Bench:
             density, lam, points = self.select(seed, method)
             if self.robustness:
                 # Robustness (issue 22): the test accuracy of every grid point, reported as a
-                # spread beside the chosen point; the choice above saw validation only.
+                # spread beside the chosen point ("default": of the untuned default only); the
+                # choice above saw validation only.
+                dflt = merges.default_point(method)
                 for d, lm in points:
-                    self.merge_eval(seed, method, d, lm, "test")
+                    if self.robustness != "default" or (d, lm) == dflt:
+                        self.merge_eval(seed, method, d, lm, "test")
             ev = self.evals(seed)
             grid_val[method] = [
                 {"density": d, "lambda": lm} | {k: ev[merges.config_name(method, d, lm)][k] for k in ("val", "test") if k in ev[merges.config_name(method, d, lm)]}
