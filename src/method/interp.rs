@@ -104,6 +104,11 @@ pub struct InterpSpec {
 // scalar as a float32 tensor, it is rounded to f32 once and mergekit's float32 operations follow
 // in its order; acos, sin and cos of scalars are computed in f64 from that f32 and rounded once.
 
+/// linear's divisor with `normalize`: `Σ w_k` in f32, in input order from +0.0.
+pub fn linear_div(weights: &[f32]) -> f32 {
+    weights.iter().fold(0f32, |a, w| a + w)
+}
+
 /// `f32(sqrt(d))`: a norm as mergekit's float32 `vector_norm` holds it, from an exact-order dot.
 pub fn norm32(d: f64) -> f32 {
     d.sqrt() as f32

@@ -10,6 +10,8 @@
 //! - `chunked.rs`: a group larger than the memory budget, in chunks with the same bits;
 //! - `sta.rs`: sta's `normalize_importance` divisors, from the model-wide passes;
 //! - `fisher.rs`: fisher's fuse (`kernels/fisher.cu`), in chunks;
+//! - `interp.rs`: the interpolating methods (`kernels/interp.cu`): device reductions, the CPU's
+//!   scalar functions between them, the element-wise pass;
 //! - `transfer.rs`: how bytes move (docs/STREAMING.md): pinned rings, the next group staged
 //!   while this one computes, the output copied back while the next call computes;
 //! - `layout.rs`: where each buffer lives in the device arena;
@@ -25,6 +27,7 @@ mod faults;
 pub mod fill;
 mod fisher;
 mod group;
+mod interp;
 mod layout;
 mod model;
 mod sta;
@@ -398,6 +401,14 @@ impl Compute for CudaBackend {
             });
             return leave(&mut w, r);
         }
+        if let Some(spec) = &f.interp {
+            let mut w = dev(self.enter())?;
+            let r = guarded(|| {
+                self.finish_pending(&mut w)?;
+                retry_smaller(|| self.interp_group(&mut w, g, f, spec, out))
+            });
+            return leave(&mut w, r);
+        }
         let normalized = self.sta_normalized(g, jobs, f)?;
         let jobs = normalized.as_deref().unwrap_or(jobs);
         let l1 = l1_scaled(g, jobs, f)?;
@@ -610,6 +621,11 @@ impl Backend for CudaBackend {
                 // Output at once, in chunks: fisher's fuse is its own short sequence.
                 self.merge_now(&mut w, &mut slot, |w, out| {
                     retry_smaller(|| self.fisher_group(w, g, f, out))
+                })?
+            } else if let Some(spec) = &f.interp {
+                // Output at once: the passes read the reductions back between them anyway.
+                self.merge_now(&mut w, &mut slot, |w, out| {
+                    retry_smaller(|| self.interp_group(w, g, f, spec, out))
                 })?
             } else {
                 retry_smaller(|| {
