@@ -14,8 +14,12 @@
 //   columns are read with the vector's stride, uncoalesced.
 // interp_write: one output element per thread step from the operands and the host's scalars:
 //   linear Σ w_k x_k (/ Σ w), slerp ca·a + cb·b, nuslerp per vector, nearswap, model_stock per
-//   vector, each with the CPU's f32 operations in its order (explicit _rn intrinsics, and the
-//   build has -fmad=false). Reads every used operand once, writes the output once.
+//   vector, multislerp from the unit vectors, mean and tangent, each with the CPU's f32
+//   operations in its order (explicit _rn intrinsics, and the build has -fmad=false). Reads every
+//   used operand once (multislerp: its inputs twice and the base 2k + 1 times, mostly from
+//   cache), writes the output once.
+// multislerp's passes 2 to 4 are interp_dots over its derived vectors (dots_rule), recomputed
+// per element from the inputs rather than kept in full-size buffers, as the CPU does.
 // Both check the inputs when asked (the method's first pass, as the CPU): a NaN or infinity
 // lowers *bad to (i << 8) | (slot << 1) | is_nan, the lowest index then the lowest slot winning,
 // the CPU's order (the base, then the inputs in order).
@@ -30,6 +34,15 @@
 #define INTERP_NUSLERP 2
 #define INTERP_NEARSWAP 3
 #define INTERP_MODEL_STOCK 4
+#define INTERP_MULTISLERP 5
+#define INTERP_MS_FALLBACK 6  // multislerp of two models whose mean direction is zero
+#define INTERP_COPY 7         // one input: itself
+
+// interp_dots' vectors (dots_rule): operand pairs, or multislerp's derived vectors.
+#define DOTS_PAIRS 0
+#define DOTS_MS_MEAN 1     // the weighted mean m of the unit vectors, m·m
+#define DOTS_MS_UNITS 2    // u_q·m̂ for each input q (npairs = k)
+#define DOTS_MS_TANGENT 3  // the weighted tangent t at m̂, t·t
 
 // One operand (src/backend/cuda/interp.rs `Operand`, 16 bytes); p is NULL when unused.
 struct InterpOperand {
@@ -43,7 +56,8 @@ struct InterpParams {
     const InterpOperand* ops;  // 1 + k: the base, then the inputs
     const float* weights;      // per input (linear)
     const int* pairs;          // 2 per pair: the operand slots of each dot
-    const float* coefs;        // 4 per vector (nuslerp: a, b, s, colinear; model_stock: t)
+    const float* coefs;        // 4 per vector (nuslerp: a, b, s, colinear; model_stock: t);
+                               // multislerp: 4 per input (|v_k| + eps, u_k·m̂)
     u64 at;                    // the tensor index of the piece's first element
     u64 n;                     // the piece's elements
     u64 count;                 // vectors in the tensor
@@ -59,7 +73,10 @@ struct InterpParams {
     int out_dtype;
     int npairs;
     int normalize;             // linear: divide by s0
-    float s0, s1;              // linear: Σw; slerp: ca, cb; nearswap: t
+    int dots_rule;             // DOTS_* (interp_dots)
+    int pad;
+    float s0, s1, s2, s3;      // linear: Σw; slerp: ca, cb; nearswap: t;
+                               // multislerp: |m|, cos |t|, sin |t| / |t|, the mean norm
 };
 
 __device__ __forceinline__ u64 interp_bad_word(u64 i, int slot, float v) {
@@ -81,6 +98,47 @@ __device__ __forceinline__ float interp_value(const InterpParams& p, int s, size
     const float x = load1(p.ops[s].p, p.ops[s].dtype, li);
     if (s == 0 || !p.minus_base) return x;
     return __fsub_rn(x, load1(p.ops[0].p, p.ops[0].dtype, li));
+}
+
+// multislerp (cpu/interp/sphere.rs), each value recomputed from the inputs with the CPU's f32
+// operations: the unit vector u_k = v_k / (|v_k| + eps); the weighted mean m = Σ u_k·w_k from
+// 0.0; the tangent t = Σ (u_k − (u_k·m̂)·m̂)·w_k from 0.0 at m̂ = m / |m|.
+__device__ __forceinline__ float ms_unit(const InterpParams& p, int k, size_t li) {
+    return __fdiv_rn(interp_value(p, 1 + k, li), p.coefs[4 * k]);
+}
+__device__ __forceinline__ float ms_mean(const InterpParams& p, size_t li) {
+    float m = 0.0f;
+    for (int k = 0; k < p.k; ++k) m = __fadd_rn(m, __fmul_rn(ms_unit(p, k, li), p.weights[k]));
+    return m;
+}
+__device__ __forceinline__ float ms_tangent(const InterpParams& p, size_t li, float mhat) {
+    float t = 0.0f;
+    for (int k = 0; k < p.k; ++k) {
+        const float d = __fsub_rn(ms_unit(p, k, li), __fmul_rn(p.coefs[4 * k + 1], mhat));
+        t = __fadd_rn(t, __fmul_rn(d, p.weights[k]));
+    }
+    return t;
+}
+
+// One lane's sum of dot q over multislerp's derived vectors: `count` elements from local index
+// li, `step` apart. Out of line and over the whole lane: the divisions' rare slow path is a call,
+// and the fewer values live across it, the fewer ptxas spills (inlined into interp_dots' loop
+// it spilled).
+__device__ __noinline__ double ms_lane(const InterpParams& p, int q, size_t li, size_t step, u64 count) {
+    double acc = 0.0;
+    for (u64 c = 0; c < count; ++c, li += step) {
+        float a, b;
+        if (p.dots_rule == DOTS_MS_MEAN) {
+            a = b = ms_mean(p, li);
+        } else if (p.dots_rule == DOTS_MS_UNITS) {
+            a = ms_unit(p, q, li);
+            b = __fdiv_rn(ms_mean(p, li), p.s0);
+        } else {
+            a = b = ms_tangent(p, li, __fdiv_rn(ms_mean(p, li), p.s0));
+        }
+        acc = __dadd_rn(acc, __dmul_rn(static_cast<double>(a), static_cast<double>(b)));
+    }
+    return acc;
 }
 
 // Grid: exactly the piece's units, block: exactly 256 threads. partials: npairs per block.
@@ -111,14 +169,20 @@ interp_dots(const InterpParams* params, u64 unit0, double* partials, u64* bad) {
         if (my_bad != ~0ULL) atomicMin(bad, my_bad);
     }
     for (int q = 0; q < p.npairs; ++q) {
-        const int sa = p.pairs[2 * q], sb = p.pairs[2 * q + 1];
         double acc = 0.0;
-        for (u64 j = l; j < len; j += INTERP_LANES) {
-            const size_t li = static_cast<size_t>(start + j * p.estride - p.at);
-            const float a = interp_value(p, sa, li);
-            const float b = interp_value(p, sb, li);
-            // The product of two f32 is exact in f64: only the additions round.
-            acc = __dadd_rn(acc, __dmul_rn(static_cast<double>(a), static_cast<double>(b)));
+        if (p.dots_rule == DOTS_PAIRS) {
+            const int sa = p.pairs[2 * q], sb = p.pairs[2 * q + 1];
+            for (u64 j = l; j < len; j += INTERP_LANES) {
+                const size_t li = static_cast<size_t>(start + j * p.estride - p.at);
+                const float a = interp_value(p, sa, li);
+                const float b = interp_value(p, sb, li);
+                // The product of two f32 is exact in f64: only the additions round.
+                acc = __dadd_rn(acc, __dmul_rn(static_cast<double>(a), static_cast<double>(b)));
+            }
+        } else if (static_cast<u64>(l) < len) {
+            const u64 count = (len - l + INTERP_LANES - 1) / INTERP_LANES;
+            acc = ms_lane(p, q, static_cast<size_t>(start + l * p.estride - p.at),
+                          static_cast<size_t>(INTERP_LANES * p.estride), count);
         }
         lane_sum[l] = acc;
         __syncthreads();
@@ -146,7 +210,19 @@ __device__ __forceinline__ float interp_one(const InterpParams& p, size_t li, u6
         }
         return p.normalize ? __fdiv_rn(acc, p.s0) : acc;
     }
+    if (rule == INTERP_COPY) return load1(p.ops[1].p, p.ops[1].dtype, li);
     const float b = p.ops[0].p != nullptr ? load1(p.ops[0].p, p.ops[0].dtype, li) : 0.0f;
+    if (rule == INTERP_MULTISLERP) {
+        const float mhat = __fdiv_rn(ms_mean(p, li), p.s0);
+        const float t = ms_tangent(p, li, mhat);
+        const float r = __fmul_rn(__fadd_rn(__fmul_rn(mhat, p.s1), __fmul_rn(t, p.s2)), p.s3);
+        return p.minus_base ? __fadd_rn(r, b) : r;
+    }
+    if (rule == INTERP_MS_FALLBACK) {
+        const float r = __fadd_rn(__fmul_rn(interp_value(p, 1, li), p.weights[0]),
+                                  __fmul_rn(interp_value(p, 2, li), p.weights[1]));
+        return p.minus_base ? __fadd_rn(r, b) : r;
+    }
     if (rule == INTERP_SLERP) {
         const float x = load1(p.ops[1].p, p.ops[1].dtype, li);
         return __fadd_rn(__fmul_rn(p.s0, b), __fmul_rn(p.s1, x));

@@ -852,9 +852,8 @@ fn plan_shows_each_model_s_values_and_cuda_refuses_before_any_work() {
         .unwrap();
     // The base's weight, then each task's: the gradient's end at layer 1 of 2.
     assert!(line.ends_with("weight=2,1,1"), "{line}");
-    // linear has CUDA kernels (tests/gpu/interp.rs compares them with the CPU); karcher,
-    // multislerp and arcee_fusion do not: --device cuda refuses them by name before the output
-    // folder exists.
+    // linear has CUDA kernels (tests/gpu/interp.rs compares them with the CPU); karcher and
+    // arcee_fusion do not: --device cuda refuses them by name before the output folder exists.
     assert_eq!(stamerge::cuda_lacks(&plan), None);
     let p = d.join("k.yml");
     std::fs::write(

@@ -34,16 +34,43 @@ static void interp_geometry(InterpParams& p, int kind, size_t n, size_t a) {
     p.cpv = (p.vlen + 65535) / 65536;
 }
 
+// multislerp's derived values (cpu/interp/sphere.rs), restated.
+static float ref_ms_unit(const InterpCase& c, int k, size_t i) {
+    float x = c.ops[1 + k].v[i];
+    if (c.p.minus_base) x = x - c.ops[0].v[i];
+    return x / c.p.coefs[4 * k];
+}
+static float ref_ms_mean(const InterpCase& c, size_t i) {
+    float m = 0.0f;
+    for (int k = 0; k < c.p.k; ++k) m += ref_ms_unit(c, k, i) * c.p.weights[k];
+    return m;
+}
+static float ref_ms_tangent(const InterpCase& c, size_t i, float mh) {
+    float t = 0.0f;
+    for (int k = 0; k < c.p.k; ++k) t += (ref_ms_unit(c, k, i) - c.p.coefs[4 * k + 1] * mh) * c.p.weights[k];
+    return t;
+}
+// The two factors of dot q at element i under the case's dots_rule.
+static void ref_factors(const InterpCase& c, int q, size_t i, float& a, float& b) {
+    const InterpParams& p = c.p;
+    auto val = [&](int s) { float x = c.ops[s].v[i]; return (s == 0 || !p.minus_base) ? x : x - c.ops[0].v[i]; };
+    if (p.dots_rule == DOTS_PAIRS) { a = val(p.pairs[2 * q]); b = val(p.pairs[2 * q + 1]); }
+    else if (p.dots_rule == DOTS_MS_MEAN) { a = b = ref_ms_mean(c, i); }
+    else if (p.dots_rule == DOTS_MS_UNITS) { a = ref_ms_unit(c, q, i); b = ref_ms_mean(c, i) / p.s0; }
+    else { a = b = ref_ms_tangent(c, i, ref_ms_mean(c, i) / p.s0); }
+}
+
 // The CPU's reduce of one unit: lanes j = l, l + 256, … of the unit's elements, then halving.
-static double ref_unit_dot(const InterpCase& c, int sa, int sb, bool minus, u64 u) {
+static double ref_unit_dot(const InterpCase& c, int q, u64 u) {
     const InterpParams& p = c.p;
     u64 v = p.col_major ? u % p.count : u / p.cpv, ch = p.col_major ? u / p.count : u % p.cpv;
     u64 first = ch * 65536, len = std::min<u64>(65536, p.vlen - first), start = v * p.vstep + first * p.estride;
-    auto val = [&](int s, size_t i) { float x = c.ops[s].v[i]; return (s == 0 || !minus) ? x : x - c.ops[0].v[i]; };
     double lane[256] = {0};
     for (u64 j = 0; j < len; ++j) {
         size_t i = start + j * p.estride;
-        lane[j % 256] += (double)val(sa, i) * (double)val(sb, i);
+        float a, b;
+        ref_factors(c, q, i, a, b);
+        lane[j % 256] += (double)a * (double)b;
     }
     for (int st = 128; st >= 1; st >>= 1) for (int l = 0; l < st; ++l) lane[l] += lane[l + st];
     return lane[0];
@@ -67,7 +94,7 @@ static void test_interp_dots() {
         launch((unsigned)units, 256, interp_dots, (const InterpParams*)&c.p, (u64)0, parts.data(), &bad);
         CHECK(bad == ~0ULL, "interp_dots: a bad word %llx on finite inputs", (unsigned long long)bad);
         for (u64 u = 0; u < units; ++u) for (int q = 0; q < 6; ++q) {
-            double want = ref_unit_dot(c, pairs[2 * q], pairs[2 * q + 1], minus, u);
+            double want = ref_unit_dot(c, q, u);
             CHECK(std::memcmp(&want, &parts[u * 6 + q], 8) == 0, "interp_dots kind %d n %zu unit %llu pair %d: %a vs %a", g.kind, g.n, (unsigned long long)u, q, parts[u * 6 + q], want);
         }
         // The last units alone, as a piece whose operands start at its first element.
@@ -100,6 +127,27 @@ static void test_interp_dots() {
         }
         ++cases;
     }
+    // multislerp's derived vectors: the mean, the units against the mean's direction, the
+    // tangent, over a tensor of two units.
+    for (int minus = 0; minus < 2; ++minus) for (int rule = DOTS_MS_MEAN; rule <= DOTS_MS_TANGENT; ++rule) {
+        const int k = 3;
+        InterpCase c = interp_case(70007, k);
+        interp_geometry(c.p, 0, 70007, 0);
+        std::vector<float> w = {0.5f, 0.2f, 0.3f}, per(4 * k);
+        for (int q = 0; q < k; ++q) { per[4 * q] = unif(50, 300); per[4 * q + 1] = unif(-1, 1); }
+        c.p.weights = w.data(); c.p.coefs = per.data();
+        c.p.dots_rule = rule; c.p.npairs = rule == DOTS_MS_UNITS ? k : 1; c.p.minus_base = minus;
+        c.p.s0 = 0.7f;
+        const int m = c.p.npairs;
+        std::vector<double> parts(2 * m);
+        u64 bad = ~0ULL;
+        launch(2u, 256, interp_dots, (const InterpParams*)&c.p, (u64)0, parts.data(), &bad);
+        for (u64 u = 0; u < 2; ++u) for (int q = 0; q < m; ++q) {
+            double want = ref_unit_dot(c, q, u);
+            CHECK(std::memcmp(&want, &parts[u * m + q], 8) == 0, "interp_dots multislerp rule %d unit %llu dot %d: %a vs %a", rule, (unsigned long long)u, q, parts[u * m + q], want);
+        }
+        ++cases;
+    }
     std::printf("interp_dots: %d cases\n", cases);
 }
 
@@ -113,6 +161,17 @@ static float ref_interp(const InterpCase& c, int rule, size_t i, const std::vect
         return p.normalize ? acc / p.s0 : acc;
     }
     if (rule == INTERP_SLERP) return p.s0 * b + p.s1 * c.ops[1].v[i];
+    if (rule == INTERP_COPY) return c.ops[1].v[i];
+    auto task = [&](int s) { float x = c.ops[s].v[i]; return p.minus_base ? x - b : x; };
+    if (rule == INTERP_MS_FALLBACK) {
+        float r = task(1) * p.weights[0] + task(2) * p.weights[1];
+        return p.minus_base ? r + b : r;
+    }
+    if (rule == INTERP_MULTISLERP) {
+        float mh = ref_ms_mean(c, i) / p.s0;
+        float r = (mh * p.s1 + ref_ms_tangent(c, i, mh) * p.s2) * p.s3;
+        return p.minus_base ? r + b : r;
+    }
     if (rule == INTERP_NEARSWAP) {
         float x = c.ops[1].v[i];
         float w = std::clamp((1.0f / std::max(std::fabs(b - x), 1e-6f)) * p.s0, 0.0f, 1.0f);
@@ -133,16 +192,18 @@ static float ref_interp(const InterpCase& c, int rule, size_t i, const std::vect
 
 static void test_interp_write() {
     int cases = 0;
-    for (int rule = 0; rule <= 4; ++rule) for (int kind = 0; kind < 3; ++kind) for (int out_dt : {DT_F32, DT_F16, DT_BF16}) {
+    for (int rule = 0; rule <= INTERP_COPY; ++rule) for (int kind = 0; kind < 3; ++kind) for (int out_dt : {DT_F32, DT_F16, DT_BF16}) {
         const size_t n = 1001 * 3;
-        const int k = rule == INTERP_SLERP || rule == INTERP_NEARSWAP ? 1 : rule == INTERP_NUSLERP ? 2 : 3;
+        const int k = rule == INTERP_SLERP || rule == INTERP_NEARSWAP || rule == INTERP_COPY ? 1
+                    : rule == INTERP_NUSLERP || rule == INTERP_MS_FALLBACK ? 2 : 3;
         InterpCase c = interp_case(n, k);
         interp_geometry(c.p, kind, n, kind == 2 ? 3 : 1001);
         // nearswap: some pairs equal or within 1e-6, some far apart.
         if (rule == INTERP_NEARSWAP) for (size_t i = 0; i < n; i += 3) c.ops[1].set(i, c.ops[0].v[i] + (i % 2 ? 0.0f : 3e-7f));
         std::vector<float> w = {0.7f, -0.2f, 1.3f};
-        std::vector<float> coefs(4 * c.p.count);
-        for (size_t v = 0; v < c.p.count; ++v) {
+        // per vector (nuslerp, model_stock) or per input (multislerp: |v_k| + eps, u_k·m̂)
+        std::vector<float> coefs(4 * std::max<size_t>(c.p.count, k));
+        for (size_t v = 0; v < coefs.size() / 4; ++v) {
             coefs[4 * v] = unif(-1, 1); coefs[4 * v + 1] = unif(-1, 1); coefs[4 * v + 2] = unif(0.1f, 1);
             coefs[4 * v + 3] = v % 3 == 0 ? 1.0f : 0.0f;
         }
@@ -154,6 +215,8 @@ static void test_interp_write() {
         c.p.minus_base = kind != 2;
         c.p.s0 = rule == INTERP_LINEAR ? 0.7f - 0.2f + 1.3f : rule == INTERP_NEARSWAP ? 4e-7f : 0.3f;
         c.p.s1 = 0.8f;
+        c.p.s2 = 0.45f;
+        c.p.s3 = 1.7f;
         c.p.check = 1;
         Tensor out(out_dt, n);
         u64 bad = ~0ULL;

@@ -27,6 +27,8 @@ fn recipes() -> Vec<(&'static str, String)> {
         ("nuslerp-cols", format!("merge_method: nuslerp\nparameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}\nmodels:\n{nus}")),
         ("nearswap", "merge_method: nearswap\nbase_model: base\nmodels:\n  - model: task_0\nparameters: {t: 0.01}\n".into()),
         ("model_stock", format!("merge_method: model_stock\nbase_model: base\nmodels:\n{MODELS_3}")),
+        ("multislerp", "merge_method: multislerp\nbase_model: base\nmodels:\n  - model: task_0\n    parameters: {weight: 0.5}\n  - model: task_1\n    parameters: {weight: 0.3}\n  - model: task_2\n    parameters: {weight: 0.2}\n".into()),
+        ("multislerp-nobase", "merge_method: multislerp\nparameters: {normalize_weights: false}\nmodels:\n  - model: task_0\n    parameters: {weight: 0.6}\n  - model: task_1\n    parameters: {weight: 0.6}\n".into()),
         ("model_stock-rows", format!("merge_method: model_stock\nbase_model: base\nparameters: {{filter_wise: true}}\nmodels:\n{MODELS_3}")),
     ]
 }
@@ -138,6 +140,7 @@ fn interp_pieces_match_cpu() {
         ("nuslerp-rows".into(), format!("merge_method: nuslerp\nbase_model: base\nparameters: {{nuslerp_flatten: false}}\nmodels:\n{nus}"), Vectors::Rows { len: 100_000 }),
         ("nuslerp-cols".into(), format!("merge_method: nuslerp\nparameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}\nmodels:\n{nus}"), Vectors::Columns { len: 100_000, stride: 2 }),
         ("model_stock".into(), format!("merge_method: model_stock\nbase_model: base\nmodels:\n{MODELS_3}"), Vectors::Whole),
+        ("multislerp".into(), format!("merge_method: multislerp\nbase_model: base\nmodels:\n{MODELS_3}"), Vectors::Whole),
         ("linear".into(), format!("merge_method: linear\nmodels:\n  - model: base\n    parameters: {{weight: 0.7}}\n{MODELS_3}"), Vectors::Whole),
     ];
     for (label, text, vectors) in cases {
@@ -195,6 +198,53 @@ fn interp_pieces_match_cpu() {
                     "{label} ({pieces} pieces)"
                 );
             }
+        }
+    }
+}
+
+/// multislerp's edge cases (cpu/interp/sphere.rs): two opposite models of equal weight, whose
+/// directions' mean is zero (the weighted sum instead), and three whose mean is zero (an error):
+/// the CPU's bytes and the CPU's error, in one piece and in several.
+#[test]
+#[ignore = "needs a GPU: cargo test --test gpu -- --include-ignored (or scripts/emu-gpu-tests.sh)"]
+fn multislerp_zero_mean_matches_cpu() {
+    let cpu = CpuBackend::new();
+    let small = budget_gpu(CHUNKED * 5 / 2);
+    let dir = tempfile::tempdir().unwrap();
+    synth(dir.path(), FloatType::F32, FloatType::F32, 3);
+    let n = 140_000;
+    let ty = FloatType::F32;
+    let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.01).sin()).collect();
+    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let neg: Vec<f32> = x.iter().map(|v| -v).collect();
+    // The base is zero, so the task vectors are the models, exactly opposite.
+    let zero = vec![0f32; n];
+    for (models, w) in [(2, "1.0"), (3, "1.0")] {
+        let text = format!(
+            "merge_method: multislerp\nbase_model: base\nmodels:\n{}",
+            (0..models)
+                .map(|t| format!("  - model: task_{t}\n    parameters: {{weight: {w}}}\n"))
+                .collect::<String>()
+        );
+        let f = planned_fuse(dir.path(), &text, Vectors::Whole);
+        // Three models: x, −x and 0·x (a zero vector is a unit vector of zeros).
+        let mut data = vec![bytes(&zero), bytes(&x), bytes(&neg)];
+        if models == 3 {
+            data.push(bytes(&zero));
+        }
+        let g = group(n, ty, &data);
+        let jobs = vec![MaskJob::All; models];
+        let mut want = vec![0u8; n * f.out.size()];
+        let rc = cpu.merge_group(&g, &jobs, &f, &mut want).map(|_| ());
+        assert_eq!(rc.is_ok(), models == 2, "{rc:?}");
+        for b in [gpu(), &small] {
+            let mut got = vec![0u8; n * f.out.size()];
+            let rg = b.merge_group(&g, &jobs, &f, &mut got).map(|_| ());
+            assert_eq!(format!("{rg:?}"), format!("{rc:?}"), "{models} models");
+            assert!(
+                got == want || rc.is_err(),
+                "{models} models: output differs"
+            );
         }
     }
 }

@@ -8,13 +8,16 @@
 //! A tensor whose inputs do not fit the arena runs in pieces of consecutive elements: for a
 //! method with reductions, each piece holds whole units (a unit is never split, so its partial
 //! is the CPU's), every piece's partials are gathered, then every piece is uploaded again for
-//! the element-wise pass; a single piece is uploaded once for both passes. Vectors along the
+//! the element-wise pass; a single piece is uploaded once for all passes. Vectors along the
 //! first dimension (nuslerp's `nuslerp_row_wise`) are split by rows of 65 536-element chunks
 //! only; a budget below one such chunk row (or one unit of 65 536 elements) is refused, naming
 //! the budget needed.
 //!
-//! multislerp, karcher and arcee_fusion have no kernels yet: `run.rs` refuses them before any
-//! work (`MethodKind::has_cuda_kernels`), and this file answers `Unsupported` if asked.
+//! multislerp's later passes reduce derived vectors (unit vectors, their weighted mean, the
+//! tangent), which the kernels recompute per element from the inputs, as the CPU does.
+//!
+//! karcher and arcee_fusion have no kernels yet: `run.rs` refuses them before any work
+//! (`MethodKind::has_cuda_kernels`), and this file answers `Unsupported` if asked.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -34,6 +37,15 @@ const SLERP: i32 = 1;
 const NUSLERP: i32 = 2;
 const NEARSWAP: i32 = 3;
 const MODEL_STOCK: i32 = 4;
+const MULTISLERP: i32 = 5;
+const MS_FALLBACK: i32 = 6;
+const COPY: i32 = 7;
+
+/// `interp_dots`' vectors (kernels/interp.cu `DOTS_*`).
+const PAIRS: i32 = 0;
+const MS_MEAN: i32 = 1;
+const MS_UNITS: i32 = 2;
+const MS_TANGENT: i32 = 3;
 
 /// One operand of the kernels (kernels/interp.cu `InterpOperand`, 16 bytes).
 #[repr(C)]
@@ -44,7 +56,7 @@ struct OperandDesc {
     pad: i32,
 }
 
-/// Everything one launch reads (kernels/interp.cu `InterpParams`, 128 bytes).
+/// Everything one launch reads (kernels/interp.cu `InterpParams`, 144 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -67,12 +79,13 @@ struct Params {
     out_dtype: i32,
     npairs: i32,
     normalize: i32,
-    s0: f32,
-    s1: f32,
+    dots_rule: i32,
+    pad: i32,
+    s: [f32; 4],
 }
 
 const _: () = assert!(std::mem::size_of::<OperandDesc>() == 16);
-const _: () = assert!(std::mem::size_of::<Params>() == 128);
+const _: () = assert!(std::mem::size_of::<Params>() == 144);
 
 /// Where a method's vectors lie (cpu/interp.rs `vector_span`): vector v's element j is tensor
 /// index `v·vstep + j·estride`; its units are its chunks of `CHUNK` elements.
@@ -155,8 +168,12 @@ struct Job<'a> {
     operands: Vec<Operand>,
     /// Per kernel slot (0 the base, 1 + k input k): its index in `operands`.
     slots: Vec<Option<usize>>,
-    /// The dots of the reduction pass, as operand slot pairs.
+    /// The dots of the first reduction pass, as operand slot pairs.
     pairs: Vec<[i32; 2]>,
+    /// The most dots of one unit in any reduction pass.
+    max_dots: usize,
+    /// Per input, its weight as the kernels read it (multislerp's normalised).
+    weights: Vec<f32>,
     /// The inputs are task vectors `x − base` in the dots (and in nuslerp's write pass).
     minus_base: bool,
     out: crate::dtype::FloatType,
@@ -187,8 +204,20 @@ impl<'a> Job<'a> {
     /// The passes' constants of method `spec` on `g`.
     fn new(g: &Group, f: &FuseSpec, spec: &'a InterpSpec) -> BResult<Self> {
         let k = spec.inputs.len();
+        // One input of multislerp is copied as it is, its base neither read nor checked.
+        let copy = matches!(spec.rule, Interp::Multislerp { .. }) && k == 1;
+        let uses_base = spec.uses_base && !copy;
+        let mut weights = spec.weights.clone();
         let (pairs, minus_base): (Vec<[i32; 2]>, bool) = match spec.rule {
             Interp::Linear { .. } | Interp::Nearswap { .. } => (vec![], false),
+            Interp::Multislerp { .. } if copy => (vec![], false),
+            // The norms first; the later passes' dots are of derived vectors (k at most).
+            Interp::Multislerp {
+                normalize_weights, ..
+            } => {
+                weights = m::multislerp_weights(&spec.weights, normalize_weights);
+                ((1..=k as i32).map(|s| [s, s]).collect(), uses_base)
+            }
             // slerp's dots are of the base (slot 0) and the model (slot 1) themselves.
             Interp::Slerp { .. } => (vec![[0, 0], [1, 1], [0, 1]], false),
             Interp::Nuslerp { .. } => (vec![[1, 1], [2, 2], [1, 2]], spec.uses_base),
@@ -199,16 +228,15 @@ impl<'a> Job<'a> {
                     .collect(),
                 true,
             ),
-            Interp::Multislerp { .. } | Interp::Karcher { .. } | Interp::ArceeFusion => {
+            Interp::Karcher { .. } | Interp::ArceeFusion => {
                 return Err(BackendError::Device(DeviceError::Unsupported(
-                    "multislerp, karcher and arcee_fusion have no CUDA kernels yet: merge with \
-                     --device cpu"
+                    "karcher and arcee_fusion have no CUDA kernels yet: merge with --device cpu"
                         .into(),
                 )))
             }
         };
         let mut operands: Vec<Operand> = Vec::new();
-        if spec.uses_base || spec.inputs.contains(&Operand::Base) {
+        if uses_base || spec.inputs.contains(&Operand::Base) {
             operands.push(Operand::Base);
         }
         for t in 0..g.tasks.len() {
@@ -217,18 +245,16 @@ impl<'a> Job<'a> {
             }
         }
         let pos = |o: Operand| operands.iter().position(|&x| x == o);
-        let mut slots = vec![if spec.uses_base {
-            pos(Operand::Base)
-        } else {
-            None
-        }];
+        let mut slots = vec![if uses_base { pos(Operand::Base) } else { None }];
         slots.extend(spec.inputs.iter().map(|&o| pos(o)));
         Ok(Job {
             spec,
             geo: Geom::of(spec.vectors, g.n),
             slots,
             operands,
+            max_dots: pairs.len(),
             pairs,
+            weights,
             minus_base,
             out: f.out,
         })
@@ -247,7 +273,7 @@ impl Job<'_> {
         PieceLayout {
             inputs,
             out: l.take(len * self.out.size()),
-            partials: l.take(units * self.pairs.len() * 8),
+            partials: l.take(units * self.max_dots * 8),
             coefs: l.take(self.coef_count() * 16),
             ops: l.take((k + 1) * std::mem::size_of::<OperandDesc>()),
             weights: l.take(k * 4),
@@ -262,6 +288,8 @@ impl Job<'_> {
     fn coef_count(&self) -> usize {
         match self.spec.rule {
             Interp::Nuslerp { .. } | Interp::ModelStock => self.geo.count,
+            // (per input: multislerp's reductions are over the whole tensor)
+            Interp::Multislerp { .. } => self.spec.inputs.len(),
             _ => 0,
         }
     }
@@ -285,7 +313,7 @@ impl Job<'_> {
     /// reductions, runs of whole units; otherwise any multiple of `GRANULE`.
     fn pieces(&self, g: &Group, budget: usize) -> BResult<Vec<Piece>> {
         let n = g.n;
-        if self.pairs.is_empty() {
+        if self.max_dots == 0 {
             let len = chunk_len(g.name, n, GRANULE, budget, |len| {
                 Ok(self.layout(g, len, 0).bytes)
             })?;
@@ -341,19 +369,47 @@ impl Job<'_> {
     }
 }
 
-/// What one launch of a piece computes.
-enum Pass<'a> {
-    /// The pairs' dots of every unit; `check`: the inputs are checked too.
-    Dots { check: bool },
-    /// The output, with `interp_write`'s rule and scalars and the per-vector coefficients.
-    Write {
-        rule: i32,
-        check: bool,
-        s: (f32, f32),
-        normalize: bool,
-        coefs: &'a [[f32; 4]],
-        out: &'a mut [u8],
-    },
+/// What one launch of a piece computes: a reduction pass (`dots`: its `DOTS_*` rule and dots
+/// per unit) or the write pass (`rule`), with the scalars and coefficients the kernels read.
+#[derive(Clone, Copy)]
+struct PassArgs<'a> {
+    dots: Option<(i32, usize)>,
+    rule: i32,
+    check: bool,
+    s: [f32; 4],
+    normalize: bool,
+    coefs: &'a [[f32; 4]],
+}
+
+impl<'a> PassArgs<'a> {
+    fn dots(rule: i32, npairs: usize, check: bool, s: [f32; 4], coefs: &'a [[f32; 4]]) -> Self {
+        Self {
+            dots: Some((rule, npairs)),
+            rule: 0,
+            check,
+            s,
+            normalize: false,
+            coefs,
+        }
+    }
+
+    fn write(rule: i32, check: bool, s: [f32; 4], coefs: &'a [[f32; 4]]) -> Self {
+        Self {
+            dots: None,
+            rule,
+            check,
+            s,
+            normalize: false,
+            coefs,
+        }
+    }
+}
+
+/// One tensor's run: its constants, its pieces, and which piece's inputs are in the arena.
+struct Run<'a> {
+    job: Job<'a>,
+    pieces: Vec<Piece>,
+    resident: Option<usize>,
 }
 
 impl Gpu {
@@ -408,36 +464,33 @@ impl CudaBackend {
         let k = spec.inputs.len();
         let job = Job::new(g, f, spec)?;
         let pieces = job.pieces(g, w.arena.limit())?;
-        let single = pieces.len() == 1;
-        let write =
-            |coefs: &[[f32; 4]], rule, check, s, normalize, w: &mut Work, out: &mut [u8]| {
-                let osz = f.out.size();
-                for p in &pieces {
-                    let pass = Pass::Write {
-                        rule,
-                        check,
-                        s,
-                        normalize,
-                        coefs,
-                        out: &mut out[p.at * osz..(p.at + p.len) * osz],
-                    };
-                    self.interp_piece(w, g, &job, p, !single || job.pairs.is_empty(), pass)?;
-                }
-                Ok::<(), BackendError>(())
-            };
+        let r = &mut Run {
+            job,
+            pieces,
+            resident: None,
+        };
+        let pairs = PassArgs::dots(PAIRS, r.job.pairs.len(), true, [0.0; 4], &[]);
         match spec.rule {
             Interp::Linear { normalize } => {
                 let div = m::linear_div(&spec.weights);
-                write(&[], LINEAR, true, (div, 0.0), normalize, w, out)?;
+                let a = PassArgs {
+                    normalize,
+                    ..PassArgs::write(LINEAR, true, [div, 0.0, 0.0, 0.0], &[])
+                };
+                self.interp_write(w, g, r, a, out)?;
             }
-            Interp::Nearswap { t } => write(&[], NEARSWAP, true, (t, 0.0), false, w, out)?,
+            Interp::Nearswap { t } => {
+                let a = PassArgs::write(NEARSWAP, true, [t, 0.0, 0.0, 0.0], &[]);
+                self.interp_write(w, g, r, a, out)?;
+            }
             Interp::Slerp { t } => {
-                let d = self.interp_dots(w, g, &job, &pieces)?;
+                let d = self.interp_dots(w, g, r, pairs)?;
                 let (ca, cb) = m::slerp_coefs(d[0][0], d[0][1], d[0][2], t);
-                write(&[], SLERP, false, (ca, cb), false, w, out)?;
+                let a = PassArgs::write(SLERP, false, [ca, cb, 0.0, 0.0], &[]);
+                self.interp_write(w, g, r, a, out)?;
             }
             Interp::Nuslerp { t } => {
-                let d = self.interp_dots(w, g, &job, &pieces)?;
+                let d = self.interp_dots(w, g, r, pairs)?;
                 let coefs: Vec<[f32; 4]> = d
                     .iter()
                     .map(|d| {
@@ -445,20 +498,29 @@ impl CudaBackend {
                         [c.a, c.b, c.s, if c.colinear { 1.0 } else { 0.0 }]
                     })
                     .collect();
-                write(&coefs, NUSLERP, false, (0.0, 0.0), false, w, out)?;
+                self.interp_write(
+                    w,
+                    g,
+                    r,
+                    PassArgs::write(NUSLERP, false, [0.0; 4], &coefs),
+                    out,
+                )?;
             }
             Interp::ModelStock => {
-                let d = self.interp_dots(w, g, &job, &pieces)?;
+                let d = self.interp_dots(w, g, r, pairs)?;
                 let pair = |a: usize, b: usize| a * k - a * (a + 1) / 2 + b;
                 let coefs: Vec<[f32; 4]> = d
                     .iter()
                     .map(|d| [m::model_stock_t(k, |a, b| d[pair(a, b)]), 0.0, 0.0, 0.0])
                     .collect();
-                write(&coefs, MODEL_STOCK, false, (0.0, 0.0), false, w, out)?;
+                let a = PassArgs::write(MODEL_STOCK, false, [0.0; 4], &coefs);
+                self.interp_write(w, g, r, a, out)?;
             }
-            Interp::Multislerp { .. } | Interp::Karcher { .. } | Interp::ArceeFusion => {
-                unreachable!("refused above")
+            Interp::Multislerp { .. } if k == 1 => {
+                self.interp_write(w, g, r, PassArgs::write(COPY, true, [0.0; 4], &[]), out)?;
             }
+            Interp::Multislerp { eps, .. } => self.multislerp(w, g, r, eps, out)?,
+            Interp::Karcher { .. } | Interp::ArceeFusion => unreachable!("refused by Job::new"),
         }
         let kept = TaskStats {
             kept: g.n as u64,
@@ -470,23 +532,62 @@ impl CudaBackend {
         })
     }
 
-    /// The reduction pass over every piece: per vector its pairs' dots, the units added in
-    /// chunk order from 0.0 (cpu/interp.rs `reduce`). Checks the inputs; pieces go in element
-    /// order, so the first piece with a bad value holds the lowest one.
+    /// multislerp's five passes (cpu/interp/sphere.rs `multislerp`): the norms, the weighted
+    /// mean's norm, each unit vector's dot with the mean's direction, the tangent's norm (the
+    /// derived vectors recomputed per element by the kernels), then the output.
+    fn multislerp(
+        &self,
+        w: &mut Work,
+        g: &Group,
+        r: &mut Run,
+        eps: f32,
+        out: &mut [u8],
+    ) -> BResult<()> {
+        let k = r.job.spec.inputs.len();
+        let d = self.interp_dots(w, g, r, PassArgs::dots(PAIRS, k, true, [0.0; 4], &[]))?;
+        let (norms, den) = m::multislerp_norms(&d[0], eps);
+        let mut per: Vec<[f32; 4]> = den.iter().map(|&x| [x, 0.0, 0.0, 0.0]).collect();
+        let d = self.interp_dots(w, g, r, PassArgs::dots(MS_MEAN, 1, false, [0.0; 4], &per))?;
+        let mean_norm = m::norm32(d[0][0]);
+        if mean_norm < eps {
+            if k == 2 {
+                let a = PassArgs::write(MS_FALLBACK, false, [0.0; 4], &per);
+                return self.interp_write(w, g, r, a, out);
+            }
+            return Err(BackendError::Device(DeviceError::Unsupported(
+                m::MULTISLERP_ZERO_MEAN.into(),
+            )));
+        }
+        let s = [mean_norm, 0.0, 0.0, 0.0];
+        let d = self.interp_dots(w, g, r, PassArgs::dots(MS_UNITS, k, false, s, &per))?;
+        for (p, &x) in per.iter_mut().zip(&d[0]) {
+            p[1] = x as f32;
+        }
+        let d = self.interp_dots(w, g, r, PassArgs::dots(MS_TANGENT, 1, false, s, &per))?;
+        let (c, q) = m::multislerp_exp(d[0][0], eps);
+        let avg = m::multislerp_scale(&norms, &r.job.weights);
+        let a = PassArgs::write(MULTISLERP, false, [mean_norm, c, q, avg], &per);
+        self.interp_write(w, g, r, a, out)
+    }
+
+    /// A reduction pass over every piece: per vector its dots, the units added in chunk order
+    /// from 0.0 (cpu/interp.rs `reduce`). When it checks the inputs, the first piece with a bad
+    /// value holds the lowest one (pieces go in element order).
     fn interp_dots(
         &self,
         w: &mut Work,
         g: &Group,
-        job: &Job,
-        pieces: &[Piece],
+        r: &mut Run,
+        a: PassArgs,
     ) -> BResult<Vec<Vec<f64>>> {
-        let m = job.pairs.len();
-        let mut out = vec![vec![0f64; m]; job.geo.count];
-        for p in pieces {
-            let parts = self.interp_piece(w, g, job, p, true, Pass::Dots { check: true })?;
-            for (i, r) in parts.chunks_exact(m).enumerate() {
-                let v = job.geo.vector_of_unit(p.unit0 + i);
-                for (o, x) in out[v].iter_mut().zip(r) {
+        let m = a.dots.map_or(0, |d| d.1);
+        let mut out = vec![vec![0f64; m]; r.job.geo.count];
+        for i in 0..r.pieces.len() {
+            let p = r.pieces[i];
+            let parts = self.interp_piece(w, g, r, i, a, None)?;
+            for (u, d) in parts.chunks_exact(m).enumerate() {
+                let v = r.job.geo.vector_of_unit(p.unit0 + u);
+                for (o, x) in out[v].iter_mut().zip(d) {
                     *o += x;
                 }
             }
@@ -494,29 +595,49 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// One launch over piece `p` (its inputs uploaded first with `upload`, else still in the
-    /// arena from the previous pass); returns the dots pass's partials, unit by unit.
+    /// The write pass over every piece into `out`.
+    fn interp_write(
+        &self,
+        w: &mut Work,
+        g: &Group,
+        r: &mut Run,
+        a: PassArgs,
+        out: &mut [u8],
+    ) -> BResult<()> {
+        let osz = r.job.out.size();
+        for i in 0..r.pieces.len() {
+            let p = r.pieces[i];
+            let o = &mut out[p.at * osz..(p.at + p.len) * osz];
+            self.interp_piece(w, g, r, i, a, Some(o))?;
+        }
+        Ok(())
+    }
+
+    /// One launch over piece `i` (its inputs uploaded first unless the previous launch was over
+    /// the same piece); returns a reduction pass's partials, unit by unit.
     fn interp_piece(
         &self,
         w: &mut Work,
         g: &Group,
-        job: &Job,
-        p: &Piece,
-        upload: bool,
-        pass: Pass,
+        r: &mut Run,
+        i: usize,
+        a: PassArgs,
+        out: Option<&mut [u8]>,
     ) -> BResult<Vec<f64>> {
         let gpu = &self.gpu;
+        let (job, p) = (&r.job, r.pieces[i]);
         let l = job.layout(g, p.len, p.units);
         dev(w.arena.reserve(gpu, l.bytes))?;
-        if upload {
+        if r.resident != Some(i) {
+            r.resident = None;
             let sub = sub_group(g, p.at, p.len)?;
             let mut inputs = Vec::with_capacity(job.operands.len());
             for (&o, &off) in job.operands.iter().zip(&l.inputs) {
                 inputs.push((off, elems(&raw_of(&sub, o), p.len, "an input tensor")?));
             }
             self.put_inputs(w, &sub, &inputs)?;
+            r.resident = Some(i);
         }
-        let spec = job.spec;
         let ops: Vec<OperandDesc> = job
             .slots
             .iter()
@@ -532,7 +653,8 @@ impl CudaBackend {
             .collect();
         let pairs: Vec<i32> = job.pairs.iter().flatten().copied().collect();
         let geo = job.geo;
-        let mut prm = Params {
+        let (dots_rule, npairs) = a.dots.unwrap_or((PAIRS, 0));
+        let prm = Params {
             ops: w.arena.at(l.ops),
             weights: w.arena.at(l.weights),
             pairs: w.arena.at(l.pairs),
@@ -545,11 +667,16 @@ impl CudaBackend {
             estride: geo.estride as u64,
             cpv: geo.cpv as u64,
             col_major: geo.col_major as i32,
-            k: spec.inputs.len() as i32,
-            npairs: job.pairs.len() as i32,
+            k: job.spec.inputs.len() as i32,
             minus_base: job.minus_base as i32,
+            check: a.check as i32,
+            rule: a.rule,
             out_dtype: dtype_code(job.out),
-            ..Default::default()
+            npairs: npairs as i32,
+            normalize: a.normalize as i32,
+            dots_rule,
+            pad: 0,
+            s: a.s,
         };
         let put = |w: &mut Work, off: usize, bytes: &[u8]| -> BResult<()> {
             if !bytes.is_empty() {
@@ -558,41 +685,27 @@ impl CudaBackend {
             Ok(())
         };
         put(w, l.ops, bytemuck::cast_slice(&ops))?;
-        put(w, l.weights, bytemuck::cast_slice(&spec.weights))?;
+        put(w, l.weights, bytemuck::cast_slice(&job.weights))?;
         put(w, l.pairs, bytemuck::cast_slice(&pairs))?;
+        put(w, l.coefs, bytemuck::cast_slice(a.coefs))?;
+        put(w, l.params, bytemuck::bytes_of(&prm))?;
+        put(w, l.bad, bytemuck::bytes_of(&u64::MAX))?;
+        dev(w.scratch.send(&gpu.stream))?;
         let (params, bad) = (w.arena.at(l.params), w.arena.at(l.bad));
         let mut partials = Vec::new();
-        match pass {
-            Pass::Dots { check } => {
-                prm.check = check as i32;
-                put(w, l.params, bytemuck::bytes_of(&prm))?;
-                put(w, l.bad, bytemuck::bytes_of(&u64::MAX))?;
-                dev(w.scratch.send(&gpu.stream))?;
+        match out {
+            None => {
                 let (u0, parts) = (p.unit0 as u64, w.arena.at(l.partials));
                 // SAFETY: the params address this layout's buffers, reserved above; the grid is
-                // the piece's units, whose elements all lie in the piece.
+                // the piece's units, whose elements all lie in the piece; partials hold
+                // units × max_dots ≥ units × npairs f64.
                 launches(|| unsafe { gpu.interp_dots(params, p.units, u0, parts, bad) })?;
-                partials = vec![0f64; p.units * job.pairs.len()];
+                partials = vec![0f64; p.units * npairs];
                 dev(w
                     .arena
                     .download(gpu, l.partials, bytemuck::cast_slice_mut(&mut partials)))?;
             }
-            Pass::Write {
-                rule,
-                check,
-                s,
-                normalize,
-                coefs,
-                out,
-            } => {
-                prm.rule = rule;
-                prm.check = check as i32;
-                (prm.s0, prm.s1) = s;
-                prm.normalize = normalize as i32;
-                put(w, l.coefs, bytemuck::cast_slice(coefs))?;
-                put(w, l.params, bytemuck::bytes_of(&prm))?;
-                put(w, l.bad, bytemuck::bytes_of(&u64::MAX))?;
-                dev(w.scratch.send(&gpu.stream))?;
+            Some(out) => {
                 let o = w.arena.at(l.out);
                 // SAFETY: as above; `o` holds the piece's outputs.
                 launches(|| unsafe { gpu.interp_write(params, p.len as u64, o, bad) })?;
