@@ -654,10 +654,12 @@ impl Gpu {
                 ["fuse_ties_f32", "fuse_ties_f16", "fuse_ties_bf16"][d],
                 per_sm::FUSE_TYPED,
             ),
-            // run.rs refuses these methods on this backend before any work; no kernels yet.
+            // The interpolating methods have kernels of their own (cuda/interp.rs), which
+            // `merge_group` and `submit` hand them to before this launch sequence.
             (FuseRule::Interp, _) => {
-                return Err(DeviceError::Unsupported(
-                    "the interpolating methods (linear, slerp, …) have no CUDA kernels yet".into(),
+                return Err(DeviceError::Internal(
+                    "an interpolating method reached the fuse kernels (cuda/interp.rs runs them)"
+                        .into(),
                 ))
             }
             (FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus | FuseRule::Fisher, _) => {
