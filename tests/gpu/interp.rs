@@ -146,7 +146,8 @@ fn interp_pieces_match_cpu() {
     for (label, text, vectors) in cases {
         for ty in [FloatType::F32, FloatType::BF16] {
             // Room for one unit (or chunk row) of every buffer, not for the whole tensor.
-            let small = budget_gpu(CHUNKED * if ty == FloatType::F32 { 5 } else { 3 } / 2);
+            let budget = CHUNKED * if ty == FloatType::F32 { 5 } else { 3 } / 2;
+            let small = budget_gpu(budget);
             let f = planned_fuse(dir.path(), &text, vectors);
             let nt = f.weights.len();
             let mut data: Vec<Vec<u8>> = (0..=nt).map(|s| values(n, s as u32, ty)).collect();
@@ -157,6 +158,16 @@ fn interp_pieces_match_cpu() {
                     .pieces(&g, &jobs, &f)
                     .unwrap_or_else(|e| panic!("{label} {ty:?}: {e}"));
                 assert!(pieces > 1, "{label} {ty:?}: {pieces} piece");
+                // `stamerge plan`'s estimate: this group does not fit in one piece.
+                let (largest, over) = stamerge::backend::cuda::plan_memory(
+                    [(g.clone(), jobs.clone(), &f)],
+                    Some(budget),
+                );
+                assert_eq!(over, 1, "{label} {ty:?}: plan_memory");
+                assert!(
+                    largest > stamerge::backend::cuda::work_share(budget),
+                    "{label}"
+                );
                 eprintln!("{label} {ty:?}: {pieces} pieces");
                 let mut want = vec![0u8; n * f.out.size()];
                 let sw = cpu.merge_group(&g, &jobs, &f, &mut want).unwrap();

@@ -441,6 +441,17 @@ impl Gpu {
 }
 
 impl CudaBackend {
+    /// The device bytes [`CudaBackend::interp_group`] needs for `g` in one piece.
+    pub(super) fn one_piece_bytes(g: &Group, f: &FuseSpec, spec: &InterpSpec) -> BResult<usize> {
+        let job = Job::new(g, f, spec)?;
+        let units = if job.max_dots == 0 {
+            0
+        } else {
+            job.geo.count * job.geo.cpv
+        };
+        Ok(job.layout(g, g.n, units).bytes)
+    }
+
     /// How many pieces [`CudaBackend::interp_group`] splits `g` into under the budget.
     pub(super) fn interp_pieces(
         &self,

@@ -249,7 +249,11 @@ pub fn plan_memory<'a>(
 ) -> (u64, usize) {
     let (mut largest, mut over) = (0u64, 0usize);
     for (g, jobs, f) in groups {
-        let bytes = group_bytes(&g, &jobs, f).unwrap_or(0) as u64;
+        let bytes = match f.interp.as_deref() {
+            Some(spec) if g.n > 0 => CudaBackend::one_piece_bytes(&g, f, spec),
+            _ => group_bytes(&g, &jobs, f),
+        };
+        let bytes = bytes.unwrap_or(0) as u64;
         largest = largest.max(bytes);
         over += budget.is_some_and(|b| bytes > work_share(b)) as usize;
     }
