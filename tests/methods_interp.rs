@@ -852,7 +852,16 @@ fn plan_shows_each_model_s_values_and_cuda_refuses_before_any_work() {
         .unwrap();
     // The base's weight, then each task's: the gradient's end at layer 1 of 2.
     assert!(line.ends_with("weight=2,1,1"), "{line}");
-    // --device cuda: refused by name before the output folder exists.
+    // linear has CUDA kernels (tests/gpu/interp.rs compares them with the CPU); karcher and
+    // arcee_fusion do not: --device cuda refuses them by name before the output folder exists.
+    assert_eq!(stamerge::cuda_lacks(&plan), None);
+    let p = d.join("k.yml");
+    std::fs::write(
+        &p,
+        "merge_method: karcher\nmodels:\n  - model: task_0\n  - model: task_1\n",
+    )
+    .unwrap();
+    let r = stamerge::Recipe::from_file(&p).unwrap();
     let out = d.join("out");
     let opts = stamerge::Options {
         device: stamerge::Device::Cuda,
@@ -860,7 +869,7 @@ fn plan_shows_each_model_s_values_and_cuda_refuses_before_any_work() {
     };
     let e = stamerge::merge(&r, &out, &opts).unwrap_err().to_string();
     assert!(
-        e.contains("`linear` has no CUDA kernels yet") && e.contains("--device cpu"),
+        e.contains("`karcher` has no CUDA kernels yet") && e.contains("--device cpu"),
         "{e}"
     );
     assert!(!out.exists());

@@ -337,6 +337,7 @@ inline float __fsub_rn(float a, float b) { return emu_canon(a - b); }
 inline float __fmul_rn(float a, float b) { return emu_canon(a * b); }
 inline float __fdiv_rn(float a, float b) { return emu_canon(a / b); }
 inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 inline float __double2float_rn(double d) { return emu_canon((float)d); }
 

@@ -6,6 +6,7 @@
 #include "fuse.cu"
 #include "overlap.cu"
 #include "fisher.cu"
+#include "interp.cu"
 #include <algorithm>
 #include <map>
 #include <memory>
@@ -769,6 +770,8 @@ static void test_fuse() {
     CHECK(scaled_cases >= 30, "only %d fuse cases with an L1 scale", scaled_cases);
 }
 
+#include "interp_test.h"
+
 int main(int argc, char** argv) {
     // a spot check of the emulator's _Float16 rounding against the reference rounding
     for (int i = 0; i < 200000; ++i) {
@@ -788,6 +791,7 @@ int main(int argc, char** argv) {
     if (want("chunked")) test_chunked_select();
     if (want("overlap")) test_overlap();
     if (want("fisher")) test_fisher();
+    if (want("interp")) { test_interp_dots(); test_interp_write(); }
     // The plain closing line CI reads: checks made, checks that failed.
     std::printf("kernels: %ld passed, %d failed\n", checks - failures, failures);
     return failures != 0;

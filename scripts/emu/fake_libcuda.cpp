@@ -41,6 +41,7 @@
 #include "fuse.cu"
 #include "overlap.cu"
 #include "fisher.cu"
+#include "interp.cu"
 
 #include "fake_device.h"
 
@@ -94,6 +95,7 @@ const std::map<std::string, Function>& kernels() {
         KERNEL(fuse_linear_f32),   KERNEL(fuse_linear_f16), KERNEL(fuse_linear_bf16),
         KERNEL(fuse_ties_f32),     KERNEL(fuse_ties_f16),   KERNEL(fuse_ties_bf16),
         KERNEL(masks_consensus),   KERNEL(masks_exclusive), KERNEL(fuse_fisher),
+        KERNEL(interp_dots),       KERNEL(interp_write),
     };
     return k;
 }

@@ -104,6 +104,11 @@ pub struct InterpSpec {
 // scalar as a float32 tensor, it is rounded to f32 once and mergekit's float32 operations follow
 // in its order; acos, sin and cos of scalars are computed in f64 from that f32 and rounded once.
 
+/// linear's divisor with `normalize`: `Σ w_k` in f32, in input order from +0.0.
+pub fn linear_div(weights: &[f32]) -> f32 {
+    weights.iter().fold(0f32, |a, w| a + w)
+}
+
 /// `f32(sqrt(d))`: a norm as mergekit's float32 `vector_norm` holds it, from an exact-order dot.
 pub fn norm32(d: f64) -> f32 {
     d.sqrt() as f32
@@ -133,6 +138,42 @@ pub fn slerp_coefs(daa: f64, dbb: f64, dab: f64, t: f32) -> (f32, f32) {
         (((1.0 - t) * theta).sin() / s) as f32,
         ((t * theta).sin() / s) as f32,
     )
+}
+
+/// multislerp's weights (mergekit `multislerp.py`): as given, or with `normalize_weights`
+/// divided by their f32 sum (added in input order from +0.0).
+pub fn multislerp_weights(weights: &[f32], normalize: bool) -> Vec<f32> {
+    let mut w = weights.to_vec();
+    if normalize {
+        let sum = w.iter().fold(0f32, |a, x| a + x);
+        w.iter_mut().for_each(|x| *x /= sum);
+    }
+    w
+}
+
+/// multislerp's norms `|v_k|` and the divisors `|v_k| + eps` of its unit vectors, from the
+/// vectors' self-dots.
+pub fn multislerp_norms(dots: &[f64], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let norms: Vec<f32> = dots.iter().map(|&d| norm32(d)).collect();
+    let den = norms.iter().map(|&x| x + eps).collect();
+    (norms, den)
+}
+
+/// What multislerp says when the weighted mean of the directions is zero with more than two
+/// models (the two-model case falls back to the weighted sum).
+pub const MULTISLERP_ZERO_MEAN: &str = "multislerp: the weighted mean of the models' directions \
+    is zero (opposite models whose weights cancel); change the weights (mergekit refuses this too)";
+
+/// multislerp's map back from the tangent space, from the tangent's self-dot: `(cos |t|,
+/// sin |t| / |t|)` with `|t| = N(t) + eps` (f64 cos and sin of the f32, rounded once).
+pub fn multislerp_exp(dtt: f64, eps: f32) -> (f32, f32) {
+    let tn = norm32(dtt) + eps;
+    (((tn as f64).cos()) as f32, ((tn as f64).sin() as f32) / tn)
+}
+
+/// multislerp's output scale: the weighted mean norm `Σ |v_k|·w_k` (f32, in order from +0.0).
+pub fn multislerp_scale(norms: &[f32], w: &[f32]) -> f32 {
+    norms.iter().zip(w).fold(0f32, |a, (&nk, &wk)| a + nk * wk)
 }
 
 /// nuslerp's interpolation point from the two models' weights (mergekit `nuslerp.py`):

@@ -321,8 +321,10 @@ impl MethodKind {
     }
 
     /// Whether `--device cuda` can run this method: the CUDA backend has kernels for the mask
-    /// and fuse rules of the task-vector methods of DESIGN.md only (yet), not for mergekit's
-    /// sparsifying methods (method/sparse.rs) or the interpolating ones (method/interp.rs).
+    /// and fuse rules of the task-vector methods of DESIGN.md, fisher, and the interpolating
+    /// methods whose passes are dot products and one element-wise formula (linear, slerp,
+    /// nuslerp, multislerp, nearswap, model_stock: backend/cuda/interp.rs); not (yet) for
+    /// mergekit's sparsifying methods (method/sparse.rs) nor for karcher and arcee_fusion.
     /// run.rs refuses the others before any work, by name; `--device auto` runs them on the CPU
     /// and says why. (passthrough copies tensors and needs none.)
     pub fn has_cuda_kernels(self) -> bool {
@@ -336,7 +338,18 @@ impl MethodKind {
                 | Self::Ram
                 | Self::RamplusTl
         );
-        (self.uses_task_vectors() && !sparse) || matches!(self, Self::Passthrough | Self::Fisher)
+        let interp = matches!(
+            self,
+            Self::Linear
+                | Self::Slerp
+                | Self::Nuslerp
+                | Self::Multislerp
+                | Self::Nearswap
+                | Self::ModelStock
+        );
+        (self.uses_task_vectors() && !sparse)
+            || interp
+            || matches!(self, Self::Passthrough | Self::Fisher)
     }
 
     /// Whether each model needs a gradient statistic (`gradients:`): sta ranks by it, fisher

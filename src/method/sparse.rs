@@ -12,7 +12,7 @@ pub fn cuda_lacks(jobs: &[MaskJob], f: &FuseSpec) -> Option<String> {
     let rule = match f.rule {
         FuseRule::Sce => Some("sce's fuse"),
         FuseRule::Ram | FuseRule::RamPlus => Some("ram's fuse"),
-        // run.rs refuses the interpolating methods by name before it asks.
+        // run.rs refuses the interpolating methods without kernels by name before it asks.
         FuseRule::Linear | FuseRule::Ties | FuseRule::Fisher | FuseRule::Interp => None,
     };
     let job = jobs.iter().find_map(|j| match j {

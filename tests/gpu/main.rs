@@ -34,6 +34,7 @@ mod fisher;
 mod host;
 mod huge;
 mod inputs;
+mod interp;
 mod methods;
 mod model_selection;
 mod recipes;

@@ -63,9 +63,20 @@ pub fn same_as_cpu(
     label: &str,
     rows: impl Fn(&Report) -> serde_json::Value,
 ) {
+    same_as_cpu_under(recipe, dir, label, CHUNKED, rows)
+}
+
+/// [`same_as_cpu`] with `budget` for the chunked run.
+pub fn same_as_cpu_under(
+    recipe: &Recipe,
+    dir: &Path,
+    label: &str,
+    budget: u64,
+    rows: impl Fn(&Report) -> serde_json::Value,
+) {
     let (a, ra) = merge(recipe, dir, label, Device::Cpu, None);
     assert_eq!(ra.backend, "cpu");
-    for budget in [None, Some(CHUNKED)] {
+    for budget in [None, Some(budget)] {
         let (b, rb) = merge(recipe, dir, label, Device::Cuda, budget);
         assert_eq!(rb.backend, "cuda");
         assert_eq!(file_names(&a), file_names(&b), "{label}: output files");

@@ -301,7 +301,7 @@ fn linear(
     ty: FloatType,
     out: &mut [u8],
 ) -> BResult<()> {
-    let div = s.weights.iter().fold(0f32, |a, w| a + w);
+    let div = m::linear_div(&s.weights);
     write(out, ty, |off, len, sc| {
         let span = Span::Range { off, len };
         let fault = load_all(g, s, span, sc, true, false);

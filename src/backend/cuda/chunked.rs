@@ -176,6 +176,9 @@ fn merge_chunk_len(g: &Group, sels: &[Sel], f: &FuseSpec, budget: usize) -> BRes
 impl CudaBackend {
     /// How many pieces `merge_group` splits this group into under the memory budget (1: none).
     pub fn pieces(&self, g: &Group, jobs: &[MaskJob], f: &FuseSpec) -> BResult<usize> {
+        if let Some(spec) = f.interp.as_deref().filter(|_| g.n > 0) {
+            return self.interp_pieces(g, f, spec);
+        }
         let limit = self.lock().arena.limit();
         if g.n == 0 || group_bytes(g, jobs, f)? <= limit {
             return Ok(1);

@@ -48,7 +48,7 @@ const OUT_OF_MEMORY: &str = "the GPU ran out of memory ";
 
 /// Blocks of 256 threads per SM for the grid-stride kernels (docs/KERNELS.md, "Occupancy"): the
 /// histogram-building launches use fewer blocks (fewer global atomics), the others fill the SMs.
-mod per_sm {
+pub(super) mod per_sm {
     pub const HISTOGRAM: u32 = 4;
     pub const SCORE: u32 = 4;
     pub const NORMALIZE: u32 = 6;
@@ -58,6 +58,7 @@ mod per_sm {
     /// The typed fuse kernels are held to 80 registers (`__launch_bounds__(256, 3)`).
     pub const FUSE_TYPED: u32 = 3;
     pub const FISHER: u32 = 4;
+    pub const INTERP: u32 = 4;
     pub const OVERLAP: u32 = 4;
 }
 
@@ -103,6 +104,8 @@ pub struct Kernels {
     fuse_linear_typed: [CudaFunction; 3],
     fuse_ties_typed: [CudaFunction; 3],
     fuse_fisher: CudaFunction,
+    pub(super) interp_dots: CudaFunction,
+    pub(super) interp_write: CudaFunction,
     masks_consensus: CudaFunction,
     masks_exclusive: CudaFunction,
 }
@@ -117,7 +120,7 @@ pub struct Gpu {
     /// Device-to-host copies of a finished group's output while the next group computes
     /// (docs/STREAMING.md, "Deferred output").
     pub down: Arc<CudaStream>,
-    k: Kernels,
+    pub(super) k: Kernels,
     /// Streaming multiprocessors, for the grid sizes.
     pub sms: u32,
     /// "NVIDIA H200 (sm_90, 132 SMs, 139.8 GiB, driver 13.0)".
@@ -200,13 +203,13 @@ impl Gpu {
 
     /// Grid for a grid-stride kernel that would need `threads` threads to cover its work in one
     /// step: `max(1, min(ceil(threads / 256), blocks_per_sm × SMs))` (KERNELS.md's G(x)).
-    fn grid(&self, threads: u64, blocks_per_sm: u32) -> u32 {
+    pub(super) fn grid(&self, threads: u64, blocks_per_sm: u32) -> u32 {
         let cap = u64::from(blocks_per_sm.saturating_mul(self.sms).max(1));
         threads.div_ceil(u64::from(BLOCK)).clamp(1, cap) as u32
     }
 
     /// An exact grid of `blocks` blocks (kernels whose grid is fixed by the data size).
-    fn exact(blocks: usize, what: &str) -> DResult<u32> {
+    pub(super) fn exact(blocks: usize, what: &str) -> DResult<u32> {
         u32::try_from(blocks.max(1)).map_err(|_| {
             DeviceError::Unsupported(format!(
                 "{what}: {blocks} blocks exceed the CUDA grid limit"
@@ -276,6 +279,8 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> DResult<Kernels> {
             get("fuse", "fuse_ties_bf16")?,
         ],
         fuse_fisher: get("fisher", "fuse_fisher")?,
+        interp_dots: get("interp", "interp_dots")?,
+        interp_write: get("interp", "interp_write")?,
         masks_consensus: get("overlap", "masks_consensus")?,
         masks_exclusive: get("overlap", "masks_exclusive")?,
     })
@@ -307,6 +312,7 @@ macro_rules! launch {
             .map_err(|e| DeviceError::Driver(format!("launching `{}`: {}", $name, describe(&e))))
     }};
 }
+pub(super) use launch;
 
 /// The inputs of `score_keys` for one task.
 #[derive(Clone, Copy, Debug)]
@@ -648,10 +654,12 @@ impl Gpu {
                 ["fuse_ties_f32", "fuse_ties_f16", "fuse_ties_bf16"][d],
                 per_sm::FUSE_TYPED,
             ),
-            // run.rs refuses these methods on this backend before any work; no kernels yet.
+            // The interpolating methods have kernels of their own (cuda/interp.rs), which
+            // `merge_group` and `submit` hand them to before this launch sequence.
             (FuseRule::Interp, _) => {
-                return Err(DeviceError::Unsupported(
-                    "the interpolating methods (linear, slerp, …) have no CUDA kernels yet".into(),
+                return Err(DeviceError::Internal(
+                    "an interpolating method reached the fuse kernels (cuda/interp.rs runs them)"
+                        .into(),
                 ))
             }
             (FuseRule::Sce | FuseRule::Ram | FuseRule::RamPlus | FuseRule::Fisher, _) => {

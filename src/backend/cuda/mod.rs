@@ -10,6 +10,8 @@
 //! - `chunked.rs`: a group larger than the memory budget, in chunks with the same bits;
 //! - `sta.rs`: sta's `normalize_importance` divisors, from the model-wide passes;
 //! - `fisher.rs`: fisher's fuse (`kernels/fisher.cu`), in chunks;
+//! - `interp.rs`: the interpolating methods (`kernels/interp.cu`): device reductions, the CPU's
+//!   scalar functions between them, the element-wise pass;
 //! - `transfer.rs`: how bytes move (docs/STREAMING.md): pinned rings, the next group staged
 //!   while this one computes, the output copied back while the next call computes;
 //! - `layout.rs`: where each buffer lives in the device arena;
@@ -25,6 +27,7 @@ mod faults;
 pub mod fill;
 mod fisher;
 mod group;
+mod interp;
 mod layout;
 mod model;
 mod sta;
@@ -246,7 +249,11 @@ pub fn plan_memory<'a>(
 ) -> (u64, usize) {
     let (mut largest, mut over) = (0u64, 0usize);
     for (g, jobs, f) in groups {
-        let bytes = group_bytes(&g, &jobs, f).unwrap_or(0) as u64;
+        let bytes = match f.interp.as_deref() {
+            Some(spec) if g.n > 0 => CudaBackend::one_piece_bytes(&g, f, spec),
+            _ => group_bytes(&g, &jobs, f),
+        };
+        let bytes = bytes.unwrap_or(0) as u64;
         largest = largest.max(bytes);
         over += budget.is_some_and(|b| bytes > work_share(b)) as usize;
     }
@@ -395,6 +402,14 @@ impl Compute for CudaBackend {
             let r = guarded(|| {
                 self.finish_pending(&mut w)?;
                 retry_smaller(|| self.fisher_group(&mut w, g, f, out))
+            });
+            return leave(&mut w, r);
+        }
+        if let Some(spec) = &f.interp {
+            let mut w = dev(self.enter())?;
+            let r = guarded(|| {
+                self.finish_pending(&mut w)?;
+                retry_smaller(|| self.interp_group(&mut w, g, f, spec, out))
             });
             return leave(&mut w, r);
         }
@@ -610,6 +625,11 @@ impl Backend for CudaBackend {
                 // Output at once, in chunks: fisher's fuse is its own short sequence.
                 self.merge_now(&mut w, &mut slot, |w, out| {
                     retry_smaller(|| self.fisher_group(w, g, f, out))
+                })?
+            } else if let Some(spec) = &f.interp {
+                // Output at once: the passes read the reductions back between them anyway.
+                self.merge_now(&mut w, &mut slot, |w, out| {
+                    retry_smaller(|| self.interp_group(w, g, f, spec, out))
                 })?
             } else {
                 retry_smaller(|| {

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::{load_all, reduce, with_sc, write, Span};
 use crate::backend::{BResult, BackendError, DeviceError, Group};
 use crate::dtype::FloatType;
-use crate::method::interp::{norm32, InterpSpec, Vectors};
+use crate::method::interp::{self as m, norm32, InterpSpec, Vectors};
 use crate::select::dot;
 
 /// karcher's work on one piece of a full buffer: (offset, piece, the inputs' units, partials).
@@ -72,11 +72,7 @@ pub fn multislerp(
     }
     let n = g.n;
     let base = s.uses_base;
-    let mut w = s.weights.clone();
-    if normalize_weights {
-        let sum = w.iter().fold(0f32, |a, x| a + x);
-        w.iter_mut().for_each(|x| *x /= sum);
-    }
+    let w = m::multislerp_weights(&s.weights, normalize_weights);
     // 1: the norms of the (task) vectors.
     let d = reduce(Vectors::Whole, n, k, |span, sc, r| {
         let f = load_all(g, s, span, sc, true, base);
@@ -85,8 +81,7 @@ pub fn multislerp(
         }
         f
     })?;
-    let norms: Vec<f32> = d[0].iter().map(|&d| norm32(d)).collect();
-    let den: Vec<f32> = norms.iter().map(|&x| x + eps).collect();
+    let (norms, den) = m::multislerp_norms(&d[0], eps);
     // 2: the weighted mean of the unit vectors and its norm.
     let d = reduce(Vectors::Whole, n, 1, |span, sc, r| {
         load_all(g, s, span, sc, false, base);
@@ -110,9 +105,7 @@ pub fn multislerp(
             });
         }
         return Err(BackendError::Device(DeviceError::Unsupported(
-            "multislerp: the weighted mean of the models' directions is zero (opposite models \
-             whose weights cancel); change the weights (mergekit refuses this too)"
-                .into(),
+            m::MULTISLERP_ZERO_MEAN.into(),
         )));
     }
     let unit_mean = |sc: &mut super::Sc| {
@@ -138,10 +131,8 @@ pub fn multislerp(
         r[0] = dot::chunk_dot(&sc.tmp2, &sc.tmp2);
         None
     })?;
-    let tn = norm32(d[0][0]) + eps;
-    let c = ((tn as f64).cos()) as f32;
-    let q = ((tn as f64).sin() as f32) / tn;
-    let avg = norms.iter().zip(&w).fold(0f32, |a, (&nk, &wk)| a + nk * wk);
+    let (c, q) = m::multislerp_exp(d[0][0], eps);
+    let avg = m::multislerp_scale(&norms, &w);
     // 5: back onto the sphere, scaled, the base added back.
     write(out, ty, |off, len, sc| {
         load_all(g, s, Span::Range { off, len }, sc, false, base);
