@@ -194,11 +194,15 @@ fn chunk(
         }
         for (i, &t) in by_key.iter().enumerate() {
             let w = windows[i];
-            let f = scores_on_base(g, t, &spec(t), off + bo, l, sc);
             let fd = &mut found[i];
-            fd.fault = first_fault(fd.fault, f);
             let (mw, iw) = &mut words[i];
             let wide = w.lo < w.hi;
+            #[cfg(target_arch = "x86_64")]
+            if fast_block(g, t, &spec(t), w, off + bo, l, &sc.b, fd, mw, iw) {
+                continue;
+            }
+            let f = scores_on_base(g, t, &spec(t), off + bo, l, sc);
+            fd.fault = first_fault(fd.fault, f);
             for (j, c) in sc.s[..l].chunks(64).enumerate() {
                 let (above, ins) = window::classify_scores(c, w);
                 mw[bo / 64 + j] = above;
@@ -216,6 +220,98 @@ fn chunk(
         }
     }
     found
+}
+
+/// [`chunk`]'s work for task t over the block of `l` elements at `off`, by the AVX2 kernel
+/// (`avx2::score_classify_bf16`), where it applies: bf16 θ (and G), no mean to divide by, whole
+/// mask words, AVX2 enabled. `b`: the block's base, widened (where the score reads it). False
+/// (with `fd` as it was) where the kernel does not apply or found a score that is not finite:
+/// the portable loop then does the block and reports the fault, as before.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn fast_block(
+    g: &Group,
+    t: usize,
+    spec: &KeySpec,
+    w: Window,
+    off: usize,
+    l: usize,
+    b: &[f32],
+    fd: &mut Found,
+    mw: &mut [u64],
+    iw: &mut [u64],
+) -> bool {
+    use super::avx2::{score_classify_bf16, TV, TVG, WG};
+    use crate::dtype::FloatType;
+    use crate::method::ScoreKind;
+    let task = &g.tasks[t];
+    let grad = if spec.score.needs_grad() {
+        match task.grad {
+            Some(r) if r.ty == FloatType::BF16 => r.data,
+            _ => return false,
+        }
+    } else {
+        &[]
+    };
+    if task.theta.ty != FloatType::BF16
+        || spec.mean.is_some()
+        || l % 64 != 0
+        || !crate::simd::enabled()
+    {
+        return false;
+    }
+    let (keys0, above0, inside0) = (fd.keys.len(), fd.above, fd.inside);
+    let wide = w.lo < w.hi;
+    let th = &task.theta.data[off * 2..(off + l) * 2];
+    let gr = if grad.is_empty() {
+        grad
+    } else {
+        &grad[off * 2..(off + l) * 2]
+    };
+    let mut s = [0f32; 64];
+    let w0 = (off % CH) / 64;
+    for j in 0..l / 64 {
+        let (t64, g64) = (&th[128 * j..], gr.get(128 * j..).unwrap_or(&[]));
+        let b64 = b.get(64 * j..).unwrap_or(&[]);
+        // SAFETY: AVX2 is enabled (checked above); θ and G hold 64 bf16 values from 128 j (the
+        // block is whole words), the base 64 values where the score reads it (`chunk` widened
+        // the block).
+        let (above, ins, bad) = unsafe {
+            match spec.score {
+                ScoreKind::AbsTaskVector => score_classify_bf16::<TV>(t64, b64, g64, w, &mut s),
+                ScoreKind::AbsWeightGrad => score_classify_bf16::<WG>(t64, b64, g64, w, &mut s),
+                ScoreKind::AbsTaskVectorGrad => {
+                    score_classify_bf16::<TVG>(t64, b64, g64, w, &mut s)
+                }
+            }
+        };
+        if bad {
+            fd.keys.truncate(keys0);
+            (fd.above, fd.inside) = (above0, inside0);
+            return false;
+        }
+        mw[w0 + j] = above;
+        iw[w0 + j] = ins;
+        fd.above += above.count_ones() as u64;
+        fd.inside += ins.count_ones() as u64;
+        if wide && ins != 0 {
+            // Into reserved room: a `push` per key checked the capacity each time.
+            fd.keys.reserve(64);
+            let room = &mut fd.keys.spare_capacity_mut()[..64];
+            let mut bits = ins;
+            let mut n = 0;
+            while bits != 0 {
+                room[n].write(select::key(s[bits.trailing_zeros() as usize]));
+                n += 1;
+                bits &= bits - 1;
+            }
+            let len = fd.keys.len();
+            // SAFETY: the n slots after len were written just above.
+            unsafe { fd.keys.set_len(len + n) };
+        }
+    }
+    true
 }
 
 /// Task t's (the i-th selecting task's) threshold and completed mask from the pass.
