@@ -44,9 +44,10 @@ unsafe fn bits32(v: [__m256i; 4]) -> u32 {
 /// window's bounds lose their top bit (as in `window::classify_scores_avx2`).
 ///
 /// # Safety
-/// The CPU has AVX2; `th` (and `g` where read) hold 128 bytes, `b` (where read) 64 values.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn score_classify_bf16<const KIND: u8>(
+/// The CPU has AVX2 (the caller is compiled with it); `th` (and `g` where read) hold 128 bytes,
+/// `b` (where read) 64 values.
+#[inline(always)]
+unsafe fn score_classify_bf16<const KIND: u8>(
     th: &[u8],
     b: &[f32],
     g: &[u8],
@@ -93,6 +94,88 @@ pub(super) unsafe fn score_classify_bf16<const KIND: u8>(
         }
     }
     (above, !outside, _mm256_testz_si256(bad, bad) == 0)
+}
+
+/// What [`score_classify_block`] found in a block: keys above the window and inside it.
+pub(super) struct Classified {
+    pub above: u64,
+    pub inside: u64,
+}
+
+/// [`score_classify_bf16`] over a block of `mw.len()` whole mask words (64 lanes each): the
+/// bits above the window into `mw`, inside it into `iw`, and (`wide`: a window wider than one
+/// key) the keys inside it appended to `keys` in index order. None, with `keys` as it was, where
+/// some score is not finite (the words are then partly written; the caller redoes the block).
+///
+/// # Safety
+/// The CPU has AVX2; `th` (and `g` where read) hold 128 bytes per word, `b` (where read) 64
+/// values per word.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn score_classify_block<const KIND: u8>(
+    th: &[u8],
+    b: &[f32],
+    g: &[u8],
+    w: Window,
+    mw: &mut [u64],
+    iw: &mut [u64],
+    keys: &mut Vec<u32>,
+    wide: bool,
+) -> Option<Classified> {
+    let words = mw.len();
+    assert!(iw.len() == words && th.len() >= 128 * words);
+    assert!(KIND == WG || b.len() >= 64 * words);
+    assert!(KIND == TV || g.len() >= 128 * words);
+    let start = keys.len();
+    let mut s = [0f32; 64];
+    let mut found = Classified {
+        above: 0,
+        inside: 0,
+    };
+    for j in 0..words {
+        // SAFETY: word j's 64 lanes are inside the slices (asserted above); AVX2 is enabled.
+        let (above, ins, bad) = unsafe {
+            score_classify_bf16::<KIND>(
+                th.get_unchecked(128 * j..),
+                if KIND == WG {
+                    b
+                } else {
+                    b.get_unchecked(64 * j..)
+                },
+                if KIND == TV {
+                    g
+                } else {
+                    g.get_unchecked(128 * j..)
+                },
+                w,
+                &mut s,
+            )
+        };
+        if bad {
+            keys.truncate(start);
+            return None;
+        }
+        mw[j] = above;
+        iw[j] = ins;
+        found.above += above.count_ones() as u64;
+        found.inside += ins.count_ones() as u64;
+        if wide && ins != 0 {
+            // Into reserved room: a `push` per key checked the capacity each time.
+            keys.reserve(64);
+            let len = keys.len();
+            let room = &mut keys.spare_capacity_mut()[..64];
+            let mut bits = ins;
+            let mut n = 0;
+            while bits != 0 {
+                room[n].write(crate::select::key(s[bits.trailing_zeros() as usize]));
+                n += 1;
+                bits &= bits - 1;
+            }
+            // SAFETY: the n slots after len were written just above.
+            unsafe { keys.set_len(len + n) };
+        }
+    }
+    Some(found)
 }
 
 /// The inputs of [`fuse_bf16`] for one block of `len` lanes (a multiple of 64), N tasks.

@@ -242,7 +242,7 @@ fn fast_block(
     mw: &mut [u64],
     iw: &mut [u64],
 ) -> bool {
-    use super::avx2::{score_classify_bf16, TV, TVG, WG};
+    use super::avx2::{score_classify_block, TV, TVG, WG};
     use crate::dtype::FloatType;
     use crate::method::ScoreKind;
     let task = &g.tasks[t];
@@ -261,56 +261,40 @@ fn fast_block(
     {
         return false;
     }
-    let (keys0, above0, inside0) = (fd.keys.len(), fd.above, fd.inside);
-    let wide = w.lo < w.hi;
     let th = &task.theta.data[off * 2..(off + l) * 2];
     let gr = if grad.is_empty() {
         grad
     } else {
         &grad[off * 2..(off + l) * 2]
     };
-    let mut s = [0f32; 64];
-    let w0 = (off % CH) / 64;
-    for j in 0..l / 64 {
-        let (t64, g64) = (&th[128 * j..], gr.get(128 * j..).unwrap_or(&[]));
-        let b64 = b.get(64 * j..).unwrap_or(&[]);
-        // SAFETY: AVX2 is enabled (checked above); θ and G hold 64 bf16 values from 128 j (the
-        // block is whole words), the base 64 values where the score reads it (`chunk` widened
-        // the block).
-        let (above, ins, bad) = unsafe {
-            match spec.score {
-                ScoreKind::AbsTaskVector => score_classify_bf16::<TV>(t64, b64, g64, w, &mut s),
-                ScoreKind::AbsWeightGrad => score_classify_bf16::<WG>(t64, b64, g64, w, &mut s),
-                ScoreKind::AbsTaskVectorGrad => {
-                    score_classify_bf16::<TVG>(t64, b64, g64, w, &mut s)
-                }
+    let b = if uses_base(spec.score) {
+        &b[..l]
+    } else {
+        &[][..]
+    };
+    let words = (off % CH) / 64..(off % CH + l) / 64;
+    let (mw, iw, keys) = (&mut mw[words.clone()], &mut iw[words], &mut fd.keys);
+    let wide = w.lo < w.hi;
+    // SAFETY: AVX2 is enabled (checked above); θ and G hold the block's l bf16 values (whole
+    // words), the base its l widened values where the score reads it (`chunk` widened them).
+    let found = unsafe {
+        match spec.score {
+            ScoreKind::AbsTaskVector => {
+                score_classify_block::<TV>(th, b, gr, w, mw, iw, keys, wide)
             }
-        };
-        if bad {
-            fd.keys.truncate(keys0);
-            (fd.above, fd.inside) = (above0, inside0);
-            return false;
-        }
-        mw[w0 + j] = above;
-        iw[w0 + j] = ins;
-        fd.above += above.count_ones() as u64;
-        fd.inside += ins.count_ones() as u64;
-        if wide && ins != 0 {
-            // Into reserved room: a `push` per key checked the capacity each time.
-            fd.keys.reserve(64);
-            let room = &mut fd.keys.spare_capacity_mut()[..64];
-            let mut bits = ins;
-            let mut n = 0;
-            while bits != 0 {
-                room[n].write(select::key(s[bits.trailing_zeros() as usize]));
-                n += 1;
-                bits &= bits - 1;
+            ScoreKind::AbsWeightGrad => {
+                score_classify_block::<WG>(th, b, gr, w, mw, iw, keys, wide)
             }
-            let len = fd.keys.len();
-            // SAFETY: the n slots after len were written just above.
-            unsafe { fd.keys.set_len(len + n) };
+            ScoreKind::AbsTaskVectorGrad => {
+                score_classify_block::<TVG>(th, b, gr, w, mw, iw, keys, wide)
+            }
         }
-    }
+    };
+    let Some(found) = found else {
+        return false;
+    };
+    fd.above += found.above;
+    fd.inside += found.inside;
     true
 }
 
