@@ -157,13 +157,15 @@ pub(super) unsafe fn score_classify_block<const KIND: u8>(
         }
         mw[j] = above;
         iw[j] = ins;
+        let c = ins.count_ones() as usize;
         found.above += above.count_ones() as u64;
-        found.inside += ins.count_ones() as u64;
-        if wide && ins != 0 {
-            // Into reserved room: a `push` per key checked the capacity each time.
-            keys.reserve(64);
+        found.inside += c as u64;
+        if wide && c != 0 {
+            // Into room reserved for the word's keys (the capacities `push` would give): a
+            // `push` per key checked the capacity each time.
+            keys.reserve(c);
             let len = keys.len();
-            let room = &mut keys.spare_capacity_mut()[..64];
+            let room = &mut keys.spare_capacity_mut()[..c];
             let mut bits = ins;
             let mut n = 0;
             while bits != 0 {
