@@ -45,6 +45,11 @@ pub fn set_enabled(on: bool) {
     MODE.store(mode, Ordering::Relaxed);
 }
 
+/// Held by the tests that switch the AVX2 versions off and back on (the switch is process-wide,
+/// and each of them asserts what it set).
+#[cfg(test)]
+pub static TOGGLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Whether [`wide`] takes the AVX2 version.
 pub fn enabled() -> bool {
     match MODE.load(Ordering::Relaxed) {

@@ -734,6 +734,9 @@ mod tests {
             eprintln!("SKIPPED: this CPU has no AVX2, so there is only the baseline version");
             return;
         }
+        let _toggle = crate::simd::TOGGLE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         for ty in [crate::dtype::FloatType::BF16, crate::dtype::FloatType::F16] {
             let set = dir.path().join(ty.torch_name());

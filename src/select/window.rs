@@ -63,15 +63,20 @@ impl Window {
         let delta = SIGMAS * (m as f64 * p * (1.0 - p)).sqrt() + 4.0;
         let top = centre - delta;
         let bottom = (centre + delta).ceil();
-        let hi = if top < 0.0 {
-            u32::MAX
+        // The upper bound first: its select leaves every key below it in front of its position,
+        // and the lower bound, the r-th largest for a larger r, is then the same order
+        // statistic of that front part alone (a select over less than the whole sample again).
+        let (hi, front) = if top < 0.0 {
+            (u32::MAX, m)
         } else {
-            desc(top.floor() as usize)
+            let r = top.floor() as usize;
+            (desc(r), m - 1 - r)
         };
         let lo = if bottom >= m as f64 {
             0
         } else {
-            desc(bottom as usize)
+            let pos = m - 1 - bottom as usize;
+            *sample[..front].select_nth_unstable(pos).1
         };
         Self { lo, hi }
     }
@@ -300,17 +305,37 @@ pub fn keep_inside(
     };
     // Keys equal to the threshold are kept while their index is below the cutoff: they are the
     // piece's first `ties_before` window keys, by position.
-    let ties_before: u64 = inside
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| (w & below(start + 64 * i as u64)).count_ones() as u64)
-        .sum();
+    // A piece wholly below the cutoff (or wholly above it) needs no count: all (none) of its
+    // window keys come before it.
+    let end = start + 64 * inside.len() as u64;
+    let ties_before: u64 = if th.cutoff >= end {
+        keys.len() as u64
+    } else if th.cutoff <= start {
+        0
+    } else {
+        inside
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (w & below(start + 64 * i as u64)).count_ones() as u64)
+            .sum()
+    };
     let mut fate = vec![0u64; keys.len().div_ceil(64) + 1];
     for (j, (f, c)) in fate.iter_mut().zip(keys.chunks(64)).enumerate() {
         let first = 64 * j as u64;
         let mut bytes = [0u8; 64];
-        for (p, (b, &x)) in bytes.iter_mut().zip(c).enumerate() {
-            *b = ((x > th.key) | ((x == th.key) & (first + (p as u64) < ties_before))) as u8;
+        // Whole runs of 64 keys before (after) the tie cutoff: one compare per key.
+        if first + 64 <= ties_before {
+            for (b, &x) in bytes.iter_mut().zip(c) {
+                *b = (x >= th.key) as u8;
+            }
+        } else if first >= ties_before {
+            for (b, &x) in bytes.iter_mut().zip(c) {
+                *b = (x > th.key) as u8;
+            }
+        } else {
+            for (p, (b, &x)) in bytes.iter_mut().zip(c).enumerate() {
+                *b = ((x > th.key) | ((x == th.key) & (first + (p as u64) < ties_before))) as u8;
+            }
         }
         *f = radix::fold_bytes(&bytes);
     }

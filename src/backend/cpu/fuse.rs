@@ -36,9 +36,9 @@ fn finish(start: f32, lambda: f32, sum: f32) -> f32 {
 /// How a task's τ is scaled before its weight: not (`NONE`), divided by DARE's density
 /// (`DIVIDE`, `FuseSpec::rescale`), or multiplied by mergekit's L1 factor (`MULTIPLY`,
 /// `FuseSpec::scale`); the rescale wins where a task has both, as in the rules.
-const NONE: u8 = 0;
-const DIVIDE: u8 = 1;
-const MULTIPLY: u8 = 2;
+pub(super) const NONE: u8 = 0;
+pub(super) const DIVIDE: u8 = 1;
+pub(super) const MULTIPLY: u8 = 2;
 
 /// Task t's scaling and its factor.
 fn scaling(f: &FuseSpec, t: usize) -> (u8, f32) {
@@ -94,13 +94,22 @@ fn fuse_chunk(
         }
         if !combos.is_empty() {
             let blen = ob.len() / size;
-            for j in 0..blen.div_ceil(64) {
-                let mut words = [0u64; MAX_COMBO_TASKS];
-                for (w, m) in words.iter_mut().zip(masks) {
-                    *w = word(m, boff, j);
+            match nt {
+                1 => block_combos::<1>(masks, boff, blen, combos),
+                2 => block_combos::<2>(masks, boff, blen, combos),
+                3 => block_combos::<3>(masks, boff, blen, combos),
+                4 => block_combos::<4>(masks, boff, blen, combos),
+                5 => block_combos::<5>(masks, boff, blen, combos),
+                _ => {
+                    for j in 0..blen.div_ceil(64) {
+                        let mut words = [0u64; MAX_COMBO_TASKS];
+                        for (w, m) in words.iter_mut().zip(masks) {
+                            *w = word(m, boff, j);
+                        }
+                        let valid = u64::MAX >> (64 - 64.min(blen - j * 64));
+                        count_combos(&words[..nt], valid, combos);
+                    }
                 }
-                let valid = u64::MAX >> (64 - 64.min(blen - j * 64));
-                count_combos(&words[..nt], valid, combos);
             }
         }
     }
@@ -126,6 +135,10 @@ fn fuse_block(
 ) -> Option<Fault> {
     let len = out.len() / f.out.size();
     let nt = g.tasks.len();
+    #[cfg(target_arch = "x86_64")]
+    if fast_block(g, masks, f, off, out) {
+        return None;
+    }
     let mut fault = None;
     load(g.base, off, len, &mut sc.b);
     if let Some(s) = g.start {
@@ -264,6 +277,104 @@ fn fuse_block(
         .for_each(|(a, s)| *a = finish(*s, f.lambda, *a));
     narrow(f.out, acc, out);
     None
+}
+
+/// The block by the AVX2 kernel (`avx2::fuse_bf16`) where it applies: bf16 base, θ and output,
+/// no start model, 1 to [`MAX_ONE_LOOP`] tasks sharing a scaling, every task masked or none,
+/// TIES or linear, whole mask words, AVX2 enabled. False where it does not apply, or where some
+/// τ is not finite: the portable loops then do the block (and find the fault).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn fast_block(
+    g: &Group,
+    masks: &[Option<Vec<u64>>],
+    f: &FuseSpec,
+    off: usize,
+    out: &mut [u8],
+) -> bool {
+    use crate::dtype::FloatType::BF16;
+    let nt = g.tasks.len();
+    let len = out.len() / f.out.size();
+    if !(1..=MAX_ONE_LOOP).contains(&nt)
+        || g.start.is_some()
+        || f.out != BF16
+        || g.base.ty != BF16
+        || g.tasks.iter().any(|t| t.theta.ty != BF16)
+        || len % 64 != 0
+        || off % 64 != 0
+        || !crate::simd::enabled()
+    {
+        return false;
+    }
+    let masked = masks[0].is_some();
+    if masks[..nt].iter().any(|m| m.is_some() != masked) {
+        return false;
+    }
+    let Some(mode) = shared_scaling(f) else {
+        return false;
+    };
+    let ties = match f.rule {
+        FuseRule::Linear => false,
+        FuseRule::Ties => true,
+        _ => return false,
+    };
+    match nt {
+        1 => fast_n::<1>(g, masks, f, off, out, ties, mode, masked),
+        2 => fast_n::<2>(g, masks, f, off, out, ties, mode, masked),
+        3 => fast_n::<3>(g, masks, f, off, out, ties, mode, masked),
+        _ => fast_n::<4>(g, masks, f, off, out, ties, mode, masked),
+    }
+}
+
+/// [`fast_block`] for N tasks.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn fast_n<const N: usize>(
+    g: &Group,
+    masks: &[Option<Vec<u64>>],
+    f: &FuseSpec,
+    off: usize,
+    out: &mut [u8],
+    ties: bool,
+    mode: u8,
+    masked: bool,
+) -> bool {
+    use super::avx2::{fuse_bf16, FuseLanes};
+    let len = out.len() / 2;
+    let bytes = off * 2..(off + len) * 2;
+    let p = FuseLanes::<N> {
+        b: &g.base.data[bytes.clone()],
+        th: std::array::from_fn(|t| &g.tasks[t].theta.data[bytes.clone()]),
+        masks: std::array::from_fn(|t| match &masks[t] {
+            Some(w) => &w[off / 64..(off + len) / 64],
+            None => &[][..],
+        }),
+        w: std::array::from_fn(|t| f.weights[t]),
+        d: std::array::from_fn(|t| scaling(f, t).1),
+        neg: std::array::from_fn(|t| if f.forget[t] { 0x8000_0000 } else { 0 }),
+        lambda: f.lambda,
+        normalize: f.normalize,
+        divisor: f.linear_divisor(),
+    };
+    // SAFETY: the caller checked that AVX2 is enabled; every slice is the block's (`len`, a
+    // multiple of 64, lanes from `off`).
+    unsafe {
+        match (ties, mode, masked) {
+            (false, NONE, false) => fuse_bf16::<N, false, NONE, false>(&p, out),
+            (false, NONE, true) => fuse_bf16::<N, false, NONE, true>(&p, out),
+            (false, DIVIDE, false) => fuse_bf16::<N, false, DIVIDE, false>(&p, out),
+            (false, DIVIDE, true) => fuse_bf16::<N, false, DIVIDE, true>(&p, out),
+            (false, _, false) => fuse_bf16::<N, false, MULTIPLY, false>(&p, out),
+            (false, _, true) => fuse_bf16::<N, false, MULTIPLY, true>(&p, out),
+            (true, NONE, false) => fuse_bf16::<N, true, NONE, false>(&p, out),
+            (true, NONE, true) => fuse_bf16::<N, true, NONE, true>(&p, out),
+            (true, DIVIDE, false) => fuse_bf16::<N, true, DIVIDE, false>(&p, out),
+            (true, DIVIDE, true) => fuse_bf16::<N, true, DIVIDE, true>(&p, out),
+            (true, _, false) => fuse_bf16::<N, true, MULTIPLY, false>(&p, out),
+            (true, _, true) => fuse_bf16::<N, true, MULTIPLY, true>(&p, out),
+        }
+    }
 }
 
 /// The first element of a block (at `off`) whose τ = θ − b is not finite, blamed on the base
@@ -563,6 +674,43 @@ fn term<const SCALE: u8, const OP: u8>(
         3 => *o + v,
         _ => *o - v,
     };
+}
+
+/// [`count_combos`] over the `blen` lanes of a block at `boff` for N tasks (at most 5), with
+/// the task count a constant: the set splitting unrolled, the counts kept in registers for the
+/// block. The loop over a run-time count was ~100 instructions per 64 lanes for 3 tasks.
+#[inline(always)]
+fn block_combos<const N: usize>(
+    masks: &[Option<Vec<u64>>],
+    boff: usize,
+    blen: usize,
+    combos: &mut [u64],
+) {
+    const { assert!(N >= 1 && N <= 5) };
+    let nw = blen.div_ceil(64);
+    let all = [u64::MAX; BLOCK / 64];
+    let words: [&[u64]; N] = std::array::from_fn(|t| match &masks[t] {
+        Some(w) => &w[boff / 64..boff / 64 + nw],
+        None => &all[..nw],
+    });
+    let mut counts = [0u64; 1 << 5];
+    for j in 0..nw {
+        let mut sets = [0u64; 1 << 5];
+        sets[0] = u64::MAX >> (64 - 64.min(blen - j * 64));
+        for t in 0..N {
+            let w = words[t][j];
+            for c in 0..1usize << t {
+                sets[c | 1 << t] = sets[c] & w;
+                sets[c] &= !w;
+            }
+        }
+        for c in 0..1usize << N {
+            counts[c] += sets[c].count_ones() as u64;
+        }
+    }
+    for (n, c) in combos.iter_mut().zip(&counts[..1 << N]) {
+        *n += c;
+    }
 }
 
 /// Adds to `combos[c]` the number of valid lanes whose bits across the task words spell c

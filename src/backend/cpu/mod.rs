@@ -7,6 +7,8 @@
 //! a key buffer) and the fuse (`fuse.rs`). The sparsifying methods' masks, L1 rescale and
 //! whole-group fuses live in `sparse.rs`, the interpolating methods in `interp.rs`.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod fisher;
 mod fuse;
 mod interp;

@@ -391,3 +391,168 @@ fn scaled_task_vectors_fuse_as_the_rules_say() {
         }
     }
 }
+
+/// The AVX2 kernels for bf16 inputs (avx2.rs: the select pass's scores and the one-loop fuse)
+/// against the portable loops, bit for bit and fault for fault: 1 to 5 tasks (5: no kernel),
+/// TIES and linear, normalised or not, τ divided, multiplied or neither, negative, zero and
+/// forgotten weights, masked and unmasked, with τ = ±0, τ and sums that overflow (NaN and Inf
+/// results), and Inf and NaN inputs; whole blocks, a block of whole words and a partial word.
+#[test]
+fn bf16_kernels_give_the_portable_bytes_and_faults() {
+    if !crate::simd::avx2_available() {
+        eprintln!("SKIPPED: this CPU has no AVX2");
+        return;
+    }
+    let _toggle = crate::simd::TOGGLE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let bf = |v: &[f32]| -> Vec<u8> {
+        v.iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
+            .collect()
+    };
+    let n = 2 * CH + 1024 + 3 * 64 + 37;
+    let mut s = 0xbf16u64;
+    let mut r = move || (xorshift(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+    let base: Vec<f32> = (0..n).map(|i| if i % 7 == 0 { 0.0 } else { r() }).collect();
+    let thetas: Vec<Vec<f32>> = (0..5)
+        .map(|t| {
+            (0..n)
+                .map(|i| match (i + 3 * t) % 23 {
+                    0 => base[i],                             // τ = 0
+                    1 if base[i] == 0.0 => -0.0,              // τ = −0
+                    2 => [3.0e38, -3.0e38][(i / 23 + t) % 2], // overflows once weighted
+                    _ => base[i] + r() * 0.1,
+                })
+                .collect()
+        })
+        .collect();
+    let grads: Vec<Vec<f32>> = (0..5)
+        .map(|_| (0..n).map(|_| r() * 1e-3).collect())
+        .collect();
+    let (b16, th16, g16) = (
+        bf(&base),
+        thetas.iter().map(|v| bf(v)).collect::<Vec<_>>(),
+        grads.iter().map(|v| bf(v)).collect::<Vec<_>>(),
+    );
+    let bad = |v: &[u8], i: usize, x: f32| {
+        let mut v = v.to_vec();
+        v[2 * i..2 * i + 2].copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
+        v
+    };
+    // (what, θ of task 1, G of task 0): clean, an Inf θ, a NaN θ, a NaN and an Inf gradient.
+    let inputs = [
+        ("clean", th16[1].clone(), g16[0].clone()),
+        (
+            "inf θ",
+            bad(&th16[1], CH + 70, f32::INFINITY),
+            g16[0].clone(),
+        ),
+        (
+            "nan θ",
+            bad(&th16[1], 2 * CH + 1030, f32::NAN),
+            g16[0].clone(),
+        ),
+        ("nan G", th16[1].clone(), bad(&g16[0], 5, f32::NAN)),
+        (
+            "inf G",
+            th16[1].clone(),
+            bad(&g16[0], CH + 1, f32::NEG_INFINITY),
+        ),
+    ];
+    let raw = |data| Raw {
+        ty: FloatType::BF16,
+        data,
+    };
+    for (what, th1, g0) in &inputs {
+        for nt in 1..=5 {
+            let g = Group {
+                name: "t",
+                seq: 0,
+                n,
+                base: raw(&b16),
+                start: None,
+                tasks: (0..nt)
+                    .map(|t| crate::backend::TaskInput {
+                        theta: raw(if t == 1 { th1 } else { &th16[t] }),
+                        grad: Some(raw(if t == 0 { g0 } else { &g16[t] })),
+                    })
+                    .collect(),
+            };
+            for (rule, score) in [
+                (FuseRule::Ties, Some(ScoreKind::AbsTaskVector)),
+                (FuseRule::Ties, None),
+                (FuseRule::Linear, Some(ScoreKind::AbsWeightGrad)),
+                (FuseRule::Linear, Some(ScoreKind::AbsTaskVectorGrad)),
+                (FuseRule::Linear, None),
+            ] {
+                let jobs: Vec<MaskJob> = (0..nt)
+                    .map(|t| match score {
+                        Some(score) => MaskJob::TopK {
+                            spec: KeySpec {
+                                score,
+                                mean: None,
+                                nonfinite_zero: false,
+                            },
+                            k: (n as u64 * (2 + t as u64)) / 10,
+                        },
+                        None => MaskJob::All,
+                    })
+                    .collect();
+                for (normalize, scaling) in
+                    [(true, 0), (false, 0), (true, 1), (false, 2), (true, 3)]
+                {
+                    let mut f = fuse_spec(rule, nt);
+                    f.out = FloatType::BF16;
+                    f.normalize = normalize;
+                    f.lambda = 0.75;
+                    f.weights = [1.0, -0.5, 0.0, 2.0, 1.25][..nt].to_vec();
+                    f.forget = (0..nt).map(|t| t == 2).collect();
+                    match scaling {
+                        1 => f.rescale = (0..nt).map(|t| Some([0.5, 0.0, 0.3][t % 3])).collect(),
+                        2 => f.scale = (0..nt).map(|t| Some(1.0 + t as f32 * 0.37)).collect(),
+                        // Divide and multiply in one group: the task-by-task loops.
+                        3 => f.scale = (0..nt).map(|t| (t > 0).then_some(1.5)).collect(),
+                        _ => {}
+                    }
+                    if scaling == 3 {
+                        f.rescale[0] = Some(0.5);
+                    }
+                    let run = |on: bool| {
+                        crate::simd::set_enabled(on);
+                        let mut out = vec![0u8; n * 2];
+                        let r = CpuBackend::new()
+                            .merge_group(&g, &jobs, &f, &mut out)
+                            .map(|st| (out, st))
+                            .map_err(|e| match e {
+                                BackendError::Fault(f) => format!("{f:?}"),
+                                e => e.to_string(),
+                            });
+                        crate::simd::set_enabled(true);
+                        r
+                    };
+                    let (wide, portable) = (run(true), run(false));
+                    if wide != portable {
+                        // The first differing byte, not megabytes of both.
+                        let first = match (&wide, &portable) {
+                            (Ok((a, _)), Ok((b, _))) => a.iter().zip(b).position(|(x, y)| x != y),
+                            _ => None,
+                        };
+                        let brief = |o: &Outcome| match o {
+                            Ok((_, st)) => format!("Ok({st:?})"),
+                            Err(e) => e.clone(),
+                        };
+                        panic!(
+                            "{what}: {nt} tasks, {rule:?} {score:?} normalize={normalize} \
+                             scaling={scaling}: AVX2 {} against portable {}, first differing \
+                             byte {first:?}",
+                            brief(&wide),
+                            brief(&portable)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(crate::simd::enabled());
+}

@@ -194,11 +194,15 @@ fn chunk(
         }
         for (i, &t) in by_key.iter().enumerate() {
             let w = windows[i];
-            let f = scores_on_base(g, t, &spec(t), off + bo, l, sc);
             let fd = &mut found[i];
-            fd.fault = first_fault(fd.fault, f);
             let (mw, iw) = &mut words[i];
             let wide = w.lo < w.hi;
+            #[cfg(target_arch = "x86_64")]
+            if fast_block(g, t, &spec(t), w, off + bo, l, &sc.b, fd, mw, iw) {
+                continue;
+            }
+            let f = scores_on_base(g, t, &spec(t), off + bo, l, sc);
+            fd.fault = first_fault(fd.fault, f);
             for (j, c) in sc.s[..l].chunks(64).enumerate() {
                 let (above, ins) = window::classify_scores(c, w);
                 mw[bo / 64 + j] = above;
@@ -216,6 +220,82 @@ fn chunk(
         }
     }
     found
+}
+
+/// [`chunk`]'s work for task t over the block of `l` elements at `off`, by the AVX2 kernel
+/// (`avx2::score_classify_bf16`), where it applies: bf16 θ (and G), no mean to divide by, whole
+/// mask words, AVX2 enabled. `b`: the block's base, widened (where the score reads it). False
+/// (with `fd` as it was) where the kernel does not apply or found a score that is not finite:
+/// the portable loop then does the block and reports the fault, as before.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn fast_block(
+    g: &Group,
+    t: usize,
+    spec: &KeySpec,
+    w: Window,
+    off: usize,
+    l: usize,
+    b: &[f32],
+    fd: &mut Found,
+    mw: &mut [u64],
+    iw: &mut [u64],
+) -> bool {
+    use super::avx2::{score_classify_block, TV, TVG, WG};
+    use crate::dtype::FloatType;
+    use crate::method::ScoreKind;
+    let task = &g.tasks[t];
+    let grad = if spec.score.needs_grad() {
+        match task.grad {
+            Some(r) if r.ty == FloatType::BF16 => r.data,
+            _ => return false,
+        }
+    } else {
+        &[]
+    };
+    if task.theta.ty != FloatType::BF16
+        || spec.mean.is_some()
+        || l % 64 != 0
+        || !crate::simd::enabled()
+    {
+        return false;
+    }
+    let th = &task.theta.data[off * 2..(off + l) * 2];
+    let gr = if grad.is_empty() {
+        grad
+    } else {
+        &grad[off * 2..(off + l) * 2]
+    };
+    let b = if uses_base(spec.score) {
+        &b[..l]
+    } else {
+        &[][..]
+    };
+    let words = (off % CH) / 64..(off % CH + l) / 64;
+    let (mw, iw, keys) = (&mut mw[words.clone()], &mut iw[words], &mut fd.keys);
+    let wide = w.lo < w.hi;
+    // SAFETY: AVX2 is enabled (checked above); θ and G hold the block's l bf16 values (whole
+    // words), the base its l widened values where the score reads it (`chunk` widened them).
+    let found = unsafe {
+        match spec.score {
+            ScoreKind::AbsTaskVector => {
+                score_classify_block::<TV>(th, b, gr, w, mw, iw, keys, wide)
+            }
+            ScoreKind::AbsWeightGrad => {
+                score_classify_block::<WG>(th, b, gr, w, mw, iw, keys, wide)
+            }
+            ScoreKind::AbsTaskVectorGrad => {
+                score_classify_block::<TVG>(th, b, gr, w, mw, iw, keys, wide)
+            }
+        }
+    };
+    let Some(found) = found else {
+        return false;
+    };
+    fd.above += found.above;
+    fd.inside += found.inside;
+    true
 }
 
 /// Task t's (the i-th selecting task's) threshold and completed mask from the pass.
