@@ -298,6 +298,29 @@ select_mask(const u32* keys, size_t n, const SelectState* st, u32* mask) {
     }
 }
 
+// Breadcrumbs' band (docs/SEMANTICS.md "Sparsifying methods"): clears from a finished mask the
+// entries that st keeps, m[i] &= !(key[i] > T || (key[i] == T && i < cutoff)). Run over the mask of
+// the top drop + keep with the state of the top drop, it leaves ranks drop .. drop + keep: the
+// CPU's band (two selections by the same tie rule, the second's keeps a subset of the first's).
+// Words and lanes as select_mask (bits past n stay zero). Grid: any (grid-stride), block: any
+// multiple of 32 (SELECT_THREADS suggested).
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
+select_mask_clear(const u32* keys, size_t n, const SelectState* st, u32* mask) {
+    const u32 T = st->threshold;
+    const u64 cutoff = st->cutoff;
+    const size_t nwords = mask_words32(n);
+    const int lane = threadIdx.x & 31;
+    const size_t warp = (static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+    const size_t nwarps = (static_cast<size_t>(gridDim.x) * blockDim.x) >> 5;
+    for (size_t w = warp; w < nwords; w += nwarps) {
+        const size_t i = w * 32 + lane;
+        const u32 key = (i < n) ? __ldg(keys + i) : 0u;
+        const bool top = i < n && (key > T || (key == T && i < cutoff));
+        const u32 word = __ballot_sync(FULL_MASK, top);
+        if (lane == 0) mask[w] &= ~word;
+    }
+}
+
 // DARE: keep(i) = (h(i) >> 32) < threshold with h(i) = fmix(stream + (i + 1) * golden), written as
 // the bit mask (all 2 * ceil(n / 64) u32 words, bits past n zero); threshold = floor(d * 2^32)
 // (2^32 keeps every entry). *kept (may be NULL) gets the number of kept entries added.

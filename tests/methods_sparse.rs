@@ -750,6 +750,7 @@ fn cuda_refuses_methods_and_rescales_without_kernels_before_any_work() {
         ("merge_method: della\nbase_model: base\nparameters:\n  density: 0.5\nmodels:\n  - model: task_0\n", "merge_method `della`"),
         ("merge_method: sce\nbase_model: base\nmodels:\n  - model: task_0\n", "merge_method `sce`"),
         ("merge_method: ties\nbase_model: base\nparameters:\n  density: 0.5\n  rescale: true\nmodels:\n  - model: task_0\n", "L1 rescale after a top-k mask"),
+        ("merge_method: breadcrumbs\nbase_model: base\nparameters:\n  density: 0.5\n  rescale: true\nmodels:\n  - model: task_0\n", "breadcrumbs' band"),
     ] {
         std::fs::write(s.path("r.yml"), text).unwrap();
         let recipe = stamerge::Recipe::from_file(&s.path("r.yml")).unwrap();
@@ -768,10 +769,23 @@ fn cuda_refuses_methods_and_rescales_without_kernels_before_any_work() {
         stamerge::merge(&recipe, &s.path("out"), &opts).unwrap();
         std::fs::remove_dir_all(s.path("out")).unwrap();
     }
-    // DARE with either rescale (mergekit's L1, the default, or 1/d) is not refused for want of
-    // kernels (with no GPU here the merge fails for that instead; tests/gpu compares the bytes).
+    // DARE with either rescale (mergekit's L1, the default, or 1/d) and breadcrumbs (no rescale
+    // by default, or 1/d) are not refused for want of kernels (with no GPU here the merge fails
+    // for that instead; tests/gpu compares the bytes).
     for norm in ["", "  rescale_norm: l1\n", "  rescale_norm: inv_density\n"] {
-        for method in ["dare_linear", "dare_ties"] {
+        for method in [
+            "dare_linear",
+            "dare_ties",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+        ] {
+            let norm = match (method.starts_with("breadcrumbs"), norm) {
+                (true, "  rescale_norm: l1\n") => "",
+                (true, "  rescale_norm: inv_density\n") => {
+                    "  rescale: true\n  rescale_norm: inv_density\n"
+                }
+                _ => norm,
+            };
             std::fs::write(
                 s.path("r.yml"),
                 format!("merge_method: {method}\nbase_model: base\nparameters:\n  density: 0.5\n{norm}models:\n  - model: task_0\n"),

@@ -250,6 +250,44 @@ static void test_tensor_select() {
     std::printf("tensor select: %d cases\n", cases);
 }
 
+// breadcrumbs' band as src/backend/cuda/group.rs band_mask runs it: the select of the top
+// drop + keep with its mask, a second select of the top drop over the same keys (pass 0 by
+// select_filter), and select_mask_clear; against ranks drop .. drop + keep of the stable order.
+static void test_band() {
+    int cases = 0;
+    for (int rep = 0; rep < 8; ++rep) for (size_t n : {1ul, 7ul, 64ul, 65ul, 1000ul, 20000ul}) {
+        std::vector<uint32_t> keys(n);
+        // heavy ties (rep < 4: three distinct keys) so both boundaries cut through runs of equals
+        for (auto& x : keys) x = 0x80000000u + (uint32_t)urand(rep < 4 ? 3 : 1u << 30);
+        std::vector<std::pair<size_t, size_t>> bands = {{0, n}, {n - 1, 1}, {n / 3, n / 3 + 1}, {n / 10, n - n / 10}};
+        if (n > 1) bands.push_back({1, n - 1});
+        for (auto [drop, keep] : bands) {
+            if (keep == 0 || drop + keep > n) continue;
+            auto r = run_tensor_select(&keys, nullptr, nullptr, n, drop + keep, false, rep % 2 ? n : 0, 3);
+            if (drop > 0) {
+                auto st = std::make_unique<SelectState>();
+                std::vector<uint32_t> cand(n), tiles((n + TIE_TILE - 1) / TIE_TILE);
+                launch(1, 256, select_init, st.get(), (u64)n, (u64)drop);
+                for (int pass = 0; pass < 3; ++pass)
+                    launch(grid_for((n + 3) / 4, 256, 3), 256, select_filter, (const u32*)keys.data(), n, st.get(), pass,
+                           rep % 2 ? cand.data() : (u32*)nullptr, rep % 2 ? n : (size_t)0);
+                launch((unsigned)tiles.size(), 256, select_tie_count, (const u32*)keys.data(), n, (const SelectState*)st.get(), tiles.data(), (u64*)nullptr, 1);
+                launch(1, 1024, select_tie_cutoff, (const u32*)keys.data(), n, st.get(), (const u32*)tiles.data());
+                launch(grid_for((n + 63) / 64 * 64, 256, 3), 256, select_mask_clear, (const u32*)keys.data(), n, (const SelectState*)st.get(), r.mask.data());
+                CHECK(st->flags == 0, "band n %zu drop %zu: flags %u", n, drop, st->flags);
+            }
+            auto hi = ref_topk(keys, drop + keep), lo = ref_topk(keys, drop);
+            std::vector<char> band(n);
+            for (size_t i = 0; i < n; ++i) band[i] = hi[i] && !lo[i];
+            auto ref = mask_words_of(band);
+            CHECK(std::equal(ref.begin(), ref.end(), r.mask.begin()), "band mask differs (n %zu drop %zu keep %zu rep %d)", n, drop, keep, rep);
+            CHECK(r.mask[ref.size()] == 0xabababab, "band mask written past its words");
+            ++cases;
+        }
+    }
+    std::printf("band: %d cases\n", cases);
+}
+
 // selection: model as the CUDA backend runs it (src/pipeline.rs model_selection with
 // src/select/digits.rs DigitSearch on the host; src/backend/cuda/model.rs chunk_sums_on_device
 // and histogram_on_device, src/backend/cuda/chunked.rs score_sum_chunked, and
@@ -787,6 +825,7 @@ int main(int argc, char** argv) {
     if (want("keys")) test_score_keys();
     if (want("fuse")) test_fuse();
     if (want("tensor")) test_tensor_select();
+    if (want("band")) test_band();
     if (want("model")) test_model_select();
     if (want("chunked")) test_chunked_select();
     if (want("overlap")) test_overlap();

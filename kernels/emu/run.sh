@@ -6,7 +6,7 @@
 # block/warp cooperation, not GPU memory-model races or speed. Needs g++ >= 11 (C++20) on x86-64
 # (elsewhere the fibers fall back to ucontext). One core: about 11 s on the 2-core build machine,
 # compile included (2026-12-07; 315 s when every CUDA thread was an OS thread). Pass a section name
-# (sum, dare, keys, fuse, tensor, model, chunked, overlap, fisher, interp) to run only that one.
+# (sum, dare, keys, fuse, tensor, band, model, chunked, overlap, fisher, interp) to run only that one.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # A folder of this run's own: two runs at once never overwrite each other's binary.

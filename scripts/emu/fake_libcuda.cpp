@@ -91,6 +91,7 @@ const std::map<std::string, Function>& kernels() {
         KERNEL(score_keys),        KERNEL(keys_normalize), KERNEL(score_sum),
         KERNEL(select_init),       KERNEL(select_filter),  KERNEL(select_tie_count),
         KERNEL(select_tie_cutoff), KERNEL(select_mask),    KERNEL(dare_mask),
+        KERNEL(select_mask_clear),
         KERNEL(fuse_linear),       KERNEL(fuse_ties),
         KERNEL(fuse_linear_f32),   KERNEL(fuse_linear_f16), KERNEL(fuse_linear_bf16),
         KERNEL(fuse_ties_f32),     KERNEL(fuse_ties_f16),   KERNEL(fuse_ties_bf16),

@@ -323,20 +323,15 @@ impl MethodKind {
     /// Whether `--device cuda` can run this method: the CUDA backend has kernels for the mask
     /// and fuse rules of the task-vector methods of DESIGN.md, fisher, and the interpolating
     /// methods whose passes are dot products and one element-wise formula (linear, slerp,
-    /// nuslerp, multislerp, nearswap, model_stock: backend/cuda/interp.rs); not (yet) for
-    /// mergekit's sparsifying methods (method/sparse.rs) nor for karcher and arcee_fusion.
+    /// nuslerp, multislerp, nearswap, model_stock: backend/cuda/interp.rs), and breadcrumbs
+    /// (its band is two top-k selections; linear and TIES fuses); not (yet) for della, sce and
+    /// ram (method/sparse.rs) nor for karcher and arcee_fusion.
     /// run.rs refuses the others before any work, by name; `--device auto` runs them on the CPU
     /// and says why. (passthrough copies tensors and needs none.)
     pub fn has_cuda_kernels(self) -> bool {
         let sparse = matches!(
             self,
-            Self::Breadcrumbs
-                | Self::BreadcrumbsTies
-                | Self::Della
-                | Self::DellaLinear
-                | Self::Sce
-                | Self::Ram
-                | Self::RamplusTl
+            Self::Della | Self::DellaLinear | Self::Sce | Self::Ram | Self::RamplusTl
         );
         let interp = matches!(
             self,

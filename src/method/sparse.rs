@@ -16,20 +16,24 @@ pub fn cuda_lacks(jobs: &[MaskJob], f: &FuseSpec) -> Option<String> {
         FuseRule::Linear | FuseRule::Ties | FuseRule::Fisher | FuseRule::Interp => None,
     };
     let job = jobs.iter().find_map(|j| match j {
-        MaskJob::Band { .. } => Some("breadcrumbs' band of ranks"),
         MaskJob::Della { .. } => Some("della's rank-based keeps"),
         _ => None,
     });
     // The L1 factor is found on the host from the same keep decisions as the CPU's
     // (`cpu::l1_scales`): DARE's counter-based ones, which need no device pass. A top-k mask
-    // (ties with `rescale: true`) is only known on the device.
+    // (ties with `rescale: true`) or breadcrumbs' band is only known on the device.
     let l1 = jobs
         .iter()
         .zip(&f.rescale_l1)
-        .any(|(j, &l1)| l1 && matches!(j, MaskJob::TopK { .. } | MaskJob::Fixed { .. }))
+        .any(|(j, &l1)| {
+            l1 && matches!(
+                j,
+                MaskJob::TopK { .. } | MaskJob::Fixed { .. } | MaskJob::Band { .. }
+            )
+        })
         .then_some(
-            "mergekit's L1 rescale after a top-k mask (`rescale: true` with ties; \
-             `rescale_norm: inv_density` runs on the GPU)",
+            "mergekit's L1 rescale after a top-k mask or breadcrumbs' band (`rescale: true` \
+             with ties or breadcrumbs; `rescale_norm: inv_density` runs on the GPU)",
         );
     rule.or(job).or(l1).map(str::to_string)
 }

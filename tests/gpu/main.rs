@@ -17,7 +17,7 @@
 //! scripts/emu-gpu-tests.sh runs them on an emulated GPU.
 //!
 //! The files: `inputs.rs` (random groups), `recipes.rs` (methods as recipes → jobs and fuse),
-//! `compare.rs` (one group on both backends), then the tests: `methods.rs`,
+//! `compare.rs` (one group on both backends), then the tests: `methods.rs`, `breadcrumbs.rs`,
 //! `model_selection.rs`, `faults.rs`, `shapes.rs`, `chunked.rs` (memory budgets),
 //! `streaming.rs` (pipelined and deferred groups), `end_to_end.rs`, `device.rs`, `host.rs` (the
 //! host code's contract with the driver: threads, staging identity, teardown, NaN, uploads).
@@ -25,6 +25,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod breadcrumbs;
 mod chunked;
 mod compare;
 mod device;

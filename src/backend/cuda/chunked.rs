@@ -146,11 +146,13 @@ fn merge_chunk_len(g: &Group, sels: &[Sel], f: &FuseSpec, budget: usize) -> BRes
         .iter()
         .map(|s| match *s {
             Sel::Keep => MaskJob::All,
-            Sel::TopK { spec, .. } | Sel::Fixed { spec, .. } => MaskJob::Fixed {
-                spec,
-                key: 0,
-                tie_quota: 0,
-            },
+            Sel::TopK { spec, .. } | Sel::Fixed { spec, .. } | Sel::Band { spec, .. } => {
+                MaskJob::Fixed {
+                    spec,
+                    key: 0,
+                    tie_quota: 0,
+                }
+            }
             Sel::Random { stream, threshold } => MaskJob::Random { stream, threshold },
             Sel::Ones { spec } => MaskJob::TopK { spec, k: u64::MAX },
         })
@@ -206,6 +208,13 @@ impl CudaBackend {
             )));
         }
         let (sels, ncombo) = selections(jobs, f, n)?;
+        if sels.iter().any(|s| matches!(s, Sel::Band { .. })) {
+            return Err(BackendError::Device(DeviceError::Unsupported(format!(
+                "tensor `{}`: breadcrumbs' band over a tensor larger than the GPU memory budget \
+                 has no chunked CUDA path yet (raise --max-memory, or use --device cpu)",
+                g.name
+            ))));
+        }
         let parts = overlap_parts(&sels, f);
         let len = merge_chunk_len(g, &sels, f, w.arena.limit())?;
         let spans = spans(n, len);
@@ -337,6 +346,8 @@ impl CudaBackend {
                 Sel::Fixed { .. } => {
                     (ruled || a.kept == a.gt + a.ties) && a.ties == a.eq.min(quota0[t])
                 }
+                // Refused before the chunks (above).
+                Sel::Band { .. } => false,
             };
             if !ok {
                 return Err(internal(format!(

@@ -97,6 +97,7 @@ pub struct Kernels {
     select_tie_count: CudaFunction,
     select_tie_cutoff: CudaFunction,
     select_mask: CudaFunction,
+    select_mask_clear: CudaFunction,
     dare_mask: CudaFunction,
     fuse_linear: CudaFunction,
     fuse_ties: CudaFunction,
@@ -265,6 +266,7 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> DResult<Kernels> {
         select_tie_count: get("select", "select_tie_count")?,
         select_tie_cutoff: get("select", "select_tie_cutoff")?,
         select_mask: get("select", "select_mask")?,
+        select_mask_clear: get("select", "select_mask_clear")?,
         dare_mask: get("select", "dare_mask")?,
         fuse_linear: get("fuse", "fuse_linear")?,
         fuse_ties: get("fuse", "fuse_ties")?,
@@ -583,6 +585,12 @@ impl Gpu {
     pub unsafe fn select_mask(&self, keys: Ptr, n: u64, st: Ptr, mask: Ptr) -> DResult<()> {
         let grid = self.grid(32 * n.div_ceil(128), per_sm::MASK);
         launch!(self, select_mask, grid, BLOCK; keys, n, st, mask)
+    }
+
+    /// `select_mask_clear`: clears from `mask` what `select_mask` would keep for state `st`.
+    pub unsafe fn select_mask_clear(&self, keys: Ptr, n: u64, st: Ptr, mask: Ptr) -> DResult<()> {
+        let grid = self.grid(64 * n.div_ceil(64), per_sm::MASK);
+        launch!(self, select_mask_clear, grid, BLOCK; keys, n, st, mask)
     }
 
     /// `dare_mask`: DARE's keep decisions as a bit mask, the count added to `*kept` (0: none).

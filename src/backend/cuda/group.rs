@@ -1,12 +1,12 @@
 //! One tensor group on the device, the twin of `cpu.rs`'s `merge_group`: the launch sequence
 //! as named steps (inputs in, the fuse's task table, one mask per task — DARE, top-k or a fixed
-//! threshold — sta's overlap rule over the masks, the fuse, the results back), then the
+//! threshold or breadcrumbs' band — sta's overlap rule over the masks, the fuse, the results back), then the
 //! statistics the CPU would report, checked against each other. All launches run on the compute
 //! stream with no host round trip between the selection passes: the radix picks happen on the
 //! device.
 
 use super::device::{
-    dtype_code, Arena, FuseArgs, FuseTask, Ptr, ScoreInputs, SelectHeader, STATE_BAD,
+    dtype_code, Arena, FuseArgs, FuseTask, Ptr, ScoreInputs, SelectHeader, STATE_BAD, STATE_BYTES,
 };
 use super::faults::{fault_result, fuse_fault, score_fault};
 use super::layout::{
@@ -131,6 +131,7 @@ impl CudaBackend {
                 Sel::TopK { spec, k } => self.topk_mask(w, &l, t, &spec, k)?,
                 Sel::Fixed { spec, .. } => self.fixed_mask(w, &l, t, &spec)?,
                 Sel::Ones { .. } => self.ones_mask(w, &l, t)?,
+                Sel::Band { spec, drop, keep } => self.band_mask(w, &l, t, &spec, drop, keep)?,
             }
         }
         if l.lay.overlap.is_some() {
@@ -303,6 +304,46 @@ impl CudaBackend {
         })
     }
 
+    /// Step 3, breadcrumbs (cpu/sparse.rs `band`): the top `drop + keep` with its mask as
+    /// top-k makes it, then the top `drop` selected again over the same keys in the second state
+    /// and cleared from that mask (`select_mask_clear`); both selections break ties by the lowest
+    /// index, as the CPU's two radix selects. A band that keeps nothing is a mask of zeros and
+    /// scores nothing, as on the CPU (so its non-finite scores are no fault either).
+    fn band_mask(
+        &self,
+        w: &Work,
+        l: &Launch,
+        t: usize,
+        spec: &KeySpec,
+        drop: u64,
+        keep: u64,
+    ) -> BResult<()> {
+        let (gpu, arena, lay, n64) = (&self.gpu, &w.arena, &l.lay, l.n as u64);
+        let mask = arena.at(lay.mask[t].expect("a mask"));
+        if keep == 0 {
+            // SAFETY: the mask buffer holds ceil(n / 64) u64 words.
+            return dev(unsafe { gpu.fill_u32(mask, 0, 2 * l.n.div_ceil(64)) });
+        }
+        self.topk_mask(w, l, t, spec, drop + keep)?;
+        if drop == 0 {
+            return Ok(());
+        }
+        let st = arena.at(lay.state[t].expect("a state") + STATE_BYTES);
+        let (keys, cand, tiles) = (arena.at(lay.keys), arena.at(lay.cand), arena.at(lay.tiles));
+        let cap = lay.cand_cap as u64;
+        // SAFETY: as for top-k; the keys are the ones the first selection scored (its state
+        // holds their score errors), pass 0 reads them again.
+        launches(|| unsafe {
+            gpu.select_init(st, n64, drop)?;
+            for pass in 0..3 {
+                gpu.select_filter(keys, n64, st, pass, cand, cap)?;
+            }
+            gpu.select_tie_count(keys, n64, st, tiles, 0, true)?;
+            gpu.select_tie_cutoff(keys, n64, st, tiles)?;
+            gpu.select_mask_clear(keys, n64, st, mask)
+        })
+    }
+
     /// Step 3, a taking-part task that keeps everything: a mask of all ones (the overlap rule
     /// clears the lanes past n and those the task loses).
     fn ones_mask(&self, w: &Work, l: &Launch, t: usize) -> BResult<()> {
@@ -427,9 +468,17 @@ impl CudaBackend {
         let mut stats = vec![0u64; lay.stats_words];
         dev(arena.download(gpu, lay.stats, bytemuck::cast_slice_mut(&mut stats)))?;
         let mut headers = vec![None; nt];
+        // A band's second selection (the top `drop`), only checked: the first one's header
+        // holds the statistics and the score errors.
+        let mut second = vec![None; nt];
         for (t, off) in lay.state.iter().enumerate() {
             if let Some(off) = off {
                 headers[t] = Some(dev(read_header(gpu, arena, *off))?);
+            }
+            if let (Sel::Band { drop, keep, .. }, Some(off)) = (l.sels[t], off) {
+                if super::layout::band_states(drop, keep) == 2 {
+                    second[t] = Some(dev(read_header(gpu, arena, off + STATE_BYTES))?);
+                }
             }
         }
         // Under the overlap rule, each part's kept count before it: the selection is checked
@@ -457,6 +506,14 @@ impl CudaBackend {
             .iter()
             .enumerate()
             .map(|(t, sel)| {
+                if let Some(h) = &second[t] {
+                    if h.flags != 0 || h.passes_done != 3 {
+                        return Err(internal(format!(
+                            "in the band's second selection of task {t} for `{}`: {h:?}",
+                            l.g.name
+                        )));
+                    }
+                }
                 let after = stats[sw.kept(t)];
                 let part = parts.iter().position(|&p| p == t);
                 let selected = part.map_or(after, |i| before[i]);
@@ -592,6 +649,36 @@ pub(super) fn task_stats(
                 kept: k,
                 threshold: Some(th),
                 ties_kept: count_eq.min(k - h.count_gt),
+            })
+        }
+        Sel::Band {
+            spec, drop, keep, ..
+        } => {
+            // The CPU reports `keep` kept with the first selection's threshold (none when it
+            // keeps nothing) and no ties.
+            if kept != keep {
+                return Err(format!("the band keeps {kept} entries, not {keep}"));
+            }
+            let threshold = match keep {
+                0 => None,
+                _ => {
+                    task_stats(
+                        &Sel::TopK {
+                            spec,
+                            k: drop + keep,
+                        },
+                        n,
+                        h,
+                        tie_total,
+                        drop + keep,
+                    )?
+                    .threshold
+                }
+            };
+            Ok(TaskStats {
+                kept,
+                threshold,
+                ties_kept: 0,
             })
         }
         Sel::Fixed { key, quota, .. } => {

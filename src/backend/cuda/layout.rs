@@ -33,6 +33,23 @@ pub(super) enum Sel {
     Ones {
         spec: KeySpec,
     },
+    /// Breadcrumbs: ranks `drop .. drop + keep` (`MaskJob::Band`), the top `drop + keep` less
+    /// the top `drop`, two selections over the same keys (states [`band_states`] of them).
+    Band {
+        spec: KeySpec,
+        drop: u64,
+        keep: u64,
+    },
+}
+
+/// The select states of a band: none when it keeps nothing (no keys are scored, as on the CPU),
+/// one for the top `drop + keep`, a second (right after it) for the top `drop` when drop > 0.
+pub(super) fn band_states(drop: u64, keep: u64) -> usize {
+    match (drop, keep) {
+        (_, 0) => 0,
+        (0, _) => 1,
+        _ => 2,
+    }
 }
 
 impl Sel {
@@ -52,10 +69,11 @@ impl Sel {
                 quota: tie_quota,
             },
             MaskJob::Random { stream, threshold } => Sel::Random { stream, threshold },
-            MaskJob::Band { .. } | MaskJob::Della { .. } => {
+            MaskJob::Band { spec, drop, keep } => Sel::Band { spec, drop, keep },
+            MaskJob::Della { .. } => {
                 return Err(crate::backend::BackendError::Device(
                     crate::backend::DeviceError::Unsupported(
-                        "breadcrumbs and della masks have no CUDA kernels yet".into(),
+                        "della's masks have no CUDA kernels yet".into(),
                     ),
                 ))
             }
@@ -64,7 +82,10 @@ impl Sel {
 
     pub(super) fn spec(&self) -> Option<&KeySpec> {
         match self {
-            Sel::TopK { spec, .. } | Sel::Fixed { spec, .. } | Sel::Ones { spec } => Some(spec),
+            Sel::TopK { spec, .. }
+            | Sel::Fixed { spec, .. }
+            | Sel::Ones { spec }
+            | Sel::Band { spec, .. } => Some(spec),
             _ => None,
         }
     }
@@ -197,7 +218,9 @@ pub(super) fn group_layout(g: &Group, sels: &[Sel], fuse: &FuseSpec, ncombo: usi
         })
         .collect();
     let any_keys = sels.iter().any(|s| s.spec().is_some());
-    let any_topk = sels.iter().any(|s| matches!(s, Sel::TopK { .. }));
+    let any_topk = sels
+        .iter()
+        .any(|s| matches!(s, Sel::TopK { .. } | Sel::Band { .. }));
     // Keys, candidates and tile counts are shared by the tasks: their launches run in order on
     // one stream, so each task's selection is done with them before the next one starts.
     let keys = if any_keys { l.take(4 * n) } else { 0 };
@@ -216,7 +239,14 @@ pub(super) fn group_layout(g: &Group, sels: &[Sel], fuse: &FuseSpec, ncombo: usi
         .collect();
     let state = sels
         .iter()
-        .map(|s| matches!(s, Sel::TopK { .. } | Sel::Fixed { .. }).then(|| l.take(STATE_BYTES)))
+        .map(|s| match *s {
+            Sel::TopK { .. } | Sel::Fixed { .. } => Some(l.take(STATE_BYTES)),
+            Sel::Band { drop, keep, .. } => {
+                let states = band_states(drop, keep);
+                (states > 0).then(|| l.take(states * STATE_BYTES))
+            }
+            _ => None,
+        })
         .collect();
     let params = l.take(nt * std::mem::size_of::<FuseTask>() + nt * 4);
     let stats_words = 1 + 2 * nt + ncombo;
