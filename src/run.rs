@@ -168,6 +168,21 @@ fn kernels_for(plan: &Plan, device: Device) -> Result<Device> {
     Ok(Device::Cpu)
 }
 
+/// The first tensor the opened backend cannot merge (its memory budget is known only now), as
+/// an error before the output folder exists.
+fn refused(plan: &Plan, backend: &dyn Backend) -> Result<()> {
+    let why = plan.items.iter().find_map(|item| match &item.kind {
+        crate::plan::ItemKind::Merge { work, .. } => {
+            backend.refuses(&plan.group(item), &work.shape_jobs(), &work.fuse)
+        }
+        _ => None,
+    });
+    match why {
+        Some(why) => Err(Error::Other(format!("--device {}: {why}", backend.name()))),
+        None => Ok(()),
+    }
+}
+
 fn no_kernels(why: &str) -> Error {
     Error::Other(format!(
         "--device cuda: {why} has no CUDA kernels yet; merge with --device cpu (or auto, which \
@@ -286,6 +301,7 @@ pub fn merge_planned(plan: &Plan, out_dir: &Path, opts: &Options) -> Result<Repo
         tracing::warn!("{w}");
     }
     let backend = open_backend(kernels_for(plan, opts.device)?, opts.max_memory)?;
+    refused(plan, backend.as_ref())?;
     let pool = {
         let mut b = rayon::ThreadPoolBuilder::new();
         if let Some(t) = opts.threads {

@@ -238,6 +238,13 @@ pub trait Backend: Compute {
         false
     }
 
+    /// Why this backend cannot merge `g` with `masks` and `fuse`, known from the group's shape
+    /// alone, so that the run can refuse before any work (None: it can).
+    fn refuses(&self, g: &Group, masks: &[MaskJob], fuse: &FuseSpec) -> Option<String> {
+        let _ = (g, masks, fuse);
+        None
+    }
+
     /// Merges `g`; `next` is the group the caller merges after it, if known (its inputs may be
     /// copied in early, and are used by the next call only if its group has `next`'s name and
     /// `seq`). The output buffer is handed over and its bytes may arrive one call

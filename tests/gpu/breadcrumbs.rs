@@ -3,7 +3,7 @@
 //! statistic: single tensor groups of every size and dtype, continuous and heavily tied values,
 //! at the edges of the band (gamma 0, the default gamma, γ·N + d·N > N, d = 1, a density that
 //! keeps nothing); then whole merges in fp32 and bf16. A tensor over the memory budget is refused
-//! (the band has no chunked path yet), with a message that says so.
+//! before anything is written (the band has no chunked path yet), with a message that says so.
 
 use std::path::Path;
 
@@ -122,9 +122,23 @@ fn breadcrumbs_merges_match_cpu() {
             max_memory: Some(CHUNKED),
             ..Default::default()
         };
-        let e = stamerge::merge(&recipe, &dir.path().join("chunked-out"), &opts)
+        let out = dir.path().join("chunked-out");
+        let e = stamerge::merge(&recipe, &out, &opts)
             .unwrap_err()
             .to_string();
         assert!(e.contains("no chunked CUDA path"), "{e}");
+        // Refused once the budget is known, before any tensor is merged (run.rs asks the backend
+        // with the plan's shapes: its message gives the sizes), and nothing was written.
+        assert!(
+            e.contains("in one piece"),
+            "{e}: not refused before the merge"
+        );
+        assert!(!out.exists(), "{e}: the output folder was made");
+        let staged = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("chunked-out"))
+            .count();
+        assert_eq!(staged, 0, "{e}: a staging folder was left");
     }
 }

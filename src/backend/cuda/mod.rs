@@ -585,6 +585,23 @@ impl Backend for CudaBackend {
         true
     }
 
+    /// A band (breadcrumbs) over a tensor that would run in chunks: chunked.rs has no path for
+    /// it yet, and the run must say so before it writes anything, not when it reaches the tensor.
+    fn refuses(&self, g: &Group, jobs: &[MaskJob], f: &FuseSpec) -> Option<String> {
+        let band = jobs.iter().any(|j| matches!(j, MaskJob::Band { .. }));
+        let bytes = group_bytes(g, jobs, f).ok()? as u64;
+        (band && bytes > work_share(self.budget)).then(|| {
+            format!(
+                "tensor `{}`: breadcrumbs' band over a tensor larger than the GPU memory budget \
+                 ({} in one piece, {} for the tensor being merged) has no chunked CUDA path \
+                 yet; raise --max-memory, or use --device cpu",
+                g.name,
+                crate::inspect::human_bytes(bytes),
+                crate::inspect::human_bytes(work_share(self.budget))
+            )
+        })
+    }
+
     fn name(&self) -> &'static str {
         "cuda"
     }
