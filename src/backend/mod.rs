@@ -57,6 +57,21 @@ pub struct GroupStats {
     pub combos: Vec<u64>,
 }
 
+impl GroupStats {
+    /// Every one of `tasks` inputs kept all `n` entries (fisher and the interpolating methods,
+    /// which mask nothing), with no combination histogram.
+    pub fn all_kept(n: usize, tasks: usize) -> Self {
+        let kept = TaskStats {
+            kept: n as u64,
+            ..Default::default()
+        };
+        Self {
+            tasks: vec![kept; tasks],
+            combos: Vec::new(),
+        }
+    }
+}
+
 /// Which input held a bad value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {

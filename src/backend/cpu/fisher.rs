@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::fuse::CANONICAL_NAN;
 use super::{fault_result, first_fault, load, CH};
-use crate::backend::{BResult, Fault, FuseSpec, Group, GroupStats, Source, TaskStats};
+use crate::backend::{BResult, Fault, FuseSpec, Group, GroupStats, Source};
 use crate::dtype::narrow;
 use crate::select::dsum;
 
@@ -110,14 +110,5 @@ pub(super) fn merge(g: &Group, f: &FuseSpec, out: &mut [u8]) -> BResult<GroupSta
         })
         .reduce(|| None, first_fault);
     fault_result(fault)?;
-    Ok(GroupStats {
-        tasks: vec![
-            TaskStats {
-                kept: g.n as u64,
-                ..Default::default()
-            };
-            nt
-        ],
-        combos: Vec::new(),
-    })
+    Ok(GroupStats::all_kept(g.n, nt))
 }

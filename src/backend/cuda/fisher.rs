@@ -8,7 +8,7 @@ use super::chunked::{chunk_len, shifted, spans, sub_group, GRANULE};
 use super::device::{dtype_code, FisherTask, Layout};
 use super::transfer::{elems, Work};
 use super::{dev, launches, CudaBackend};
-use crate::backend::{BResult, Fault, FuseSpec, Group, GroupStats, Source, TaskStats};
+use crate::backend::{BResult, Fault, FuseSpec, Group, GroupStats, Source};
 
 /// Where one piece's buffers live in the arena.
 struct FisherLayout {
@@ -87,14 +87,7 @@ impl CudaBackend {
                 at,
             )?;
         }
-        let kept = TaskStats {
-            kept: g.n as u64,
-            ..Default::default()
-        };
-        Ok(GroupStats {
-            tasks: vec![kept; g.tasks.len()],
-            combos: Vec::new(),
-        })
+        Ok(GroupStats::all_kept(g.n, g.tasks.len()))
     }
 
     fn fisher_piece(&self, w: &mut Work, g: &Group, f: &FuseSpec, out: &mut [u8]) -> BResult<()> {

@@ -26,7 +26,7 @@ use super::device::{describe, dtype_code, launch, per_sm, DResult, Gpu, Layout, 
 use super::transfer::{elems, Work};
 use super::{dev, launches, CudaBackend};
 use crate::backend::{
-    BResult, BackendError, DeviceError, Fault, FuseSpec, Group, GroupStats, Raw, Source, TaskStats,
+    BResult, BackendError, DeviceError, Fault, FuseSpec, Group, GroupStats, Raw, Source,
 };
 use crate::method::interp::{self as m, Interp, InterpSpec, Operand, Vectors};
 use crate::select::dot::{CHUNK, LANES};
@@ -533,14 +533,7 @@ impl CudaBackend {
             Interp::Multislerp { eps, .. } => self.multislerp(w, g, r, eps, out)?,
             Interp::Karcher { .. } | Interp::ArceeFusion => unreachable!("refused by Job::new"),
         }
-        let kept = TaskStats {
-            kept: g.n as u64,
-            ..Default::default()
-        };
-        Ok(GroupStats {
-            tasks: vec![kept; g.tasks.len()],
-            combos: Vec::new(),
-        })
+        Ok(GroupStats::all_kept(g.n, g.tasks.len()))
     }
 
     /// multislerp's five passes (cpu/interp/sphere.rs `multislerp`): the norms, the weighted
