@@ -285,8 +285,8 @@ def plots(runs, summary, work, tasks):
             fig,
             ax,
             xlabel,
-            f"{len(tasks)}-task mean {which} {SCORE} (%), λ chosen on validation",
-            f"{NAME}: {SCORE} vs {axis}",
+            f"{len(tasks)}-task mean {which} {SCORE} (%)",
+            f"{NAME}: {SCORE} vs {axis} (λ chosen on validation)",
             os.path.join(work, name),
         )
 
