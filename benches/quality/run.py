@@ -153,15 +153,19 @@ class Bench:
         folder = "grads" if mode == "abs" else f"grads-{mode}"
         path = os.path.join(self.runs, f"seed{seed}", folder, f"{task}.safetensors")
         if not os.path.exists(path):
-            from train import gradients
-
             log(f"seed {seed}: gradient statistic ({mode}) for {task}")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            model = load_model(os.path.join(self.finetuned(seed, task), "model.safetensors"))
-            tr = self.tasks[task]["train"]
-            gradients(model, tr["ids"], tr["label"], self.heads[task], path + ".tmp.safetensors", mode=mode)
+            self._gradient_pass(seed, task, path + ".tmp.safetensors", mode)
             os.replace(path + ".tmp.safetensors", path)
         return path
+
+    def _gradient_pass(self, seed, task, out, mode):
+        """Writes the task's gradient statistic to `out` (run_lm.LMBench has its own)."""
+        from train import gradients
+
+        model = load_model(os.path.join(self.finetuned(seed, task), "model.safetensors"))
+        tr = self.tasks[task]["train"]
+        gradients(model, tr["ids"], tr["label"], self.heads[task], out, mode=mode)
 
     # ---- merges -----------------------------------------------------------------------------
 

@@ -107,16 +107,9 @@ class LMBench(run.Bench):
             lm.save_checkpoint(model, self.base, folder)
         return folder
 
-    def gradients(self, seed, task, mode="abs"):
-        folder = "grads" if mode == "abs" else f"grads-{mode}"
-        path = os.path.join(self.runs, f"seed{seed}", folder, f"{task}.safetensors")
-        if not os.path.exists(path):
-            log(f"seed {seed}: gradient statistic ({mode}) for {task}")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            model = lm.load_model(self.finetuned(seed, task))
-            lm.gradients(model, self._train(seed, task), path + ".tmp.safetensors", mode=mode)
-            os.replace(path + ".tmp.safetensors", path)
-        return path
+    def _gradient_pass(self, seed, task, out, mode):
+        model = lm.load_model(self.finetuned(seed, task))
+        lm.gradients(model, self._train(seed, task), out, mode=mode)
 
 
 def main():

@@ -87,14 +87,7 @@ fn fisher_faults_match_cpu() {
     .unwrap();
     let recipe = stamerge::Recipe::from_file(&dir.path().join("f.yml")).unwrap();
     let plan = stamerge::plan(&recipe, None, &Default::default()).unwrap();
-    let f: FuseSpec = plan
-        .items
-        .iter()
-        .find_map(|it| match &it.kind {
-            stamerge::plan::ItemKind::Merge { work, .. } => Some(work.fuse.clone()),
-            _ => None,
-        })
-        .expect("a merged tensor");
+    let f: FuseSpec = crate::sets::first_fuse(&plan);
     let mut oc = vec![0u8; 4 * n];
     let mut og = vec![0u8; 4 * n];
     let jobs = vec![stamerge::backend::MaskJob::All; 2];

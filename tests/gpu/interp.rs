@@ -76,14 +76,7 @@ fn planned_fuse(dir: &std::path::Path, text: &str, vectors: Vectors) -> FuseSpec
     std::fs::write(&path, text).unwrap();
     let recipe = stamerge::Recipe::from_file(&path).unwrap();
     let plan = stamerge::plan(&recipe, None, &Default::default()).unwrap();
-    let mut f = plan
-        .items
-        .iter()
-        .find_map(|it| match &it.kind {
-            stamerge::plan::ItemKind::Merge { work, .. } => Some(work.fuse.clone()),
-            _ => None,
-        })
-        .expect("a merged tensor");
+    let mut f = crate::sets::first_fuse(&plan);
     f.interp.as_mut().expect("an interpolating method").vectors = vectors;
     f
 }

@@ -92,3 +92,14 @@ pub fn same_as_cpu_under(
         assert_eq!(rows(&ra), rows(&rb), "{label}: report rows");
     }
 }
+
+/// The fuse settings of `plan`'s first merged tensor (tests that drive one group by hand).
+pub fn first_fuse(plan: &stamerge::Plan) -> stamerge::backend::FuseSpec {
+    plan.items
+        .iter()
+        .find_map(|it| match &it.kind {
+            stamerge::plan::ItemKind::Merge { work, .. } => Some(work.fuse.clone()),
+            _ => None,
+        })
+        .expect("a merged tensor")
+}
